@@ -1,0 +1,114 @@
+"""The project's exception tree, and the one place secrets are scrubbed from messages.
+
+Every failure below the FUSE adapter is raised as one of these types; ``fs.py`` maps
+them to errnos in a single table, ``cli.py`` maps them to exit codes.
+
+    YeastarfsError
+     ├── ConfigError                bad option, unusable path, mountpoint busy
+     ├── PbxError                   anything the PBX did, or failed to do
+     │    ├── PbxUnavailableError   refused, reset, timed out, HTTP 5xx, not the PBX's API
+     │    │    └── DownloadStalledError   a download made no progress for too long
+     │    ├── AuthError             login rejected (wrong user or password)
+     │    │    └── LockedOutError   the PBX locked this IP after failed logins
+     │    ├── TokenError            token refused even after a fresh login
+     │    ├── ApiError              a JSON ``Failed`` reply (``api_errno`` says which)
+     │    │    └── RecordingNotFoundError   errno 10023: no such recording on the PBX
+     │    └── DownloadError         body is not a recording: JSON, HTML, short, too long
+     └── CacheError                 the disk cache could not store or serve bytes
+          └── CacheFullError        nothing left to evict: every entry is in use
+
+This module imports nothing from yeastarfs.
+"""
+
+from __future__ import annotations
+
+import re
+
+# `token=…` and `random=…` in URLs, JSON bodies and reprs; and the values themselves when
+# they were registered with `register_secret`. Tokens and randoms are 32 hex characters on
+# every PBX seen so far, but the pattern does not rely on that.
+_SECRET_PARAM = re.compile(
+    r"""(?P<key>\b(?:token|random|password|secret)["']?\s*[=:]\s*["']?)(?P<value>[^&\s"',;)}\]]+)""",
+    re.IGNORECASE,
+)
+_known_secrets: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Remember *value* so that `redact` removes it wherever it appears."""
+    if value and len(value) >= 6:
+        _known_secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """Return *text* with tokens, randoms and passwords replaced by ``***``."""
+    text = _SECRET_PARAM.sub(lambda m: m.group("key") + "***", text)
+    for secret in list(_known_secrets):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class YeastarfsError(Exception):
+    """Base of every error yeastarfs raises on purpose. Messages are always redacted."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact(message))
+
+
+class ConfigError(YeastarfsError):
+    """An option or a local path is unusable; the message says which and why."""
+
+
+class PbxError(YeastarfsError):
+    """Something went wrong talking to the PBX."""
+
+
+class PbxUnavailableError(PbxError):
+    """The PBX could not be reached or did not answer like the Yeastar API."""
+
+
+class DownloadStalledError(PbxUnavailableError):
+    """A download received no bytes for longer than the stall timeout."""
+
+
+class AuthError(PbxError):
+    """The PBX rejected the username or password."""
+
+
+class LockedOutError(AuthError):
+    """The PBX locked this client's IP (5 failed logins lock it for 10 minutes)."""
+
+
+class TokenError(PbxError):
+    """The PBX refused the session token even after logging in again."""
+
+
+class ApiError(PbxError):
+    """The PBX answered ``{"status": "Failed", "errno": ...}``.
+
+    Attributes:
+        api_errno: the errno string from the reply ("" when the reply had none).
+        endpoint: the API endpoint that failed, e.g. ``recording/get_random``.
+    """
+
+    def __init__(self, endpoint: str, api_errno: str) -> None:
+        self.endpoint = endpoint
+        self.api_errno = api_errno
+        super().__init__(f"PBX refused {endpoint}: errno {api_errno or '(none)'}")
+
+
+class RecordingNotFoundError(ApiError):
+    """The PBX says the recording does not exist (errno 10023)."""
+
+
+class DownloadError(PbxError):
+    """A download's body was not the recording: an error page, too short or too long."""
+
+
+class CacheError(YeastarfsError):
+    """The disk cache failed (disk full, permission, I/O error)."""
+
+
+class CacheFullError(CacheError):
+    """The cache budget is used up by entries that are open or downloading."""

@@ -1,0 +1,204 @@
+"""What a recording is, and how to read one from a CDR CSV row or a NewCdr event.
+
+Pure functions and a frozen dataclass: no I/O, no logging, no locks, safe on any thread.
+The PBX's own spellings (``callduraction``, ``dsttrcunkname``…) are undone here so that
+nothing else in the package has to know them (yeastar-api.md §5.3, §7.4, §11).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import io
+from typing import Any, Mapping, Optional
+
+# Longest name Linux accepts for one path component (NAME_MAX), in UTF-8 bytes.
+NAME_MAX_BYTES = 255
+# The leading "YYYYMMDDhhmmss" of every recording name (yeastar-api.md §8.1).
+TIMESTAMP_CHARS = 14
+
+# Every spelling of each field seen in the docs, the CSV header and real events, first wins.
+_FIELD_ALIASES = {
+    "callid": ("callid",),
+    "timestart": ("timestart",),
+    "callfrom": ("callfrom",),
+    "callto": ("callto",),
+    "call_s": ("callduraction", "callduration"),
+    "talk_s": ("talkduraction", "talkduration"),
+    "src_trunk": ("srctrunkname",),
+    "dst_trunk": ("dsttrunkname", "dsttrcunkname", "desttrunkname", "dstrunkname"),
+    "status": ("status",),
+    "call_type": ("type",),
+    "pincode": ("pincode",),
+    "did": ("didnumber",),
+    "sn": ("sn",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """One call recording the PBX holds, with the CDR fields known about its call.
+
+    Attributes:
+        name: the PBX's file name, the recording's only identifier in the API.
+        callid…sn: CDR fields as the PBX sent them ("" when unknown).
+        call_s, talk_s: call and talk durations in whole seconds (None when unknown).
+    """
+
+    name: str
+    callid: str = ""
+    timestart: str = ""
+    callfrom: str = ""
+    callto: str = ""
+    call_s: Optional[int] = None
+    talk_s: Optional[int] = None
+    src_trunk: str = ""
+    dst_trunk: str = ""
+    status: str = ""
+    call_type: str = ""
+    pincode: str = ""
+    did: str = ""
+    sn: str = ""
+
+    @property
+    def start(self) -> dt.datetime:
+        """The timestamp leading the name, naive, in the PBX's local time."""
+        return name_timestamp(self.name)
+
+
+def name_timestamp(name: str) -> dt.datetime:
+    """Return the naive local datetime that leads *name*. Raises ValueError."""
+    stamp = name[:TIMESTAMP_CHARS]
+    if len(stamp) != TIMESTAMP_CHARS or not stamp.isascii() or not stamp.isdigit():
+        raise ValueError("name does not start with YYYYMMDDhhmmss")
+    return dt.datetime.strptime(stamp, "%Y%m%d%H%M%S")
+
+
+def name_problem(name: Any) -> Optional[str]:
+    """Return why *name* must never become a file name, or None when it is safe.
+
+    The rule is yeastar-api.md §12.9, plus a valid leading timestamp, because the
+    date folders are built from it.
+    """
+    if not isinstance(name, str) or not name:
+        return "empty or not a string"
+    if name in (".", ".."):
+        return "is . or .."
+    if "/" in name or "\\" in name:
+        return "contains a slash or backslash"
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+        return "contains NUL or a control character"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode"
+    if len(encoded) > NAME_MAX_BYTES:
+        return f"is longer than {NAME_MAX_BYTES} bytes"
+    try:
+        name_timestamp(name)
+    except ValueError:
+        return "does not start with a valid YYYYMMDDhhmmss timestamp"
+    return None
+
+
+def _text(value: Any) -> str:
+    """A CDR value as text; numbers are accepted, anything else (lists, null) is ''."""
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value).strip()
+    return ""
+
+
+def _seconds(value: Any) -> Optional[int]:
+    """Whole seconds from "14", 14 or 14.0; None when absent or not a number."""
+    text = _text(value)
+    try:
+        seconds = int(float(text))
+    except (ValueError, OverflowError):
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _pick(fields: Mapping[str, Any], aliases: tuple[str, ...]) -> Any:
+    for key in aliases:
+        if key in fields:
+            return fields[key]
+    return None
+
+
+def recording_from_fields(fields: Mapping[str, Any]) -> Optional[Recording]:
+    """Build a Recording from CDR fields (a CSV row or an event), keyed as the PBX spells them.
+
+    Returns None when the call has no recording. The name is not validated here: the
+    index decides what to do with an unsafe name (see `name_problem`).
+    """
+    name = _text(fields.get("recording"))
+    if not name:
+        return None
+    values: dict[str, Any] = {}
+    for attr, aliases in _FIELD_ALIASES.items():
+        raw = _pick(fields, aliases)
+        values[attr] = _seconds(raw) if attr in ("call_s", "talk_s") else _text(raw)
+    return Recording(name=name, **values)
+
+
+def event_name(payload: Mapping[str, Any]) -> str:
+    """The event's name: under ``event`` in the v2 format, ``action`` in v1 (§7.3)."""
+    return _text(payload.get("event")) or _text(payload.get("action"))
+
+
+def recording_from_event(payload: Any) -> Optional[Recording]:
+    """Return the Recording a NewCdr event announces, or None for any other payload."""
+    if not isinstance(payload, dict):
+        return None
+    if event_name(payload).lower() != "newcdr":
+        return None
+    return recording_from_fields(payload)
+
+
+@dataclasses.dataclass
+class CdrParseResult:
+    """What `parse_cdr_csv` found: the recordings, and the rows it could not use."""
+
+    recordings: list[Recording]
+    bad_rows: int = 0
+    rows: int = 0
+
+
+def parse_cdr_csv(text: str) -> CdrParseResult:
+    """Parse the CDR CSV the PBX sends (yeastar-api.md §5.3).
+
+    Columns are mapped by header name; a UTF-8 BOM, CRLF line ends, RFC-4180 quoting and
+    unknown extra columns are tolerated. A row whose column count differs from the
+    header's is counted in ``bad_rows`` and skipped; rows without a recording are skipped
+    silently. Raises ValueError when there is no header with a ``recording`` column.
+    """
+    text = text.lstrip("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [column.strip().lstrip("\ufeff").lower() for column in next(reader)]
+    except (StopIteration, csv.Error):
+        header = []
+    if "recording" not in header:
+        raise ValueError("CDR CSV has no header row with a 'recording' column")
+    result = CdrParseResult(recordings=[])
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            result.bad_rows += 1
+            continue
+        if not row or row == [""]:
+            continue
+        result.rows += 1
+        if len(row) != len(header):
+            result.bad_rows += 1
+            continue
+        recording = recording_from_fields(dict(zip(header, row)))
+        if recording is not None:
+            result.recordings.append(recording)
+    return result
