@@ -1,0 +1,209 @@
+"""The product end to end: a real mount, used through the kernel, against the simulator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import wave
+
+import pytest
+
+pytestmark = pytest.mark.fuse
+
+
+def date_path(name: str) -> tuple[str, str, str, str]:
+    return name[0:4], name[4:6], name[6:8], name
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_requests(pbx) -> tuple[int, int]:
+    return pbx.counters["recording/get_random"], pbx.counters["recording/download"]
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.05) -> float:
+    """Poll *predicate* until true; return the seconds it took. Fails after *timeout_s*."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval_s)
+    pytest.fail(f"condition not met within {timeout_s} s")
+
+
+def test_every_recording_appears_at_its_date_path(pbx, mounted):
+    recordings = pbx.populate(25, days=6)
+    mount = mounted()
+    assert all(len(year) == 4 and year.isdigit() for year in os.listdir(mount.mountpoint))
+    found = set()
+    for root, dirs, files in os.walk(mount.mountpoint):
+        found.update(os.path.relpath(os.path.join(root, f), mount.mountpoint) for f in files)
+    assert found == {os.path.join(*date_path(rec.name)) for rec in recordings}
+
+
+def test_read_matches_pbx_with_one_random_and_one_download(pbx, mounted):
+    rec = pbx.populate(3, days=2)[1]
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    pbx.reset()
+    assert sha256_of(path) == rec.sha256
+    assert download_requests(pbx) == (1, 1)
+    assert sha256_of(path) == rec.sha256          # second read: from the cache
+    assert download_requests(pbx) == (1, 1)
+    wait_for(lambda: os.stat(path).st_size == rec.size_bytes, timeout_s=2.5)
+    assert os.stat(path).st_mtime == time.mktime(dt.datetime.strptime(rec.name[:14], "%Y%m%d%H%M%S").timetuple())
+
+
+def test_audio_tools_read_by_path(pbx, mounted):
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(hours=2), duration_s=7, announce=False)
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    with wave.open(path, "rb") as audio:
+        assert (audio.getnchannels(), audio.getsampwidth(), audio.getframerate()) == (1, 2, 8000)
+        assert audio.getnframes() == 7 * 8000
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ffprobe missing under CI (the setup script installs ffmpeg)")
+        pytest.skip("ffprobe not installed")
+    probe = subprocess.run([ffprobe, "-v", "error", "-show_entries", "stream=codec_name,sample_rate,duration",
+                            "-of", "json", path], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert stream["codec_name"] == "pcm_s16le" and stream["sample_rate"] == "8000"
+    assert float(stream["duration"]) == pytest.approx(7.0, abs=0.01)
+
+
+def test_new_cdr_event_appears_within_5_seconds(pbx, mounted):
+    pbx.populate(2, days=1)
+    mount = mounted("--poll-interval", "3600")
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=True)
+    took_s = wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
+    assert took_s < 5
+    assert pbx.counters["event_push"] >= 1
+
+
+def test_cdr_only_recording_appears_within_one_poll_interval(pbx, mounted):
+    pbx.populate(2, days=1)
+    mount = mounted("--poll-interval", "2", "--no-events")
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=False)
+    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=2 + 1.5)
+
+
+def test_unknown_names_are_enoent_without_pbx_requests(pbx, mounted):
+    rec = pbx.populate(1, days=1)[0]
+    mount = mounted()
+    pbx.reset()
+    year, month, day, _ = date_path(rec.name)
+    for missing in (mount.path(year, month, day, "desktop.ini"), mount.path(year, month, day, ".hidden"),
+                    mount.path("1999"), mount.path(year, "13"), mount.path(year, month, day, rec.name, "x"),
+                    mount.path(".Trash-0"), mount.path("autorun.inf")):
+        with pytest.raises(OSError) as info:
+            os.stat(missing)
+        assert info.value.errno in (errno.ENOENT, errno.ENOTDIR), missing
+    assert download_requests(pbx) == (0, 0)
+    assert pbx.counters["login"] == 0
+
+
+def test_writes_are_erofs(pbx, mounted):
+    rec = pbx.populate(1, days=1)[0]
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    day_dir = os.path.dirname(path)
+    attempts = [
+        lambda: open(path, "r+b"),
+        lambda: open(os.path.join(day_dir, "new.wav"), "wb"),
+        lambda: os.mkdir(os.path.join(day_dir, "sub")),
+        lambda: os.unlink(path),
+        lambda: os.rename(path, path + ".bak"),
+        lambda: os.chmod(path, 0o666),
+        lambda: os.truncate(path, 0),
+        lambda: os.rmdir(day_dir),
+        lambda: os.symlink(path, os.path.join(day_dir, "link")),
+        lambda: os.utime(path, (0, 0)),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+
+
+def test_unmount_is_clean_and_remount_serves_the_cache(pbx, mounted, tmp_path):
+    rec = pbx.populate(2, days=1)[0]
+    first = mounted()
+    path = first.path(*date_path(rec.name))
+    assert sha256_of(path) == rec.sha256
+    assert first.unmount() == 0
+    pbx.reset()
+    second = mounted(cache_dir=first.cache_dir)
+    assert sha256_of(second.path(*date_path(rec.name))) == rec.sha256
+    assert download_requests(pbx) == (0, 0)
+    assert os.stat(second.path(*date_path(rec.name))).st_size == rec.size_bytes
+
+
+def test_background_mount_returns_when_ready_and_exits_on_unmount(pbx, password_file, tmp_path):
+    rec = pbx.populate(1, days=1)[0]
+    mountpoint, cache_dir = tmp_path / "bg", tmp_path / "cache"
+    mountpoint.mkdir()
+    result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", pbx.base_url,
+                             "--user", "api", "--password-file", password_file, "--cache-dir", str(cache_dir),
+                             "--events-port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert os.path.ismount(mountpoint)
+        assert os.path.exists(os.path.join(mountpoint, *date_path(rec.name)))
+        lock_files = list(cache_dir.glob("*/lock"))
+        daemon_pid = int(lock_files[0].read_text())
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{daemon_pid}"):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{daemon_pid}")
+
+
+@pytest.mark.parametrize("problem", ["wrong password", "unreachable", "busy", "no password"])
+def test_start_errors_print_one_clear_line(pbx, password_file, tmp_path, problem):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    url, env = pbx.base_url, {k: v for k, v in os.environ.items() if k != "YEASTARFS_PASSWORD"}
+    args = ["--password-file", password_file]
+    if problem == "wrong password":
+        bad = tmp_path / "bad"
+        bad.write_text("nope")
+        args = ["--password-file", str(bad)]
+    elif problem == "unreachable":
+        url = "http://127.0.0.1:9"  # discard port: connection refused
+    elif problem == "busy":
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
+    elif problem == "no password":
+        args = []
+    try:
+        result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", url,
+                                 "--user", "api", *args, "--cache-dir", str(tmp_path / "cache"),
+                                 "--events-port", "0"], capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        if problem == "busy":
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    expected = {"wrong password": "rejected the login", "unreachable": "cannot", "busy": "busy",
+                "no password": "password"}[problem]
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    if problem == "wrong password":
+        assert pbx.counters["login"] <= 2

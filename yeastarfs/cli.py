@@ -1,0 +1,239 @@
+"""The ``yeastarfs`` command: argument parsing, logging, daemonising, and the subcommands.
+
+``main(argv) -> int`` never lets a traceback reach the user for an expected failure: a
+``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors).
+
+Daemonising: ``mount`` without ``--foreground`` starts a *fresh* child process (not a fork
+of this one, which may already run threads) with ``--foreground`` and a pipe, and returns
+when the child writes "ready" (the kernel has mounted) or prints the child's error line.
+Secrets never travel in argv: the child reads the same password file or environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+from yeastarfs import __version__, errors
+from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
+                              DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
+                              DEFAULT_STALL_TIMEOUT_S, PASSWORD_ENV, Config, check_pbx_url,
+                              default_cache_root, parse_duration, parse_size, read_password)
+
+log = logging.getLogger("yeastarfs")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+# How long `mount` waits for its child to report the mount ready (login + CDR backfill).
+READY_TIMEOUT_S = 300.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _RedactingFilter(logging.Filter):
+    """Last line of defence: no token, random or password reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = errors.redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str, log_file: Optional[str] = None) -> None:
+    handler: logging.Handler
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # urllib3 logs every connection at DEBUG with full URLs; the filter redacts, but the
+    # volume helps nobody.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+def _add_mount_options(parser: argparse.ArgumentParser) -> None:
+    pbx = parser.add_argument_group("PBX")
+    pbx.add_argument("--pbx", required=True, metavar="URL",
+                     help="the PBX's web address, e.g. https://192.168.5.150:8088")
+    pbx.add_argument("--user", required=True, metavar="NAME", help="API username set on the PBX")
+    pbx.add_argument("--password-file", metavar="PATH",
+                     help=f"file holding the API password (else ${PASSWORD_ENV}); never pass it in argv")
+    tls = pbx.add_mutually_exclusive_group()
+    tls.add_argument("--ca-file", metavar="PATH", help="verify the PBX's TLS certificate against this CA/cert")
+    tls.add_argument("--insecure", action="store_true", help="do not verify the PBX's TLS certificate")
+    cache = parser.add_argument_group("cache and index")
+    cache.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help=f"cache and index location (default {default_cache_root()})")
+    cache.add_argument("--cache-size", metavar="SIZE", default=DEFAULT_CACHE_SIZE,
+                       help=f"disk budget for cached recordings, e.g. 500M, 10G (default {DEFAULT_CACHE_SIZE})")
+    cache.add_argument("--cache-min-free", metavar="SIZE", default=DEFAULT_CACHE_MIN_FREE,
+                       help=f"free space to leave on the cache's disk (default {DEFAULT_CACHE_MIN_FREE})")
+    cache.add_argument("--since", metavar="DURATION", default=DEFAULT_SINCE,
+                       help=f"CDR backfill window at start, e.g. 30d, 12h (default {DEFAULT_SINCE})")
+    cache.add_argument("--poll-interval", metavar="SECONDS", type=float, default=DEFAULT_POLL_INTERVAL_S,
+                       help=f"how often to poll the CDR for new recordings (default {DEFAULT_POLL_INTERVAL_S:g})")
+    net = parser.add_argument_group("events and downloads")
+    net.add_argument("--events-port", metavar="PORT", type=int, default=DEFAULT_EVENTS_PORT,
+                     help=f"port the PBX pushes NewCdr events to (default {DEFAULT_EVENTS_PORT}; 0 = any free port)")
+    net.add_argument("--no-events", action="store_true", help="do not listen for events; rely on CDR polling")
+    net.add_argument("--max-downloads", metavar="N", type=int, default=DEFAULT_MAX_DOWNLOADS,
+                     help=f"downloads running at once (default {DEFAULT_MAX_DOWNLOADS})")
+    net.add_argument("--stall-timeout", metavar="SECONDS", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                     help=f"a read fails with EIO after this long without data (default {DEFAULT_STALL_TIMEOUT_S:g})")
+    run = parser.add_argument_group("running")
+    run.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (log to stderr)")
+    run.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    run.add_argument("--log-file", metavar="PATH", help="log here (default in the background: CACHE_DIR/yeastarfs.log)")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yeastarfs",
+        description="A Yeastar S-Series PBX's call recordings as a read-only filesystem.")
+    parser.add_argument("--version", action="version", version=f"yeastarfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    mount = commands.add_parser(
+        "mount", help="mount the recordings of a PBX",
+        description="Mount a PBX's recordings at MOUNTPOINT as /YYYY/MM/DD/<recording>.wav. "
+                    "Returns once the mount is ready; unmount with: fusermount -u MOUNTPOINT.")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_mount_options(mount)
+    demo = commands.add_parser(
+        "demo", help="mount a built-in simulated PBX with sample recordings",
+        description="Start the PBX simulator with sample recordings, mount them, and unmount on Ctrl-C.")
+    demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="where to mount (default: a temporary dir)")
+    demo.add_argument("--recordings", type=int, default=60, help="sample recordings to create (default 60)")
+    sim = commands.add_parser(
+        "simulator", help="run the PBX simulator on its own",
+        description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
+                    f"The password comes from --password-file or ${PASSWORD_ENV} (default: 'demo').")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8088)
+    sim.add_argument("--user", default="api")
+    sim.add_argument("--password-file", metavar="PATH")
+    sim.add_argument("--recordings", type=int, default=60)
+    sim.add_argument("--days", type=int, default=7)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    password = read_password(args.password_file)
+    verify = args.ca_file if args.ca_file else not args.insecure
+    if args.insecure:
+        log.warning("tls: --insecure: the PBX's certificate is not verified")
+    return Config(
+        mountpoint=args.mountpoint, pbx_url=check_pbx_url(args.pbx), username=args.user, password=password,
+        cache_root=os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root(),
+        cache_max_bytes=parse_size(args.cache_size), cache_min_free_bytes=parse_size(args.cache_min_free),
+        since_s=parse_duration(args.since), poll_interval_s=args.poll_interval,
+        events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
+        max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
+        allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
+    ).validate()
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if not args.foreground:
+        return _spawn_daemon(argv)
+    ready_fd = args.ready_fd
+    try:
+        config = config_from_args(args)
+        from yeastarfs.mount import ready_notifier, run_mount  # imports mfusepy (needs libfuse)
+        run_mount(config, ready_notifier(ready_fd))
+    except errors.YeastarfsError as exc:
+        _report_failure(ready_fd, str(exc))
+        return EXIT_ERROR
+    except OSError as exc:  # libfuse missing, /dev/fuse unusable
+        _report_failure(ready_fd, f"cannot mount: {exc}")
+        return EXIT_ERROR
+    return 0
+
+
+def _report_failure(ready_fd: Optional[int], message: str) -> None:
+    log.error("%s", message)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, f"error: {errors.redact(message)}\n".encode())
+        except OSError:
+            pass
+
+
+def _spawn_daemon(argv: Sequence[str]) -> int:
+    """Run this command again as a detached child and wait until it is mounted."""
+    read_fd, write_fd = os.pipe()
+    child_argv = [sys.executable, "-m", "yeastarfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    args = build_parser().parse_args(list(argv))
+    if not args.log_file:
+        cache_root = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
+        child_argv += ["--log-file", os.path.join(cache_root, "yeastarfs.log")]
+    child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        reply = pipe.readline().decode(errors="replace").strip()
+    if reply == "ready":
+        return 0
+    code = child.wait(timeout=30) if reply else child.wait()
+    print(f"yeastarfs: {reply[len('error: '):] if reply.startswith('error: ') else f'mount failed (exit {code})'}",
+          file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from yeastarfs.demo import run_demo
+    return run_demo(args.mountpoint, recordings=args.recordings)
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from yeastarfs.demo import run_simulator
+    password = read_password(args.password_file) if (args.password_file or os.environ.get(PASSWORD_ENV)) else "demo"
+    return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    foreground = getattr(args, "foreground", True)
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None) if foreground else None)
+    try:
+        if args.command == "mount":
+            clean_argv = _without_private_flags(argv)
+            return cmd_mount(args, clean_argv)
+        if args.command == "demo":
+            return cmd_demo(args)
+        return cmd_simulator(args)
+    except errors.YeastarfsError as exc:
+        print(f"yeastarfs: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _without_private_flags(argv: list[str]) -> list[str]:
+    cleaned, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ready-fd":
+            skip = True
+            continue
+        cleaned.append(arg)
+    return cleaned

@@ -1,0 +1,134 @@
+"""Config: one validated, immutable set of mount options, plus the parsers for its units.
+
+Stdlib only; imports nothing else from yeastarfs but ``errors``. The password is read
+here from a file or the environment, never from argv, and is kept out of ``repr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import stat
+import urllib.parse
+from typing import Optional, Union
+
+from yeastarfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "YEASTARFS_PASSWORD"
+DEFAULT_CACHE_SIZE = "4G"
+DEFAULT_CACHE_MIN_FREE = "1G"
+DEFAULT_SINCE = "30d"
+DEFAULT_POLL_INTERVAL_S = 60.0
+DEFAULT_EVENTS_PORT = 8260
+DEFAULT_MAX_DOWNLOADS = 4
+DEFAULT_STALL_TIMEOUT_S = 60.0
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500M``, ``10G``, ``1.5T`` or ``4096`` (binary units: 1K = 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"invalid size {text!r}: use a number with an optional K, M, G or T suffix, e.g. 500M")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or ``60``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use a number with s, m, h, d or w, e.g. 30d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def default_cache_root() -> str:
+    """$XDG_CACHE_HOME/yeastarfs, ~/.cache/yeastarfs, or /var/cache/yeastarfs without a HOME."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return os.path.join(xdg, "yeastarfs")
+    home = os.environ.get("HOME")
+    if home and os.path.isdir(home):
+        return os.path.join(home, ".cache", "yeastarfs")
+    return "/var/cache/yeastarfs"
+
+
+def read_password(password_file: Optional[str]) -> str:
+    """The PBX password from *password_file*, else from $YEASTARFS_PASSWORD."""
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                password = handle.read().rstrip("\r\n")
+            mode = os.stat(password_file).st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot read password file {password_file}: {exc.strerror}") from None
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("config: password file %s is readable by other users; chmod 600 it", password_file)
+    else:
+        password = os.environ.get(PASSWORD_ENV, "")
+        if not password:
+            raise ConfigError(f"no password: give --password-file PATH or set {PASSWORD_ENV}")
+    if not password:
+        raise ConfigError(f"password file {password_file} is empty")
+    return password
+
+
+def check_pbx_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"invalid --pbx {url!r}: expected https://HOST:PORT (e.g. https://192.168.5.150:8088)")
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"invalid --pbx {url!r}: give only scheme, host and port")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a mount needs, validated. Sizes in bytes, durations in seconds."""
+
+    mountpoint: str
+    pbx_url: str
+    username: str
+    password: str = dataclasses.field(repr=False)
+    cache_root: str = dataclasses.field(default_factory=default_cache_root)
+    cache_max_bytes: int = parse_size(DEFAULT_CACHE_SIZE)
+    cache_min_free_bytes: int = parse_size(DEFAULT_CACHE_MIN_FREE)
+    since_s: float = parse_duration(DEFAULT_SINCE)
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    events_port: int = DEFAULT_EVENTS_PORT
+    events_host: str = "0.0.0.0"
+    events_enabled: bool = True
+    verify: Union[bool, str] = True
+    max_downloads: int = DEFAULT_MAX_DOWNLOADS
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    allow_other: bool = False
+    log_file: Optional[str] = None
+    log_level: str = "INFO"
+
+    @property
+    def pbx_host(self) -> str:
+        return urllib.parse.urlsplit(self.pbx_url).hostname or "pbx"
+
+    @property
+    def cache_dir(self) -> str:
+        """Per-PBX directory under the cache root, so two PBXs never share files."""
+        netloc = urllib.parse.urlsplit(self.pbx_url).netloc
+        return os.path.join(self.cache_root, re.sub(r"[^A-Za-z0-9.-]", "_", netloc))
+
+    def validate(self) -> "Config":
+        if self.cache_max_bytes <= 0:
+            raise ConfigError("--cache-size must be positive")
+        if self.poll_interval_s <= 0:
+            raise ConfigError("--poll-interval must be positive")
+        if not 0 <= self.events_port <= 65535:
+            raise ConfigError("--events-port must be 0-65535 (0 picks a free port and tells the PBX)")
+        if self.max_downloads < 1:
+            raise ConfigError("--max-downloads must be at least 1")
+        if isinstance(self.verify, str) and not os.path.isfile(self.verify):
+            raise ConfigError(f"--ca-file {self.verify}: no such file")
+        return self

@@ -1,0 +1,482 @@
+"""Downloads: at most one transfer per recording, streamed into the cache, read while it runs.
+
+``DownloadManager.acquire(name)`` returns the shared ``Download`` of a recording, starting
+it if needed; every reader of that recording, on any handle or thread, uses the same one,
+because each PBX ``random`` works once and two readers must never each ask for one.
+``Download.read(offset, size)`` blocks until exactly those bytes have arrived (never
+returning short or zero-filled data before the real end), or fails with the download's
+error, or with ``DownloadStalledError`` when nothing arrived for ``stall_timeout_s``.
+
+Policy, in one place (README "How downloads behave" says the same):
+
+* Flow control. A download may run ahead of the furthest byte any reader asked for by a
+  window that starts at ``INITIAL_WINDOW_BYTES`` and grows to twice what was asked, so a
+  sequential reader soon gets the full PBX speed, while a file manager that reads 4 KiB
+  and closes pulls little more than the window. A reader that seeks to the end opens the
+  window to the end.
+* Early leavers. When the last reader closes, a download that has more than half of the
+  file continues to the end (someone read most of it; it will be wanted again); otherwise
+  it waits ``GRACE_S`` for a new reader (file managers reopen), then is cancelled and its
+  partial file deleted.
+* Failures. A reset, truncated body, JSON ``Failed`` or HTTP error is retried with a fresh
+  random, up to ``MAX_FAILURES`` consecutive failures without progress, with exponential
+  backoff. The retry asks for ``Range: bytes=N-``; a 206 is appended, a 200 is re-read from
+  the start and the bytes already held are compared, not trusted. A download is complete
+  only when the bytes equal the announced length; then it is fsynced and renamed into the
+  cache atomically.
+* Load. At most ``max_downloads`` transfers run at once; reader-driven ones go before
+  prefetches (a priority queue).
+
+This module knows nothing of paths or FUSE; it gets the PBX client and the cache passed in.
+
+Threading and lock order: ``DownloadManager._lock`` (the name -> Download map) before
+``Download._cond`` before ``DiskCache._lock``. No lock is held during network I/O or disk
+reads; readers wait on ``Download._cond`` without holding anything else.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable, Optional
+
+from yeastarfs import errors
+
+log = logging.getLogger(__name__)
+
+# A file manager sniffing a file reads a few KiB; 128 KiB covers the header of any audio
+# format and one kernel read-ahead, and keeps what an abandoned open pulls small.
+INITIAL_WINDOW_BYTES = 128 * 1024
+# Wait this long after the last reader left before cancelling (file managers reopen).
+GRACE_S = 2.0
+# Keep downloading after the last reader left when at least this share has arrived.
+FINISH_SHARE = 0.5
+# Consecutive failed attempts (each with a fresh random) before readers get EIO.
+MAX_FAILURES = 4
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 8.0
+# Priorities in the worker queue: lower goes first.
+PRIORITY_READER = 0
+PRIORITY_PREFETCH = 1
+
+
+_download_ids = itertools.count(1)
+
+
+class _Cancelled(Exception):
+    """Internal: the download was cancelled (nobody wants it, or shutdown)."""
+
+
+class Download:
+    """One recording's transfer into a partial cache file, shared by all its readers.
+
+    Attributes (read under ``_cond``):
+        name: the recording name.
+        received_bytes: bytes present in the partial file, contiguous from offset 0.
+        total_bytes: the recording's size once the PBX announced it, else None.
+        done: True once finished, failed or cancelled; ``error`` says which.
+        error: the exception readers get when their bytes will never arrive.
+
+    Multithreading: one ``threading.Condition``; the worker notifies it after every chunk.
+    """
+
+    def __init__(self, manager: "DownloadManager", name: str, size_hint: Optional[int]) -> None:
+        self.name = name
+        self._manager = manager
+        self._cond = threading.Condition()
+        self.received_bytes = 0
+        self.total_bytes: Optional[int] = None
+        self.size_hint = size_hint
+        self.done = False
+        self.complete = False
+        self.error: Optional[BaseException] = None
+        self.handles = 0
+        self.keep_going = False          # finish regardless of readers (prefetch, most read)
+        self.started = False
+        self.retired = False
+        self._want_bytes = 0             # furthest byte end any reader asked for
+        self._cancel_reason: Optional[str] = None
+        self._idle_since: Optional[float] = None
+        self._progress_time = time.monotonic()
+        # Unique per Download: a cancelled transfer may still be cleaning up its file while
+        # a new reader starts the next one.
+        self.path = f"{manager.cache.partial_path(name)}.{next(_download_ids)}"
+        self.cancelled = False
+        self._write_fd: Optional[int] = None
+        self._read_fd: Optional[int] = None
+
+    # -- reader side -------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return the bytes at [offset, offset+size), waiting for them to arrive.
+
+        Shorter only at the real end of the recording. Raises the download's error,
+        DownloadStalledError after ``stall_timeout_s`` without progress, or CacheError.
+        """
+        end = offset + size
+        stall_s = self._manager.stall_timeout_s
+        with self._cond:
+            self._want_locked(end)
+            waited_since = time.monotonic()
+            while not self._readable_locked(offset, end):
+                if self.error is not None:
+                    raise self.error
+                quiet_s = time.monotonic() - max(self._progress_time, waited_since)
+                if quiet_s >= stall_s:
+                    raise errors.DownloadStalledError(
+                        f"recording {self.name}: no data from the PBX for {stall_s:.0f} s")
+                self._cond.wait(min(1.0, stall_s - quiet_s))
+            available = self.received_bytes
+            fd = self._read_fd
+        if fd is None or offset >= available:
+            return b""
+        return os.pread(fd, min(end, available) - offset, offset)
+
+    def _readable_locked(self, offset: int, end: int) -> bool:
+        if self.received_bytes >= end:
+            return True
+        if self.complete or (self.total_bytes is not None and self.received_bytes >= self.total_bytes):
+            return True
+        return self.total_bytes is not None and offset >= self.total_bytes
+
+    def _want_locked(self, end: int) -> None:
+        if end > self._want_bytes:
+            self._want_bytes = end
+            self._cond.notify_all()
+
+    def size_if_known(self) -> Optional[int]:
+        with self._cond:
+            return self.total_bytes
+
+    def progress(self) -> tuple[int, Optional[int]]:
+        with self._cond:
+            return self.received_bytes, self.total_bytes
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Transfer the recording, retrying as the module docstring says (worker thread)."""
+        try:
+            self._open_files()
+            self._transfer_with_retries()
+            self._finish()
+        except _Cancelled:
+            self._end(None, f"cancelled ({self._cancel_reason})")
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the readers
+            self._end(_as_pbx_or_cache_error(exc), f"failed: {exc}")
+
+    def _open_files(self) -> None:
+        try:
+            self._write_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise errors.CacheError(f"recording {self.name}: cannot create cache file: {exc.strerror}") from None
+
+    def _transfer_with_retries(self) -> None:
+        failures = 0
+        while True:
+            self._check_cancel()
+            before = self.received_bytes
+            try:
+                self._attempt()
+                return
+            except (errors.RecordingNotFoundError, errors.AuthError, errors.CacheError):
+                raise
+            except errors.PbxError as exc:
+                failures = 1 if self.received_bytes > before else failures + 1
+                if failures >= MAX_FAILURES:
+                    raise
+                delay_s = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (failures - 1))
+                log.info("recording %s: attempt failed at %d bytes (%s); retrying in %.1f s",
+                         self.name, self.received_bytes, exc, delay_s)
+                self._sleep(delay_s)
+
+    def _attempt(self) -> None:
+        """One get_random + download, appending to (or verifying) what is already held."""
+        stream = self._manager.client.open_recording(self.name, offset=self.received_bytes)
+        with stream:
+            self._accept_total(stream.total_bytes)
+            skip_bytes = self._skip_for(stream.start_offset)
+            for chunk in stream.chunks():
+                if skip_bytes:
+                    chunk, skip_bytes = self._verify_prefix(chunk, skip_bytes)
+                if chunk:
+                    self._wait_for_demand()
+                    self._append(chunk)
+                if self.total_bytes is not None and self.received_bytes >= self.total_bytes:
+                    break  # a PBX that sends more than it announced is not read further
+        if self.total_bytes is None:
+            # No length announced: a clean end of body is all the evidence there is.
+            self._accept_total(self.received_bytes)
+        if self.received_bytes < self.total_bytes:
+            raise errors.DownloadError(
+                f"recording {self.name}: body ended after {self.received_bytes} of {self.total_bytes} bytes")
+
+    def _accept_total(self, total_bytes: Optional[int]) -> None:
+        if total_bytes is None:
+            return
+        with self._cond:
+            if self.total_bytes is not None and self.total_bytes != total_bytes:
+                raise errors.DownloadError(
+                    f"recording {self.name}: PBX announced {total_bytes} bytes, earlier {self.total_bytes}")
+            first = self.total_bytes is None
+            self.total_bytes = total_bytes
+            if self.received_bytes > total_bytes:
+                raise errors.DownloadError(f"recording {self.name}: more bytes held than announced")
+            self._cond.notify_all()
+        if first:
+            self._manager.size_learned(self.name, total_bytes)
+
+    def _skip_for(self, start_offset: int) -> int:
+        """How many leading body bytes repeat what is held (0 when the PBX honoured Range)."""
+        if start_offset == self.received_bytes:
+            return 0
+        if start_offset == 0:
+            log.info("recording %s: PBX ignored Range; re-reading %d held bytes to verify them",
+                     self.name, self.received_bytes)
+            return self.received_bytes
+        raise errors.DownloadError(f"recording {self.name}: PBX resumed at {start_offset}, not {self.received_bytes}")
+
+    def _verify_prefix(self, chunk: bytes, skip_bytes: int) -> tuple[bytes, int]:
+        held_offset = self.received_bytes - skip_bytes
+        overlap = chunk[:skip_bytes]
+        if os.pread(self._read_fd, len(overlap), held_offset) != overlap:
+            raise errors.DownloadError(f"recording {self.name}: bytes changed between attempts")
+        self._touch_progress()
+        return chunk[len(overlap):], skip_bytes - len(overlap)
+
+    def _append(self, chunk: bytes) -> None:
+        try:
+            written = os.pwrite(self._write_fd, chunk, self.received_bytes)
+        except OSError as exc:
+            if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+                raise errors.CacheError(f"recording {self.name}: cache disk is full") from None
+            raise errors.CacheError(f"recording {self.name}: cannot write cache file: {exc.strerror}") from None
+        if written != len(chunk):
+            raise errors.CacheError(f"recording {self.name}: short write to the cache file")
+        with self._cond:
+            self.received_bytes += written
+            self._progress_time = time.monotonic()
+            self._cond.notify_all()
+
+    def _touch_progress(self) -> None:
+        with self._cond:
+            self._progress_time = time.monotonic()
+
+    def _wait_for_demand(self) -> None:
+        """Pause while far enough ahead of the readers; cancel when they left (docstring)."""
+        with self._cond:
+            while True:
+                if self._manager.stopping:
+                    self._cancel_locked("shutdown")
+                if self.keep_going:
+                    return
+                if self.handles == 0:
+                    if self.total_bytes and self.received_bytes >= FINISH_SHARE * self.total_bytes:
+                        self.keep_going = True
+                        return
+                    if self._idle_since is not None and time.monotonic() - self._idle_since >= GRACE_S:
+                        self._cancel_locked("no reader left")
+                window_bytes = max(INITIAL_WINDOW_BYTES, 2 * self._want_bytes)
+                if self.handles > 0 and self.received_bytes < self._want_bytes + window_bytes:
+                    return
+                self._cond.wait(0.25)
+
+    def _cancel_locked(self, reason: str) -> None:
+        self._cancel_reason = reason
+        self.cancelled = True
+        raise _Cancelled()
+
+    def _check_cancel(self) -> None:
+        with self._cond:
+            if self._manager.stopping:
+                self._cancel_locked("shutdown")
+
+    def _sleep(self, delay_s: float) -> None:
+        deadline = time.monotonic() + delay_s
+        with self._cond:
+            while not self._manager.stopping and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+        self._check_cancel()
+
+    def _finish(self) -> None:
+        """Make the bytes durable, then visible in the cache by one atomic rename."""
+        try:
+            os.fsync(self._write_fd)
+            self._manager.cache.commit(self.name, self.path)
+        except OSError as exc:
+            raise errors.CacheError(f"recording {self.name}: cannot store the download: {exc.strerror}") from None
+        self._close_write_fd()
+        with self._cond:
+            self.complete = True
+            self.done = True
+            self._cond.notify_all()
+        log.info("recording %s: downloaded %d bytes", self.name, self.received_bytes)
+        self._manager.finished(self)
+
+    def _end(self, error: Optional[BaseException], message: str) -> None:
+        self._close_write_fd()
+        _unlink_quietly(self.path)
+        with self._cond:
+            self.done = True
+            self.error = error or errors.PbxUnavailableError(f"recording {self.name}: download {message}")
+            self._cond.notify_all()
+        (log.warning if error is not None else log.debug)("recording %s: download %s", self.name, message)
+        self._manager.finished(self)
+
+    def _close_write_fd(self) -> None:
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def close_read_fd(self) -> None:
+        with self._cond:
+            fd, self._read_fd = self._read_fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class DownloadManager:
+    """Starts, shares and retires downloads; runs ``max_downloads`` worker threads.
+
+    Attributes:
+        client: the PbxClient (``open_recording``).
+        cache: the DiskCache the downloads fill.
+        stall_timeout_s: how long a reader waits without any progress before EIO.
+
+    Multithreading: ``_lock`` guards ``_downloads``; see the module docstring for the order.
+    """
+
+    def __init__(self, client, cache, *, max_downloads: int = 4, stall_timeout_s: float = 60.0,
+                 on_size: Optional[Callable[[str, int], None]] = None,
+                 on_complete: Optional[Callable[[str, int, float], None]] = None) -> None:
+        self.client = client
+        self.cache = cache
+        self.stall_timeout_s = stall_timeout_s
+        self.stopping = False
+        self._on_size = on_size
+        self._on_complete = on_complete
+        self._lock = threading.Lock()
+        self._downloads: dict[str, Download] = {}
+        self._queue: "queue.PriorityQueue[tuple[int, int, Optional[Download]]]" = queue.PriorityQueue()
+        self._sequence = itertools.count()
+        self._workers = [threading.Thread(target=self._work, name=f"download-{i}", daemon=True)
+                         for i in range(max_downloads)]
+        for worker in self._workers:
+            worker.start()
+
+    def acquire(self, name: str, size_hint: Optional[int] = None) -> Download:
+        """Return the running download of *name*, starting one if there is none."""
+        with self._lock:
+            download = self._downloads.get(name)
+            fresh = download is None or download.cancelled or (download.done and not download.complete)
+            if fresh:
+                download = self._downloads[name] = Download(self, name, size_hint)
+            with download._cond:
+                download.handles += 1
+                download._idle_since = None
+                download._cond.notify_all()
+        if fresh:
+            self.cache.reserve(name, size_hint or 0)
+        if fresh or not download.started:
+            self._queue.put((PRIORITY_READER, next(self._sequence), download))
+        return download
+
+    def prefetch(self, name: str, size_hint: Optional[int] = None) -> Optional[Download]:
+        """Queue a background download of *name* behind reader-driven ones (None if cached)."""
+        if self.cache.contains(name):
+            return None
+        with self._lock:
+            download = self._downloads.get(name)
+            if download is not None:
+                return download
+            download = self._downloads[name] = Download(self, name, size_hint)
+            download.keep_going = True
+        self.cache.reserve(name, size_hint or 0)
+        self._queue.put((PRIORITY_PREFETCH, next(self._sequence), download))
+        return download
+
+    def release(self, download: Download) -> None:
+        """A reader closed its handle on *download*."""
+        with download._cond:
+            download.handles -= 1
+            if download.handles == 0:
+                download._idle_since = time.monotonic()
+            download._cond.notify_all()
+        self._retire_if_idle(download)
+
+    def running(self) -> list[Download]:
+        with self._lock:
+            return list(self._downloads.values())
+
+    def stop(self) -> None:
+        """Cancel every download and stop the workers."""
+        self.stopping = True
+        for download in self.running():
+            with download._cond:
+                download._cond.notify_all()
+        for _ in self._workers:
+            self._queue.put((-1, next(self._sequence), None))
+        for worker in self._workers:
+            worker.join(timeout=5)
+
+    # -- callbacks from Download -------------------------------------------------------------
+
+    def size_learned(self, name: str, total_bytes: int) -> None:
+        self.cache.resize(name, total_bytes)
+        if self._on_size is not None:
+            self._on_size(name, total_bytes)
+
+    def finished(self, download: Download) -> None:
+        if download.complete and self._on_complete is not None:
+            self._on_complete(download.name, download.received_bytes, time.monotonic())
+        with self._lock:
+            # A failed or cancelled download leaves the map now, so the next open starts afresh.
+            if self._downloads.get(download.name) is download and not download.complete:
+                del self._downloads[download.name]
+        self._retire_if_idle(download)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            _, _, download = self._queue.get()
+            if download is None:
+                return
+            with download._cond:
+                if download.started:
+                    continue  # queued twice (prefetch, then a reader): already handled
+                download.started = True
+                download._progress_time = time.monotonic()
+            download.run()
+
+    def _retire_if_idle(self, download: Download) -> None:
+        """Release the cache pin and the read fd once done and nobody reads any more."""
+        with self._lock:
+            with download._cond:
+                if not download.done or download.handles > 0 or download.retired:
+                    return
+                download.retired = True
+            if self._downloads.get(download.name) is download:
+                del self._downloads[download.name]
+        download.close_read_fd()
+        self.cache.release(download.name)
+
+
+def _as_pbx_or_cache_error(exc: BaseException) -> errors.YeastarfsError:
+    if isinstance(exc, errors.YeastarfsError):
+        return exc
+    log.error("download: unexpected %s", type(exc).__name__, exc_info=exc)
+    return errors.PbxUnavailableError(f"download failed unexpectedly: {type(exc).__name__}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

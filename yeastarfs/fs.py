@@ -1,0 +1,331 @@
+"""YeastarFS: the thin FUSE adapter. Paths and stat dicts go in, bytes or errnos come out.
+
+Every callback resolves the path in the index, calls one component (index, cache,
+downloads) and converts the result. The errno of every failure is chosen in exactly one
+place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never the binding's
+EINVAL. This is the only module that imports mfusepy.
+
+Open files: a cached recording is read from its cache file with ``keep_cache`` (repeated
+reads are served by the kernel's page cache without reaching Python); any other recording
+is read through its shared ``Download`` with ``direct_io``, so reads never depend on the
+estimated size the kernel may hold.
+
+Threading: mfusepy calls back on many threads. The adapter's own state is the handle table
+under ``_lock`` (held for dict access only); everything else is the components' business.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+from typing import Callable, Optional
+
+import mfusepy
+
+from yeastarfs import errors
+
+log = logging.getLogger(__name__)
+
+# Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
+# FUSE reads of up to 128 KiB, so that is the useful block size.
+BLOCK_SIZE_BYTES = 128 * 1024
+# Remember what size the kernel was last told per file, to know whether its cached size
+# can be trusted for page-cache reads; bounded because a walk touches every file.
+REPORTED_SIZES_MAX = 100_000
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+
+
+def _errno_for(exc: BaseException) -> int:
+    """The errno a failure becomes at the FUSE boundary (style-guide §3.5)."""
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+        return exc.errno
+    if isinstance(exc, errors.RecordingNotFoundError):
+        return errno.ENOENT
+    if isinstance(exc, errors.AuthError):
+        return errno.EACCES
+    if isinstance(exc, errors.CacheFullError):
+        return errno.ENOSPC
+    if isinstance(exc, errors.YeastarfsError):
+        return errno.EIO
+    log.error("fs: unexpected %s: %s", type(exc).__name__, errors.redact(str(exc)), exc_info=exc)
+    return errno.EIO
+
+
+def _translated(method: Callable) -> Callable:
+    """Run a FUSE callback so that every exception leaves it as FuseOSError(errno)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except mfusepy.FuseOSError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - this is the one translation point
+            if not isinstance(exc, Exception):
+                raise
+            code = _errno_for(exc)
+            if code == errno.EIO and isinstance(exc, errors.YeastarfsError):
+                log.warning("fs: %s %s: %s", method.__name__, args[0] if args else "", exc)
+            raise mfusepy.FuseOSError(code) from None
+
+    return wrapper
+
+
+def _read_only(method: Callable) -> Callable:
+    """Every write-type callback: the filesystem is read-only."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        raise mfusepy.FuseOSError(errno.EROFS)
+
+    return wrapper
+
+
+def _fh_number(fh) -> int:
+    """With raw_fi the binding passes fuse_file_info, otherwise the number."""
+    return fh if isinstance(fh, int) else fh.fh
+
+
+class _CachedHandle:
+    """An open complete cache file."""
+
+    def __init__(self, name: str, fd: int, size_bytes: int) -> None:
+        self.name, self.fd, self.size_bytes = name, fd, size_bytes
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def exact_size(self) -> Optional[int]:
+        return self.size_bytes
+
+
+class _StreamHandle:
+    """A recording being downloaded; reads wait for their bytes."""
+
+    def __init__(self, name: str, download) -> None:
+        self.name, self.download = name, download
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.download.read(offset, size)
+
+    def exact_size(self) -> Optional[int]:
+        return self.download.size_if_known()
+
+
+class YeastarFS(mfusepy.Operations):
+    """The recordings tree ``/YYYY/MM/DD/<recording name>``, read-only.
+
+    Attributes:
+        index: RecordingIndex (tree, attributes).
+        cache: DiskCache (complete files).
+        downloads: DownloadManager (everything not cached yet).
+
+    Multithreading: ``_lock`` guards ``_handles`` and ``_reported_sizes``.
+    """
+
+    use_ns = True
+
+    def __init__(self, index, cache, downloads, *, on_ready: Optional[Callable[[], None]] = None,
+                 uid: Optional[int] = None, gid: Optional[int] = None) -> None:
+        self.index = index
+        self.cache = cache
+        self.downloads = downloads
+        self._on_ready = on_ready
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._lock = threading.Lock()
+        self._handles: dict[int, object] = {}
+        self._next_fh = 1
+        self._reported_sizes: dict[str, int] = {}
+        self._fuse_ptr: Optional[ctypes.c_void_p] = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _entry(self, path: str):
+        entry = self.index.lookup(path)
+        if entry is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return entry
+
+    def _file_size(self, entry, handle=None) -> int:
+        """The exact size when anything knows it, else the index's estimate."""
+        for known in (handle.exact_size() if handle is not None else None,
+                      None if entry.size_exact else self.cache.size_of(entry.name)):
+            if known is not None:
+                return known
+        return entry.size_bytes
+
+    def _stat(self, entry, size_bytes: int = 0) -> dict:
+        is_dir = entry.kind == "dir"
+        return {
+            "st_mode": DIR_MODE if is_dir else FILE_MODE,
+            "st_nlink": 2 if is_dir else 1,
+            "st_size": size_bytes,
+            "st_blksize": BLOCK_SIZE_BYTES,
+            "st_blocks": (size_bytes + 511) // 512,
+            "st_uid": self._uid,
+            "st_gid": self._gid,
+            "st_mtime": entry.mtime_ns,
+            "st_ctime": entry.mtime_ns,
+            "st_atime": entry.mtime_ns,
+        }
+
+    def _remember_size(self, name: str, size_bytes: int) -> None:
+        with self._lock:
+            if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
+                self._reported_sizes.clear()
+            self._reported_sizes[name] = size_bytes
+
+    def _handle(self, fh: int):
+        with self._lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise mfusepy.FuseOSError(errno.EBADF)
+        return handle
+
+    def _add_handle(self, handle) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        return fh
+
+    def invalidate(self, path: str) -> None:
+        """Make the kernel forget cached attributes of *path* (its size became exact).
+
+        Called from download threads, never from a FUSE callback for the same path.
+        """
+        if self._fuse_ptr is None or not hasattr(mfusepy._libfuse, "fuse_invalidate_path"):
+            return
+        try:
+            mfusepy._libfuse.fuse_invalidate_path(self._fuse_ptr, path.encode("utf-8", "surrogateescape"))
+        except Exception as exc:  # noqa: BLE001 - an optimisation; the attr timeout still expires
+            log.debug("fs: invalidate %s failed: %s", path, exc)
+
+    # -- filesystem operations ---------------------------------------------------------------
+
+    @_translated
+    def init(self, path: str) -> None:
+        try:
+            self._fuse_ptr = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
+        except Exception:  # noqa: BLE001 - libfuse without a context: no invalidation
+            self._fuse_ptr = None
+        if self._on_ready is not None:
+            self._on_ready()
+
+    @_translated
+    def getattr(self, path: str, fh=None) -> dict:
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            return self._stat(entry)
+        with self._lock:
+            handle = self._handles.get(_fh_number(fh)) if fh is not None else None
+        size_bytes = self._file_size(entry, handle)
+        self._remember_size(entry.name, size_bytes)
+        return self._stat(entry, size_bytes)
+
+    @_translated
+    def readdir(self, path: str, fh) -> list:
+        entries = self.index.list_dir(path)
+        if entries is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        listing: list = [".", ".."]
+        listing.extend((e.name, {"st_mode": DIR_MODE if e.kind == "dir" else FILE_MODE}, 0) for e in entries)
+        return listing
+
+    @_translated
+    def open(self, path: str, fi) -> int:
+        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            raise mfusepy.FuseOSError(errno.EISDIR)
+        fd = self.cache.open_complete(entry.name)
+        if fd is not None:
+            size_bytes = os.fstat(fd).st_size
+            handle = _CachedHandle(entry.name, fd, size_bytes)
+            with self._lock:
+                trusted = self._reported_sizes.get(entry.name) == size_bytes
+            # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
+            fi.keep_cache, fi.direct_io = (1, 0) if trusted else (0, 1)
+        else:
+            handle = _StreamHandle(entry.name, self.downloads.acquire(entry.name, entry.size_bytes))
+            fi.direct_io = 1
+        fi.fh = self._add_handle(handle)
+        return 0
+
+    @_translated
+    def read(self, path: str, size: int, offset: int, fh) -> bytes:
+        return self._handle(_fh_number(fh)).read(offset, size)
+
+    @_translated
+    def release(self, path: str, fh) -> int:
+        with self._lock:
+            handle = self._handles.pop(_fh_number(fh), None)
+        if isinstance(handle, _CachedHandle):
+            os.close(handle.fd)
+            self.cache.release(handle.name)
+        elif isinstance(handle, _StreamHandle):
+            self.downloads.release(handle.download)
+        return 0
+
+    @_translated
+    def statfs(self, path: str) -> dict:
+        # Read-only and remote: "size" is the cache budget, nothing is free for writing.
+        blocks = max(1, self.cache.max_bytes // BLOCK_SIZE_BYTES)
+        return {"f_bsize": BLOCK_SIZE_BYTES, "f_frsize": BLOCK_SIZE_BYTES, "f_blocks": blocks,
+                "f_bfree": 0, "f_bavail": 0, "f_files": self.index.count(), "f_ffree": 0,
+                "f_favail": 0, "f_namemax": 255}
+
+    # -- everything that would change the tree: EROFS ----------------------------------------
+
+    @_read_only
+    def chmod(self, path, mode): ...
+
+    @_read_only
+    def chown(self, path, uid, gid): ...
+
+    @_read_only
+    def create(self, path, mode, fi=None): ...
+
+    @_read_only
+    def link(self, target, source): ...
+
+    @_read_only
+    def mkdir(self, path, mode): ...
+
+    @_read_only
+    def mknod(self, path, mode, dev): ...
+
+    @_read_only
+    def removexattr(self, path, name): ...
+
+    @_read_only
+    def rename(self, old, new): ...
+
+    @_read_only
+    def rmdir(self, path): ...
+
+    @_read_only
+    def setxattr(self, path, name, value, options, position=0): ...
+
+    @_read_only
+    def symlink(self, target, source): ...
+
+    @_read_only
+    def truncate(self, path, length, fh=None): ...
+
+    @_read_only
+    def unlink(self, path): ...
+
+    @_read_only
+    def utimens(self, path, times=None): ...
+
+    @_read_only
+    def write(self, path, data, offset, fh): ...

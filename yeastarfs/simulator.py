@@ -1,0 +1,1296 @@
+"""A fake Yeastar S-Series PBX (API v2.0.0) for the tests and for ``yeastarfs demo``.
+
+What it owns: an HTTP server that answers login, heartbeat, logout, recording/get_random,
+recording/download, cdr/get_random and cdr/download exactly as yeastar-api.md §12 fixes them;
+the HTTP event pusher and the TCP event listener (§12.6, §12.7); deterministic WAV bytes for
+every recording (§12.8); per-endpoint counters, a request log, and fault switches.
+
+What it leaves to others: everything about the client. It imports nothing from yeastarfs
+(and nothing outside the standard library), so that a misreading of the API is never shared
+by the client and the simulator.
+
+Threading contract:
+
+- The HTTP server is a ``ThreadingHTTPServer``: one daemon thread per connection. One HTTP
+  event-pusher thread delivers HTTP events in announcement order. With transport ``TCP`` an
+  accept thread plus one thread per connected event client run as well.
+- All shared state (sessions, randoms, lockouts, recordings, counters, log, audio cache) is
+  guarded by the single ``Simulator._lock``. It is never held while sleeping, generating
+  audio, or doing network I/O.
+- Fault switches are plain attributes: a test thread may set them at any time. Each download
+  reads them once when it starts (the bandwidth cap is re-read for every chunk).
+
+Fault switches (``reset()`` puts all of them back to these defaults and unlocks every IP):
+
+- ``latency_s = 0.0``          sleep this long before answering every HTTP request
+- ``bandwidth_bps = None``     cap the recording body rate, sleep-paced per chunk
+- ``honour_range = False``     §12.4 switched mode: ``Range: bytes=N-`` gives 206 + Content-Range
+- ``reset_after_bytes = None`` downloads send this many body bytes, then a TCP RST
+- ``reset_downloads = 0``      ...for the next N downloads only (0 = every download)
+- ``fail_downloads = 0``       the next N recording downloads fail in the shape of ``fail_mode``
+- ``fail_mode = "json"``       "json" | "http500" | "html" | "truncate" | "overlong"
+- ``fail_get_random = 0``      the next N recording/get_random answer Failed 10004
+- ``fail_logins = 0``          the next N logins answer 20003 (not counted towards lockout)
+- ``refuse_connections = False`` accepted connections (HTTP and TCP events) are closed unanswered
+- ``expire_all_tokens()``, ``lock_ip(ip)``, ``unlock_all()``, ``disconnect_tcp_clients()``
+
+Choices the contract leaves open (documented here so tests can rely on them):
+
+- A POST body that is not a JSON object gets errno 20000 ("only JSON supported"); an empty
+  body counts as ``{}``. GET on login or a get_random gets 20001 ("only POST supported");
+  heartbeat, logout and both downloads accept GET and POST.
+- Randoms are not bound to a token; any valid token may use them.
+- cdr/download uses the number and times given to cdr/get_random; if the link repeats them
+  with other values the reply is Failed 10004.
+- Raw CDR rows (``add_cdr_row``) whose ``timestart`` is not ``yyyy-mm-dd hh:mm:ss`` are
+  included in every time window: they model PBX garbage a client must survive.
+- A heartbeat carrying ``port`` re-registers the event target exactly as a login would
+  (without ``version`` it switches to the 1.0.0 ``action`` key); without ``port`` it keeps it.
+"""
+
+from __future__ import annotations
+
+import calendar
+import collections
+import dataclasses
+import datetime
+import functools
+import hashlib
+import heapq
+import http.client
+import itertools
+import json
+import logging
+import math
+import queue
+import random
+import re
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+from urllib.parse import parse_qsl, urlsplit
+
+log = logging.getLogger(__name__)
+
+SERVER_HEADER = "Boa/0.94.14rc21"
+# Sent on every reply, as Boa and the v2 examples do (yeastar-api.md §1, §9).
+COMMON_HEADERS = (
+    ("Accept-Ranges", "bytes"),
+    ("Connection", "close"),
+    ("Access-control-allow-origin", "*"),
+    ("Access-control-allow-methods", "GET, POST, OPTIONS, PUT, DELETE"),
+)
+CDR_COLUMNS = (
+    "callid", "timestart", "callfrom", "callto", "callduraction", "talkduraction",
+    "srctrunkname", "dsttrunkname", "status", "type", "pincode", "recording", "didnumber", "sn",
+)
+SERIAL_NUMBER = "369000000001"
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# errno values (yeastar-api.md §3, §12).
+E_ENDPOINT = "10003"
+E_PARAM = "10004"
+E_NO_AUDIO = "10023"
+E_JSON = "20000"
+E_POST = "20001"
+E_LOCKED = "20002"
+E_CREDENTIALS = "20003"
+E_TOKEN = "20004"
+E_NO_TOKEN = "20005"
+
+# Any version segment is accepted: real clients log in at /api/v1.10/ and use /api/v2.0.0/.
+API_PATH_RE = re.compile(r"^/api/[^/]+/(?P<endpoint>.+?)/?$")
+RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$")
+
+CHUNK_BYTES = 64 * 1024
+# Bandwidth pacing sends at most this fraction of a second's budget per chunk, so the rate
+# stays smooth enough for timing tests.
+PACE_SLICES_PER_S = 20
+MAX_BODY_BYTES = 1024 * 1024
+LOG_LIMIT = 10000
+EVENT_RESENDS = 3
+EVENT_TIMEOUT_S = 2.0
+TCP_LOGIN_TIMEOUT_S = 10.0
+TCP_SEND_TIMEOUT_S = 5.0
+# Polling period of the background loops: bounds how long stop() waits for them.
+POLL_S = 0.05
+# Recently served WAV bytes kept in memory; older ones are rebuilt on demand (cheap).
+AUDIO_CACHE_BYTES = 256 * 1024 * 1024
+# Before an RST, give bytes already written a moment to leave the send queue: an RST
+# discards whatever is still queued, and tests want "N bytes, then reset".
+RST_GRACE_S = 0.05
+
+SAMPLE_RATE = 8000
+BYTES_PER_SECOND = SAMPLE_RATE * 2
+WAV_HEADER_BYTES = 44
+# Per-name prefix: makes every recording's bytes unique even when two tones coincide.
+PREFIX_BYTES = 256
+TONE_AMPLITUDE = 8000
+
+
+# ---------------------------------------------------------------------------------------
+# Audio
+
+
+@functools.lru_cache(maxsize=None)
+def _tone_period(samples: int) -> bytes:
+    """One period of a sine tone, *samples* long, as little-endian PCM-16."""
+    values = [round(TONE_AMPLITUDE * math.sin(2 * math.pi * i / samples)) for i in range(samples)]
+    return struct.pack(f"<{samples}h", *values)
+
+
+def wav_data_bytes(duration_s: float) -> int:
+    """Bytes of PCM-16 8 kHz mono audio for *duration_s*, rounded to whole samples."""
+    data = int(round(BYTES_PER_SECOND * duration_s))
+    return max(0, data - data % 2)
+
+
+def wav_bytes(name: str, size_bytes: int) -> bytes:
+    """The deterministic WAV file of *name*: exactly *size_bytes* long, PCM-16 8 kHz mono.
+
+    Built from a per-name prefix and a repeated tone period whose pitch depends on the
+    name, so 20 MB take milliseconds and every name gets different bytes.
+    """
+    if size_bytes < WAV_HEADER_BYTES:
+        raise ValueError(f"a WAV file needs at least {WAV_HEADER_BYTES} bytes, not {size_bytes}")
+    data_len = size_bytes - WAV_HEADER_BYTES
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI", b"RIFF", size_bytes - 8, b"WAVE", b"fmt ", 16,
+        1, 1, SAMPLE_RATE, BYTES_PER_SECOND, 2, 16, b"data", data_len,
+    )
+    prefix = (digest * (PREFIX_BYTES // len(digest)))[:data_len]
+    period = _tone_period(16 + digest[0] % 64)  # 101..500 Hz
+    repeats, rest = divmod(data_len - len(prefix), len(period))
+    return b"".join((header, prefix, period * repeats, period[:rest]))
+
+
+# ---------------------------------------------------------------------------------------
+# Content
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRecording:
+    """One recording the simulated PBX holds.
+
+    Attributes:
+        name: file name, the recording's identifier in the API.
+        callid, timestart, callfrom, callto, call_type, status: its CDR fields.
+        call_s, talk_s: call and talk durations in whole seconds.
+        size_bytes: exact WAV size (header + data).
+        stored: False when get_random answers 10023 although CDR and events list it.
+        in_cdr: whether cdr/download lists it.
+        sha256: hex digest of the WAV bytes (computed on first use).
+    """
+
+    name: str
+    callid: str
+    timestart: str
+    callfrom: str
+    callto: str
+    call_type: str
+    status: str
+    call_s: int
+    talk_s: int
+    size_bytes: int
+    stored: bool = True
+    in_cdr: bool = True
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.wav_bytes()).hexdigest()
+
+    def wav_bytes(self) -> bytes:
+        """Build the WAV bytes afresh (``Simulator.recording_bytes`` caches them)."""
+        return wav_bytes(self.name, self.size_bytes)
+
+    def cdr_row(self, sn: str = SERIAL_NUMBER) -> dict[str, str]:
+        """The 14 CSV columns of this call (yeastar-api.md §5.3)."""
+        trunk_in = "SimTrunk" if self.call_type == "Inbound" else ""
+        trunk_out = "SimTrunk" if self.call_type == "Outbound" else ""
+        values = (
+            self.callid, self.timestart, self.callfrom, self.callto, str(self.call_s),
+            str(self.talk_s), trunk_in, trunk_out, self.status, self.call_type, "",
+            self.name, "", sn,
+        )
+        return dict(zip(CDR_COLUMNS, values))
+
+    def event(self, key: str = "event", sn: str = SERIAL_NUMBER) -> dict[str, str]:
+        """The NewCdr event for this call, keyed ``event`` (v2) or ``action`` (v1)."""
+        row = self.cdr_row(sn)
+        return {
+            key: "NewCdr", "callid": self.callid, "timestart": self.timestart,
+            "callfrom": self.callfrom, "callto": self.callto,
+            "callduraction": row["callduraction"], "talkduraction": row["talkduraction"],
+            "srctrunkname": row["srctrunkname"], "dsttrcunkname": row["dsttrunkname"],
+            "pincode": "", "status": self.status, "type": self.call_type,
+            "recording": self.name, "didnumber": "", "agentringtime": "0", "sn": sn,
+        }
+
+
+def _epoch_seconds(moment: datetime.datetime) -> int:
+    """Unix seconds of *moment*; naive times are read as UTC so callids are machine-independent."""
+    if moment.tzinfo is not None:
+        return int(moment.timestamp())
+    return calendar.timegm(moment.timetuple())
+
+
+def _parse_time(text: Any) -> Optional[datetime.datetime]:
+    """``yyyy-mm-dd hh:mm:ss`` as a naive datetime, or None."""
+    try:
+        return datetime.datetime.strptime(str(text).strip(), TIME_FORMAT)
+    except ValueError:
+        return None
+
+
+def _csv_cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Sessions, replies
+
+
+@dataclasses.dataclass(frozen=True)
+class _EventTarget:
+    """Where HTTP events for one token go, and under which key."""
+
+    host: str
+    port: int
+    path: str
+    key: str
+
+
+@dataclasses.dataclass
+class _Session:
+    token: str
+    client_ip: str
+    last_used: float
+    target: Optional[_EventTarget] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Random:
+    subject: tuple
+    expires: float
+
+
+@dataclasses.dataclass
+class _Request:
+    method: str
+    endpoint: str
+    query: dict[str, str]
+    body: Optional[dict]  # None: the body is not a JSON object
+    client_ip: str
+    range_header: Optional[str]
+
+
+@dataclasses.dataclass
+class _Reply:
+    """What the handler sends. ``stream`` bodies are chunked, paced and counted."""
+
+    status: int = 200
+    content_type: str = "application/json"
+    body: bytes = b""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    stream: Optional[memoryview] = None
+    content_length: Optional[int] = None  # None: the real length of body/stream
+    cut_after: Optional[int] = None  # stop the body after this many bytes...
+    cut_with_rst: bool = False  # ...and abort with an RST instead of a normal close
+
+
+class _ApiFailure(Exception):
+    """Raised by endpoint handlers; becomes ``{"status":"Failed","errno":...}``."""
+
+    def __init__(self, errno: str) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+
+def _json_reply(payload: dict) -> _Reply:
+    return _Reply(body=json.dumps(payload).encode("utf-8"))
+
+
+def _failed(errno: str) -> _Reply:
+    return _json_reply({"status": "Failed", "errno": errno})
+
+
+def _html_reply(status: int, title: str) -> _Reply:
+    page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>\n"
+    return _Reply(status=status, content_type="text/html", body=page.encode("ascii"))
+
+
+def _parse_json_object(raw: bytes) -> Optional[dict]:
+    """The body as a dict: ``{}`` when empty, None when it is not a JSON object."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _event_target(body: dict, client_ip: str) -> Optional[_EventTarget]:
+    """The HTTP event target a login/heartbeat body asks for (yeastar-api.md §2.1, §12.6)."""
+    port_field = body.get("port")
+    if port_field in (None, ""):
+        return None
+    key = "event" if str(body.get("version", "")) == "2.0.0" else "action"
+    url = str(body.get("url") or "")
+    try:
+        port = int(port_field)
+    except (TypeError, ValueError):
+        log.warning("event target: ignoring non-numeric port %r", port_field)
+        return None
+    if str(body.get("urltag", "0")) == "1" and url:
+        # Absolute form "host:port/path".
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if not parts.hostname:
+            return None
+        return _EventTarget(parts.hostname, parts.port or port, parts.path or "/", key)
+    if not 0 < port < 65536:
+        log.warning("event target: ignoring out-of-range port %d", port)
+        return None
+    return _EventTarget(client_ip, port, "/" + url.lstrip("/"), key)
+
+
+def _parse_range(header: str, size: int) -> Optional[tuple[int, int]]:
+    """(first, last) of a single ``bytes=N-[M]`` range; None to ignore it; (-1, -1) for 416."""
+    match = RANGE_RE.match(header)
+    if match is None:
+        return None
+    first = int(match.group(1))
+    if first >= size:
+        return (-1, -1)
+    last = int(match.group(2)) if match.group(2) else size - 1
+    if last < first:
+        return None
+    return (first, min(last, size - 1))
+
+
+# ---------------------------------------------------------------------------------------
+# The simulator
+
+
+class Simulator:
+    """A Yeastar S-Series PBX on localhost.
+
+    Attributes:
+        base_url: ``http://host:port`` (valid after ``start``).
+        tcp_port: the TCP event port (transport TCP only; real port after ``start``).
+        password_md5: what the HTTP login must send as ``password``.
+        recordings: every recording by name. Read it freely; change it only via methods.
+        counters: requests per endpoint, plus ``event_push`` (HTTP event attempts),
+            ``tcp_login`` (TCP login attempts) and ``refused`` (refused connections).
+        requests_log: the last 10000 requests as dicts (endpoint, method, client_ip,
+            query, body, time), for test assertions only.
+        fault switches: see the module docstring.
+
+    Multithreading: one lock (``_lock``) guards every shared field; see the module docstring.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, username: str = "api",
+                 password: str = "secret", transport: str = "HTTP",
+                 tcp_port: Optional[int] = None, token_idle_s: float = 1800.0,
+                 random_ttl_s: float = 30.0, lockout_failures: int = 5,
+                 lockout_s: float = 600.0, lockout_window_s: float = 600.0,
+                 event_retry_s: float = 5.0, sn: str = SERIAL_NUMBER) -> None:
+        if transport not in ("HTTP", "TCP"):
+            raise ValueError(f"transport must be 'HTTP' or 'TCP', not {transport!r}")
+        self.host, self.port = host, port
+        self.username, self.password = username, password
+        self.transport = transport
+        self.tcp_port = (tcp_port or 0) if transport == "TCP" else None
+        self.token_idle_s, self.random_ttl_s = token_idle_s, random_ttl_s
+        self.lockout_failures, self.lockout_s = lockout_failures, lockout_s
+        self.lockout_window_s = lockout_window_s
+        self.event_retry_s = event_retry_s
+        self.sn = sn
+        self.recordings: dict[str, SimRecording] = {}
+        self.counters: collections.Counter = collections.Counter()
+        self.requests_log: list[dict] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sequence = itertools.count(1)
+        self._extra_rows: list[dict] = []
+        self._sessions: dict[str, _Session] = {}
+        self._randoms: dict[str, _Random] = {}
+        self._login_failures: dict[str, list[float]] = {}
+        self._locked_until: dict[str, float] = {}
+        self._audio_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._audio_cache_bytes = 0
+        self._downloaded = 0
+        self._http: Optional[_HttpServer] = None
+        self._http_thread: Optional[threading.Thread] = None
+        self._pusher: Optional[_EventPusher] = None
+        self._tcp: Optional[_TcpEventServer] = None
+        self._set_default_faults()
+
+    def _set_default_faults(self) -> None:
+        self.latency_s: float = 0.0
+        self.bandwidth_bps: Optional[int] = None
+        self.honour_range = False
+        self.reset_after_bytes: Optional[int] = None
+        self.reset_downloads = 0
+        self.fail_downloads = 0
+        self.fail_mode = "json"
+        self.fail_get_random = 0
+        self.fail_logins = 0
+        self.refuse_connections = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> "Simulator":
+        """Bind the sockets and serve on daemon threads; returns self."""
+        if self._http is not None:
+            return self
+        self._stopping.clear()
+        server = _HttpServer((self.host, self.port), _Handler)
+        server.simulator = self
+        self._http, self.port = server, server.server_address[1]
+        self._http_thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": POLL_S},
+            name="pbxsim-http", daemon=True)
+        self._http_thread.start()
+        self._pusher = _EventPusher(self)
+        self._pusher.start()
+        if self.transport == "TCP":
+            self._tcp = _TcpEventServer(self, self.host, self.tcp_port or 0)
+            self.tcp_port = self._tcp.port
+            self._tcp.start()
+        log.info("simulator: serving %s (transport %s)", self.base_url, self.transport)
+        return self
+
+    def stop(self) -> None:
+        """Close every socket and let the threads go; returns within about a second."""
+        if self._http is None:
+            return
+        self._stopping.set()  # aborts paced downloads, latency sleeps and event retries
+        self._http.shutdown()
+        self._http.server_close()
+        self._http_thread.join(timeout=1.0)
+        self._pusher.stop()
+        if self._tcp is not None:
+            self._tcp.stop()
+        self._http = self._http_thread = self._pusher = self._tcp = None
+        log.info("simulator: stopped")
+
+    def __enter__(self) -> "Simulator":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def password_md5(self) -> str:
+        return hashlib.md5(self.password.encode("utf-8")).hexdigest()
+
+    # -- content --------------------------------------------------------------------------
+
+    def add_recording(self, *, start: datetime.datetime, duration_s: float,
+                      callfrom: str = "1001", callto: str = "2002", call_type: str = "Inbound",
+                      callid: Optional[str] = None, status: str = "ANSWERED", ring_s: float = 5,
+                      name: Optional[str] = None, size_bytes: Optional[int] = None,
+                      in_cdr: bool = True, announce: bool = True,
+                      stored: bool = True) -> SimRecording:
+        """Add one recorded call; with *announce*, push its NewCdr to every event listener.
+
+        Raises ValueError if a recording of that name exists already.
+        """
+        with self._lock:
+            sequence = next(self._sequence)
+        if callid is None:
+            callid = f"{_epoch_seconds(start)}.{sequence}"
+        if name is None:
+            # The name's timestamp is when recording began: at answer, ring_s after timestart.
+            stamp = (start + datetime.timedelta(seconds=ring_s)).strftime("%Y%m%d%H%M%S")
+            name = f"{stamp}-{callid}-{callfrom}-{callto}-{call_type}.wav"
+        if size_bytes is None:
+            size_bytes = WAV_HEADER_BYTES + wav_data_bytes(duration_s)
+        if size_bytes < WAV_HEADER_BYTES:
+            raise ValueError(f"size_bytes must be at least {WAV_HEADER_BYTES}")
+        talk_s = round(duration_s)
+        rec = SimRecording(
+            name=name, callid=callid, timestart=start.strftime(TIME_FORMAT), callfrom=callfrom,
+            callto=callto, call_type=call_type, status=status, call_s=talk_s + round(ring_s),
+            talk_s=talk_s, size_bytes=size_bytes, stored=stored, in_cdr=in_cdr)
+        with self._lock:
+            if name in self.recordings:
+                raise ValueError(f"recording {name!r} exists already")
+            self.recordings[name] = rec
+        if announce:
+            self._announce(rec)
+        return rec
+
+    def populate(self, count: int, *, days: float = 7, now: Optional[datetime.datetime] = None,
+                 seed: int = 1, min_s: int = 5, max_s: int = 120) -> list[SimRecording]:
+        """Add *count* deterministic, unannounced recordings spread over the last *days* days."""
+        rng = random.Random(seed)
+        if now is None:
+            now = datetime.datetime.now().replace(microsecond=0)
+        # Calls end before *now*: start at least one longest call (plus ringing) earlier.
+        earliest = max_s + 60
+        span = max(earliest + 1, int(days * 86400))
+        offsets = sorted((rng.randrange(earliest, span) for _ in range(count)), reverse=True)
+        added = []
+        for offset in offsets:
+            call_type = rng.choice(("Inbound", "Outbound", "Internal"))
+            callfrom, callto = _numbers_for(call_type, rng)
+            added.append(self.add_recording(
+                start=now - datetime.timedelta(seconds=offset),
+                duration_s=rng.randint(min_s, max_s), callfrom=callfrom, callto=callto,
+                call_type=call_type, ring_s=rng.randint(2, 20), announce=False))
+        return added
+
+    def add_cdr_row(self, row: dict) -> None:
+        """Add a raw CDR row (a call without recording, or a hostile row). Missing columns are empty.
+
+        Raises ValueError for keys that are not CDR columns (usually a typo).
+        """
+        unknown = set(row) - set(CDR_COLUMNS)
+        if unknown:
+            raise ValueError(f"not CDR columns: {sorted(unknown)}")
+        with self._lock:
+            self._extra_rows.append(dict(row))
+
+    def recording_bytes(self, name: str) -> bytes:
+        """The WAV bytes of recording *name*. Raises KeyError for an unknown name."""
+        with self._lock:
+            rec = self.recordings[name]
+            data = self._audio_cache.get(name)
+            if data is not None:
+                self._audio_cache.move_to_end(name)
+                return data
+        data = rec.wav_bytes()  # built outside the lock: it may take a few milliseconds
+        with self._lock:
+            if name not in self._audio_cache:
+                self._audio_cache[name] = data
+                self._audio_cache_bytes += len(data)
+            while self._audio_cache_bytes > AUDIO_CACHE_BYTES and len(self._audio_cache) > 1:
+                _, old = self._audio_cache.popitem(last=False)
+                self._audio_cache_bytes -= len(old)
+        return data
+
+    # -- observation and faults ------------------------------------------------------------
+
+    def downloaded_bytes(self) -> int:
+        """Total recording body bytes sent since start (or the last ``reset``)."""
+        with self._lock:
+            return self._downloaded
+
+    def reset(self) -> None:
+        """Clear counters, the log and every fault (lockouts included); keep content and tokens."""
+        with self._lock:
+            self.counters.clear()
+            self.requests_log.clear()
+            self._downloaded = 0
+            self._login_failures.clear()
+            self._locked_until.clear()
+            self._set_default_faults()
+
+    def expire_all_tokens(self) -> None:
+        """Invalidate every token, as a PBX reboot does."""
+        with self._lock:
+            self._sessions.clear()
+
+    def lock_ip(self, ip: str = "127.0.0.1") -> None:
+        """Lock *ip* out of login for ``lockout_s``, as 5 failed logins would."""
+        with self._lock:
+            self._locked_until[ip] = time.monotonic() + self.lockout_s
+
+    def unlock_all(self) -> None:
+        """Lift every lockout and forget the failed-login counts (the admin deleted the entries)."""
+        with self._lock:
+            self._locked_until.clear()
+            self._login_failures.clear()
+
+    def disconnect_tcp_clients(self) -> None:
+        """Drop every TCP event connection (clients must reconnect and log in again)."""
+        if self._tcp is not None:
+            self._tcp.disconnect_all()
+
+    # -- request dispatch (called on handler threads) ------------------------------------
+
+    def _pause(self) -> None:
+        """Apply ``latency_s``; wakes early when the simulator stops."""
+        if self.latency_s > 0:
+            self._stopping.wait(self.latency_s)
+
+    def _dispatch(self, method: str, target: str, raw_body: bytes, client_ip: str,
+                  range_header: Optional[str]) -> _Reply:
+        split = urlsplit(target)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        match = API_PATH_RE.match(split.path)
+        endpoint = match.group("endpoint") if match else split.path
+        req = _Request(method, endpoint, query, _parse_json_object(raw_body), client_ip,
+                       range_header)
+        self._record(req, has_body=bool(raw_body.strip()))
+        if match is None:
+            return _html_reply(404, "404 Not Found")
+        route = _ROUTES.get(endpoint)
+        if route is None:
+            return _failed(E_ENDPOINT)
+        handler_name, methods = route
+        if method not in methods:
+            return _failed(E_POST)
+        try:
+            return getattr(self, handler_name)(req)
+        except _ApiFailure as failure:
+            log.debug("simulator: %s from %s failed with errno %s", endpoint, client_ip,
+                      failure.errno)
+            return _failed(failure.errno)
+
+    def _record(self, req: _Request, has_body: bool) -> None:
+        entry = {
+            "endpoint": req.endpoint, "method": req.method, "client_ip": req.client_ip,
+            "query": dict(req.query), "body": req.body if has_body else None,
+            "time": time.time(),
+        }
+        with self._lock:
+            self.counters[req.endpoint] += 1
+            self.requests_log.append(entry)
+            if len(self.requests_log) > LOG_LIMIT:
+                del self.requests_log[: len(self.requests_log) - LOG_LIMIT]
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+
+    def _count_downloaded(self, n: int) -> None:
+        with self._lock:
+            self._downloaded += n
+
+    @staticmethod
+    def _json_body(req: _Request) -> dict:
+        if req.body is None:
+            raise _ApiFailure(E_JSON)
+        return req.body
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _live_session_locked(self, token: str, now: float) -> Optional[_Session]:
+        session = self._sessions.get(token)
+        if session is not None and now - session.last_used > self.token_idle_s:
+            del self._sessions[token]
+            return None
+        return session
+
+    def _authenticate(self, req: _Request) -> _Session:
+        """The session of the request's token, renewed. Raises _ApiFailure 20005/20004."""
+        token = req.query.get("token", "")
+        if not token:
+            raise _ApiFailure(E_NO_TOKEN)
+        now = time.monotonic()
+        with self._lock:
+            session = self._live_session_locked(token, now)
+            if session is None:
+                raise _ApiFailure(E_TOKEN)
+            session.last_used = now
+            return session
+
+    def _token_alive(self, token: str) -> bool:
+        with self._lock:
+            return self._live_session_locked(token, time.monotonic()) is not None
+
+    def _note_login_failure_locked(self, ip: str, now: float) -> None:
+        """Count a failed login; the Nth within the window locks the IP."""
+        recent = [t for t in self._login_failures.get(ip, []) if now - t < self.lockout_window_s]
+        recent.append(now)
+        if len(recent) >= self.lockout_failures:
+            self._locked_until[ip] = now + self.lockout_s
+            recent = []
+            log.info("simulator: %s locked out after %d failed logins", ip, self.lockout_failures)
+        self._login_failures[ip] = recent
+
+    def _login(self, req: _Request) -> _Reply:
+        body = self._json_body(req)
+        ip, now = req.client_ip, time.monotonic()
+        with self._lock:
+            if self._locked_until.get(ip, 0.0) > now:
+                raise _ApiFailure(E_LOCKED)
+            if self.fail_logins > 0:
+                self.fail_logins -= 1
+                raise _ApiFailure(E_CREDENTIALS)
+            if body.get("username") != self.username or body.get("password") != self.password_md5:
+                self._note_login_failure_locked(ip, now)
+                raise _ApiFailure(E_CREDENTIALS)
+            self._login_failures.pop(ip, None)
+            for stale in [t for t in self._sessions if self._live_session_locked(t, now) is None]:
+                self._sessions.pop(stale, None)
+            token = secrets.token_hex(16)
+            target = _event_target(body, ip) if self.transport == "HTTP" else None
+            self._sessions[token] = _Session(token, ip, now, target)
+        log.info("simulator: login from %s", ip)
+        return _json_reply({"status": "Success", "token": token, "transport": self.transport})
+
+    def _heartbeat(self, req: _Request) -> _Reply:
+        session = self._authenticate(req)
+        body = req.body or {}  # GET or no body at all: real clients do both
+        if self.transport == "HTTP" and body.get("port") not in (None, ""):
+            target = _event_target(body, session.client_ip)
+            with self._lock:
+                session.target = target
+        return _json_reply({"status": "Success"})
+
+    def _logout(self, req: _Request) -> _Reply:
+        session = self._authenticate(req)
+        with self._lock:
+            self._sessions.pop(session.token, None)
+        return _json_reply({"status": "Success"})
+
+    # -- randoms --------------------------------------------------------------------------
+
+    def _mint_random(self, subject: tuple) -> str:
+        value = secrets.token_hex(16)
+        now = time.monotonic()
+        with self._lock:
+            if len(self._randoms) > 1024:  # keep the table small: drop the expired ones
+                for old in [r for r, v in self._randoms.items() if v.expires < now]:
+                    del self._randoms[old]
+            self._randoms[value] = _Random(subject, now + self.random_ttl_s)
+        return value
+
+    def _take_random(self, value: str, subject: tuple) -> _Random:
+        """Consume *value*; raises _ApiFailure 10004 unless it is live and for *subject*."""
+        with self._lock:
+            entry = self._randoms.pop(value, None)
+        if entry is None or entry.expires < time.monotonic() or entry.subject[0] != subject[0]:
+            raise _ApiFailure(E_PARAM)
+        if subject[0] == "recording" and entry.subject != subject:
+            raise _ApiFailure(E_PARAM)
+        return entry
+
+    # -- recordings -----------------------------------------------------------------------
+
+    def _recording_random(self, req: _Request) -> _Reply:
+        self._authenticate(req)
+        body = self._json_body(req)
+        with self._lock:
+            if self.fail_get_random > 0:
+                self.fail_get_random -= 1
+                raise _ApiFailure(E_PARAM)
+        name = body.get("recording")
+        if not isinstance(name, str) or not name:
+            raise _ApiFailure(E_PARAM)
+        with self._lock:
+            rec = self.recordings.get(name)
+        if rec is None or not rec.stored:
+            raise _ApiFailure(E_NO_AUDIO)
+        random_value = self._mint_random(("recording", name))
+        return _json_reply({"status": "Success", "recording": name, "random": random_value})
+
+    def _recording_download(self, req: _Request) -> _Reply:
+        self._authenticate(req)
+        name, random_value = req.query.get("recording", ""), req.query.get("random", "")
+        if not name or not random_value:
+            raise _ApiFailure(E_PARAM)
+        self._take_random(random_value, ("recording", name))
+        with self._lock:
+            rec = self.recordings.get(name)
+        if rec is None or not rec.stored:
+            raise _ApiFailure(E_NO_AUDIO)
+        failure_mode, reset_at = self._download_faults()
+        data = memoryview(self.recording_bytes(name))
+        if failure_mode is not None:
+            return _failed_download(failure_mode, data)
+        reply = self._audio_reply(data, req.range_header)
+        if reset_at is not None:
+            reply.cut_after, reply.cut_with_rst = reset_at, True
+        return reply
+
+    def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
+        """Consume the download fault switches: (fail_mode or None, reset_after_bytes or None)."""
+        with self._lock:
+            if self.fail_downloads > 0:
+                self.fail_downloads -= 1
+                return self.fail_mode, None
+            reset_at = self.reset_after_bytes
+            if reset_at is not None and self.reset_downloads > 0:
+                self.reset_downloads -= 1
+                if self.reset_downloads == 0:
+                    # The counted resets are used up; 0 must not now mean "every download".
+                    self.reset_after_bytes = None
+            return None, reset_at
+
+    def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> _Reply:
+        size = len(data)
+        if not (self.honour_range and range_header):
+            return _Reply(content_type="audio/x-wav", stream=data)
+        wanted = _parse_range(range_header, size)
+        if wanted is None:
+            return _Reply(content_type="audio/x-wav", stream=data)
+        first, last = wanted
+        if first < 0:
+            reply = _html_reply(416, "416 Requested Range Not Satisfiable")
+            reply.headers["Content-Range"] = f"bytes */{size}"
+            return reply
+        return _Reply(status=206, content_type="audio/x-wav", stream=data[first:last + 1],
+                      headers={"Content-Range": f"bytes {first}-{last}/{size}"})
+
+    # -- CDR ------------------------------------------------------------------------------
+
+    def _cdr_random(self, req: _Request) -> _Reply:
+        self._authenticate(req)
+        body = self._json_body(req)
+        number_key = "number" if "number" in body else "extid"
+        number = body.get(number_key)
+        start, end = _parse_time(body.get("starttime")), _parse_time(body.get("endtime"))
+        if not isinstance(number, str) or not number.strip() or start is None or end is None:
+            raise _ApiFailure(E_PARAM)
+        random_value = self._mint_random(("cdr", number, start, end))
+        return _json_reply({
+            "status": "Success", number_key: number, "starttime": body["starttime"],
+            "endtime": body["endtime"], "random": random_value})
+
+    def _cdr_download(self, req: _Request) -> _Reply:
+        self._authenticate(req)
+        random_value = req.query.get("random", "")
+        if not random_value:
+            raise _ApiFailure(E_PARAM)
+        _, number, start, end = self._take_random(random_value, ("cdr",)).subject
+        given_number = req.query.get("number", req.query.get("extid"))
+        if given_number is not None and given_number != number:
+            raise _ApiFailure(E_PARAM)
+        for key, stored in (("starttime", start), ("endtime", end)):
+            if key in req.query and _parse_time(req.query[key]) != stored:
+                raise _ApiFailure(E_PARAM)
+        return _Reply(content_type="text/csv", body=self._cdr_csv(number, start, end),
+                      headers={"Content-Disposition": "attachment; filename=cdr.csv"})
+
+    def _cdr_csv(self, number: str, start: datetime.datetime, end: datetime.datetime) -> bytes:
+        """The CSV of §12.5: header, then matching rows by timestart; LF, no BOM, no quoting."""
+        with self._lock:
+            rows = [r.cdr_row(self.sn) for r in self.recordings.values() if r.in_cdr]
+            rows += [dict(r) for r in self._extra_rows]
+        wanted = None
+        if number.strip().lower() != "all":
+            wanted = {n.strip() for n in number.split(",") if n.strip()}
+
+        def selected(row: dict) -> bool:
+            when = _parse_time(row.get("timestart", ""))
+            if when is not None and not start <= when <= end:
+                return False
+            return wanted is None or row.get("callfrom") in wanted or row.get("callto") in wanted
+
+        chosen = sorted((r for r in rows if selected(r)), key=lambda r: _csv_cell(r.get("timestart")))
+        lines = [",".join(CDR_COLUMNS)]
+        lines += [",".join(_csv_cell(r.get(c)) for c in CDR_COLUMNS) for r in chosen]
+        return ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _announce(self, rec: SimRecording) -> None:
+        """Queue the NewCdr of *rec* for every live HTTP target and every TCP client."""
+        now = time.monotonic()
+        with self._lock:
+            targets = [(s.token, s.target) for s in list(self._sessions.values())
+                       if s.target is not None and self._live_session_locked(s.token, now)]
+        pusher, tcp = self._pusher, self._tcp
+        if pusher is None:
+            log.debug("simulator: not started, NewCdr for %s not announced", rec.name)
+            return
+        for token, target in targets:
+            body = json.dumps(rec.event(target.key, self.sn)).encode("utf-8")
+            pusher.submit(token, target, body)
+        if tcp is not None:
+            tcp.broadcast(rec)
+
+
+_ROUTES = {
+    "login": ("_login", {"POST"}),
+    "heartbeat": ("_heartbeat", {"POST", "GET"}),
+    "logout": ("_logout", {"POST", "GET"}),
+    "recording/get_random": ("_recording_random", {"POST"}),
+    "recording/download": ("_recording_download", {"GET", "POST"}),
+    "cdr/get_random": ("_cdr_random", {"POST"}),
+    "cdr/download": ("_cdr_download", {"GET", "POST"}),
+}
+
+
+def _failed_download(mode: str, data: memoryview) -> _Reply:
+    """A recording download that fails in the shape *mode* names (see ``fail_mode``)."""
+    if mode == "http500":
+        return _html_reply(500, "500 Internal Server Error")
+    if mode == "html":
+        return _html_reply(200, "Yeastar S-Series login")
+    if mode == "truncate":
+        return _Reply(content_type="audio/x-wav", stream=data, cut_after=len(data) // 2)
+    if mode == "overlong":
+        return _Reply(content_type="audio/x-wav", stream=data, content_length=len(data) // 2)
+    if mode != "json":
+        log.warning("simulator: unknown fail_mode %r, answering json", mode)
+    return _failed(E_PARAM)
+
+
+def _numbers_for(call_type: str, rng: random.Random) -> tuple[str, str]:
+    """Plausible (callfrom, callto) for *call_type*: extensions 1000-1019, 10-digit externals."""
+    extension = str(rng.randint(1000, 1019))
+    external = "0" + "".join(str(rng.randint(0, 9)) for _ in range(9))
+    if call_type == "Inbound":
+        return external, extension
+    if call_type == "Outbound":
+        return extension, external
+    return extension, str(rng.randint(1000, 1019))
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP transport
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+    simulator: Simulator
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # PBX down / firewall: the caller sees its connection closed without a reply.
+        if self.simulator.refuse_connections:
+            self.simulator._count("refused")
+            return False
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("simulator: request from %s failed", client_address[0])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Turns one HTTP request into a ``Simulator._dispatch`` call and sends its reply."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a stuck client must not hold a thread forever
+    server: _HttpServer
+
+    def version_string(self) -> str:
+        return SERVER_HEADER
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_OPTIONS(self) -> None:
+        self._send(_Reply(content_type="text/plain"))
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        # The query string carries the token and the random: log the path only.
+        log.debug("simulator: %s %s -> %s", self.command, urlsplit(self.path).path, code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("simulator: " + format, *args)
+
+    def _serve(self, method: str) -> None:
+        raw_body = self._read_body()
+        sim = self.server.simulator
+        sim._pause()
+        reply = sim._dispatch(method, self.path, raw_body, self.client_address[0],
+                              self.headers.get("Range"))
+        try:
+            self._send(reply)
+        except (ConnectionError, socket.timeout) as exc:
+            log.debug("simulator: client went away mid-reply: %s", exc)
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        return self.rfile.read(min(length, MAX_BODY_BYTES)) if length > 0 else b""
+
+    def _send(self, reply: _Reply) -> None:
+        source = reply.stream if reply.stream is not None else reply.body
+        length = len(source) if reply.content_length is None else reply.content_length
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(length))
+        for name, value in COMMON_HEADERS + tuple(reply.headers.items()):
+            self.send_header(name, value)
+        self.end_headers()
+        if reply.stream is None:
+            self.wfile.write(reply.body)
+            return
+        self._stream(reply)
+
+    # The body loop re-reads bandwidth_bps for every chunk, so a test may change the cap
+    # mid-transfer. Pacing keeps a "next send time"; if the cap was lifted or the client
+    # stalled us, the schedule restarts from now instead of bursting to catch up.
+    def _stream(self, reply: _Reply) -> None:
+        sim = self.server.simulator
+        data = reply.stream
+        limit = len(data) if reply.cut_after is None else min(len(data), reply.cut_after)
+        sent, next_send = 0, time.monotonic()
+        while sent < limit and not sim._stopping.is_set():
+            bps = sim.bandwidth_bps
+            size = CHUNK_BYTES if not bps else max(1, min(CHUNK_BYTES, bps // PACE_SLICES_PER_S))
+            piece = data[sent:min(limit, sent + size)]
+            # Counted before the write so a client that has read the whole body already
+            # sees the final figure; taken back if the write fails.
+            sim._count_downloaded(len(piece))
+            try:
+                self.wfile.write(piece)
+            except OSError:
+                sim._count_downloaded(-len(piece))
+                raise
+            sent += len(piece)
+            if bps and sent < limit:
+                next_send = max(next_send, time.monotonic() - 0.5) + len(piece) / bps
+                delay = next_send - time.monotonic()
+                if delay > 0:
+                    sim._stopping.wait(delay)
+        if reply.cut_with_rst or sent < limit:
+            self._abort_connection()
+
+    def _abort_connection(self) -> None:
+        """End the connection with an RST (SO_LINGER 0) instead of an orderly close."""
+        time.sleep(RST_GRACE_S)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The socket really closes once rfile (a makefile reference) is closed in finish();
+        # nothing sends a FIN first because the server's shutdown() then fails harmlessly.
+        self.connection.close()
+        self.close_connection = True
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP events
+
+
+class _EventPusher:
+    """Delivers HTTP events on one thread, in announcement order, re-sending until a 200.
+
+    Each job is tried at once and then up to EVENT_RESENDS more times, event_retry_s apart.
+    A job whose token has died is dropped. Jobs live in a heap ordered by (due, sequence).
+    """
+
+    def __init__(self, sim: Simulator) -> None:
+        self._sim = sim
+        self._cond = threading.Condition()
+        self._heap: list[tuple] = []
+        self._sequence = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="pbxsim-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=0.5)
+
+    def submit(self, token: str, target: _EventTarget, body: bytes) -> None:
+        self._schedule(time.monotonic(), token, target, body, 0)
+
+    def _schedule(self, due: float, token: str, target: _EventTarget, body: bytes,
+                  attempt: int) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (due, next(self._sequence), token, target, body, attempt))
+            self._cond.notify_all()
+
+    def _next_job(self) -> Optional[tuple]:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    return heapq.heappop(self._heap)
+                wait = self._heap[0][0] - now if self._heap else None
+                self._cond.wait(wait)
+            return None
+
+    def _run(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            _, _, token, target, body, attempt = job
+            if not self._sim._token_alive(token):
+                log.debug("simulator: event for %s:%d dropped, token gone", target.host, target.port)
+                continue
+            self._sim._count("event_push")
+            status = _post_event(target, body, self._sim.host)
+            if status != 200 and attempt < EVENT_RESENDS:
+                self._schedule(time.monotonic() + self._sim.event_retry_s, token, target, body,
+                               attempt + 1)
+
+
+def _post_event(target: _EventTarget, body: bytes, pbx_host: str) -> Optional[int]:
+    """POST one event with the §7.1 header set; the HTTP status, or None if it failed."""
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=EVENT_TIMEOUT_S)
+    try:
+        conn.putrequest("POST", target.path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", f"{pbx_host}: {target.port}")  # sic: the PBX's odd space
+        conn.putheader("Accept", "application/json")
+        conn.putheader("User-Agent", "WebAPI")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        log.debug("simulator: event to %s:%d failed: %s", target.host, target.port, exc)
+        return None
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------
+# TCP events
+
+
+@dataclasses.dataclass
+class _TcpClient:
+    conn: socket.socket
+    key: str
+    outbox: "queue.Queue[dict]" = dataclasses.field(default_factory=queue.Queue)
+
+
+class _TcpEventServer:
+    """The PBX side of TCP events (§12.7): an accept loop and one thread per client.
+
+    The client list is guarded by the simulator's lock. A client's thread owns its socket:
+    it sends queued events and notices when the peer goes away.
+    """
+
+    def __init__(self, sim: Simulator, host: str, port: int) -> None:
+        self._sim = sim
+        self._listener = socket.create_server((host, port))
+        self.port: int = self._listener.getsockname()[1]
+        self._clients: list[_TcpClient] = []
+        self._thread = threading.Thread(target=self._accept_loop, name="pbxsim-tcp", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._thread.join(timeout=0.5)  # the accept loop watches sim._stopping
+        self._listener.close()
+        self.disconnect_all()
+
+    def broadcast(self, rec: SimRecording) -> None:
+        with self._sim._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.outbox.put(rec.event(client.key, self._sim.sn))
+
+    def disconnect_all(self) -> None:
+        with self._sim._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._sim._stopping.is_set():
+            readable, _, _ = select.select([self._listener], [], [], POLL_S)
+            if not readable:
+                continue
+            try:
+                conn, addr = self._listener.accept()
+            except OSError:
+                return
+            if self._sim.refuse_connections:
+                self._sim._count("refused")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_client, args=(conn, addr[0]),
+                             name="pbxsim-tcp-client", daemon=True).start()
+
+    def _serve_client(self, conn: socket.socket, ip: str) -> None:
+        client = None
+        try:
+            key = self._check_login(conn, ip)
+            conn.settimeout(TCP_SEND_TIMEOUT_S)
+            if key is None:
+                conn.sendall(b"Response: Failed\r\n\r\n")
+                return
+            # Registered before the reply: an event announced as soon as the client has
+            # read "Success" must reach it (it is queued and sent after the reply).
+            client = _TcpClient(conn, key)
+            with self._sim._lock:
+                self._clients.append(client)
+            conn.sendall(b"Response: Success\r\n\r\n")
+            self._pump(client)
+        except OSError as exc:
+            log.debug("simulator: TCP event client %s: %s", ip, exc)
+        finally:
+            with self._sim._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            conn.close()
+
+    def _check_login(self, conn: socket.socket, ip: str) -> Optional[str]:
+        """Read and check the login block: the event key, or None on failure."""
+        block = _read_login_block(conn, self._sim._stopping)
+        if block is None:
+            return None
+        self._sim._count("tcp_login")
+        fields = {}
+        for line in block.decode("utf-8", "replace").splitlines():
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        ok = (fields.get("action", "").lower() == "login"
+              and fields.get("username") == self._sim.username
+              and fields.get("secret") == self._sim.password)
+        log.info("simulator: TCP event login from %s %s", ip, "succeeded" if ok else "failed")
+        if not ok:
+            return None
+        return "event" if fields.get("version") == "2.0.0" else "action"
+
+    def _pump(self, client: _TcpClient) -> None:
+        """Send queued events until the peer closes or the simulator stops."""
+        while not self._sim._stopping.is_set():
+            try:
+                event = client.outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                event = None
+            if event is not None:
+                client.conn.sendall(json.dumps(event).encode("utf-8") + b"\r\n")
+            if _peer_closed(client.conn):
+                return
+
+
+def _read_login_block(conn: socket.socket, stopping: threading.Event) -> Optional[bytes]:
+    """Bytes up to the blank line ending the login block, or None (timeout, EOF, too long)."""
+    conn.settimeout(POLL_S)
+    deadline = time.monotonic() + TCP_LOGIN_TIMEOUT_S
+    buffer = b""
+    while time.monotonic() < deadline and not stopping.is_set():
+        for end in (b"\r\n\r\n", b"\n\n"):
+            if end in buffer:
+                return buffer[:buffer.index(end)]
+        try:
+            data = conn.recv(1024)
+        except socket.timeout:
+            continue
+        if not data or len(buffer) > 8192:
+            return None
+        buffer += data
+    return None
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """True once the peer has closed; anything it sends after login is read and ignored."""
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return conn.recv(4096) == b""
+    except (BlockingIOError, socket.timeout):
+        return False
+    except OSError:
+        return True
