@@ -73,6 +73,9 @@ DRAIN_MAX_BYTES = 1 << 20
 DRAIN_TIMEOUT_S = 1.0
 # Largest TCP event kept; anything bigger is discarded while the stream resyncs.
 MAX_OBJECT_BYTES = 1 << 20
+# How far past max_object_bytes an oversized TCP event is followed to its closing brace
+# before the stream gives up on finding it.
+DISCARD_LIMIT_FACTOR = 16
 # The login reply is one short block (§12.7); more than this means we are not talking to
 # the PBX's event port.
 LOGIN_REPLY_MAX_BYTES = 4096
@@ -609,12 +612,15 @@ class JsonObjectStream:
 
     Braces inside strings, and escaped quotes inside strings, do not count. Objects may be
     separated by whitespace such as ``\\r\\n``, or by nothing. Other bytes between objects
-    are garbage: skipped and counted in `skipped_bytes`. An object longer than
-    `max_object_bytes` is discarded without being buffered whole (`discarded_objects`) and
-    the stream resyncs at its closing brace; if that brace has not come after another
-    `max_object_bytes` (a stray ``{`` in garbage, most likely), the stream gives up on it and
-    looks for a new object from there. A balanced object that is not valid JSON is skipped
-    (`invalid_objects`).
+    are garbage: skipped and counted in `skipped_bytes`.
+
+    Resync: an object longer than `max_object_bytes` is discarded without being buffered
+    whole (`discarded_objects`), and the stream picks up after its closing brace (or, if
+    that has not come after DISCARD_LIMIT_FACTOR times the limit, wherever it then is). A
+    ``{`` where JSON allows no value (not after ``:``, ``,`` or ``[``) means the object
+    before it was cut short, or began with a stray ``{`` in garbage: that part is dropped
+    and a new object starts at this brace. Dropped parts, and balanced objects that are not
+    valid JSON, are counted in `invalid_objects`.
 
     Not thread-safe: one stream per connection, fed by one thread.
     """
@@ -683,11 +689,27 @@ class JsonObjectStream:
             if char == ord('"'):
                 self._in_string = not self._in_string
             elif char == ord("{"):
-                self._depth += 1
+                if self._discarding or self._may_open_value(i):
+                    self._depth += 1
+                else:
+                    self._restart_at(i)
             else:
                 self._depth -= 1
                 if self._depth == 0:
                     return True
+
+    def _may_open_value(self, i: int) -> bool:
+        """Whether JSON allows the '{' at *i* inside the current object."""
+        j = i - 1
+        while self._buf[j] in _SEPARATORS:  # stops at buf[0], the object's own '{'
+            j -= 1
+        return self._buf[j] in b":,["
+
+    def _restart_at(self, i: int) -> None:
+        """Drop the unfinished object before *i* and start a new one at the '{' there."""
+        self.invalid_objects += 1
+        del self._buf[:i]
+        self._depth, self._pos = 1, 1
 
     def _take_object(self, found: list[Any]) -> None:
         raw = bytes(self._buf[: self._pos])
@@ -714,7 +736,7 @@ class JsonObjectStream:
         self._pos = 0
         if closed:
             self._discarding = False
-        elif self._discarded_bytes > self.max_object_bytes:
+        elif self._discarded_bytes > DISCARD_LIMIT_FACTOR * self.max_object_bytes:
             self._discarding, self._depth, self._in_string = False, 0, False
 
 

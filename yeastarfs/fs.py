@@ -144,6 +144,7 @@ class YeastarFS(mfusepy.Operations):
         self._next_fh = 1
         self._reported_sizes: dict[str, int] = {}
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
+        self.mounted = False
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class YeastarFS(mfusepy.Operations):
             self._fuse_ptr = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
         except Exception:  # noqa: BLE001 - libfuse without a context: no invalidation
             self._fuse_ptr = None
+        self.mounted = True
         if self._on_ready is not None:
             self._on_ready()
 

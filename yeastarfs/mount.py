@@ -42,6 +42,9 @@ RATE_META_KEY = "estimate_bytes_per_s"
 RATE_SMOOTHING = 0.2
 # Kernel attribute/entry cache time in seconds: 1 s is libfuse's default and rclone's.
 ATTR_TIMEOUT_S = 1.0
+# FUSE worker threads; readers blocked on a download each hold one, so allow many.
+# (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
+MAX_FUSE_THREADS = 64
 
 
 def prepare_mountpoint(path: str) -> str:
@@ -189,13 +192,18 @@ class Mount:
         self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
-                       attr_timeout=ATTR_TIMEOUT_S, entry_timeout=ATTR_TIMEOUT_S)
+                       attr_timeout=ATTR_TIMEOUT_S, entry_timeout=ATTR_TIMEOUT_S,
+                       max_threads=MAX_FUSE_THREADS)
         if self.config.allow_other:
             options["allow_other"] = True
         try:
             mfusepy.FUSE(self.fs, self.mountpoint, raw_fi=True, **options)
         except RuntimeError as exc:
-            raise errors.ConfigError(f"cannot mount {self.mountpoint} (libfuse error {exc})") from None
+            # libfuse also reports an exit by SIGINT/SIGTERM as an error (8): that is a
+            # clean unmount when the filesystem had been mounted.
+            if not self.fs.mounted:
+                raise errors.ConfigError(f"cannot mount {self.mountpoint} (libfuse error {exc})") from None
+            log.info("mount: stopped by a signal")
 
 
 def run_mount(config: Config, on_ready: Callable[[], None]) -> None:

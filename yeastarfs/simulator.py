@@ -69,6 +69,7 @@ import secrets
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,6 +107,7 @@ E_NO_TOKEN = "20005"
 # Any version segment is accepted: real clients log in at /api/v1.10/ and use /api/v2.0.0/.
 API_PATH_RE = re.compile(r"^/api/[^/]+/(?P<endpoint>.+?)/?$")
 RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$")
+SECRET_PARAM_RE = re.compile(r"(token|random|password|secret)=[^&\s'\"]*", re.IGNORECASE)
 
 CHUNK_BYTES = 64 * 1024
 # Bandwidth pacing sends at most this fraction of a second's budget per chunk, so the rate
@@ -553,7 +555,7 @@ class Simulator:
         return added
 
     def add_cdr_row(self, row: dict) -> None:
-        """Add a raw CDR row (a call without recording, or a hostile row). Missing columns are empty.
+        """Add a raw CDR row: a call without recording, or a hostile row. Missing columns are "".
 
         Raises ValueError for keys that are not CDR columns (usually a typo).
         """
@@ -609,7 +611,7 @@ class Simulator:
             self._locked_until[ip] = time.monotonic() + self.lockout_s
 
     def unlock_all(self) -> None:
-        """Lift every lockout and forget the failed-login counts (the admin deleted the entries)."""
+        """Lift every lockout and forget failed logins (an admin deleted the entries)."""
         with self._lock:
             self._locked_until.clear()
             self._login_failures.clear()
@@ -882,7 +884,8 @@ class Simulator:
                 return False
             return wanted is None or row.get("callfrom") in wanted or row.get("callto") in wanted
 
-        chosen = sorted((r for r in rows if selected(r)), key=lambda r: _csv_cell(r.get("timestart")))
+        chosen = sorted((r for r in rows if selected(r)),
+                        key=lambda r: _csv_cell(r.get("timestart")))
         lines = [",".join(CDR_COLUMNS)]
         lines += [",".join(_csv_cell(r.get(c)) for c in CDR_COLUMNS) for r in chosen]
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
@@ -961,7 +964,11 @@ class _HttpServer(ThreadingHTTPServer):
         return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("simulator: request from %s failed", client_address[0])
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            log.debug("simulator: client %s went away: %s", client_address[0], exc)
+        else:
+            log.exception("simulator: request from %s failed", client_address[0])
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -988,7 +995,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("simulator: %s %s -> %s", self.command, urlsplit(self.path).path, code)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("simulator: " + format, *args)
+        # http.server's own messages may quote the raw request line, query included.
+        log.debug("simulator: %s", SECRET_PARAM_RE.sub(r"\1=***", format % args))
 
     def _serve(self, method: str) -> None:
         raw_body = self._read_body()
@@ -1116,7 +1124,8 @@ class _EventPusher:
                 return
             _, _, token, target, body, attempt = job
             if not self._sim._token_alive(token):
-                log.debug("simulator: event for %s:%d dropped, token gone", target.host, target.port)
+                log.debug("simulator: event for %s:%d dropped, token gone",
+                          target.host, target.port)
                 continue
             self._sim._count("event_push")
             status = _post_event(target, body, self._sim.host)

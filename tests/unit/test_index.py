@@ -310,13 +310,14 @@ def test_file_is_private_and_folder_created(db_path):
     try:
         with RecordingIndex(db_path) as index:
             index.add([Recording(name=NOV27_A)])
-            files = [name for name in os.listdir(os.path.dirname(db_path))]
+            folder = os.path.dirname(db_path)
+            files = os.listdir(folder)  # index.db and, in WAL mode, -wal and -shm
             for name in files:
-                mode = stat.S_IMODE(os.stat(os.path.join(os.path.dirname(db_path), name)).st_mode)
+                mode = stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode)
                 assert mode == 0o600, (name, oct(mode))
     finally:
         os.umask(old_umask)
-    assert "index.db" in files
+    assert {"index.db", "index.db-wal", "index.db-shm"} <= set(files)
 
 
 def test_schema_version_and_wal(db_path):
@@ -380,8 +381,9 @@ def test_mtimes_are_local_time(index):
         listed = {e.name: e.mtime_ns for e in index.list_dir(index.path_of(name)[:11])}
         assert listed[name] == local_ns(name), name
     # Winter is UTC+1, summer UTC+2.
-    assert local_ns(names[0]) // 10**9 == dt.datetime(2026, 1, 15, 11, tzinfo=dt.timezone.utc).timestamp()
-    assert local_ns(names[4]) // 10**9 == dt.datetime(2026, 7, 15, 10, tzinfo=dt.timezone.utc).timestamp()
+    utc = dt.timezone.utc
+    assert local_ns(names[0]) // 10**9 == dt.datetime(2026, 1, 15, 11, tzinfo=utc).timestamp()
+    assert local_ns(names[4]) // 10**9 == dt.datetime(2026, 7, 15, 10, tzinfo=utc).timestamp()
 
 
 @pytest.mark.usefixtures("local_zone")
@@ -428,7 +430,7 @@ def test_concurrent_adds_and_listings(index):
                 # Every writer also re-adds a shared batch: only one may count it as new.
                 shared = [f"20261101000000-shared-{batch}-{n}.wav" for n in range(per_batch)]
                 new_counts.append(len(index.add([Recording(name=x) for x in names + shared])))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
     def read() -> None:
@@ -438,7 +440,7 @@ def test_concurrent_adds_and_listings(index):
                     for entry in index.list_dir(f"/2026/11/{day.name}") or []:
                         assert index.lookup(index.path_of(entry.name)) == entry
                 index.count()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
@@ -468,7 +470,8 @@ def _many_recordings(total: int, busy_day: dt.date, busy_count: int) -> list[Rec
     for number in range(total - busy_count):
         stamp = start + dt.timedelta(seconds=number * step_s)
         recordings.append(Recording(
-            name=f"{stamp:%Y%m%d%H%M%S}-{1672531200 + number}.{number % 1000}-1001-2002-Inbound.wav",
+            name=f"{stamp:%Y%m%d%H%M%S}-{1672531200 + number}.{number % 1000}-1001-2002-Inbound"
+            ".wav",
             callid=f"{1672531200 + number}.{number % 1000}", callfrom="1001", callto="2002",
             talk_s=number % 600, call_s=number % 600 + 10, status="ANSWERED", call_type="Inbound",
         ))

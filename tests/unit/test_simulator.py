@@ -110,7 +110,8 @@ def test_login_returns_token_transport_and_boa_headers(sim):
 def test_wrong_password_gives_20003(sim):
     assert api(sim, "login", {"username": "api", "password": "0" * 32}) == {
         "status": "Failed", "errno": "20003"}
-    assert api(sim, "login", {"username": "nobody", "password": sim.password_md5})["errno"] == "20003"
+    stranger = {"username": "nobody", "password": sim.password_md5}
+    assert api(sim, "login", stranger)["errno"] == "20003"
     # The clear-text password is not the HTTP login secret.
     assert api(sim, "login", {"username": "api", "password": "secret"})["errno"] == "20003"
 
@@ -348,7 +349,8 @@ def test_stop_is_quick_during_a_slow_download(sim):
     rec = add(sim, seconds=10)
     token = login(sim)
     sim.bandwidth_bps = 10_000
-    thread = threading.Thread(target=lambda: _swallow(lambda: download(sim, token, rec.name).content))
+    thread = threading.Thread(
+        target=lambda: _swallow(lambda: download(sim, token, rec.name).content))
     thread.start()
     assert wait_until(lambda: sim.downloaded_bytes() > 0)
     began = time.monotonic()
