@@ -14,8 +14,10 @@ directory once and never reads or hashes file contents.
 Budget: idle complete files live in a cachetools ``LRUCache`` sized in bytes whose
 ``popitem`` deletes the file. Files that are open or still downloading are *pinned*: they
 are kept out of the LRU, never evicted, but their bytes count against the budget
-(rclone's rule). A download larger than everything that can be evicted is still allowed
-(reading must work with a tiny cache); it is marked transient and deleted when released.
+(rclone's rule). When the last pin of a complete file is released it joins the LRU as the
+most recent entry and older idle files are evicted to fit; a file that cannot fit even
+then (larger than the budget, or pins fill it) is deleted at once. So reading works with
+any cache size, and the budget is exceeded only while files are in use.
 
 This module does no network I/O and imports nothing above ``errors``.
 
@@ -62,7 +64,6 @@ class _SizedLRU(cachetools.LRUCache):
 class _Pin:
     count: int
     size_bytes: int
-    transient: bool = False   # delete on last release instead of keeping
 
 
 @dataclasses.dataclass
@@ -172,8 +173,8 @@ class DiskCache:
     def reserve(self, name: str, size_bytes: int) -> None:
         """Pin room for a download of *size_bytes*, evicting idle files as needed.
 
-        When even an empty LRU leaves no room, the reservation stands but is transient:
-        the file is deleted when released, so reads still work with a tiny cache.
+        Never refuses: reads must work even with a tiny cache. Whether the file is kept
+        is decided when its last pin is released (see `release`).
         """
         with self._lock:
             pin = self._pins.get(name)
@@ -182,8 +183,7 @@ class DiskCache:
             pin.count += 1
             extra_bytes = max(0, size_bytes - pin.size_bytes)
             pin.size_bytes = max(pin.size_bytes, size_bytes)
-            if not self._make_room_locked(extra_bytes):
-                pin.transient = True
+            self._make_room_locked(extra_bytes)
 
     def resize(self, name: str, size_bytes: int) -> None:
         """The real size of a reserved download became known; adjust its reservation."""
@@ -191,10 +191,8 @@ class DiskCache:
             pin = self._pins.get(name)
             if pin is None:
                 return
-            extra_bytes = size_bytes - pin.size_bytes
             pin.size_bytes = size_bytes
-            if extra_bytes > 0 and not self._make_room_locked(0):
-                pin.transient = True
+            self._make_room_locked(0)
 
     def commit(self, name: str, partial_path: str) -> str:
         """Move a finished partial file into place atomically; return the complete path."""
@@ -215,9 +213,7 @@ class DiskCache:
             if pin.count > 0:
                 return
             del self._pins[name]
-            if pin.transient or not self._is_complete(name):
-                if pin.transient:
-                    _unlink_quietly(self.complete_path(name))
+            if not self._is_complete(name):
                 return
             self._insert_locked(name, pin.size_bytes)
 

@@ -52,6 +52,8 @@ def prepare_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
         os.stat(path)
+        if os.path.ismount(path):
+            os.listdir(path)  # a dead FUSE mount may still stat, but never lists
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise errors.ConfigError(f"mountpoint {path}: {exc.strerror}") from None

@@ -88,12 +88,20 @@ class MountProcess:
     def wait_mounted(self) -> None:
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while time.monotonic() < deadline:
-            if os.path.ismount(self.mountpoint):
+            if os.path.ismount(self.mountpoint) and self._answers():
                 return
             if self.process.poll() is not None:
                 pytest.fail(f"daemon exited with {self.process.returncode} before mounting:\n{self.log()}")
             time.sleep(0.05)
         pytest.fail(f"not mounted after {MOUNT_TIMEOUT_S} s:\n{self.log()}")
+
+    def _answers(self) -> bool:
+        """True when the mount is ours and alive (a crashed one answers ENOTCONN)."""
+        try:
+            os.listdir(self.mountpoint)
+            return True
+        except OSError:
+            return False
 
     def log(self) -> str:
         try:

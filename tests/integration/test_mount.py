@@ -34,14 +34,14 @@ def download_requests(pbx) -> tuple[int, int]:
     return pbx.counters["recording/get_random"], pbx.counters["recording/download"]
 
 
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.05) -> float:
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.05, what=None) -> float:
     """Poll *predicate* until true; return the seconds it took. Fails after *timeout_s*."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if predicate():
             return time.monotonic() - start
         time.sleep(interval_s)
-    pytest.fail(f"condition not met within {timeout_s} s")
+    pytest.fail(f"condition not met within {timeout_s} s" + (f": {what()}" if what else ""))
 
 
 def test_every_recording_appears_at_its_date_path(pbx, mounted):

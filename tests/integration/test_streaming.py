@@ -1,0 +1,157 @@
+"""The download engine through a real mount: sharing, waiting, faults, early leavers, LRU, crashes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from test_mount import date_path, download_requests, sha256_of, wait_for
+
+pytestmark = pytest.mark.fuse
+
+ONE_MB = 1_000_044  # 62.5 s of 8 kHz 16-bit audio plus the 44-byte header
+
+
+def add(pbx, *, size_bytes: int, minutes_ago: int = 30, **kwargs):
+    start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(minutes=minutes_ago)
+    return pbx.add_recording(start=start, duration_s=max(1, (size_bytes - 44) / 16000), size_bytes=size_bytes,
+                             announce=False, **kwargs)
+
+
+def test_eight_concurrent_readers_share_one_download(pbx, mounted):
+    rec = add(pbx, size_bytes=3 * ONE_MB)
+    pbx.bandwidth_bps = 4_000_000  # slow enough that all readers overlap the download
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    pbx.reset()
+    pbx.bandwidth_bps = 4_000_000
+    digests: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def reader() -> None:
+        barrier.wait()
+        digests.append(sha256_of(path))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert digests == [rec.sha256] * 8
+    assert download_requests(pbx) == (1, 1)
+
+
+def test_first_64k_of_a_slow_download_arrives_early(pbx, mounted):
+    rec = add(pbx, size_bytes=2_000_044)
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    pbx.bandwidth_bps = 200_000
+    started = time.monotonic()
+    with open(path, "rb", buffering=0) as handle:
+        head = handle.read(65536)
+        took_s = time.monotonic() - started
+    assert head == pbx.recording_bytes(rec.name)[:65536]
+    assert took_s < 2.0
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_reset_mid_download_is_recovered(pbx, mounted, honour_range):
+    rec = add(pbx, size_bytes=2 * ONE_MB)
+    mount = mounted()
+    pbx.reset()
+    pbx.honour_range = honour_range
+    pbx.reset_after_bytes = 700_000
+    pbx.reset_downloads = 1
+    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+    randoms, downloads = download_requests(pbx)
+    assert randoms == downloads == 2  # one fresh random per attempt
+    resumed = [entry for entry in pbx.requests_log if entry["endpoint"] == "recording/download"]
+    assert len(resumed) == 2
+    assert os.path.getsize(os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete", rec.name)) == rec.size_bytes
+
+
+def _pbx_dir(pbx) -> str:
+    return pbx.base_url.split("://", 1)[1].replace(":", "_")
+
+
+def test_sniffing_readers_pull_less_than_half(pbx, mounted):
+    recordings = [add(pbx, size_bytes=ONE_MB, minutes_ago=30 + i) for i in range(6)]
+    mount = mounted()
+    pbx.reset()
+    for rec in recordings:
+        with open(mount.path(*date_path(rec.name)), "rb") as handle:
+            assert handle.read(4096) == pbx.recording_bytes(rec.name)[:4096]
+    time.sleep(3.5)  # past the grace period: abandoned downloads are cancelled
+    pulled = pbx.downloaded_bytes()
+    assert pulled < 0.5 * 6 * ONE_MB, f"pulled {pulled} bytes"
+    complete_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete")
+    partial_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx), "partial")
+    assert os.listdir(partial_dir) == []
+    assert os.listdir(complete_dir) == []
+
+
+def test_a_recording_read_to_the_end_is_cached_whole(pbx, mounted):
+    rec = add(pbx, size_bytes=ONE_MB)
+    mount = mounted()
+    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+    complete = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete", rec.name)
+    wait_for(lambda: os.path.exists(complete), timeout_s=5)
+    assert os.path.getsize(complete) == rec.size_bytes
+
+
+def test_lru_keeps_the_cache_within_its_budget_across_remount(pbx, mounted):
+    recordings = [add(pbx, size_bytes=2_000_044, minutes_ago=40 - i) for i in range(3)]
+    mount = mounted("--cache-size", "2M")
+    for rec in recordings:
+        assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+    complete_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete")
+    wait_for(lambda: os.listdir(complete_dir) == [recordings[-1].name], timeout_s=5, what=lambda: os.listdir(complete_dir))
+    on_disk = sum(os.path.getsize(os.path.join(complete_dir, n)) for n in os.listdir(complete_dir))
+    assert on_disk <= 2 * 1024 * 1024
+    assert mount.unmount() == 0
+    pbx.reset()
+    again = mounted("--cache-size", "2M", cache_dir=mount.cache_dir)
+    assert sha256_of(again.path(*date_path(recordings[-1].name))) == recordings[-1].sha256
+    assert download_requests(pbx) == (0, 0)
+
+
+def test_kill_9_during_download_then_remount_reads_correct_bytes(pbx, mounted):
+    rec = add(pbx, size_bytes=2 * ONE_MB)
+    mount = mounted()
+    mount.errors_expected = True
+    pbx.bandwidth_bps = 300_000
+    path = mount.path(*date_path(rec.name))
+    handle = open(path, "rb", buffering=0)
+    assert handle.read(100_000) == pbx.recording_bytes(rec.name)[:100_000]
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=10)
+    pbx.bandwidth_bps = None
+    pbx.reset()
+    # The dead mountpoint answers ENOTCONN; the next start must recover it by itself.
+    again = mounted(cache_dir=mount.cache_dir, mountpoint=mount.mountpoint)
+    assert sha256_of(again.path(*date_path(rec.name))) == rec.sha256
+    assert download_requests(pbx) == (1, 1)
+    with pytest.raises(OSError):
+        handle.close()  # the old handle belonged to the dead mount
+
+
+def test_seeking_to_the_end_of_an_uncached_recording(pbx, mounted):
+    rec = add(pbx, size_bytes=3 * ONE_MB)
+    mount = mounted()
+    pbx.bandwidth_bps = 2_000_000
+    data = pbx.recording_bytes(rec.name)
+    with open(mount.path(*date_path(rec.name)), "rb") as handle:
+        header = handle.read(44)
+        handle.seek(-4096, os.SEEK_END)
+        tail = handle.read()
+        handle.seek(1_000_000)
+        middle = handle.read(8192)
+    assert header == data[:44]
+    assert tail == data[-4096:]
+    assert middle == data[1_000_000:1_008_192]
