@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from yeastarfs import __version__, errors
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
-                              DEFAULT_STALL_TIMEOUT_S, PASSWORD_ENV, Config, check_pbx_url,
+                              DEFAULT_STALL_TIMEOUT_S, DEFAULT_TCP_EVENTS_PORT, PASSWORD_ENV, Config, check_pbx_url,
                               default_cache_root, parse_duration, parse_size, read_password)
 
 log = logging.getLogger("yeastarfs")
@@ -48,7 +48,8 @@ class _RedactingFilter(logging.Filter):
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     handler: logging.Handler
     if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # never world-readable
         handler = logging.handlers.WatchedFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -89,6 +90,10 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--events-port", metavar="PORT", type=int, default=DEFAULT_EVENTS_PORT,
                      help=f"port the PBX pushes NewCdr events to (default {DEFAULT_EVENTS_PORT}; 0 = any free port)")
     net.add_argument("--no-events", action="store_true", help="do not listen for events; rely on CDR polling")
+    net.add_argument("--events-allow-from", metavar="IP[,IP…]|any", default=None,
+                     help="addresses allowed to push events (default: the PBX's own address)")
+    net.add_argument("--tcp-events-port", metavar="PORT", type=int, default=DEFAULT_TCP_EVENTS_PORT,
+                     help=f"the PBX's TCP event port, used when it reports events over TCP (default {DEFAULT_TCP_EVENTS_PORT})")
     net.add_argument("--max-downloads", metavar="N", type=int, default=DEFAULT_MAX_DOWNLOADS,
                      help=f"downloads running at once (default {DEFAULT_MAX_DOWNLOADS})")
     net.add_argument("--stall-timeout", metavar="SECONDS", type=float, default=DEFAULT_STALL_TIMEOUT_S,
@@ -142,9 +147,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cache_max_bytes=parse_size(args.cache_size), cache_min_free_bytes=parse_size(args.cache_min_free),
         since_s=parse_duration(args.since), poll_interval_s=args.poll_interval,
         events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
+        events_allow_from=_address_list(args.events_allow_from),
+        allow_any_event_source=(args.events_allow_from or "").strip().lower() == "any",
+        tcp_events_port=args.tcp_events_port,
         max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
         allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
     ).validate()
+
+
+def _address_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    if not text or text.strip().lower() == "any":
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ DEFAULT_CACHE_MIN_FREE = "1G"
 DEFAULT_SINCE = "30d"
 DEFAULT_POLL_INTERVAL_S = 60.0
 DEFAULT_EVENTS_PORT = 8260
+# The PBX's TCP event port is configurable on the PBX; 8333 is the commonly quoted default.
+DEFAULT_TCP_EVENTS_PORT = 8333
 DEFAULT_MAX_DOWNLOADS = 4
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
@@ -103,6 +105,10 @@ class Config:
     events_port: int = DEFAULT_EVENTS_PORT
     events_host: str = "0.0.0.0"
     events_enabled: bool = True
+    # Source IPs allowed to push events; None: the PBX's own address(es). ("any" in the CLI.)
+    events_allow_from: Optional[tuple[str, ...]] = None
+    allow_any_event_source: bool = False
+    tcp_events_port: int = DEFAULT_TCP_EVENTS_PORT
     verify: Union[bool, str] = True
     max_downloads: int = DEFAULT_MAX_DOWNLOADS
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S

@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import threading
+import time
 from typing import Callable, Optional
 
 import mfusepy
@@ -29,7 +33,7 @@ from yeastarfs.cache import DiskCache
 from yeastarfs.cdrsync import CdrSync
 from yeastarfs.config import Config
 from yeastarfs.downloads import DownloadManager
-from yeastarfs.events import EventReceiver
+from yeastarfs.events import EventReceiver, TcpEventClient
 from yeastarfs.fs import YeastarFS
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
@@ -77,6 +81,20 @@ def _lazy_unmount(path: str) -> None:
                              f"run: fusermount -uz {path}")
 
 
+def check_allow_other(fuse_conf: str = "/etc/fuse.conf") -> None:
+    """allow_other needs user_allow_other in fuse.conf for non-root users; say so up front."""
+    if os.getuid() == 0:
+        return
+    try:
+        with open(fuse_conf, encoding="utf-8") as handle:
+            enabled = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in handle)
+    except OSError:
+        enabled = False
+    if not enabled:
+        raise errors.ConfigError(f"--allow-other needs a line 'user_allow_other' in {fuse_conf} "
+                                 f"(as root: echo user_allow_other >> {fuse_conf})")
+
+
 def lock_cache_dir(cache_dir: str) -> int:
     """Take the cache directory for this process; two daemons on one cache corrupt it."""
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
@@ -98,6 +116,9 @@ class Mount:
     def __init__(self, config: Config, stack: contextlib.ExitStack) -> None:
         self.config = config
         self.mountpoint = prepare_mountpoint(config.mountpoint)
+        if config.allow_other:
+            check_allow_other()
+        self.started_at = time.time()
         lock_fd = lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
         self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
@@ -106,6 +127,7 @@ class Mount:
         self.cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_min_free_bytes)
         self.events = self._start_events(stack)
         self.client = self._connect(stack)
+        self._start_tcp_events(stack)
         self.sync = self._start_sync(stack)
         self.downloads = DownloadManager(self.client, self.cache, max_downloads=config.max_downloads,
                                          stall_timeout_s=config.stall_timeout_s,
@@ -118,10 +140,35 @@ class Mount:
     def _start_events(self, stack: contextlib.ExitStack) -> Optional[EventReceiver]:
         if not self.config.events_enabled:
             return None
-        receiver = EventReceiver(self._add_one, host=self.config.events_host, port=self.config.events_port)
+        receiver = EventReceiver(self._add_one, host=self.config.events_host, port=self.config.events_port,
+                                 allowed_ips=self._event_sources())
         receiver.start()
         stack.callback(receiver.stop)
         return receiver
+
+    def _event_sources(self) -> Optional[set[str]]:
+        """Who may push events: the PBX's addresses unless the user said otherwise."""
+        if self.config.allow_any_event_source:
+            return None
+        if self.config.events_allow_from:
+            return set(self.config.events_allow_from)
+        try:
+            infos = socket.getaddrinfo(self.config.pbx_host, None)
+        except OSError as exc:
+            raise errors.ConfigError(f"cannot resolve PBX host {self.config.pbx_host}: {exc}") from None
+        addresses = {info[4][0] for info in infos}
+        # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
+        return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}
+
+    def _start_tcp_events(self, stack: contextlib.ExitStack) -> None:
+        """The PBX reports events over TCP (login said so): connect to it and listen."""
+        if self.client.transport != "TCP" or not self.config.events_enabled:
+            return
+        client = TcpEventClient(self.config.pbx_host, self.config.tcp_events_port, self.config.username,
+                                self.config.password, self._add_one)
+        client.start()
+        stack.callback(client.stop)
+        log.info("mount: receiving events over TCP from %s:%d", self.config.pbx_host, self.config.tcp_events_port)
 
     def _connect(self, stack: contextlib.ExitStack) -> PbxClient:
         config = self.config
@@ -187,6 +234,68 @@ class Mount:
         if self._rate:
             self.index.set_estimate_rate(self._rate)
 
+    # -- observing ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """What a status command or SIGUSR1 shows; cheap, no PBX request."""
+        cache = self.cache.usage()
+        lookups = self.cache.stats.hits + self.cache.stats.misses
+        in_flight = []
+        for download in self.downloads.running():
+            received, total = download.progress()
+            in_flight.append({"recording": download.name, "received_bytes": received, "total_bytes": total})
+        client = self.client.stats
+        return {
+            "mountpoint": self.mountpoint, "pbx": self.config.pbx_url, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            # The CDR poll talks to the PBX every --poll-interval, heartbeats every 10 minutes.
+            "pbx_reachable": client.last_success_time is not None
+            and time.time() - client.last_success_time < max(900.0, 3 * self.config.poll_interval_s),
+            "token_age_s": None if self.client.token_age_s is None else round(self.client.token_age_s, 1),
+            "logins": client.logins,
+            "last_event_time": self.events.stats.get("last_event_time") if self.events else None,
+            "last_poll_time": self.sync.stats["last_poll_time"],
+            "last_poll_error": self.sync.stats["last_error"],
+            "recordings_indexed": self.index.count(),
+            "cache_used_bytes": cache["idle_bytes"] + cache["pinned_bytes"],
+            "cache_limit_bytes": cache["max_bytes"], "cache_files": cache["files"],
+            "cache_hit_rate": round(self.cache.stats.hits / lookups, 3) if lookups else None,
+            "downloads_in_flight": in_flight,
+        }
+
+    def _watch_signals(self, stack: contextlib.ExitStack) -> None:
+        """SIGHUP polls the CDR now; SIGUSR1 logs statistics.
+
+        The main thread sits inside libfuse, so Python-level handlers would never run; the
+        C-level handler writes the signal number to a wakeup pipe that a thread reads.
+        libfuse keeps SIGHUP for us because it only claims signals still at SIG_DFL.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, lambda *_: None)
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        stack.callback(signal.set_wakeup_fd, previous)
+        threading.Thread(target=self._signal_loop, args=(read_fd,), name="signals", daemon=True).start()
+        stack.callback(os.close, write_fd)
+
+    def _signal_loop(self, read_fd: int) -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum == signal.SIGHUP:
+                    log.info("mount: SIGHUP: polling the CDR now")
+                    self.sync.poll_now()
+                elif signum == signal.SIGUSR1:
+                    log.info("mount: statistics: %s", json.dumps(self.stats(), default=str))
+
     # -- serving -----------------------------------------------------------------------------
 
     def serve(self, on_ready: Callable[[], None]) -> None:
@@ -212,6 +321,7 @@ def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
     """Build, serve until unmounted, tear down. Raises YeastarfsError on start-up failure."""
     with contextlib.ExitStack() as stack:
         mount = Mount(config, stack)
+        mount._watch_signals(stack)
         mount.serve(on_ready)
     log.info("mount: %s unmounted", config.mountpoint)
 

@@ -32,6 +32,13 @@ Fault switches (``reset()`` puts all of them back to these defaults and unlocks 
 - ``fail_get_random = 0``      the next N recording/get_random answer Failed 10004
 - ``fail_logins = 0``          the next N logins answer 20003 (not counted towards lockout)
 - ``refuse_connections = False`` accepted connections (HTTP and TCP events) are closed unanswered
+
+Variant switches (also reset by ``reset()``): what a real PBX may do differently (§12).
+
+- ``success_status = "Success"``   the ``status`` word of every success reply (e.g. "success")
+- ``token_errno = "20004"``        errno for an unknown or expired token (a real PBX may say 20006)
+- ``audio_content_type = "audio/x-wav"``  Content-Type of recording bodies (200 and 206)
+- ``omit_content_length = False``  recording bodies carry no Content-Length; they end at the close
 - ``expire_all_tokens()``, ``lock_ip(ip)``, ``unlock_all()``, ``disconnect_tcp_clients()``
 
 Choices the contract leaves open (documented here so tests can rely on them):
@@ -302,6 +309,7 @@ class _Reply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     stream: Optional[memoryview] = None
     content_length: Optional[int] = None  # None: the real length of body/stream
+    omit_length: bool = False  # send no Content-Length at all (the body ends at the close)
     cut_after: Optional[int] = None  # stop the body after this many bytes...
     cut_with_rst: bool = False  # ...and abort with an RST instead of a normal close
 
@@ -445,6 +453,10 @@ class Simulator:
         self.fail_get_random = 0
         self.fail_logins = 0
         self.refuse_connections = False
+        self.success_status = "Success"
+        self.token_errno = E_TOKEN
+        self.audio_content_type = "audio/x-wav"
+        self.omit_content_length = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -646,11 +658,23 @@ class Simulator:
         if method not in methods:
             return _failed(E_POST)
         try:
-            return getattr(self, handler_name)(req)
+            reply = getattr(self, handler_name)(req)
         except _ApiFailure as failure:
             log.debug("simulator: %s from %s failed with errno %s", endpoint, client_ip,
                       failure.errno)
             return _failed(failure.errno)
+        return self._spell_success(reply)
+
+    def _spell_success(self, reply: _Reply) -> _Reply:
+        """Apply ``success_status`` to a JSON success reply."""
+        word = self.success_status
+        if word == "Success" or reply.content_type != "application/json" or not reply.body:
+            return reply
+        payload = json.loads(reply.body)
+        if payload.get("status") == "Success":
+            payload["status"] = word
+            reply.body = json.dumps(payload).encode("utf-8")
+        return reply
 
     def _record(self, req: _Request, has_body: bool) -> None:
         entry = {
@@ -696,7 +720,7 @@ class Simulator:
         with self._lock:
             session = self._live_session_locked(token, now)
             if session is None:
-                raise _ApiFailure(E_TOKEN)
+                raise _ApiFailure(self.token_errno)
             session.last_used = now
             return session
 
@@ -826,18 +850,19 @@ class Simulator:
 
     def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> _Reply:
         size = len(data)
+        audio = {"content_type": self.audio_content_type, "omit_length": self.omit_content_length}
         if not (self.honour_range and range_header):
-            return _Reply(content_type="audio/x-wav", stream=data)
+            return _Reply(stream=data, **audio)
         wanted = _parse_range(range_header, size)
         if wanted is None:
-            return _Reply(content_type="audio/x-wav", stream=data)
+            return _Reply(stream=data, **audio)
         first, last = wanted
         if first < 0:
             reply = _html_reply(416, "416 Requested Range Not Satisfiable")
             reply.headers["Content-Range"] = f"bytes */{size}"
             return reply
-        return _Reply(status=206, content_type="audio/x-wav", stream=data[first:last + 1],
-                      headers={"Content-Range": f"bytes {first}-{last}/{size}"})
+        return _Reply(status=206, stream=data[first:last + 1],
+                      headers={"Content-Range": f"bytes {first}-{last}/{size}"}, **audio)
 
     # -- CDR ------------------------------------------------------------------------------
 
@@ -1022,7 +1047,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = len(source) if reply.content_length is None else reply.content_length
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(length))
+        if not reply.omit_length:
+            self.send_header("Content-Length", str(length))
         for name, value in COMMON_HEADERS + tuple(reply.headers.items()):
             self.send_header(name, value)
         self.end_headers()
