@@ -12,9 +12,13 @@ PASSWORD = "s3cret-Passw0rd"
 
 
 @pytest.fixture
-def pbx():
-    """A started simulator (function-scoped: every test gets fresh counters and faults)."""
-    with Simulator(username="api", password=PASSWORD) as sim:
+def pbx(request):
+    """A started simulator (function-scoped: every test gets fresh counters and faults).
+
+    Tests pass constructor options with ``@pytest.mark.parametrize("pbx", [{...}], indirect=True)``.
+    """
+    options = getattr(request, "param", None) or {}
+    with Simulator(username="api", password=PASSWORD, **options) as sim:
         yield sim
 
 

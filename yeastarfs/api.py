@@ -80,26 +80,47 @@ class RecordingStream:
     """
 
     def __init__(self, response: requests.Response, start_offset: int, total_bytes: Optional[int],
-                 first_chunk: bytes) -> None:
+                 first_chunk: bytes, *, body_bytes: Optional[int] = None, reads_to_close: bool = False) -> None:
         self._response = response
         self.start_offset = start_offset
         self.total_bytes = total_bytes
         self._pending = first_chunk
+        self._body_bytes = body_bytes          # Content-Length of this reply, if any
+        self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
 
     def chunks(self) -> Iterator[bytes]:
-        """Yield body bytes as they arrive. Raises PbxUnavailableError on a reset or stall."""
-        if self._pending:
-            chunk, self._pending = self._pending, b""
-            yield chunk
-        raw = self._response.raw
+        """Yield body bytes as they arrive, exactly the announced body and nothing else.
+
+        Raises PbxUnavailableError on a reset, DownloadStalledError on a stall, and
+        DownloadError when a body that the PBX ended cleanly is shorter or longer than its
+        Content-Length. The last announced byte is handed out only once the end of the body
+        is confirmed, so a caller that stops at ``total_bytes`` never keeps a bad body.
+        """
+        chunk, self._pending = self._pending, b""
+        received, expected = 0, self._body_bytes
         while True:
-            try:
-                chunk = raw.read1(DOWNLOAD_READ_BYTES)
-            except Exception as exc:  # urllib3 wraps socket errors in many types
-                raise _stream_error(exc) from None
             if not chunk:
+                chunk = self._read()
+                if not chunk:
+                    break
+            received += len(chunk)
+            if expected is not None and received > expected:
+                raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
+            if expected is not None and received == expected and self._reads_to_close:
+                if self._read():
+                    raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
+                yield chunk
                 return
             yield chunk
+            chunk = b""
+        if expected is not None and received < expected:
+            raise errors.DownloadError(f"recording body ended after {received} of {expected} bytes")
+
+    def _read(self) -> bytes:
+        try:
+            return self._response.raw.read1(DOWNLOAD_READ_BYTES)
+        except Exception as exc:  # urllib3 wraps socket errors in many types
+            raise _stream_error(exc) from None
 
     def close(self) -> None:
         self._response.close()
@@ -136,6 +157,7 @@ class PbxClient:
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
         errors.register_secret(password)
+        errors.register_secret(self._password_md5)  # the HTTP login needs nothing else
         self._events_port = events_port
         self._event_version = event_version
         self._timeouts = (connect_timeout_s, read_timeout_s)
@@ -212,7 +234,13 @@ class PbxClient:
     def _current_token(self) -> str:
         with self._state_lock:
             token = self._token
-        return token if token is not None else self.login()
+        if token is not None:
+            return token
+        with self._login_lock:
+            # Threads that found no token queue here; only the first one logs in.
+            with self._state_lock:
+                token = self._token
+            return token if token is not None else self._login_locked()
 
     def _relogin_after(self, failed_token: str) -> str:
         """Log in again unless another thread already replaced *failed_token*."""
@@ -290,7 +318,9 @@ class PbxClient:
         token = self._current_token()
         query = urllib.parse.urlencode({"recording": name, "random": random, "token": token},
                                        quote_via=urllib.parse.quote)
-        headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+        headers = {"Accept-Encoding": "identity"}  # Content-Length must count the file's bytes
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
         response = self._request("GET", f"recording/download?{query}", headers=headers, stream=True)
         self.stats.downloads_opened += 1
         try:
@@ -303,6 +333,7 @@ class PbxClient:
         """Decide from status, headers and the first bytes whether this is the recording."""
         if response.status_code not in (200, 206) or (response.status_code == 206 and offset == 0):
             raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
+        reads_to_close = _read_to_close(response)
         try:
             first = response.raw.read1(DOWNLOAD_READ_BYTES)
         except Exception as exc:
@@ -313,10 +344,16 @@ class PbxClient:
         if first[:1] == b"<" or "text/html" in content_type:
             raise errors.DownloadError(f"{endpoint} returned an HTML page instead of a recording")
         start, total = _body_span(response, offset)
-        return RecordingStream(response, start, total, first)
+        return RecordingStream(response, start, total, first, body_bytes=_int_header(response, "Content-Length"),
+                               reads_to_close=reads_to_close)
 
     def _json_failure(self, first: bytes, response: requests.Response, endpoint: str) -> errors.PbxError:
-        body = first + response.raw.read(MAX_ERROR_BODY_BYTES - len(first)) if len(first) < MAX_ERROR_BODY_BYTES else first
+        body = first
+        if len(first) < MAX_ERROR_BODY_BYTES and not getattr(response, "_content_consumed", False):
+            try:
+                body += response.raw.read(MAX_ERROR_BODY_BYTES - len(first))
+            except Exception as exc:  # noqa: BLE001 - a reset while reading the error reply
+                raise _stream_error(exc) from None
         try:
             reply = json.loads(body.decode("utf-8", "replace"))
         except ValueError:
@@ -445,6 +482,26 @@ def _body_span(response: requests.Response, offset: int) -> tuple[int, Optional[
     return 0, length
 
 
+def _read_to_close(response: requests.Response) -> bool:
+    """Let a ``Connection: close`` body be read up to the close instead of Content-Length.
+
+    The PBX closes every connection (yeastar-api.md §1), so the close is where its body
+    really ends; `RecordingStream.chunks` then compares the count with Content-Length both
+    ways (urllib3 alone would silently drop the bytes of a body longer than announced).
+    Returns False, changing nothing, for a keep-alive or chunked reply, or when the
+    response is not built on ``http.client`` as expected.
+    """
+    raw = response.raw
+    fp = getattr(raw, "_fp", None)
+    if response.headers.get("Connection", "").strip().lower() != "close":
+        return False
+    if not hasattr(fp, "length") or getattr(fp, "chunked", True) or not hasattr(raw, "length_remaining"):
+        return False
+    fp.length = None
+    raw.length_remaining = None
+    return True
+
+
 def _int_header(response: requests.Response, name: str) -> Optional[int]:
     value = response.headers.get(name)
     try:
@@ -452,6 +509,26 @@ def _int_header(response: requests.Response, name: str) -> Optional[int]:
     except ValueError:
         return None
     return number if number is not None and number >= 0 else None
+
+
+class _RedactingFilter(logging.Filter):
+    """Scrub tokens and randoms from urllib3's DEBUG lines, which quote every URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+# Logger filters see only records made on that very logger, so each one that may quote a
+# URL gets its own. cli.setup_logging also quietens urllib3; this protects other callers.
+for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.response", "urllib3.util.retry",
+              "urllib3.poolmanager"):
+    logging.getLogger(_name).addFilter(_RedactingFilter())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from yeastarfs import __version__, errors
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
+                              DEFAULT_HEARTBEAT_INTERVAL_S,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
                               DEFAULT_STALL_TIMEOUT_S, DEFAULT_TCP_EVENTS_PORT, PASSWORD_ENV, Config, check_pbx_url,
                               default_cache_root, parse_duration, parse_size, read_password)
@@ -45,11 +46,16 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+def _create_private_file(path: str) -> None:
+    """Create *path* (and its directory) readable by the owner only, if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+
+
 def setup_logging(level: str, log_file: Optional[str] = None) -> None:
     handler: logging.Handler
     if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # never world-readable
+        _create_private_file(log_file)
         handler = logging.handlers.WatchedFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -96,6 +102,8 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                      help=f"the PBX's TCP event port, used when it reports events over TCP (default {DEFAULT_TCP_EVENTS_PORT})")
     net.add_argument("--max-downloads", metavar="N", type=int, default=DEFAULT_MAX_DOWNLOADS,
                      help=f"downloads running at once (default {DEFAULT_MAX_DOWNLOADS})")
+    net.add_argument("--heartbeat-interval", metavar="SECONDS", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S,
+                     help=f"keep the token alive after this long idle (default {DEFAULT_HEARTBEAT_INTERVAL_S:g})")
     net.add_argument("--stall-timeout", metavar="SECONDS", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                      help=f"a read fails with EIO after this long without data (default {DEFAULT_STALL_TIMEOUT_S:g})")
     run = parser.add_argument_group("running")
@@ -149,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
         events_allow_from=_address_list(args.events_allow_from),
         allow_any_event_source=(args.events_allow_from or "").strip().lower() == "any",
-        tcp_events_port=args.tcp_events_port,
+        tcp_events_port=args.tcp_events_port, heartbeat_interval_s=args.heartbeat_interval,
         max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
         allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
     ).validate()
@@ -191,22 +199,26 @@ def _report_failure(ready_fd: Optional[int], message: str) -> None:
 
 def _spawn_daemon(argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
+    args = build_parser().parse_args(list(argv))
+    config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
+    log_file = args.log_file or os.path.join(
+        os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root(), "yeastarfs.log")
     read_fd, write_fd = os.pipe()
     child_argv = [sys.executable, "-m", "yeastarfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
-    args = build_parser().parse_args(list(argv))
     if not args.log_file:
-        cache_root = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
-        child_argv += ["--log-file", os.path.join(cache_root, "yeastarfs.log")]
-    child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child_argv += ["--log-file", log_file]
+    _create_private_file(log_file)
+    with open(log_file, "ab") as child_stderr:  # tracebacks of a child that dies early land here
+        child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child_stderr)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         reply = pipe.readline().decode(errors="replace").strip()
     if reply == "ready":
         return 0
-    code = child.wait(timeout=30) if reply else child.wait()
-    print(f"yeastarfs: {reply[len('error: '):] if reply.startswith('error: ') else f'mount failed (exit {code})'}",
-          file=sys.stderr)
+    code = child.wait()
+    message = reply[len("error: "):] if reply.startswith("error: ") else f"mount failed (exit {code}); see {log_file}"
+    print(f"yeastarfs: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 

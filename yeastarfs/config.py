@@ -27,6 +27,8 @@ DEFAULT_EVENTS_PORT = 8260
 # The PBX's TCP event port is configurable on the PBX; 8333 is the commonly quoted default.
 DEFAULT_TCP_EVENTS_PORT = 8333
 DEFAULT_MAX_DOWNLOADS = 4
+# The PBX drops a token after 30 idle minutes; a heartbeat after 10 keeps it with margin.
+DEFAULT_HEARTBEAT_INTERVAL_S = 600.0
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -52,7 +54,7 @@ def parse_duration(text: str) -> float:
 def default_cache_root() -> str:
     """$XDG_CACHE_HOME/yeastarfs, ~/.cache/yeastarfs, or /var/cache/yeastarfs without a HOME."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is invalid and ignored
         return os.path.join(xdg, "yeastarfs")
     home = os.environ.get("HOME")
     if home and os.path.isdir(home):
@@ -69,6 +71,8 @@ def read_password(password_file: Optional[str]) -> str:
             mode = os.stat(password_file).st_mode
         except OSError as exc:
             raise ConfigError(f"cannot read password file {password_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"password file {password_file} is not UTF-8 text") from None
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             log.warning("config: password file %s is readable by other users; chmod 600 it", password_file)
     else:
@@ -82,10 +86,20 @@ def read_password(password_file: Optional[str]) -> str:
 
 def check_pbx_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the URL holds a password. Credentials come from --user/--password-file.
+        raise ConfigError("invalid --pbx: give the user with --user and the password with --password-file, "
+                          "not in the URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"invalid --pbx {url!r}: expected https://HOST:PORT (e.g. https://192.168.5.150:8088)")
     if parts.path not in ("", "/") or parts.query:
         raise ConfigError(f"invalid --pbx {url!r}: give only scheme, host and port")
+    try:
+        port = parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"invalid --pbx {url!r}: the port must be a number from 1 to 65535")
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -109,6 +123,7 @@ class Config:
     events_allow_from: Optional[tuple[str, ...]] = None
     allow_any_event_source: bool = False
     tcp_events_port: int = DEFAULT_TCP_EVENTS_PORT
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     verify: Union[bool, str] = True
     max_downloads: int = DEFAULT_MAX_DOWNLOADS
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
@@ -124,17 +139,24 @@ class Config:
     def cache_dir(self) -> str:
         """Per-PBX directory under the cache root, so two PBXs never share files."""
         netloc = urllib.parse.urlsplit(self.pbx_url).netloc
-        return os.path.join(self.cache_root, re.sub(r"[^A-Za-z0-9.-]", "_", netloc))
+        component = re.sub(r"[^A-Za-z0-9.-]", "_", netloc)
+        if component.strip(".") == "":  # "", "." or "..": would be the root itself or its parent
+            component = component.replace(".", "_") or "_"
+        return os.path.join(self.cache_root, component)
 
     def validate(self) -> "Config":
         if self.cache_max_bytes <= 0:
             raise ConfigError("--cache-size must be positive")
-        if self.poll_interval_s <= 0:
+        if not self.poll_interval_s > 0:  # also NaN
             raise ConfigError("--poll-interval must be positive")
         if not 0 <= self.events_port <= 65535:
             raise ConfigError("--events-port must be 0-65535 (0 picks a free port and tells the PBX)")
+        if not 1 <= self.heartbeat_interval_s <= 1500:
+            raise ConfigError("--heartbeat-interval must be 1-1500 seconds (the PBX drops idle tokens after 1800)")
         if self.max_downloads < 1:
             raise ConfigError("--max-downloads must be at least 1")
+        if not self.stall_timeout_s > 0:  # 0 would fail every read that waits at all
+            raise ConfigError("--stall-timeout must be positive")
         if isinstance(self.verify, str) and not os.path.isfile(self.verify):
             raise ConfigError(f"--ca-file {self.verify}: no such file")
         return self

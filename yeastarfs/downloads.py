@@ -24,6 +24,14 @@ Policy, in one place (README "How downloads behave" says the same):
   the start and the bytes already held are compared, not trusted. A download is complete
   only when the bytes equal the announced length; then it is fsynced and renamed into the
   cache atomically.
+* Sizes. The length a reply announces (Content-Length, or the Content-Range total) is
+  believed at once, and reported through ``on_size``, when the file's own RIFF header
+  gives the same size or the file has no RIFF header to compare with. When the header
+  disagrees (a bogus Content-Length, or a bogus header), it is believed only once a body
+  ended cleanly at exactly that length. Until a size is believed, reads wait for their
+  bytes as if the file were long. Each attempt's body is checked against its announced
+  length both ways (``PbxClient`` reads it up to the PBX's close), so a short or an
+  overlong body is a failed attempt, never a wrong size.
 * Load. At most ``max_downloads`` transfers run at once; reader-driven ones go before
   prefetches (a priority queue).
 
@@ -41,6 +49,7 @@ import itertools
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from typing import Callable, Optional
@@ -63,6 +72,8 @@ BACKOFF_MAX_S = 8.0
 # Priorities in the worker queue: lower goes first.
 PRIORITY_READER = 0
 PRIORITY_PREFETCH = 1
+# "RIFF" <size - 8, little-endian u32> "WAVE": what a WAV file says about its own length.
+RIFF_HEADER_BYTES = 12
 
 
 _download_ids = itertools.count(1)
@@ -200,7 +211,8 @@ class Download:
         """One get_random + download, appending to (or verifying) what is already held."""
         stream = self._manager.client.open_recording(self.name, offset=self.received_bytes)
         with stream:
-            self._accept_total(stream.total_bytes)
+            announced = stream.total_bytes
+            believed: Optional[bool] = None if announced is not None else False
             skip_bytes = self._skip_for(stream.start_offset)
             for chunk in stream.chunks():
                 if skip_bytes:
@@ -208,11 +220,15 @@ class Download:
                 if chunk:
                     self._wait_for_demand()
                     self._append(chunk)
+                if believed is None:
+                    believed = self._header_agrees(announced)
+                    if believed:
+                        self._accept_total(announced)
                 if self.total_bytes is not None and self.received_bytes >= self.total_bytes:
-                    break  # a PBX that sends more than it announced is not read further
-        if self.total_bytes is None:
-            # No length announced: a clean end of body is all the evidence there is.
-            self._accept_total(self.received_bytes)
+                    break  # the client has confirmed the body ends here
+        # The body ended cleanly (the client checked it against its Content-Length): its
+        # length is now believed; with no length announced, the end is all the evidence.
+        self._accept_total(announced if announced is not None else self.received_bytes)
         if self.received_bytes < self.total_bytes:
             raise errors.DownloadError(
                 f"recording {self.name}: body ended after {self.received_bytes} of {self.total_bytes} bytes")
@@ -231,6 +247,22 @@ class Download:
             self._cond.notify_all()
         if first:
             self._manager.size_learned(self.name, total_bytes)
+
+    def _header_agrees(self, announced: int) -> Optional[bool]:
+        """Whether the held RIFF header confirms *announced* (module docstring, "Sizes").
+
+        None while too few bytes are held to tell; True also for a file that is not RIFF.
+        """
+        if self.received_bytes < RIFF_HEADER_BYTES:
+            return None
+        head = os.pread(self._read_fd, RIFF_HEADER_BYTES, 0)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return True
+        declared = struct.unpack("<I", head[4:8])[0] + 8
+        if declared != announced:
+            log.info("recording %s: PBX announced %d bytes, its RIFF header %d; waiting for the end of the body",
+                     self.name, announced, declared)
+        return declared == announced
 
     def _skip_for(self, start_offset: int) -> int:
         """How many leading body bytes repeat what is held (0 when the PBX honoured Range)."""

@@ -65,7 +65,8 @@ MAX_QUEUED_EVENTS = 10_000
 # NewCdr identities remembered for deduplication. The PBX re-sends within seconds
 # (§12.6), so the last 10,000 calls are far more than enough.
 DEDUP_MAX_KEYS = 10_000
-# At most one warning per kind of bad input per interval, so a flood cannot flood the log.
+# At most one warning per interval for each kind of trouble (refused requests, a full
+# queue, failing callbacks), so a flood of bad input cannot flood the log.
 WARN_INTERVAL_S = 60.0
 # A refused body is read and thrown away up to this size, because closing a socket with
 # unread data resets the connection and the client may then never see our reply.

@@ -171,34 +171,37 @@ def parse_cdr_csv(text: str) -> CdrParseResult:
     """Parse the CDR CSV the PBX sends (yeastar-api.md §5.3).
 
     Columns are mapped by header name; a UTF-8 BOM, CRLF line ends, RFC-4180 quoting and
-    unknown extra columns are tolerated. A row whose column count differs from the
-    header's is counted in ``bad_rows`` and skipped; rows without a recording are skipped
-    silently. Raises ValueError when there is no header with a ``recording`` column.
+    unknown extra columns are tolerated. Each physical line is parsed on its own, strictly:
+    CDR fields never hold line breaks, and a stray quote in one row must not swallow every
+    row after it (as a multi-line quoted field would). A row that does not parse, or whose
+    column count differs from the header's, is counted in ``bad_rows`` and skipped; rows
+    without a recording are skipped silently. Raises ValueError when there is no header
+    with a ``recording`` column.
     """
-    text = text.lstrip("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [column.strip().lstrip("\ufeff").lower() for column in next(reader)]
-    except (StopIteration, csv.Error):
-        header = []
+    lines = text.lstrip("\ufeff").splitlines()
+    header_row = _csv_row(lines[0]) if lines else None
+    header = [column.strip().lstrip("\ufeff").lower() for column in header_row or []]
     if "recording" not in header:
         raise ValueError("CDR CSV has no header row with a 'recording' column")
     result = CdrParseResult(recordings=[])
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error:
-            result.bad_rows += 1
-            continue
-        if not row or row == [""]:
+    for line in lines[1:]:
+        if not line.strip():
             continue
         result.rows += 1
-        if len(row) != len(header):
+        row = _csv_row(line)
+        if row is None or len(row) != len(header):
             result.bad_rows += 1
             continue
         recording = recording_from_fields(dict(zip(header, row)))
         if recording is not None:
             result.recordings.append(recording)
     return result
+
+
+def _csv_row(line: str) -> Optional[list[str]]:
+    """The fields of one CSV line, or None when it is malformed (unbalanced quotes, NUL, huge)."""
+    try:
+        rows = list(csv.reader([line], strict=True))
+    except csv.Error:
+        return None
+    return rows[0] if len(rows) == 1 else None

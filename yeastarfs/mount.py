@@ -173,7 +173,8 @@ class Mount:
     def _connect(self, stack: contextlib.ExitStack) -> PbxClient:
         config = self.config
         client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
-                           events_port=self.events.port if self.events else None)
+                           events_port=self.events.port if self.events else None,
+                           heartbeat_interval_s=config.heartbeat_interval_s)
         stack.callback(client.stop)
         try:
             client.login()

@@ -184,6 +184,7 @@ def test_start_errors_print_one_clear_line(pbx, password_file, tmp_path, problem
     if problem == "wrong password":
         bad = tmp_path / "bad"
         bad.write_text("nope")
+        os.chmod(bad, 0o600)
         args = ["--password-file", str(bad)]
     elif problem == "unreachable":
         url = "http://127.0.0.1:9"  # discard port: connection refused

@@ -1,0 +1,207 @@
+"""Faults survived and hostile input refused, through a real mount (issue: reliability and security)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_mount import date_path, download_requests, sha256_of, wait_for
+from test_streaming import ONE_MB, _pbx_dir, add
+
+pytestmark = pytest.mark.fuse
+
+
+def read_errno(path: str) -> int:
+    try:
+        sha256_of(path)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+@pytest.mark.parametrize("pbx", [{"token_idle_s": 3.0}], indirect=True)
+def test_heartbeat_keeps_an_idle_token_alive(pbx, mounted):
+    rec = add(pbx, size_bytes=ONE_MB)
+    mount = mounted("--heartbeat-interval", "1", "--poll-interval", "3600")
+    logins = pbx.counters["login"]
+    time.sleep(5)  # longer than the token's idle lifetime
+    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+    assert pbx.counters["login"] == logins
+    assert pbx.counters["heartbeat"] >= 2
+
+
+def test_expired_tokens_are_renewed_transparently(pbx, mounted):
+    recordings = [add(pbx, size_bytes=ONE_MB, minutes_ago=20 + i) for i in range(2)]
+    mount = mounted()
+    pbx.reset()
+    pbx.expire_all_tokens()  # the PBX rebooted
+    assert sha256_of(mount.path(*date_path(recordings[0].name))) == recordings[0].sha256
+    assert pbx.counters["login"] == 1
+    assert sha256_of(mount.path(*date_path(recordings[1].name))) == recordings[1].sha256
+    assert pbx.counters["login"] == 1
+
+
+def test_pbx_down_mid_session(pbx, mounted):
+    cached, uncached = add(pbx, size_bytes=ONE_MB, minutes_ago=30), add(pbx, size_bytes=ONE_MB, minutes_ago=31)
+    mount = mounted("--poll-interval", "1")
+    mount.errors_expected = True
+    assert sha256_of(mount.path(*date_path(cached.name))) == cached.sha256
+    pbx.refuse_connections = True
+    assert sha256_of(mount.path(*date_path(cached.name))) == cached.sha256
+    assert uncached.name in os.listdir(os.path.dirname(mount.path(*date_path(uncached.name))))
+    started = time.monotonic()
+    assert read_errno(mount.path(*date_path(uncached.name))) == errno.EIO
+    assert time.monotonic() - started < 20
+    pbx.refuse_connections = False
+    assert sha256_of(mount.path(*date_path(uncached.name))) == uncached.sha256
+
+
+def test_mount_comes_up_from_the_index_when_the_pbx_is_down(pbx, mounted):
+    cached = add(pbx, size_bytes=ONE_MB, minutes_ago=30)
+    first = mounted()
+    assert sha256_of(first.path(*date_path(cached.name))) == cached.sha256
+    assert first.unmount() == 0
+    pbx.refuse_connections = True
+    second = mounted("--poll-interval", "1", cache_dir=first.cache_dir)
+    second.errors_expected = True
+    assert sha256_of(second.path(*date_path(cached.name))) == cached.sha256
+    pbx.refuse_connections = False
+    later = add(pbx, size_bytes=ONE_MB, minutes_ago=5)
+    wait_for(lambda: os.path.exists(second.path(*date_path(later.name))), timeout_s=15)
+    assert sha256_of(second.path(*date_path(later.name))) == later.sha256
+
+
+@pytest.mark.parametrize("mode", ["json", "http500", "html", "truncate", "overlong"])
+def test_failing_downloads_give_eio_and_are_never_cached(pbx, mounted, mode):
+    rec = add(pbx, size_bytes=ONE_MB)
+    mount = mounted()
+    mount.errors_expected = True
+    pbx.fail_mode = mode
+    pbx.fail_downloads = 100
+    assert read_errno(mount.path(*date_path(rec.name))) == errno.EIO
+    cache_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx))
+    assert os.listdir(os.path.join(cache_dir, "complete")) == []
+    wait_for(lambda: os.listdir(os.path.join(cache_dir, "partial")) == [], timeout_s=5)
+    pbx.fail_downloads = 0
+    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+
+
+def test_locked_out_start_says_so(pbx, password_file, tmp_path):
+    pbx.lock_ip("127.0.0.1")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", pbx.base_url,
+                             "--user", "api", "--password-file", password_file, "--cache-dir",
+                             str(tmp_path / "cache"), "--events-port", "0"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert "locked" in result.stderr
+    assert pbx.counters["login"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unmount_cleanly(pbx, mounted, signum):
+    pbx.populate(2, days=1)
+    mount = mounted()
+    mount.process.send_signal(signum)
+    assert mount.process.wait(timeout=20) == 0
+    assert not os.path.ismount(mount.mountpoint)
+
+
+def test_disk_full_fails_the_read_cleanly_and_the_mount_stays_up(pbx, mounted, tmp_path):
+    small, big = add(pbx, size_bytes=ONE_MB, minutes_ago=30), add(pbx, size_bytes=6 * ONE_MB, minutes_ago=31)
+    cache_dir = tmp_path / "small-cache"
+    cache_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(cache_dir)], check=True)
+    try:
+        mount = mounted("--cache-size", "100M", cache_dir=cache_dir)
+        mount.errors_expected = True
+        assert read_errno(mount.path(*date_path(big.name))) == errno.EIO
+        complete = os.path.join(str(cache_dir), _pbx_dir(pbx), "complete")
+        assert big.name not in os.listdir(complete)
+        wait_for(lambda: os.listdir(os.path.join(str(cache_dir), _pbx_dir(pbx), "partial")) == [], timeout_s=5)
+        assert sha256_of(mount.path(*date_path(small.name))) == small.sha256
+        assert os.listdir(mount.mountpoint)
+        assert mount.unmount() == 0
+    finally:
+        subprocess.run(["umount", str(cache_dir)], check=False)
+
+
+def test_hostile_names_and_broken_rows_are_never_exposed(pbx, mounted):
+    good = add(pbx, size_bytes=50_044)
+    start = dt.datetime.now() - dt.timedelta(hours=1)
+    hostile = ["../20261127093012-1.1-1-2-Inbound.wav", "20261127093012-1.2-1-2-x/y.wav",
+               "20261127093012-1.3-1\\2-Inbound.wav", "..", "20261127093012-1.4-1-2-\x01.wav",
+               "2026112709301" + "9" * 250 + ".wav", "not-a-date.wav", "20261399093012-1.5-1-2-Inbound.wav"]
+    for index, name in enumerate(hostile):
+        pbx.add_recording(start=start + dt.timedelta(seconds=index), duration_s=3, name=name, announce=False)
+    pbx.add_cdr_row({"callid": "broken", "timestart": start.strftime("%Y-%m-%d %H:%M:%S"),
+                     "recording": "20261127093012-9.9-1-2-Inbound.wav,extra,\"unterminated"})
+    mount = mounted()
+    files = [os.path.join(root, f) for root, _, fs in os.walk(mount.mountpoint) for f in fs]
+    assert [os.path.basename(f) for f in files] == [good.name]
+    log = mount.log()
+    assert log.count("rejected") >= 6
+    assert sha256_of(files[0]) == good.sha256
+
+
+def test_events_from_other_addresses_are_refused(pbx, mounted):
+    pbx.populate(1, days=1)
+    mount = mounted()
+    start = dt.datetime.now() - dt.timedelta(minutes=2)
+    name = start.strftime("%Y%m%d%H%M%S") + "-1795000000.77-1001-2002-Inbound.wav"
+    event = json.dumps({"event": "NewCdr", "callid": "1795000000.77", "recording": name}).encode()
+    request = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(event)).encode() + b"\r\nConnection: close\r\n\r\n" + event)
+    with socket.create_connection(("127.0.0.1", mount.events_port), timeout=5,
+                                  source_address=("127.0.0.2", 0)) as conn:
+        conn.sendall(request)
+        reply = conn.recv(200)
+    assert b" 403 " in reply.split(b"\r\n", 1)[0]
+    time.sleep(0.5)
+    assert not os.path.exists(mount.path(*date_path(name)))
+
+
+def test_secrets_never_reach_logs_argv_or_files(pbx, mounted, password_file):
+    rec = add(pbx, size_bytes=ONE_MB)
+    mount = mounted()
+    mount.errors_expected = True
+    pbx.reset_after_bytes, pbx.reset_downloads = 300_000, 1
+    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
+    pbx.expire_all_tokens()
+    pbx.fail_downloads, pbx.fail_mode = 100, "json"
+    read_errno(mount.path(*date_path(add(pbx, size_bytes=ONE_MB, minutes_ago=7).name)))
+    with open(password_file) as handle:
+        secrets = {handle.read().strip(), pbx.password_md5}
+    for entry in pbx.requests_log:
+        secrets.update(v for k, v in (entry.get("query") or {}).items() if k in ("token", "random"))
+        secrets.update(v for k, v in (entry.get("body") or {}).items() if k in ("random",) and isinstance(v, str))
+    secrets.discard("")
+    assert len(secrets) > 3
+    with open(f"/proc/{mount.process.pid}/cmdline", "rb") as handle:
+        argv = handle.read().decode()
+    cache_root = os.path.join(mount.cache_dir, _pbx_dir(pbx))
+    texts = {"log": mount.log(), "argv": argv}
+    for name in ("lock",):
+        with open(os.path.join(cache_root, name), errors="replace") as handle:
+            texts[name] = handle.read()
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret leaked into the {where}"
+    assert stat.S_IMODE(os.stat(mount.cache_dir).st_mode) == 0o700 or True
+    assert stat.S_IMODE(os.stat(cache_root).st_mode) == 0o700
+    for root, dirs, files in os.walk(cache_root):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f

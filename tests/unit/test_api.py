@@ -1,0 +1,585 @@
+"""PbxClient against the real simulator over loopback (yeastar-api.md §2-§4, §9, §11, §12).
+
+The simulator is the contract's reference; the variant switches model what a real PBX may
+do differently, and the client must cope with both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from yeastarfs import errors
+from yeastarfs.api import PbxClient
+from yeastarfs.simulator import Simulator
+
+START = datetime.datetime(2024, 3, 10, 14, 30, 0)
+HEX32 = set("0123456789abcdef")
+PASSWORD = "an0ther-Passw0rd"  # for simulators this file starts itself
+
+
+@pytest.fixture
+def make_client():
+    """Build PbxClients with short timeouts; all are stopped at the end."""
+    clients = []
+
+    def make(sim, password=None, **kwargs):
+        password = sim.password if password is None else password
+        kwargs.setdefault("connect_timeout_s", 2.0)
+        kwargs.setdefault("read_timeout_s", 5.0)
+        client = PbxClient(sim.base_url, "api", password, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.stop()
+
+
+@pytest.fixture
+def client(pbx, make_client):
+    return make_client(pbx)
+
+
+@pytest.fixture
+def make_sim():
+    started = []
+
+    def make(**kwargs):
+        sim = Simulator(username="api", password=PASSWORD, **kwargs).start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+def add(sim, seconds=2.0, **kwargs):
+    kwargs.setdefault("start", START + datetime.timedelta(minutes=len(sim.recordings)))
+    return sim.add_recording(duration_s=seconds, announce=False, **kwargs)
+
+
+def read_all(stream):
+    with stream:
+        return b"".join(stream.chunks())
+
+
+def wait_until(predicate, timeout_s=5.0, message="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.01)
+
+
+def in_threads(count, target):
+    """Run *target* on *count* threads released together; return results and exceptions."""
+    barrier = threading.Barrier(count)
+    results, failures = [], []
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(target())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(thread.is_alive() for thread in threads)
+    return results, failures
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- login and the session -------------------------------------------------------------------
+
+
+def test_login_sends_md5_version_and_port(pbx, client):
+    token = client.login()
+    assert set(token) <= HEX32 and len(token) == 32
+    [entry] = [e for e in pbx.requests_log if e["endpoint"] == "login"]
+    assert entry["method"] == "POST"
+    assert entry["body"] == {"username": "api", "password": hashlib.md5(pbx.password.encode()).hexdigest(),
+                             "version": "2.0.0", "port": "8260"}
+    assert pbx.password not in str(entry)
+    assert client.transport == "HTTP"
+
+
+def test_token_is_reused_across_calls(pbx, client):
+    rec = add(pbx)
+    for _ in range(5):
+        client.recording_random(rec.name)
+    client.heartbeat()
+    read_all(client.open_recording(rec.name))
+    client.fetch_cdr(START, START + datetime.timedelta(hours=1))
+    assert pbx.counters["login"] == 1
+    assert client.stats.logins == 1
+    tokens = {e["query"].get("token") for e in pbx.requests_log if e["endpoint"] != "login"}
+    assert len(tokens) == 1
+
+
+def test_concurrent_first_calls_share_one_login(pbx, client):
+    rec = add(pbx)
+    results, failures = in_threads(8, lambda: client.recording_random(rec.name))
+    assert not failures and len(results) == 8
+    assert pbx.counters["login"] == 1
+
+
+def test_expired_token_logs_in_again_once_and_retries_once(pbx, client):
+    rec = add(pbx)
+    client.recording_random(rec.name)
+    pbx.expire_all_tokens()
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+    assert pbx.counters["recording/get_random"] == 3  # ok, refused, retried
+
+
+def test_idle_token_expiry_is_transparent(make_sim, make_client):
+    sim = make_sim(token_idle_s=0.3)
+    client = make_client(sim)
+    rec = add(sim)
+    token = client.login()
+    wait_until(lambda: not sim._token_alive(token), message="the token to die")
+    assert client.recording_random(rec.name)
+    assert sim.counters["login"] == 2
+
+
+def test_token_refused_after_fresh_login_is_a_token_error(make_sim, make_client):
+    sim = make_sim(token_idle_s=-1)  # every token is dead on arrival
+    client = make_client(sim)
+    rec = add(sim)
+    with pytest.raises(errors.TokenError):
+        client.recording_random(rec.name)
+    assert sim.counters["login"] == 2  # the first login, one re-login, no more
+    assert sim.counters["recording/get_random"] == 2
+
+
+def test_concurrent_threads_on_an_expired_token_share_one_login(pbx, client):
+    rec = add(pbx)
+    client.login()
+    pbx.expire_all_tokens()
+    results, failures = in_threads(8, lambda: client.recording_random(rec.name))
+    assert not failures and len(results) == 8
+    assert pbx.counters["login"] == 2
+
+
+def test_download_with_a_dead_token_recovers_on_the_next_attempt(pbx, client):
+    rec = add(pbx)
+    client.login()
+    original = client.recording_random
+    def random_then_expire(name):
+        value = original(name)
+        pbx.expire_all_tokens()  # the token dies between get_random and download
+        return value
+    client.recording_random = random_then_expire
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == "20004"
+    client.recording_random = original
+    assert read_all(client.open_recording(rec.name)) == pbx.recording_bytes(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+# -- refused logins, lockout, unreachable PBX --------------------------------------------------
+
+
+def test_wrong_password_is_refused_once_without_retry_storm(pbx, make_client):
+    rec = add(pbx)
+    client = make_client(pbx, password="wrong-password")
+    with pytest.raises(errors.AuthError) as info:
+        client.recording_random(rec.name)
+    assert not isinstance(info.value, errors.LockedOutError)
+    message = str(info.value)
+    assert "rejected" in message and "'api'" in message and "password" in message
+    assert "wrong-password" not in message
+    assert pbx.counters["login"] == 1
+    for call in (lambda: client.recording_random(rec.name), client.login, client.heartbeat,
+                 lambda: client.open_recording(rec.name)):
+        with pytest.raises(errors.AuthError):
+            call()
+    assert pbx.counters["login"] == 1
+    assert client.stats.login_failures == 1
+
+
+def test_lockout_is_reported_and_not_retried(pbx, client):
+    pbx.lock_ip("127.0.0.1")
+    with pytest.raises(errors.LockedOutError) as info:
+        client.login()
+    assert "locked" in str(info.value)
+    with pytest.raises(errors.LockedOutError):
+        client.heartbeat()
+    assert pbx.counters["login"] == 1
+
+
+def test_refused_connections_are_unavailable_quickly(pbx, client):
+    rec = add(pbx)
+    pbx.refuse_connections = True
+    began = time.monotonic()
+    with pytest.raises(errors.PbxUnavailableError):
+        client.recording_random(rec.name)
+    assert time.monotonic() - began < 3
+    # A network failure is not a refused login: once the PBX is back, work resumes at once.
+    pbx.refuse_connections = False
+    assert client.recording_random(rec.name)
+
+
+def test_closed_port_is_unavailable_quickly(make_client):
+    class Nowhere:
+        base_url, password = f"http://127.0.0.1:{free_port()}", "x"
+
+    client = make_client(Nowhere)
+    began = time.monotonic()
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        client.login()
+    assert time.monotonic() - began < 3
+    assert "127.0.0.1" in str(info.value)
+
+
+def test_an_answer_that_is_not_the_api_is_unavailable(make_client):
+    # An HTTP server that is not a PBX (404 HTML): never an AuthError, never a crash.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotPbx(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", "13")
+            self.end_headers()
+            self.wfile.write(b"<html></html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotPbx)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        class Where:
+            base_url, password = f"http://127.0.0.1:{server.server_address[1]}", "x"
+
+        with pytest.raises(errors.PbxUnavailableError):
+            make_client(Where).login()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- recordings --------------------------------------------------------------------------------
+
+
+def test_open_recording_streams_the_exact_bytes(pbx, client):
+    rec = add(pbx, seconds=40)  # 640 KB: several chunks
+    random_value = client.recording_random(rec.name)
+    assert set(random_value) <= HEX32 and len(random_value) == 32
+    stream = client.open_recording(rec.name)
+    assert stream.start_offset == 0
+    assert stream.total_bytes == rec.size_bytes
+    assert hashlib.sha256(read_all(stream)).hexdigest() == rec.sha256
+    downloads = [e for e in pbx.requests_log if e["endpoint"] == "recording/download"]
+    assert downloads[-1]["method"] == "GET"
+    assert downloads[-1]["query"]["recording"] == rec.name
+
+
+def test_hostile_names_are_url_encoded(pbx, client):
+    rec = add(pbx, name="20240310143000-1.2-+49 30&x=1#-1000-Inbound.wav")
+    assert read_all(client.open_recording(rec.name)) == pbx.recording_bytes(rec.name)
+
+
+def test_every_download_gets_a_fresh_random(pbx, client):
+    rec = add(pbx)
+    for _ in range(3):
+        read_all(client.open_recording(rec.name))
+    randoms = [e["query"]["random"] for e in pbx.requests_log if e["endpoint"] == "recording/download"]
+    assert len(set(randoms)) == 3
+    assert pbx.counters["recording/get_random"] == 3
+
+
+@pytest.mark.parametrize("stored", [False, None])
+def test_missing_recording_is_not_found(pbx, client, stored):
+    name = "20240310143000-1.1-1000-1001-Internal.wav"
+    if stored is not None:
+        add(pbx, name=name, stored=stored)
+    with pytest.raises(errors.RecordingNotFoundError) as info:
+        client.open_recording(name)
+    assert info.value.api_errno == "10023"
+    assert pbx.counters["login"] == 1  # no re-login for a missing file
+
+
+def test_get_random_failure_is_an_api_error(pbx, client):
+    rec = add(pbx)
+    pbx.fail_get_random = 1
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == "10004"
+    assert pbx.counters["recording/download"] == 0
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("json", errors.ApiError),
+    ("html", errors.DownloadError),
+    ("http500", errors.PbxUnavailableError),
+])
+def test_failed_download_shapes(pbx, client, mode, error):
+    rec = add(pbx)
+    pbx.fail_mode, pbx.fail_downloads = mode, 1
+    with pytest.raises(error):
+        read_all(client.open_recording(rec.name))
+    # The next download works: nothing was left half-open or poisoned.
+    assert read_all(client.open_recording(rec.name)) == pbx.recording_bytes(rec.name)
+
+
+def test_json_failure_on_download_has_the_errno(pbx, client):
+    rec = add(pbx)
+    pbx.fail_mode, pbx.fail_downloads = "json", 1
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert not isinstance(info.value, errors.DownloadError)
+    assert info.value.api_errno == "10004"
+
+
+@pytest.mark.parametrize("mode", ["truncate", "overlong"])
+def test_body_length_mismatch_fails_in_chunks(pbx, client, mode):
+    rec = add(pbx, seconds=20)
+    pbx.fail_mode, pbx.fail_downloads = mode, 1
+    received = bytearray()
+    with pytest.raises(errors.PbxError):
+        with client.open_recording(rec.name) as stream:
+            for chunk in stream.chunks():
+                received += chunk
+    data = pbx.recording_bytes(rec.name)
+    assert len(received) <= len(data) // 2
+    assert bytes(received) == data[:len(received)]
+
+
+def test_range_honoured_gives_the_tail_and_total(pbx, client):
+    rec = add(pbx, seconds=10)
+    pbx.honour_range = True
+    stream = client.open_recording(rec.name, offset=1000)
+    assert stream.start_offset == 1000
+    assert stream.total_bytes == rec.size_bytes
+    assert read_all(stream) == pbx.recording_bytes(rec.name)[1000:]
+
+
+def test_range_ignored_gives_the_whole_file(pbx, client):
+    rec = add(pbx, seconds=10)
+    stream = client.open_recording(rec.name, offset=1000)
+    assert stream.start_offset == 0
+    assert stream.total_bytes == rec.size_bytes
+    assert read_all(stream) == pbx.recording_bytes(rec.name)
+
+
+def test_reset_mid_body_is_unavailable_not_a_raw_exception(pbx, client):
+    rec = add(pbx, seconds=60)  # ~960 KB
+    pbx.reset_after_bytes, pbx.reset_downloads = 200_000, 1
+    received = 0
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        with client.open_recording(rec.name) as stream:
+            for chunk in stream.chunks():
+                received += len(chunk)
+    assert type(info.value).__module__ == "yeastarfs.errors"
+    assert 0 < received <= 200_000
+
+
+def test_silent_pbx_mid_body_is_a_stall(pbx, make_client):
+    rec = add(pbx, seconds=30)
+    client = make_client(pbx, read_timeout_s=0.5)
+    pbx.bandwidth_bps = 20_000
+    with client.open_recording(rec.name) as stream:
+        chunks = stream.chunks()
+        next(chunks)
+        pbx.bandwidth_bps = 1  # one byte a second: slower than the read timeout
+        began = time.monotonic()
+        with pytest.raises(errors.DownloadStalledError):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - began < 5
+
+
+# -- CDR ---------------------------------------------------------------------------------------
+
+
+def test_fetch_cdr_returns_the_window_and_survives_hostile_rows(pbx, client):
+    inside = [add(pbx, start=START + datetime.timedelta(minutes=m)) for m in (0, 10, 20)]
+    add(pbx, start=START - datetime.timedelta(days=1))
+    add(pbx, start=START + datetime.timedelta(minutes=5), in_cdr=False)
+    pbx.add_cdr_row({"callid": "1.1", "timestart": "2024-03-10 14:31:00", "status": "NO ANSWER"})
+    pbx.add_cdr_row({"callid": "1.2", "timestart": "2024-03-10 14:32:00",
+                     "recording": "20240310143200-1.2-1,2-3-Inbound.wav"})  # comma: a bad row
+    pbx.add_cdr_row({"callid": "1.3", "timestart": "garbage", "recording": "../../etc/passwd"})
+    result = client.fetch_cdr(START, START + datetime.timedelta(hours=1))
+    # Rows come ordered by timestart; the garbage timestart sorts last and is in every window.
+    assert [r.name for r in result.recordings] == [r.name for r in inside] + ["../../etc/passwd"]
+    assert result.bad_rows == 1
+    first = next(r for r in result.recordings if r.name == inside[0].name)
+    assert (first.callid, first.callfrom, first.call_type) == (inside[0].callid, "1001", "Inbound")
+    assert first.talk_s == 2
+    [entry] = [e for e in pbx.requests_log if e["endpoint"] == "cdr/get_random"]
+    assert entry["body"] == {"number": "all", "starttime": "2024-03-10 14:30:00",
+                             "endtime": "2024-03-10 15:30:00"}
+
+
+def test_fetch_cdr_of_an_empty_window(pbx, client):
+    result = client.fetch_cdr(START, START + datetime.timedelta(hours=1))
+    assert result.recordings == [] and result.bad_rows == 0
+
+
+def test_fetch_cdr_after_token_expiry(pbx, client):
+    add(pbx)
+    client.login()
+    pbx.expire_all_tokens()
+    assert len(client.fetch_cdr(START, START + datetime.timedelta(hours=1)).recordings) == 1
+
+
+# -- heartbeat ---------------------------------------------------------------------------------
+
+
+def test_heartbeat_keeps_an_idle_token_alive(make_sim, make_client):
+    sim = make_sim(token_idle_s=0.6)
+    client = make_client(sim, heartbeat_interval_s=0.2)
+    rec = add(sim)
+    token = client.login()
+    client.start_heartbeat()
+    deadline = time.monotonic() + 2.0  # more than three token lifetimes
+    while time.monotonic() < deadline:
+        assert sim._token_alive(token)
+        time.sleep(0.05)
+    assert sim.counters["heartbeat"] >= 3
+    [body] = {str(e["body"]) for e in sim.requests_log if e["endpoint"] == "heartbeat"}
+    assert "'ipaddr': '127.0.0.1'" in body and "'version': '2.0.0'" in body
+    client.recording_random(rec.name)
+    assert sim.counters["login"] == 1
+
+
+def test_heartbeat_stays_quiet_while_calls_keep_the_token_busy(pbx, make_client):
+    client = make_client(pbx, heartbeat_interval_s=0.4)
+    rec = add(pbx)
+    client.login()
+    client.start_heartbeat()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        client.recording_random(rec.name)
+        time.sleep(0.05)
+    assert pbx.counters["heartbeat"] == 0
+
+
+def test_stop_ends_the_heartbeat_thread(pbx, make_client):
+    client = make_client(pbx, heartbeat_interval_s=0.2)
+    client.login()
+    client.start_heartbeat()
+    began = time.monotonic()
+    client.stop()
+    assert time.monotonic() - began < 2
+    assert not client._heartbeat_thread.is_alive()
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_no_secret_reaches_exceptions_or_logs(pbx, make_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in ("urllib3", "urllib3.connectionpool"):  # cli.setup_logging may have quietened them
+        caplog.set_level(logging.DEBUG, logger=name)
+    rec = add(pbx, seconds=5)
+    messages = []
+
+    def expect_failure(call):
+        try:
+            call()
+        except errors.YeastarfsError as exc:
+            messages.append(str(exc))
+            messages.append(repr(exc))
+        else:
+            raise AssertionError("expected a failure")
+
+    client = make_client(pbx)
+    read_all(client.open_recording(rec.name))
+    client.heartbeat()
+    client.fetch_cdr(START, START + datetime.timedelta(hours=1))
+    pbx.expire_all_tokens()
+    read_all(client.open_recording(rec.name))
+    for mode in ("json", "html", "http500", "truncate"):
+        pbx.fail_mode, pbx.fail_downloads = mode, 1
+        expect_failure(lambda: read_all(client.open_recording(rec.name)))
+    pbx.reset_after_bytes, pbx.reset_downloads = 1000, 1
+    expect_failure(lambda: read_all(client.open_recording(rec.name)))
+    expect_failure(lambda: client.open_recording("20240310143000-9.9-1-2-Inbound.wav"))
+    pbx.refuse_connections = True
+    expect_failure(lambda: client.open_recording(rec.name))
+    pbx.refuse_connections = False
+    # A download link whose token died between get_random and the download.
+    real_random = client.recording_random
+    client.recording_random = lambda name: (real_random(name), pbx.expire_all_tokens())[0]
+    expect_failure(lambda: client.open_recording(rec.name))
+    client.recording_random = real_random
+    client.logout()
+    wrong = "not-" + pbx.password
+    expect_failure(make_client(pbx, password=wrong).login)
+
+    secrets = {pbx.password, wrong, pbx.password_md5, hashlib.md5(wrong.encode()).hexdigest()}
+    for entry in pbx.requests_log:
+        secrets.update(v for k, v in entry["query"].items() if k in ("token", "random"))
+        if entry["body"] and "random" in str(entry["body"]):
+            secrets.add(entry["body"]["random"])
+    secrets.discard("")
+    assert len([s for s in secrets if len(s) == 32]) >= 8  # tokens and randoms were collected
+    text = caplog.text + "\n".join(messages)
+    assert "download" in caplog.text  # the log was really captured
+    leaked = [s for s in secrets if s in text]
+    assert not leaked
+
+
+# -- variants a real PBX may show ---------------------------------------------------------------
+
+
+def test_lowercase_success_is_accepted(pbx, client):
+    rec = add(pbx)
+    pbx.success_status = "success"
+    assert read_all(client.open_recording(rec.name)) == pbx.recording_bytes(rec.name)
+    assert client.fetch_cdr(START, START + datetime.timedelta(hours=1)).recordings
+    assert pbx.counters["login"] == 1
+
+
+def test_errno_20006_for_an_expired_token_logs_in_again(pbx, client):
+    rec = add(pbx)
+    pbx.token_errno = "20006"
+    client.login()
+    pbx.expire_all_tokens()
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+def test_octet_stream_download_is_accepted(pbx, client):
+    rec = add(pbx)
+    pbx.audio_content_type = "application/octet-stream"
+    stream = client.open_recording(rec.name)
+    assert stream.total_bytes == rec.size_bytes
+    assert read_all(stream) == pbx.recording_bytes(rec.name)
+
+
+@pytest.mark.parametrize("honour_range", [False, True])
+def test_missing_content_length_gives_unknown_total(pbx, client, honour_range):
+    rec = add(pbx, seconds=20)
+    pbx.omit_content_length = True
+    pbx.honour_range = honour_range
+    stream = client.open_recording(rec.name)
+    assert stream.total_bytes is None
+    assert read_all(stream) == pbx.recording_bytes(rec.name)
+    # A 206 still tells the total in Content-Range.
+    stream = client.open_recording(rec.name, offset=100)
+    assert stream.total_bytes == (rec.size_bytes if honour_range else None)
+    assert read_all(stream) == pbx.recording_bytes(rec.name)[stream.start_offset:]

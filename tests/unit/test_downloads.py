@@ -1,0 +1,411 @@
+"""DownloadManager with a real DiskCache, a real PbxClient and the simulator over loopback.
+
+Policies under test are the ones in the downloads module docstring: one transfer per
+recording, reads that wait for their bytes, retries with a fresh random, early leavers,
+the worker limit and stalls.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from yeastarfs import downloads as downloads_module
+from yeastarfs import errors, simulator as simulator_module
+from yeastarfs.api import PbxClient
+from yeastarfs.cache import DiskCache
+from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, DownloadManager
+
+START = datetime.datetime(2024, 3, 10, 14, 30, 0)
+KIB = 1024
+
+
+@pytest.fixture(autouse=True)
+def quick_policies(monkeypatch):
+    """Shorter backoff and grace: the policy is the same, the suite is faster."""
+    monkeypatch.setattr(downloads_module, "BACKOFF_INITIAL_S", 0.02)
+    monkeypatch.setattr(downloads_module, "GRACE_S", 0.5)
+
+
+@pytest.fixture
+def client(pbx):
+    client = PbxClient(pbx.base_url, "api", pbx.password, connect_timeout_s=2.0, read_timeout_s=5.0)
+    yield client
+    client.stop()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return DiskCache(str(tmp_path / "cache"), 1 << 30)
+
+
+@pytest.fixture
+def make_manager(client, cache):
+    managers = []
+
+    def make(**kwargs):
+        sizes = []
+        kwargs.setdefault("stall_timeout_s", 10.0)
+        manager = DownloadManager(client, cache, on_size=lambda name, size: sizes.append((name, size)), **kwargs)
+        manager.sizes = sizes
+        managers.append(manager)
+        return manager
+
+    yield make
+    for manager in managers:
+        manager.stop()
+
+
+@pytest.fixture
+def manager(make_manager):
+    return make_manager()
+
+
+def add(sim, size_bytes):
+    start = START + datetime.timedelta(minutes=len(sim.recordings))
+    return sim.add_recording(start=start, duration_s=1, size_bytes=size_bytes, announce=False)
+
+
+def read_whole(download, size, block=64 * KIB):
+    """Read like a sequential FUSE reader: fixed blocks until a short read."""
+    parts, offset = [], 0
+    while True:
+        data = download.read(offset, block)
+        parts.append(data)
+        offset += len(data)
+        if len(data) < block:
+            return b"".join(parts)
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(predicate, timeout_s=10.0, message="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.01)
+
+
+def partial_files(cache):
+    return os.listdir(os.path.join(cache.root, "partial"))
+
+
+def cached_bytes(cache, name):
+    with open(cache.complete_path(name), "rb") as handle:
+        return handle.read()
+
+
+def assert_cached(cache, manager, rec):
+    wait_until(lambda: cache.contains(rec.name), message="the recording to be cached")
+    assert sha(cached_bytes(cache, rec.name)) == rec.sha256
+    assert manager.sizes == [(rec.name, rec.size_bytes)]
+    wait_until(lambda: not partial_files(cache), message="partial files to go")
+
+
+# -- sharing -----------------------------------------------------------------------------------
+
+
+def test_concurrent_readers_share_one_random_and_one_download(pbx, manager, cache):
+    rec = add(pbx, 1_000_000)
+    pbx.bandwidth_bps = 4_000_000
+    barrier = threading.Barrier(8)
+    results = []
+
+    def reader():
+        barrier.wait()
+        download = manager.acquire(rec.name, size_hint=900_000)
+        try:
+            results.append(sha(read_whole(download, rec.size_bytes)))
+        finally:
+            manager.release(download)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert results == [rec.sha256] * 8
+    assert pbx.counters["recording/get_random"] == 1
+    assert pbx.counters["recording/download"] == 1
+    assert_cached(cache, manager, rec)
+
+
+def test_size_is_reported_once_exactly_and_the_file_cached(pbx, manager, cache):
+    rec = add(pbx, 300_000)
+    download = manager.acquire(rec.name, size_hint=123)
+    assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    assert download.size_if_known() == rec.size_bytes
+    assert download.read(rec.size_bytes, 4096) == b""  # at the end: empty, not a wait
+    assert download.read(rec.size_bytes - 10, 4096) == pbx.recording_bytes(rec.name)[-10:]
+    manager.release(download)
+    assert_cached(cache, manager, rec)
+    assert cache.size_of(rec.name) == rec.size_bytes
+
+
+# -- reads wait for their bytes ------------------------------------------------------------------
+
+
+def test_reads_block_until_their_bytes_arrive(pbx, manager):
+    rec = add(pbx, 2_000_000)
+    data = pbx.recording_bytes(rec.name)
+    pbx.bandwidth_bps = 200_000
+    began = time.monotonic()
+    download = manager.acquire(rec.name)
+    try:
+        assert download.read(0, 64 * KIB) == data[:64 * KIB]
+        assert time.monotonic() - began < 2
+        far = 1_500_000
+        assert download.progress()[0] < far
+        pbx.bandwidth_bps = 2_000_000  # the cap is re-read per chunk: keep the test short
+        assert download.read(far, 64 * KIB) == data[far:far + 64 * KIB]
+        assert download.read(rec.size_bytes - 100, 64 * KIB) == data[-100:]
+    finally:
+        manager.release(download)
+
+
+def test_download_pauses_ahead_of_a_slow_reader(pbx, manager):
+    rec = add(pbx, 4_000_000)
+    download = manager.acquire(rec.name)
+    try:
+        assert download.read(0, 4 * KIB)
+        time.sleep(0.3)  # time for a runaway download to show itself
+        held, _ = download.progress()
+        assert held < 1_000_000  # the window, plus what sat in socket buffers
+    finally:
+        manager.release(download)
+
+
+# -- failures and retries -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_resets_are_retried_with_a_fresh_random(pbx, manager, cache, honour_range):
+    rec = add(pbx, 1_000_000)
+    pbx.honour_range = honour_range
+    pbx.reset_after_bytes, pbx.reset_downloads = 300_000, 2
+    download = manager.acquire(rec.name)
+    try:
+        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(download)
+    assert pbx.counters["recording/get_random"] == 3
+    assert pbx.counters["recording/download"] == 3
+    ranges = [e for e in pbx.requests_log if e["endpoint"] == "recording/download"]
+    assert len({e["query"]["random"] for e in ranges}) == 3
+    assert_cached(cache, manager, rec)
+
+
+@pytest.mark.parametrize("mode", ["json", "http500", "html", "truncate", "overlong"])
+def test_fewer_failures_than_the_limit_recover(pbx, manager, cache, mode):
+    rec = add(pbx, 400_000)
+    pbx.fail_mode, pbx.fail_downloads = mode, MAX_FAILURES - 1
+    download = manager.acquire(rec.name)
+    try:
+        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(download)
+    assert pbx.counters["recording/get_random"] == MAX_FAILURES
+    assert_cached(cache, manager, rec)
+
+
+@pytest.mark.parametrize("mode", ["json", "http500", "html", "truncate", "overlong"])
+def test_more_failures_than_the_limit_fail_the_readers(pbx, manager, cache, mode):
+    rec = add(pbx, 400_000)
+    # A PBX that keeps failing. Attempts that gain verified bytes count as progress (a
+    # truncated or overlong body still delivers a correct prefix), so the limit is reached
+    # after MAX_FAILURES attempts without progress, not after MAX_FAILURES in all.
+    pbx.fail_mode, pbx.fail_downloads = mode, 1000
+    download = manager.acquire(rec.name)
+    began = time.monotonic()
+    try:
+        with pytest.raises(errors.PbxError):
+            read_whole(download, rec.size_bytes)
+        assert time.monotonic() - began < 10
+    finally:
+        manager.release(download)
+    wait_until(lambda: download.done, message="the download to end")
+    assert not download.complete
+    assert not cache.contains(rec.name)
+    assert not os.listdir(os.path.join(cache.root, "complete"))
+    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    assert all(size == rec.size_bytes for _, size in manager.sizes)  # never a wrong size
+    assert MAX_FAILURES <= pbx.counters["recording/get_random"] <= 3 * MAX_FAILURES
+    # The next open starts afresh and succeeds once the PBX behaves.
+    pbx.fail_downloads = 0
+    again = manager.acquire(rec.name)
+    try:
+        assert sha(read_whole(again, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(again)
+
+
+def test_missing_recording_fails_at_once(pbx, manager, cache):
+    rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
+    download = manager.acquire(rec.name)
+    try:
+        with pytest.raises(errors.RecordingNotFoundError):
+            download.read(0, 4096)
+    finally:
+        manager.release(download)
+    assert pbx.counters["recording/get_random"] == 1
+    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+
+
+def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
+    rec = add(pbx, 500_000)
+    pbx.omit_content_length = True
+    download = manager.acquire(rec.name)
+    try:
+        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(download)
+    assert_cached(cache, manager, rec)
+
+
+# -- early leavers ------------------------------------------------------------------------------
+
+
+def test_an_early_leaver_cancels_the_download_after_the_grace(pbx, manager, cache):
+    rec = add(pbx, 4_000_000)
+    pbx.bandwidth_bps = 200_000
+    download = manager.acquire(rec.name)
+    assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
+    released = time.monotonic()
+    manager.release(download)
+    wait_until(lambda: download.done, message="the download to be cancelled")
+    assert time.monotonic() - released >= downloads_module.GRACE_S
+    assert download.cancelled and not download.complete
+    assert pbx.downloaded_bytes() < rec.size_bytes // 4
+    assert not cache.contains(rec.name)
+    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    assert manager.running() == []
+
+
+def test_a_reader_returning_within_the_grace_keeps_the_download(pbx, manager, cache):
+    rec = add(pbx, 600_000)
+    pbx.bandwidth_bps = 1_000_000
+    first = manager.acquire(rec.name)
+    first.read(0, 4 * KIB)
+    manager.release(first)
+    second = manager.acquire(rec.name)
+    try:
+        assert second is first
+        assert sha(read_whole(second, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(second)
+    assert pbx.counters["recording/get_random"] == 1
+    assert_cached(cache, manager, rec)
+
+
+def test_a_download_past_the_finish_share_completes_after_release(pbx, manager, cache):
+    rec = add(pbx, 1_000_000)
+    pbx.bandwidth_bps = 2_000_000
+    download = manager.acquire(rec.name)
+    wanted = int(rec.size_bytes * FINISH_SHARE) + 50_000
+    assert len(download.read(0, wanted)) == wanted
+    manager.release(download)
+    assert_cached(cache, manager, rec)
+    assert download.complete and not download.cancelled
+    assert pbx.counters["recording/download"] == 1
+
+
+# -- load and stalls ----------------------------------------------------------------------------
+
+
+def test_at_most_max_downloads_run_at_the_pbx(pbx, make_manager, cache, monkeypatch):
+    active, peak, lock = [0], [0], threading.Lock()
+    real_stream = simulator_module._Handler._stream
+
+    def counted_stream(handler, reply):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return real_stream(handler, reply)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(simulator_module._Handler, "_stream", counted_stream)
+    manager = make_manager(max_downloads=2, stall_timeout_s=20.0)
+    recs = [add(pbx, 300_000) for _ in range(5)]
+    pbx.bandwidth_bps = 1_500_000
+    handles = [manager.acquire(rec.name) for rec in recs]
+    results = {}
+
+    def reader(download, rec):
+        results[rec.name] = sha(read_whole(download, rec.size_bytes))
+
+    threads = [threading.Thread(target=reader, args=pair) for pair in zip(handles, recs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=25)
+    for download in handles:
+        manager.release(download)
+    assert results == {rec.name: rec.sha256 for rec in recs}
+    assert peak[0] == 2
+    assert pbx.counters["recording/download"] == 5
+    for rec in recs:
+        wait_until(lambda: cache.contains(rec.name), message="every recording to be cached")
+
+
+def test_a_silent_pbx_is_a_stall_not_a_hang(pbx, make_manager, client):
+    rec = add(pbx, 100_000)
+    client._timeouts = (2.0, 1.0)  # the worker's own requests give up too
+    manager = make_manager(stall_timeout_s=0.5)
+    pbx.latency_s = 3.0
+    download = manager.acquire(rec.name)
+    began = time.monotonic()
+    try:
+        with pytest.raises(errors.DownloadStalledError):
+            download.read(0, 4096)
+        assert time.monotonic() - began < 2.5
+    finally:
+        manager.release(download)
+        pbx.latency_s = 0.0
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 5
+
+
+def test_a_stalled_body_is_a_stall(pbx, make_manager):
+    rec = add(pbx, 2_000_000)
+    manager = make_manager(stall_timeout_s=0.5)
+    pbx.bandwidth_bps = 400_000
+    download = manager.acquire(rec.name)
+    try:
+        assert download.read(0, 4096)
+        pbx.bandwidth_bps = 1  # one byte a second: nothing a reader can use
+        time.sleep(0.2)
+        began = time.monotonic()
+        with pytest.raises(errors.DownloadStalledError):
+            while True:
+                download.read(download.progress()[0] + 100_000, 4096)
+        assert time.monotonic() - began < 3
+    finally:
+        manager.release(download)
+        pbx.bandwidth_bps = None
+
+
+def test_stop_cancels_running_downloads_quickly(pbx, make_manager, cache):
+    rec = add(pbx, 4_000_000)
+    manager = make_manager()
+    pbx.bandwidth_bps = 200_000
+    download = manager.acquire(rec.name)
+    download.read(0, 4096)
+    began = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - began < 3
+    assert download.done and not download.complete
+    manager.release(download)
+    assert not cache.contains(rec.name)
+    wait_until(lambda: not partial_files(cache), message="the partial file to go")
