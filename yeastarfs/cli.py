@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the PBX simulator with sample recordings, mount them, and unmount on Ctrl-C.")
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="where to mount (default: a temporary dir)")
     demo.add_argument("--recordings", type=int, default=60, help="sample recordings to create (default 60)")
+    status = commands.add_parser(
+        "status", help="show the state of a running mount",
+        description="Show a running mount's state: PBX reachable, token age, last event and poll, "
+                    "recordings indexed, cache use and hit rate, downloads in flight. Asks the daemon "
+                    "through an extended attribute of the mount's root; never contacts the PBX.")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
         description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
@@ -222,6 +229,11 @@ def _spawn_daemon(argv: Sequence[str]) -> int:
     return EXIT_ERROR
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from yeastarfs.tools import print_status
+    return print_status(args.mountpoint, as_json=args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from yeastarfs.demo import run_demo
     return run_demo(args.mountpoint, recordings=args.recordings)
@@ -244,6 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_mount(args, clean_argv)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "status":
+            return cmd_status(args)
         return cmd_simulator(args)
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -31,12 +32,24 @@ from yeastarfs import errors
 
 log = logging.getLogger(__name__)
 
+# "No such attribute": ENODATA on Linux (mfusepy exports the platform's value).
+ENOATTR = getattr(mfusepy, "ENOATTR", errno.ENODATA)
+
 # Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
 # FUSE reads of up to 128 KiB, so that is the useful block size.
 BLOCK_SIZE_BYTES = 128 * 1024
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
 REPORTED_SIZES_MAX = 100_000
+# CDR fields offered as extended attributes, name -> Recording attribute.
+XATTR_PREFIX = "user.yeastar."
+XATTR_FIELDS = {
+    "callid": "callid", "caller": "callfrom", "callee": "callto", "type": "call_type",
+    "status": "status", "start_time": "timestart", "call_seconds": "call_s",
+    "talk_seconds": "talk_s", "src_trunk": "src_trunk", "dst_trunk": "dst_trunk", "did": "did",
+}
+# The root directory carries the daemon's statistics (JSON) for `yeastarfs status`.
+STATUS_XATTR = "user.yeastarfs.status"
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 
@@ -87,6 +100,13 @@ def _read_only(method: Callable) -> Callable:
     return wrapper
 
 
+def _cdr_fields(recording) -> dict:
+    """The recording's CDR fields by xattr key ("" or None when unknown)."""
+    if recording is None:
+        return {}
+    return {key: getattr(recording, attr) for key, attr in XATTR_FIELDS.items()}
+
+
 def _fh_number(fh) -> int:
     """With raw_fi the binding passes fuse_file_info, otherwise the number."""
     return fh if isinstance(fh, int) else fh.fh
@@ -132,11 +152,13 @@ class YeastarFS(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, index, cache, downloads, *, on_ready: Optional[Callable[[], None]] = None,
+                 status: Optional[Callable[[], dict]] = None,
                  uid: Optional[int] = None, gid: Optional[int] = None) -> None:
         self.index = index
         self.cache = cache
         self.downloads = downloads
         self._on_ready = on_ready
+        self._status = status
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._lock = threading.Lock()
@@ -284,6 +306,25 @@ class YeastarFS(mfusepy.Operations):
         return {"f_bsize": BLOCK_SIZE_BYTES, "f_frsize": BLOCK_SIZE_BYTES, "f_blocks": blocks,
                 "f_bfree": 0, "f_bavail": 0, "f_files": self.index.count(), "f_ffree": 0,
                 "f_favail": 0, "f_namemax": 255}
+
+    @_translated
+    def listxattr(self, path: str) -> list:
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            return [STATUS_XATTR] if path == "/" and self._status is not None else []
+        return [XATTR_PREFIX + key for key, value in _cdr_fields(entry.recording).items() if value != ""]
+
+    @_translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            if path == "/" and name == STATUS_XATTR and self._status is not None:
+                return json.dumps(self._status(), default=str).encode()
+            raise mfusepy.FuseOSError(ENOATTR)
+        value = _cdr_fields(entry.recording).get(name[len(XATTR_PREFIX):]) if name.startswith(XATTR_PREFIX) else None
+        if value is None or value == "":
+            raise mfusepy.FuseOSError(ENOATTR)
+        return str(value).encode("utf-8")
 
     # -- everything that would change the tree: EROFS ----------------------------------------
 

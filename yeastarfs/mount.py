@@ -301,7 +301,7 @@ class Mount:
 
     def serve(self, on_ready: Callable[[], None]) -> None:
         """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM)."""
-        self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready)
+        self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready, status=self.stats)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
                        attr_timeout=ATTR_TIMEOUT_S, entry_timeout=ATTR_TIMEOUT_S,

@@ -1,0 +1,71 @@
+"""Running it for real: status, signals, metadata as extended attributes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from test_mount import date_path, download_requests, wait_for
+from test_streaming import ONE_MB, add
+
+pytestmark = pytest.mark.fuse
+
+
+def yeastarfs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yeastarfs", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cdr_fields_as_extended_attributes_without_pbx_requests(pbx, mounted):
+    rec = add(pbx, size_bytes=ONE_MB, callfrom="0612345678", callto="1001", call_type="Inbound")
+    mount = mounted()
+    pbx.reset()
+    path = mount.path(*date_path(rec.name))
+    names = set(os.listxattr(path))
+    assert {"user.yeastar.caller", "user.yeastar.callee", "user.yeastar.type", "user.yeastar.status",
+            "user.yeastar.start_time", "user.yeastar.talk_seconds", "user.yeastar.callid"} <= names
+    assert os.getxattr(path, "user.yeastar.caller") == b"0612345678"
+    assert os.getxattr(path, "user.yeastar.callee") == b"1001"
+    assert os.getxattr(path, "user.yeastar.type") == b"Inbound"
+    assert os.getxattr(path, "user.yeastar.talk_seconds") == str(rec.talk_s).encode()
+    assert os.getxattr(path, "user.yeastar.start_time") == rec.timestart.encode()
+    with pytest.raises(OSError):
+        os.getxattr(path, "user.yeastar.nonexistent")
+    if shutil.which("getfattr"):
+        getfattr = subprocess.run(["getfattr", "-d", path], capture_output=True, text=True)
+        assert 'user.yeastar.caller="0612345678"' in getfattr.stdout
+    assert download_requests(pbx) == (0, 0)
+
+
+def test_status_shows_the_running_mount(pbx, mounted):
+    recordings = pbx.populate(5, days=2)
+    mount = mounted()
+    with open(mount.path(*date_path(recordings[0].name)), "rb") as handle:
+        handle.read()
+    result = yeastarfs("status", mount.mountpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["recordings_indexed"] == 5
+    assert status["pbx_reachable"] is True
+    assert status["cache_used_bytes"] == recordings[0].size_bytes
+    assert status["pid"] == mount.process.pid
+    text = yeastarfs("status", mount.mountpoint)
+    assert text.returncode == 0 and "reachable" in text.stdout and "recordings:        5" in text.stdout
+    not_mounted = yeastarfs("status", "/tmp")
+    assert not_mounted.returncode == 1 and "not a running yeastarfs mount" in not_mounted.stderr
+
+
+def test_sighup_polls_now_and_sigusr1_logs_statistics(pbx, mounted):
+    pbx.populate(1, days=1)
+    mount = mounted("--poll-interval", "3600", "--no-events")
+    rec = add(pbx, size_bytes=ONE_MB, minutes_ago=3)
+    mount.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
+    mount.process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "statistics:" in mount.log(), timeout_s=5)
+    assert os.path.ismount(mount.mountpoint)
