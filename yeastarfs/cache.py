@@ -59,6 +59,10 @@ class _SizedLRU(cachetools.LRUCache):
         self._on_evict(name, size_bytes)
         return name, size_bytes
 
+    def peek(self, name: str) -> int:
+        """The size of *name* without making it the most recently used (a stat is no read)."""
+        return cachetools.Cache.__getitem__(self, name)
+
 
 @dataclasses.dataclass
 class _Pin:
@@ -137,9 +141,10 @@ class DiskCache:
                 return None
             try:
                 fd = os.open(self.complete_path(name), os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                if size_bytes is not None:
-                    self.stats.misses += 1
+            except OSError as exc:
+                self.stats.misses += 1
+                if size_bytes is not None and not isinstance(exc, FileNotFoundError):
+                    self._lru[name] = size_bytes  # still on disk (EMFILE, EACCES…): keep counting it
                 return None
             self._pin_locked(name, size_bytes if size_bytes is not None else pin.size_bytes)
             self.stats.hits += 1
@@ -154,7 +159,7 @@ class DiskCache:
         """Size of the complete cached file of *name*, or None."""
         with self._lock:
             if name in self._lru:
-                return self._lru[name]
+                return self._lru.peek(name)
             pin = self._pins.get(name)
             return pin.size_bytes if pin is not None and self._is_complete(name) else None
 
@@ -179,11 +184,14 @@ class DiskCache:
         with self._lock:
             pin = self._pins.get(name)
             if pin is None:
-                pin = self._pins[name] = _Pin(count=0, size_bytes=0)
+                # A cached name downloaded again: its idle file moves from the LRU to the pin,
+                # so it is counted once and eviction cannot delete it while it is in use.
+                idle_bytes = self._lru.pop(name, 0) if name in self._lru else 0
+                pin = self._pins[name] = _Pin(count=0, size_bytes=idle_bytes)
             pin.count += 1
             extra_bytes = max(0, size_bytes - pin.size_bytes)
-            pin.size_bytes = max(pin.size_bytes, size_bytes)
-            self._make_room_locked(extra_bytes)
+            self._make_room_locked(extra_bytes)  # before the pin grows, so counted once
+            pin.size_bytes += extra_bytes
 
     def resize(self, name: str, size_bytes: int) -> None:
         """The real size of a reserved download became known; adjust its reservation."""
@@ -191,8 +199,10 @@ class DiskCache:
             pin = self._pins.get(name)
             if pin is None:
                 return
+            extra_bytes = size_bytes - pin.size_bytes
+            if extra_bytes > 0:
+                self._make_room_locked(extra_bytes)  # before the pin grows, so counted once
             pin.size_bytes = size_bytes
-            self._make_room_locked(0)
 
     def commit(self, name: str, partial_path: str) -> str:
         """Move a finished partial file into place atomically; return the complete path."""
@@ -213,9 +223,12 @@ class DiskCache:
             if pin.count > 0:
                 return
             del self._pins[name]
-            if not self._is_complete(name):
-                return
-            self._insert_locked(name, pin.size_bytes)
+            try:
+                # The file's real size, not the reservation (a size hint, maybe never resized).
+                size_bytes = os.stat(self.complete_path(name)).st_size
+            except OSError:
+                return  # never completed: a failed or cancelled download
+            self._insert_locked(name, size_bytes)
 
     def free_space_ok(self) -> bool:
         return self._free_bytes() >= self.min_free_bytes

@@ -12,6 +12,7 @@ Secrets never travel in argv: the child reads the same password file or environm
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import logging.handlers
 import os
@@ -138,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "through an extended attribute of the mount's root; never contacts the PBX.")
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    pre = commands.add_parser(
+        "prefetch", help="download recordings into the cache, with progress",
+        description="Read recordings through the mount so that the daemon caches them, showing bytes, "
+                    "rate and ETA. PATHs are files or folders of a mount (e.g. MOUNTPOINT/2026/11); "
+                    "--from/--to narrow them to a date range. The daemon's --max-downloads still "
+                    "applies. Safe to interrupt: recordings not read to the end are not kept.")
+    pre.add_argument("paths", nargs="+", metavar="PATH")
+    pre.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day to fetch")
+    pre.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day to fetch")
+    pre.add_argument("--jobs", type=int, default=4, help="recordings read at once (default 4)")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
         description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
@@ -234,6 +245,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(args.mountpoint, as_json=args.json)
 
 
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from yeastarfs.tools import prefetch
+    return prefetch(args.paths, jobs=args.jobs, start=_date(args.date_from), end=_date(args.date_to))
+
+
+def _date(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise errors.ConfigError(f"invalid date {text!r}: use YYYY-MM-DD") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from yeastarfs.demo import run_demo
     return run_demo(args.mountpoint, recordings=args.recordings)
@@ -258,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_demo(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "prefetch":
+            return cmd_prefetch(args)
         return cmd_simulator(args)
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ XATTR_FIELDS = {
 }
 # The root directory carries the daemon's statistics (JSON) for `yeastarfs status`.
 STATUS_XATTR = "user.yeastarfs.status"
+CACHED_XATTR = "user.yeastarfs.cached"
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 
@@ -317,6 +318,8 @@ class YeastarFS(mfusepy.Operations):
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         entry = self._entry(path)
+        if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
+            return b"1" if self.cache.contains(entry.name) else b"0"
         if entry.kind == "dir":
             if path == "/" and name == STATUS_XATTR and self._status is not None:
                 return json.dumps(self._status(), default=str).encode()

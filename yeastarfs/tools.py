@@ -1,4 +1,4 @@
-"""Commands that work on a mount from outside: status (and, later, prefetch, cache, calls).
+"""Commands that work on a mount from outside: status and prefetch.
 
 They talk to the daemon only through the filesystem itself (an extended attribute of the
 root for status), so they need no socket, no credentials and no PBX access.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
+import threading
 import time
+from typing import Optional
 
 from yeastarfs.errors import ConfigError
 
@@ -64,3 +67,134 @@ def print_status(mountpoint: str, as_json: bool = False) -> int:
         lines.append(f"  {item['recording']}: {_bytes(item['received_bytes'])} of {_bytes(total)} ({share})")
     print("\n".join(lines))
     return 0
+
+
+# -- prefetch ----------------------------------------------------------------------------
+
+CACHED_XATTR = "user.yeastarfs.cached"
+READ_BLOCK_BYTES = 1 << 20
+PROGRESS_INTERVAL_S = 0.5
+
+
+def _is_cached(path: str) -> bool:
+    try:
+        return os.getxattr(path, CACHED_XATTR) == b"1"
+    except OSError:
+        return False
+
+
+def collect_files(paths: list[str], start: Optional[dt.date] = None, end: Optional[dt.date] = None) -> list[str]:
+    """Every recording under *paths* (files or folders), optionally within [start, end]."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files.extend(os.path.join(root, name) for name in sorted(names))
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or folder")
+    if start or end:
+        files = [f for f in files if _within(os.path.basename(f), start, end)]
+    return files
+
+
+def _within(name: str, start: Optional[dt.date], end: Optional[dt.date]) -> bool:
+    try:
+        day = dt.datetime.strptime(name[:8], "%Y%m%d").date()
+    except ValueError:
+        return False
+    return (start is None or day >= start) and (end is None or day <= end)
+
+
+class _Progress:
+    """Bytes, rate and ETA on one line (a terminal) or a line every few seconds (a log)."""
+
+    def __init__(self, total_bytes: int, files: int) -> None:
+        self.total_bytes, self.files = total_bytes, files
+        self.done_bytes = self.done_files = self.failed = self.skipped = 0
+        self.started = time.monotonic()
+        self._last_print = 0.0
+        self._lock = threading.Lock()
+        self._tty = sys.stderr.isatty()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.done_bytes += nbytes
+        self.show()
+
+    def file_done(self, ok: bool, skipped: bool = False) -> None:
+        with self._lock:
+            self.done_files += 1
+            self.failed += 0 if ok else 1
+            self.skipped += 1 if skipped else 0
+        self.show()
+
+    def show(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last_print < (PROGRESS_INTERVAL_S if self._tty else 5.0):
+            return
+        self._last_print = now
+        elapsed_s = max(now - self.started, 1e-6)
+        rate = self.done_bytes / elapsed_s
+        left = max(0, self.total_bytes - self.done_bytes)
+        eta = f"{left / rate:.0f} s" if rate > 0 and not final else "-"
+        line = (f"prefetch: {self.done_files}/{self.files} files, {_bytes(self.done_bytes)} of ~{_bytes(self.total_bytes)}"
+                f", {_bytes(rate)}/s, ETA {eta}")
+        print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty and not final else "\n",
+              file=sys.stderr, flush=True)
+
+
+def prefetch(paths: list[str], jobs: int = 4, start: Optional[dt.date] = None, end: Optional[dt.date] = None) -> int:
+    """Read recordings through the mount so the daemon caches them. Ctrl-C stops cleanly."""
+    files = collect_files(paths, start, end)
+    progress = _Progress(sum(os.stat(f).st_size for f in files), len(files))
+    stop = threading.Event()
+    pending = iter(files)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                path = next(pending, None)
+            if path is None:
+                return
+            _prefetch_one(path, progress, stop)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        progress.show(final=True)
+        print("prefetch: interrupted; recordings read to the end are cached", file=sys.stderr)
+        return 130
+    progress.show(final=True)
+    fetched = progress.done_files - progress.failed - progress.skipped
+    print(f"prefetch: {fetched} fetched, {progress.skipped} already cached, {progress.failed} failed, "
+          f"{_bytes(progress.done_bytes)} in {time.monotonic() - progress.started:.1f} s", file=sys.stderr)
+    return 1 if progress.failed else 0
+
+
+def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None:
+    if _is_cached(path):
+        progress.add(os.stat(path).st_size)
+        progress.file_done(True, skipped=True)
+        return
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            while not stop.is_set():
+                block = handle.read(READ_BLOCK_BYTES)
+                if not block:
+                    break
+                progress.add(len(block))
+    except OSError as exc:
+        print(f"\nprefetch: {path}: {exc.strerror}", file=sys.stderr)
+        progress.file_done(False)
+        return
+    progress.file_done(True)

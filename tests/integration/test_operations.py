@@ -69,3 +69,18 @@ def test_sighup_polls_now_and_sigusr1_logs_statistics(pbx, mounted):
     mount.process.send_signal(signal.SIGUSR1)
     wait_for(lambda: "statistics:" in mount.log(), timeout_s=5)
     assert os.path.ismount(mount.mountpoint)
+
+
+def test_prefetch_caches_a_folder_with_progress_and_a_summary(pbx, mounted):
+    recordings = [add(pbx, size_bytes=ONE_MB, minutes_ago=10 + i) for i in range(5)]
+    mount = mounted()
+    day = os.path.dirname(mount.path(*date_path(recordings[0].name)))
+    result = yeastarfs("prefetch", day, "--jobs", "3")
+    assert result.returncode == 0, result.stderr
+    assert "5 fetched, 0 already cached, 0 failed" in result.stderr
+    assert pbx.counters["recording/download"] == 5
+    again = yeastarfs("prefetch", day)
+    assert "0 fetched, 5 already cached" in again.stderr
+    assert pbx.counters["recording/download"] == 5
+    for rec in recordings:
+        assert os.getxattr(mount.path(*date_path(rec.name)), "user.yeastarfs.cached") == b"1"
