@@ -324,12 +324,13 @@ class PbxClient:
         response = self._request("GET", f"recording/download?{query}", headers=headers, stream=True)
         self.stats.downloads_opened += 1
         try:
-            return self._checked_stream(response, offset, "recording/download")
+            return self._checked_stream(response, offset, "recording/download", token)
         except BaseException:
             response.close()
             raise
 
-    def _checked_stream(self, response: requests.Response, offset: int, endpoint: str) -> RecordingStream:
+    def _checked_stream(self, response: requests.Response, offset: int, endpoint: str,
+                        token: str) -> RecordingStream:
         """Decide from status, headers and the first bytes whether this is the recording."""
         if response.status_code not in (200, 206) or (response.status_code == 206 and offset == 0):
             raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
@@ -340,14 +341,15 @@ class PbxClient:
             raise _stream_error(exc) from None
         content_type = response.headers.get("Content-Type", "").lower()
         if first[:1] in (b"{", b"[") or "json" in content_type:
-            raise self._json_failure(first, response, endpoint)
+            raise self._json_failure(first, response, endpoint, token)
         if first[:1] == b"<" or "text/html" in content_type:
             raise errors.DownloadError(f"{endpoint} returned an HTML page instead of a recording")
         start, total = _body_span(response, offset)
         return RecordingStream(response, start, total, first, body_bytes=_int_header(response, "Content-Length"),
                                reads_to_close=reads_to_close)
 
-    def _json_failure(self, first: bytes, response: requests.Response, endpoint: str) -> errors.PbxError:
+    def _json_failure(self, first: bytes, response: requests.Response, endpoint: str,
+                      token: str) -> errors.PbxError:
         body = first
         if len(first) < MAX_ERROR_BODY_BYTES and not getattr(response, "_content_consumed", False):
             try:
@@ -361,7 +363,8 @@ class PbxClient:
         api_errno = str(reply.get("errno", "")) if isinstance(reply, dict) else ""
         if api_errno in TOKEN_ERRNOS:
             with self._state_lock:
-                self._token = None  # the next call logs in again
+                if self._token == token:  # unless another thread has logged in since
+                    self._token = None  # the next call logs in again
         return _api_error(endpoint, api_errno)
 
     def fetch_cdr(self, start: dt.datetime, end: dt.datetime) -> CdrParseResult:
@@ -372,12 +375,13 @@ class PbxClient:
         if not isinstance(random, str) or not random:
             raise errors.PbxUnavailableError("cdr/get_random reply carries no random")
         errors.register_secret(random)
-        query = urllib.parse.urlencode({"number": "all", **times, "token": self._current_token(),
+        token = self._current_token()
+        query = urllib.parse.urlencode({"number": "all", **times, "token": token,
                                         "random": random}, quote_via=urllib.parse.quote)
         response = self._request("GET", f"cdr/download?{query}")
         text = response.content.decode("utf-8", "replace")
         if text.lstrip("\ufeff \r\n").startswith("{"):
-            raise self._json_failure(response.content, response, "cdr/download")
+            raise self._json_failure(response.content, response, "cdr/download", token)
         try:
             return parse_cdr_csv(text)
         except ValueError as exc:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from yeastarfs import __version__, errors
+from yeastarfs import __version__, errors, options
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
                               DEFAULT_HEARTBEAT_INTERVAL_S,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
@@ -74,9 +74,9 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
 
 def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     pbx = parser.add_argument_group("PBX")
-    pbx.add_argument("--pbx", required=True, metavar="URL",
-                     help="the PBX's web address, e.g. https://192.168.5.150:8088")
-    pbx.add_argument("--user", required=True, metavar="NAME", help="API username set on the PBX")
+    pbx.add_argument("--pbx", metavar="URL",
+                     help="the PBX's web address, e.g. https://192.168.5.150:8088 (required)")
+    pbx.add_argument("--user", metavar="NAME", help="API username set on the PBX (required; -o username=)")
     pbx.add_argument("--password-file", metavar="PATH",
                      help=f"file holding the API password (else ${PASSWORD_ENV}); never pass it in argv")
     tls = pbx.add_mutually_exclusive_group()
@@ -107,9 +107,19 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                      help=f"keep the token alive after this long idle (default {DEFAULT_HEARTBEAT_INTERVAL_S:g})")
     net.add_argument("--stall-timeout", metavar="SECONDS", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                      help=f"a read fails with EIO after this long without data (default {DEFAULT_STALL_TIMEOUT_S:g})")
+    net.add_argument("--prefetch", choices=["none", "new"], default="none",
+                     help="'new': download each newly announced recording into the cache at once")
     run = parser.add_argument_group("running")
+    run.add_argument("--config", metavar="PATH",
+                     help="TOML file with any of these options (default /etc/yeastarfs/config.toml, "
+                          "then ~/.config/yeastarfs/config.toml); the command line and "
+                          "YEASTARFS_<OPTION> variables override it")
     run.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (log to stderr)")
     run.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    run.add_argument("--uid", type=int, default=None, help="owner shown for every file (default: the mounting user)")
+    run.add_argument("--gid", type=int, default=None, help="group shown for every file (default: the mounting group)")
+    run.add_argument("--umask", default="022", metavar="OCTAL",
+                     help="permission bits to remove from r-xr-xr-x (default 022; e.g. 027)")
     run.add_argument("--log-file", metavar="PATH", help="log here (default in the background: CACHE_DIR/yeastarfs.log)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Returns once the mount is ready; unmount with: fusermount -u MOUNTPOINT.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_mount_options(mount)
+    parser.mount_parser = mount  # type: ignore[attr-defined]  # for layered defaults
     demo = commands.add_parser(
         "demo", help="mount a built-in simulated PBX with sample recordings",
         description="Start the PBX simulator with sample recordings, mount them, and unmount on Ctrl-C.")
@@ -163,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    password = read_password(args.password_file)
+    if not args.pbx or not args.user:
+        raise errors.ConfigError("--pbx URL and --user NAME are required (on the command line, "
+                                 "as -o options, in YEASTARFS_PBX/YEASTARFS_USER or in the config file)")
+    password = getattr(args, "password", None) or read_password(args.password_file)
     verify = args.ca_file if args.ca_file else not args.insecure
     if args.insecure:
         log.warning("tls: --insecure: the PBX's certificate is not verified")
@@ -178,7 +192,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
         tcp_events_port=args.tcp_events_port, heartbeat_interval_s=args.heartbeat_interval,
         max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
         allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
+        uid=args.uid, gid=args.gid, umask=_octal(args.umask), prefetch_new=args.prefetch == "new",
     ).validate()
+
+
+def _octal(text) -> int:
+    try:
+        value = int(str(text), 8)
+    except ValueError:
+        raise errors.ConfigError(f"invalid --umask {text!r}: expected octal digits like 027") from None
+    if not 0 <= value <= 0o777:
+        raise errors.ConfigError(f"invalid --umask {text!r}")
+    return value
 
 
 def _address_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -217,7 +242,7 @@ def _report_failure(ready_fd: Optional[int], message: str) -> None:
 
 def _spawn_daemon(argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
-    args = build_parser().parse_args(list(argv))
+    args, _ = parse_args(list(argv))
     config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
     log_file = args.log_file or os.path.join(
         os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root(), "yeastarfs.log")
@@ -270,9 +295,26 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days)
 
 
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse *argv*, accepting the mount(8) form and layering file and environment defaults."""
+    parser = build_parser()
+    if options.is_fstab_form(argv):
+        argv = options.translate_fstab_argv(argv, parser.mount_parser)
+    if argv[:1] == ["mount"]:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        config_path = pre.parse_known_args(argv[1:])[0].config
+        parser.mount_parser.set_defaults(**options.layered_defaults(parser.mount_parser, config_path))
+    return parser.parse_args(argv), argv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args, argv = parse_args(argv)
+    except errors.YeastarfsError as exc:
+        print(f"yeastarfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     foreground = getattr(args, "foreground", True)
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None) if foreground else None)
     try:

@@ -130,6 +130,10 @@ class Config:
     allow_other: bool = False
     log_file: Optional[str] = None
     log_level: str = "INFO"
+    uid: Optional[int] = None          # owner shown for every file; None: the mounting user
+    gid: Optional[int] = None
+    umask: int = 0o022                 # removed from r-xr-xr-x
+    prefetch_new: bool = False         # download newly announced recordings at once
 
     @property
     def pbx_host(self) -> str:

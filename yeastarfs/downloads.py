@@ -306,18 +306,23 @@ class Download:
             while True:
                 if self._manager.stopping:
                     self._cancel_locked("shutdown")
+                self._check_abandoned_locked()
                 if self.keep_going:
                     return
-                if self.handles == 0:
-                    if self.total_bytes and self.received_bytes >= FINISH_SHARE * self.total_bytes:
-                        self.keep_going = True
-                        return
-                    if self._idle_since is not None and time.monotonic() - self._idle_since >= GRACE_S:
-                        self._cancel_locked("no reader left")
                 window_bytes = max(INITIAL_WINDOW_BYTES, 2 * self._want_bytes)
                 if self.handles > 0 and self.received_bytes < self._want_bytes + window_bytes:
                     return
                 self._cond.wait(0.25)
+
+    def _check_abandoned_locked(self) -> None:
+        """With no reader left: finish past FINISH_SHARE, else cancel after GRACE_S (docstring)."""
+        if self.keep_going or self.handles > 0:
+            return
+        if self.total_bytes and self.received_bytes >= FINISH_SHARE * self.total_bytes:
+            self.keep_going = True
+            return
+        if self._idle_since is not None and time.monotonic() - self._idle_since >= GRACE_S:
+            self._cancel_locked("no reader left")
 
     def _cancel_locked(self, reason: str) -> None:
         self._cancel_reason = reason
@@ -325,9 +330,11 @@ class Download:
         raise _Cancelled()
 
     def _check_cancel(self) -> None:
+        """Before each attempt: no PBX request (and no random) for a download nobody wants."""
         with self._cond:
             if self._manager.stopping:
                 self._cancel_locked("shutdown")
+            self._check_abandoned_locked()
 
     def _sleep(self, delay_s: float) -> None:
         deadline = time.monotonic() + delay_s
@@ -406,13 +413,20 @@ class DownloadManager:
         """Return the running download of *name*, starting one if there is none."""
         with self._lock:
             download = self._downloads.get(name)
-            fresh = download is None or download.cancelled or (download.done and not download.complete)
+            if download is not None:
+                with download._cond:
+                    # Decided under _cond: a worker cancels only under _cond and only while
+                    # handles == 0, so a download joined here can no longer be cancelled.
+                    if download.cancelled or (download.done and not download.complete):
+                        download = None
+                    else:
+                        download.handles += 1
+                        download._idle_since = None
+                        download._cond.notify_all()
+            fresh = download is None
             if fresh:
                 download = self._downloads[name] = Download(self, name, size_hint)
-            with download._cond:
-                download.handles += 1
-                download._idle_since = None
-                download._cond.notify_all()
+                download.handles = 1
         if fresh:
             self.cache.reserve(name, size_hint or 0)
         if fresh or not download.started:
@@ -456,6 +470,13 @@ class DownloadManager:
             self._queue.put((-1, next(self._sequence), None))
         for worker in self._workers:
             worker.join(timeout=5)
+        # Downloads still queued never ran: their readers must not wait for the stall timeout.
+        for download in self.running():
+            with download._cond:
+                never_ran, download.started = not download.started, True
+            if never_ran:
+                download.cancelled = True
+                download._end(None, "cancelled (shutdown)")
 
     # -- callbacks from Download -------------------------------------------------------------
 

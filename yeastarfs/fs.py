@@ -154,7 +154,7 @@ class YeastarFS(mfusepy.Operations):
 
     def __init__(self, index, cache, downloads, *, on_ready: Optional[Callable[[], None]] = None,
                  status: Optional[Callable[[], dict]] = None,
-                 uid: Optional[int] = None, gid: Optional[int] = None) -> None:
+                 uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022) -> None:
         self.index = index
         self.cache = cache
         self.downloads = downloads
@@ -162,6 +162,8 @@ class YeastarFS(mfusepy.Operations):
         self._status = status
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
+        self._dir_mode = stat.S_IFDIR | (0o555 & ~umask)
+        self._file_mode = stat.S_IFREG | (0o444 & ~umask)
         self._lock = threading.Lock()
         self._handles: dict[int, object] = {}
         self._next_fh = 1
@@ -188,7 +190,7 @@ class YeastarFS(mfusepy.Operations):
     def _stat(self, entry, size_bytes: int = 0) -> dict:
         is_dir = entry.kind == "dir"
         return {
-            "st_mode": DIR_MODE if is_dir else FILE_MODE,
+            "st_mode": self._dir_mode if is_dir else self._file_mode,
             "st_nlink": 2 if is_dir else 1,
             "st_size": size_bytes,
             "st_blksize": BLOCK_SIZE_BYTES,

@@ -11,12 +11,15 @@ import csv
 import dataclasses
 import datetime as dt
 import io
+import re
 from typing import Any, Mapping, Optional
 
 # Longest name Linux accepts for one path component (NAME_MAX), in UTF-8 bytes.
 NAME_MAX_BYTES = 255
 # The leading "YYYYMMDDhhmmss" of every recording name (yeastar-api.md §8.1).
 TIMESTAMP_CHARS = 14
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 # Every spelling of each field seen in the docs, the CSV header and real events, first wins.
 _FIELD_ALIASES = {
@@ -178,7 +181,9 @@ def parse_cdr_csv(text: str) -> CdrParseResult:
     without a recording are skipped silently. Raises ValueError when there is no header
     with a ``recording`` column.
     """
-    lines = text.lstrip("\ufeff").splitlines()
+    # Only CR, LF and CRLF end a CSV line; str.splitlines() would also split a field at
+    # U+2028, NEL, FF, VT or RS (a caller name may hold one), losing the row's recording.
+    lines = _LINE_END.split(text.lstrip("\ufeff"))
     header_row = _csv_row(lines[0]) if lines else None
     header = [column.strip().lstrip("\ufeff").lower() for column in header_row or []]
     if "recording" not in header:

@@ -208,6 +208,12 @@ class Mount:
         new = self.index.add(recordings)
         if new:
             log.info("index: %d new recordings", len(new))
+        downloads = getattr(self, "downloads", None)  # events may arrive before it exists
+        if new and self.config.prefetch_new and downloads is not None:
+            for recording in new:
+                entry = self.index.get(recording.name)
+                if entry is not None:
+                    downloads.prefetch(recording.name, entry.size_bytes)
 
     def _add_one(self, recording: Recording) -> None:
         self._add_many([recording])
@@ -301,7 +307,8 @@ class Mount:
 
     def serve(self, on_ready: Callable[[], None]) -> None:
         """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM)."""
-        self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready, status=self.stats)
+        self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready, status=self.stats,
+                            uid=self.config.uid, gid=self.config.gid, umask=self.config.umask)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
                        attr_timeout=ATTR_TIMEOUT_S, entry_timeout=ATTR_TIMEOUT_S,

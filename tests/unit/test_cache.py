@@ -10,6 +10,7 @@ import pathlib
 import random
 import shutil
 import stat
+import sys
 import threading
 import time
 
@@ -582,6 +583,17 @@ def test_usage_reports_idle_and_pinned(cache):
 
 
 def test_many_threads_keep_the_books_straight(root):
+    # Switch threads very often, so that a missing lock shows up as a broken invariant or an
+    # exception from cachetools (which is not thread-safe) rather than passing by luck.
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        _hammer(root)
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
+def _hammer(root) -> None:
     cache = DiskCache(root, max_bytes=6000)
     names = [rec(100 + i) for i in range(24)]
     sizes = {name: 150 + (i * 97) % 700 for i, name in enumerate(names)}

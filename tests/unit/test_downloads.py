@@ -409,3 +409,51 @@ def test_stop_cancels_running_downloads_quickly(pbx, make_manager, cache):
     manager.release(download)
     assert not cache.contains(rec.name)
     wait_until(lambda: not partial_files(cache), message="the partial file to go")
+
+
+def test_a_queued_download_left_by_its_reader_never_asks_the_pbx(pbx, make_manager, cache):
+    manager = make_manager(max_downloads=1)
+    busy, left = add(pbx, 600_000), add(pbx, 300_000)
+    pbx.bandwidth_bps = 600_000
+    first = manager.acquire(busy.name)
+    first.read(0, 4096)
+    second = manager.acquire(left.name)  # queued behind the first
+    manager.release(second)
+    time.sleep(downloads_module.GRACE_S + 0.1)  # the grace runs out while it is queued
+    try:
+        assert sha(read_whole(first, busy.size_bytes)) == busy.sha256
+    finally:
+        manager.release(first)
+    wait_until(lambda: second.done, message="the queued download to be dropped")
+    assert second.cancelled and not second.complete
+    asked = [e for e in pbx.requests_log if e["endpoint"] == "recording/get_random"]
+    assert [e["body"]["recording"] for e in asked] == [busy.name]
+    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+
+
+def test_stop_fails_queued_downloads_at_once(pbx, make_manager):
+    manager = make_manager(max_downloads=1, stall_timeout_s=30.0)
+    running, queued = add(pbx, 4_000_000), add(pbx, 100_000)
+    pbx.bandwidth_bps = 200_000
+    first = manager.acquire(running.name)
+    first.read(0, 4096)
+    second = manager.acquire(queued.name)
+    outcome = []
+
+    def reader():
+        try:
+            second.read(0, 4096)
+            outcome.append("data")
+        except errors.PbxError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    manager.stop()
+    thread.join(timeout=5)
+    assert time.monotonic() - began < 3
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.PbxError)
+    manager.release(first)
+    manager.release(second)

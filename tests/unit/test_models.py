@@ -321,12 +321,12 @@ def test_bom_and_crlf():
     assert result.bad_rows == 0
 
 
-def test_rfc4180_quoting_with_commas_quotes_and_newlines_inside_fields():
+def test_rfc4180_quoting_with_commas_and_quotes_inside_fields():
     header = '"' + HEADER.replace(",", '","') + '"'
     row = ('"1.1","2026-11-27 10:14:38","""Smith, J"" <0612>","1002","42","34","Trunk, A","",'
            '"NO ANSWER","Inbound","","' + NAME + '","0201234567","369392534749"')
-    multiline = csv_row(callid="1.2", src='"line1\nline2"', recording=REAL_NAMES[2])
-    result = parse_cdr_csv("\r\n".join([header, row, multiline]) + "\r\n")
+    partly_quoted = csv_row(callid="1.2", src='"a ""b"", c"', recording='"' + REAL_NAMES[2] + '"')
+    result = parse_cdr_csv("\r\n".join([header, row, partly_quoted]) + "\r\n")
     assert result.bad_rows == 0
     assert names(result) == [NAME, REAL_NAMES[2]]
     first, second = result.recordings
@@ -334,7 +334,36 @@ def test_rfc4180_quoting_with_commas_quotes_and_newlines_inside_fields():
     assert first.src_trunk == "Trunk, A"
     assert first.status == "NO ANSWER"
     assert first.did == "0201234567"
-    assert second.src_trunk == "line1\nline2"
+    assert first.call_s == 42
+    assert second.src_trunk == 'a "b", c'
+
+
+def test_a_stray_quote_spoils_only_its_own_row():
+    text = "\n".join([
+        HEADER,
+        csv_row(callid="1.1", callfrom='"Smith', recording=REAL_NAMES[0]),   # unbalanced quote
+        csv_row(callid="1.2", recording=REAL_NAMES[1]),
+        csv_row(callid="1.3", recording=REAL_NAMES[2]),
+    ]) + "\n"
+    result = parse_cdr_csv(text)
+    assert names(result) == REAL_NAMES[1:3]
+    assert (result.rows, result.bad_rows) == (3, 1)
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1e"])
+def test_only_cr_and_lf_end_a_line(char):
+    # str.splitlines() also breaks at these; a caller name holding one must not cost the row.
+    text = "\n".join([HEADER, csv_row(callfrom=f"Smith{char}J", recording=NAME),
+                      csv_row(callid="1.2", recording=REAL_NAMES[1])]) + "\n"
+    result = parse_cdr_csv(text)
+    assert names(result) == [NAME, REAL_NAMES[1]]
+    assert result.bad_rows == 0
+    assert result.recordings[0].callfrom == f"Smith{char}J"
+
+
+def test_old_mac_line_ends():
+    text = "\r".join([HEADER, csv_row(recording=NAME), csv_row(recording=REAL_NAMES[1])]) + "\r"
+    assert names(parse_cdr_csv(text)) == [NAME, REAL_NAMES[1]]
 
 
 def test_unknown_extra_columns_anywhere_are_ignored():
