@@ -160,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day to fetch")
     pre.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day to fetch")
     pre.add_argument("--jobs", type=int, default=4, help="recordings read at once (default 4)")
+    calls = commands.add_parser(
+        "calls", help="list the indexed calls with their recordings' paths",
+        description="Print the calls the mount knows, with each recording's path and CDR fields, "
+                    "newest last, as CSV (default) or JSON lines. Reads the index; no PBX request.")
+    calls.add_argument("mountpoint", metavar="MOUNTPOINT")
+    calls.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
+    calls.add_argument("--format", choices=["csv", "json"], default="csv")
+    cache = commands.add_parser(
+        "cache", help="inspect, verify or clear a cache directory",
+        description="stats: cached recordings and bytes per PBX. verify: every cached file is complete "
+                    "(size equals what the PBX announced, and its RIFF header agrees); exit 1 if not. "
+                    "clear: delete every cached recording (refused while a mount uses the cache).")
+    cache.add_argument("action", choices=["stats", "verify", "clear"])
+    cache.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help=f"cache root (default {default_cache_root()})")
+    cache.add_argument("--delete-bad", action="store_true", help="verify: delete the files that fail")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
         description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
@@ -284,6 +300,21 @@ def _date(text: Optional[str]):
         raise errors.ConfigError(f"invalid date {text!r}: use YYYY-MM-DD") from None
 
 
+def cmd_calls(args: argparse.Namespace) -> int:
+    from yeastarfs.tools import list_calls
+    return list_calls(args.mountpoint, parse_duration(args.since), args.format)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from yeastarfs import tools
+    root = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
+    if args.action == "stats":
+        return tools.cache_stats(root)
+    if args.action == "verify":
+        return tools.cache_verify(root, delete_bad=args.delete_bad)
+    return tools.cache_clear(root)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from yeastarfs.demo import run_demo
     return run_demo(args.mountpoint, recordings=args.recordings)
@@ -327,6 +358,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_status(args)
         if args.command == "prefetch":
             return cmd_prefetch(args)
+        if args.command == "calls":
+            return cmd_calls(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         return cmd_simulator(args)
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)

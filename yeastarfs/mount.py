@@ -254,6 +254,7 @@ class Mount:
         client = self.client.stats
         return {
             "mountpoint": self.mountpoint, "pbx": self.config.pbx_url, "pid": os.getpid(),
+            "cache_dir": self.config.cache_dir,
             "uptime_s": round(time.time() - self.started_at, 1),
             # The CDR poll talks to the PBX every --poll-interval, heartbeats every 10 minutes.
             "pbx_reachable": client.last_success_time is not None

@@ -1,4 +1,4 @@
-"""Commands that work on a mount from outside: status and prefetch.
+"""Commands that work on a mount or its cache from outside: status, prefetch, calls, cache.
 
 They talk to the daemon only through the filesystem itself (an extended attribute of the
 root for status), so they need no socket, no credentials and no PBX access.
@@ -6,6 +6,7 @@ root for status), so they need no socket, no credentials and no PBX access.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import os
@@ -198,3 +199,145 @@ def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None
         progress.file_done(False)
         return
     progress.file_done(True)
+
+
+# -- calls -------------------------------------------------------------------------------
+
+CALL_COLUMNS = ("path", "start_time", "caller", "callee", "type", "status", "call_seconds", "talk_seconds",
+                "src_trunk", "dst_trunk", "did", "callid", "recording")
+
+
+def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
+    """Print the indexed calls with recordings since *since_s* ago, with their paths."""
+    from yeastarfs.index import RecordingIndex  # only this command needs the database
+
+    status = read_status(mountpoint)
+    index = RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"))
+    try:
+        start = dt.datetime.now() - dt.timedelta(seconds=since_s)
+        rows = (_call_row(mountpoint, index.path_of(rec.name), rec) for rec in index.recordings_since(start))
+        _write_rows(rows, output_format)
+    finally:
+        index.close()
+    return 0
+
+
+def _call_row(mountpoint: str, path: str, rec) -> dict:
+    return {"path": os.path.join(mountpoint, path.lstrip("/")), "start_time": rec.timestart,
+            "caller": rec.callfrom, "callee": rec.callto, "type": rec.call_type, "status": rec.status,
+            "call_seconds": rec.call_s, "talk_seconds": rec.talk_s, "src_trunk": rec.src_trunk,
+            "dst_trunk": rec.dst_trunk, "did": rec.did, "callid": rec.callid, "recording": rec.name}
+
+
+def _write_rows(rows, output_format: str) -> None:
+    if output_format == "json":
+        for row in rows:  # JSON lines: streamable, one call per line
+            print(json.dumps(row))
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=CALL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+
+
+# -- cache maintenance -----------------------------------------------------------------
+
+def pbx_cache_dirs(cache_root: str) -> list[str]:
+    """The per-PBX directories under a cache root (each has an index and complete/)."""
+    if not os.path.isdir(cache_root):
+        raise ConfigError(f"cache directory {cache_root} does not exist")
+    found = [os.path.join(cache_root, name) for name in sorted(os.listdir(cache_root))
+             if os.path.isfile(os.path.join(cache_root, name, "index.sqlite3"))]
+    if not found:
+        raise ConfigError(f"no yeastarfs cache under {cache_root}")
+    return found
+
+
+def _complete_files(pbx_dir: str) -> list[os.DirEntry]:
+    complete = os.path.join(pbx_dir, "complete")
+    return list(os.scandir(complete)) if os.path.isdir(complete) else []
+
+
+def cache_stats(cache_root: str) -> int:
+    from yeastarfs.index import RecordingIndex
+    for pbx_dir in pbx_cache_dirs(cache_root):
+        files = _complete_files(pbx_dir)
+        index = RecordingIndex(os.path.join(pbx_dir, "index.sqlite3"))
+        try:
+            indexed = index.count()
+        finally:
+            index.close()
+        total = sum(entry.stat().st_size for entry in files)
+        print(f"{pbx_dir}: {len(files)} cached recordings, {_bytes(total)}; {indexed} recordings indexed")
+    return 0
+
+
+def cache_clear(cache_root: str) -> int:
+    """Delete every cached recording (not the index). Refuses while a mount uses the cache."""
+    for pbx_dir in pbx_cache_dirs(cache_root):
+        with _cache_lock(pbx_dir):
+            files = _complete_files(pbx_dir)
+            freed = 0
+            for entry in files:
+                freed += entry.stat().st_size
+                os.unlink(entry.path)
+        print(f"{pbx_dir}: deleted {len(files)} cached recordings, {_bytes(freed)}")
+    return 0
+
+
+class _cache_lock:
+    """Hold a cache directory's lock, as a mount does; fail clearly when one holds it."""
+
+    def __init__(self, pbx_dir: str) -> None:
+        self._path = os.path.join(pbx_dir, "lock")
+
+    def __enter__(self):
+        import fcntl
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise ConfigError(f"{os.path.dirname(self._path)} is in use by a running mount; unmount it first") from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self._fd)
+
+
+def cache_verify(cache_root: str, delete_bad: bool = False) -> int:
+    """Check every cached file is complete: its size equals the size the PBX announced
+    (recorded in the index) and, for WAV files, the size in its RIFF header."""
+    from yeastarfs.index import RecordingIndex
+    bad = checked = 0
+    for pbx_dir in pbx_cache_dirs(cache_root):
+        index = RecordingIndex(os.path.join(pbx_dir, "index.sqlite3"))
+        try:
+            for entry in _complete_files(pbx_dir):
+                checked += 1
+                problem = _file_problem(entry, index.get(entry.name))
+                if problem:
+                    bad += 1
+                    print(f"BAD {entry.path}: {problem}")
+                    if delete_bad:
+                        os.unlink(entry.path)
+        finally:
+            index.close()
+    print(f"verified {checked} cached recordings: {checked - bad} good, {bad} bad"
+          + (" (deleted)" if delete_bad and bad else ""))
+    return 1 if bad else 0
+
+
+def _file_problem(entry: os.DirEntry, indexed) -> Optional[str]:
+    size_bytes = entry.stat().st_size
+    if indexed is None:
+        return "not in the index"
+    if indexed.size_exact and indexed.size_bytes != size_bytes:
+        return f"{size_bytes} bytes, the PBX announced {indexed.size_bytes}"
+    with open(entry.path, "rb") as handle:
+        header = handle.read(12)
+    if header[:4] == b"RIFF" and header[8:12] == b"WAVE":
+        riff_bytes = int.from_bytes(header[4:8], "little") + 8
+        if riff_bytes != size_bytes:
+            return f"{size_bytes} bytes, its RIFF header says {riff_bytes}"
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -84,3 +86,42 @@ def test_prefetch_caches_a_folder_with_progress_and_a_summary(pbx, mounted):
     assert pbx.counters["recording/download"] == 5
     for rec in recordings:
         assert os.getxattr(mount.path(*date_path(rec.name)), "user.yeastarfs.cached") == b"1"
+
+
+def test_calls_lists_the_index_with_paths(pbx, mounted):
+    recordings = pbx.populate(4, days=2)
+    mount = mounted()
+    pbx.reset()
+    result = yeastarfs("calls", mount.mountpoint, "--since", "3d")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["recording"] for row in rows] == [rec.name for rec in recordings]
+    assert all(os.path.exists(row["path"]) for row in rows)
+    assert rows[0]["caller"] == recordings[0].callfrom
+    as_json = [json.loads(line) for line in yeastarfs("calls", mount.mountpoint, "--format", "json").stdout.splitlines()]
+    assert [row["recording"] for row in as_json] == [rec.name for rec in recordings]
+    assert download_requests(pbx) == (0, 0)
+
+
+def test_cache_stats_verify_and_clear(pbx, mounted):
+    recordings = [add(pbx, size_bytes=ONE_MB, minutes_ago=10 + i) for i in range(3)]
+    mount = mounted()
+    for rec in recordings:
+        with open(mount.path(*date_path(rec.name)), "rb") as handle:
+            handle.read()
+    cache_root = mount.cache_dir
+    stats = yeastarfs("cache", "stats", "--cache-dir", cache_root)
+    assert stats.returncode == 0 and "3 cached recordings" in stats.stdout
+    verify = yeastarfs("cache", "verify", "--cache-dir", cache_root)
+    assert verify.returncode == 0 and "3 good, 0 bad" in verify.stdout
+    busy = yeastarfs("cache", "clear", "--cache-dir", cache_root)
+    assert busy.returncode == 1 and "unmount it first" in busy.stderr
+    assert mount.unmount() == 0
+    complete = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(cache_root)
+                if dirpath.endswith("complete") for name in names]
+    with open(complete[0], "r+b") as handle:  # a damaged file: one byte short
+        handle.truncate(ONE_MB - 1)
+    damaged = yeastarfs("cache", "verify", "--cache-dir", cache_root)
+    assert damaged.returncode == 1 and "2 good, 1 bad" in damaged.stdout
+    cleared = yeastarfs("cache", "clear", "--cache-dir", cache_root)
+    assert cleared.returncode == 0 and "deleted 3 cached recordings" in cleared.stdout

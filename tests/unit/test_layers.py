@@ -17,7 +17,7 @@ PACKAGE = "yeastarfs"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 
 KNOWN_MODULES = {"api", "cache", "cdrsync", "cli", "config", "demo", "downloads", "errors", "events",
-                 "fs", "index", "models", "mount", "simulator", "__init__", "__main__"}
+                 "fs", "index", "models", "mount", "options", "simulator", "tools", "__init__", "__main__"}
 
 FUSE_BINDINGS = {"mfusepy", "fuse", "fusepy"}
 HTTP_CLIENTS = {"requests", "urllib3"}
@@ -169,6 +169,8 @@ def test_only_demo_imports_the_simulator():
     ("mount", {"cli", "demo"}),
     ("fs", {"mount"}),
     ("__main__", set()),
+    ("options", {"cli"}),
+    ("tools", {"cli"}),
 ])
 def test_upper_layers_have_only_the_allowed_importers(target, allowed):
     offenders = importers_of(target) - allowed
@@ -197,6 +199,20 @@ def test_cache_imports_nothing_above_errors():
 def test_config_imports_at_most_errors():
     # config.py's docstring: "imports nothing else from yeastarfs but ``errors``".
     assert internal("config") <= {"errors"}
+
+
+def test_options_imports_at_most_errors():
+    # options.py's docstring: "Stdlib only; no yeastarfs imports but ``errors``."
+    assert internal("options") <= {"errors"}
+
+
+def test_tools_work_through_the_mount_not_the_pbx():
+    # tools.py's docstring: status and prefetch talk to the daemon only through the filesystem,
+    # with no socket, no credentials and no PBX access.
+    forbidden = internal("tools") & {"api", "events", "downloads", "cdrsync", "mount", "fs", "index",
+                                     "cache", "simulator", "demo"}
+    assert not forbidden, f"tools imports {sorted(forbidden)}"
+    assert not GRAPH["tools"] & (HTTP_CLIENTS | FUSE_BINDINGS)
 
 
 @pytest.mark.parametrize("module", ["downloads", "cdrsync", "events"])
