@@ -47,6 +47,19 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd stderr goes to the journal, which stamps the time itself and reads a
+    ``<N>`` syslog priority prefix (SyslogLevelPrefix=yes, the default)."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
 def _create_private_file(path: str) -> None:
     """Create *path* (and its directory) readable by the owner only, if missing."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
@@ -60,7 +73,8 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
         handler = logging.handlers.WatchedFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(_JournalFormatter() if not log_file and os.environ.get("JOURNAL_STREAM")
+                         else logging.Formatter(LOG_FORMAT))
     handler.addFilter(_RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -132,9 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"yeastarfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mount = commands.add_parser(
-        "mount", help="mount the recordings of a PBX",
-        description="Mount a PBX's recordings at MOUNTPOINT as /YYYY/MM/DD/<recording>.wav. "
-                    "Returns once the mount is ready; unmount with: fusermount -u MOUNTPOINT.")
+        "mount", help="mount the recordings of a PBX", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mount a PBX's recordings at MOUNTPOINT as /YYYY/MM/DD/<recording>.wav.\n\n"
+                    "Returns once the mount is ready and keeps serving in the background (logging to\n"
+                    "CACHE_DIR/yeastarfs.log); unmount with: fusermount -u MOUNTPOINT. The password is\n"
+                    f"read from --password-file or ${PASSWORD_ENV}, never from the command line.\n"
+                    "Options may also come from a TOML --config file and YEASTARFS_<OPTION> variables;\n"
+                    "the command line wins, then the environment, then the file.",
+        epilog="examples:\n"
+               "  yeastarfs mount /mnt/recordings --pbx https://192.168.5.150:8088 --user api \\\n"
+               "      --password-file /etc/yeastarfs/password --ca-file /etc/yeastarfs/pbx.pem\n"
+               "  mount -t fuse.yeastarfs https://192.168.5.150:8088 /mnt/recordings \\\n"
+               "      -o username=api,password_file=/etc/yeastarfs/password,cache_size=20G\n"
+               "  fstab: https://192.168.5.150:8088 /mnt/recordings fuse.yeastarfs "
+               "_netdev,username=api,password_file=/etc/yeastarfs/password 0 0\n\n"
+               "signals: SIGHUP polls the CDR now, SIGUSR1 logs statistics, SIGTERM/SIGINT unmount.\n"
+               "exit status: 0 mounted (or unmounted cleanly), 1 start-up failure, 2 usage error.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_mount_options(mount)
     parser.mount_parser = mount  # type: ignore[attr-defined]  # for layered defaults
