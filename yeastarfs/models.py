@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
-import io
 import re
 from typing import Any, Mapping, Optional
 

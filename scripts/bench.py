@@ -1,0 +1,1108 @@
+#!/usr/bin/env python3
+"""Benchmark yeastarfs against its limits, each limit measured in the same run (issue 5).
+
+A cold read can be no faster than downloading the same bytes from the PBX directly, and a
+cached read no faster than reading a local file. This script starts the PBX simulator on
+loopback, mounts yeastarfs against it, runs every case against the mount and against its
+baseline alternately, several times, and prints a table (median, min, max, ratio) and one
+``BENCH_JSON {...}`` line.
+
+    .venv/bin/python scripts/bench.py                      # the default set, a few minutes
+    .venv/bin/python scripts/bench.py --cases cold_seq,walk --runs 3
+    .venv/bin/python scripts/bench.py --walk-recordings 1000000 --stream-mb 1024   # full size
+
+The simulator runs in a child process of its own, so that neither the baseline client in
+this process nor the yeastarfs daemon shares an interpreter lock with the server.
+Timings cover open to last byte (close is not timed) on both sides. Reads use 1 MiB
+``readinto`` calls on unbuffered files, both on the mount and on local files (the local
+baselines are these Python reads, not ``dd``). MB is 10^6 bytes everywhere.
+
+Cases and their baselines:
+
+cold_seq       Sequential read of an uncached ``--cold-mb`` recording through the mount
+               (MB/s). Baseline: the same recording downloaded directly with ``requests``
+               (POST recording/get_random, then GET recording/download). Goal >= 0.9x.
+first_64k      Open + first 64 KiB of an uncached recording while every PBX request takes
+               ``--latency-ms`` (ms). Baseline: get_random + GET + 64 KiB of the body
+               directly. Goal <= baseline + 10 ms.
+parallel32     ``--parallel-readers`` threads each read a distinct uncached
+               ``--parallel-mb`` recording (mount started with ``--max-downloads 32``);
+               aggregate MB/s. Baseline: as many parallel direct downloads. Goal >= 0.8x.
+cached_first   First read of a cached recording after its pages were dropped from the page
+               cache (posix_fadvise DONTNEED on the cache file and on the mounted file).
+               Baseline: the cache file itself read the same way. Goal >= 0.3x.
+cached_repeat  Second of two reads of a cached recording (kernel page cache). Baseline:
+               second of two reads of the cache file. Goal >= 0.9x.
+ls_day         ``ls -l`` of a day folder with ``--ls-recordings`` recordings, after the
+               kernel's 1 s attribute cache expired. Baseline: ``ls -l`` of a local folder
+               of as many empty files. Goal <= 4x the time.
+walk           ``--walk-recordings`` recordings over 3 years (2020-2022), walked twice:
+               names only (``find -type f``: readdir) and with a stat of every file
+               (``find -type f -printf %s``). Baseline: the same tree of empty local files.
+               Goal <= 4x the time.
+mount_start    Seconds from spawning ``yeastarfs mount`` until ``os.listdir`` of the
+               mountpoint works, with a pre-built index of ``--index-recordings``
+               recordings and a PBX with few recordings (``--since 1d``). Goal < 2 s.
+memory         Daemon VmRSS with ``--index-recordings`` indexed: idle after start, and
+               sampled every 50 ms while streaming a ``--stream-mb`` recording (max, and
+               last minus first sample). Goal < 150 MB, growth <= 10 MB (flat).
+pbx_requests   Simulator counters around one cold read of a whole recording, which is
+               also checked byte for byte. Goal: exactly 1 get_random, 1 download and
+               0 logins (the token is alive).
+
+Everything (mounts, simulator, temporary files) is cleaned up on exit, Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from typing import Callable, Iterator, Optional
+
+import requests
+
+from yeastarfs.index import RecordingIndex
+from yeastarfs.models import Recording
+
+MB = 1_000_000
+BLOCK_BYTES = 1 << 20
+HEAD_BYTES = 64 * 1024
+WAV_HEADER_BYTES = 44
+BYTES_PER_S = 16_000  # the simulator's PCM-16 8 kHz mono
+USER = "api"
+API = "api/v2.0.0"
+# The daemon's attribute and entry timeout is 1 s: wait longer so the kernel asks again.
+ATTR_EXPIRE_S = 1.1
+READY_TIMEOUT_S = 180.0
+EXIT_TIMEOUT_S = 30.0
+RSS_SAMPLE_S = 0.05
+FLAT_GROWTH_MB = 10.0
+MEMORY_LIMIT_MB = 150.0
+INDEX_BATCH = 50_000
+TREE_FIRST_DAY = dt.datetime(2020, 1, 1)
+TREE_DAYS = 3 * 365 + 1  # 2020-01-01 .. 2022-12-31
+LS_DAY = dt.datetime(2023, 6, 15)
+MAIN_CASES = ("pbx_requests", "cold_seq", "first_64k", "parallel32", "cached_first",
+              "cached_repeat", "ls_day", "walk")
+BIG_CASES = ("mount_start", "memory")
+ALL_CASES = MAIN_CASES + BIG_CASES
+C_LOCALE = {**os.environ, "LC_ALL": "C"}
+
+
+# ---------------------------------------------------------------------------------------
+# Options and machine
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(ALL_CASES),
+                        help=f"comma-separated cases (default all: {','.join(ALL_CASES)})")
+    parser.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    parser.add_argument("--walk-recordings", type=int, default=100_000,
+                        help="recordings in the walk tree (default 100000; the issue's case: 1000000)")
+    parser.add_argument("--index-recordings", type=int, default=1_000_000,
+                        help="recordings indexed for mount_start and memory (default 1000000)")
+    parser.add_argument("--stream-mb", type=float, default=200,
+                        help="recording streamed in the memory case, MB (default 200; the issue's case: 1024)")
+    parser.add_argument("--cold-mb", type=float, default=20, help="cold and cached recordings, MB (default 20)")
+    parser.add_argument("--parallel-mb", type=float, default=4, help="each parallel recording, MB (default 4)")
+    parser.add_argument("--parallel-readers", type=int, default=32, help="parallel readers (default 32)")
+    parser.add_argument("--ls-recordings", type=int, default=1000, help="recordings in the ls day (default 1000)")
+    parser.add_argument("--latency-ms", type=float, default=20, help="PBX latency in first_64k (default 20)")
+    parser.add_argument("--tmp-dir", default=None, help="where mounts, caches and trees go (default: system temp)")
+    parser.add_argument("--json", metavar="PATH", help="also write the JSON result to PATH")
+    args = parser.parse_args(argv)
+    args.case_list = [case.strip() for case in args.cases.split(",") if case.strip()]
+    unknown = sorted(set(args.case_list) - set(ALL_CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {','.join(ALL_CASES)}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def machine_info(tmp_dir: str) -> dict:
+    """What the numbers depend on: CPU, cores, kernel, Python, libfuse, RAM, cache filesystem."""
+    return {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
+        "python": platform.python_version(), "libfuse": _command_line(["fusermount3", "--version"]),
+        "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "tmp_fs": _command_line(["stat", "-f", "-c", "%T", tmp_dir]),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _command_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "?"
+
+
+# ---------------------------------------------------------------------------------------
+# The simulator, in a child process driven over a pipe
+
+
+def _serve_simulator(conn, password: str) -> None:
+    """Child process: run a Simulator and answer RPCs until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from yeastarfs.simulator import Simulator
+    sim = Simulator(username=USER, password=password).start()
+    ops: dict[str, Callable] = {
+        "base_url": lambda: sim.base_url,
+        "add": lambda specs: [sim.add_recording(announce=False, **spec).name for spec in specs],
+        "warm": lambda names: sum(len(sim.recording_bytes(name)) for name in names),
+        "latency": lambda seconds: setattr(sim, "latency_s", seconds),
+        "counters": lambda: dict(sim.counters),
+        "sha256": lambda name: sim.recordings[name].sha256,
+    }
+    try:
+        while True:
+            try:
+                op, args = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                conn.send((True, ops[op](*args)))
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                conn.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        sim.stop()
+
+
+class RemoteSimulator:
+    """The PBX simulator in a child process; `call` runs one operation of `_serve_simulator`."""
+
+    def __init__(self, password: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve_simulator, args=(child_conn, password),
+                                        name="pbx-simulator", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._lock = threading.Lock()
+        self.base_url: str = self.call("base_url")
+
+    def call(self, op: str, *args):
+        with self._lock:
+            self._conn.send((op, args))
+            ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"simulator {op}: {value}")
+        return value
+
+    def close(self) -> None:
+        self._conn.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rec:
+    name: str
+    size_bytes: int
+
+
+def recording_bytes(mb: float) -> int:
+    return int(mb * MB) + WAV_HEADER_BYTES
+
+
+class Pool:
+    """Fresh simulator recordings per case, all added before mounting; each is used once.
+
+    They lie in the last 20 hours, so ``--since 1d`` makes every mount index them.
+    """
+
+    def __init__(self, sim: RemoteSimulator) -> None:
+        self._sim = sim
+        self._free: dict[str, list[Rec]] = collections.defaultdict(list)
+        self._next_start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(hours=20)
+
+    def plan(self, group: str, count: int, size_bytes: int) -> None:
+        specs = []
+        for _ in range(count):
+            specs.append({"start": self._next_start, "size_bytes": size_bytes,
+                          "duration_s": max(1.0, (size_bytes - WAV_HEADER_BYTES) / BYTES_PER_S)})
+            self._next_start += dt.timedelta(seconds=7)
+        self._free[group] += [Rec(name, size_bytes) for name in self._sim.call("add", specs)]
+
+    def take(self, group: str, count: int = 1) -> list[Rec]:
+        taken, self._free[group] = self._free[group][:count], self._free[group][count:]
+        if len(taken) < count:
+            raise RuntimeError(f"not enough fresh recordings planned for {group}")
+        return taken
+
+
+def plan_recordings(pool: Pool, args: argparse.Namespace) -> None:
+    """Add every recording the selected cases will read, before any mount starts."""
+    cases, runs = set(args.case_list), args.runs
+    pool.plan("warmup", 1, recording_bytes(2))
+    if "pbx_requests" in cases:
+        pool.plan("pbx_requests", runs, recording_bytes(2))
+    if "cold_seq" in cases:
+        pool.plan("cold_seq", runs, recording_bytes(args.cold_mb))
+    if "first_64k" in cases:
+        pool.plan("first_64k", runs, recording_bytes(2))
+    if "parallel32" in cases:
+        pool.plan("parallel32", runs * args.parallel_readers, recording_bytes(args.parallel_mb))
+    if cases & {"cached_first", "cached_repeat"}:
+        pool.plan("cached", 1, recording_bytes(args.cold_mb))
+    if "memory" in cases:
+        pool.plan("memory", runs, recording_bytes(args.stream_mb))
+
+
+# ---------------------------------------------------------------------------------------
+# The baseline client: the PBX API used directly with requests
+
+
+def direct_login(base_url: str, password: str) -> str:
+    """POST login with the MD5 of the password; the token (never printed)."""
+    body = {"username": USER, "password": hashlib.md5(password.encode()).hexdigest(), "version": "2.0.0"}
+    reply = requests.post(f"{base_url}/{API}/login", json=body, timeout=30).json()
+    if str(reply.get("status", "")).lower() != "success":
+        raise RuntimeError(f"baseline login failed with errno {reply.get('errno')}")
+    return reply["token"]
+
+
+class DirectClient:
+    """One baseline downloader (own requests.Session, shared token)."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self._api = f"{base_url}/{API}"
+        self._token = token
+        self._session = requests.Session()
+
+    def open(self, name: str) -> requests.Response:
+        """get_random, then GET recording/download, streamed."""
+        reply = self._session.post(f"{self._api}/recording/get_random", params={"token": self._token},
+                                   json={"recording": name}, timeout=30).json()
+        if "random" not in reply:
+            raise RuntimeError(f"baseline get_random failed with errno {reply.get('errno')}")
+        query = {"recording": name, "random": reply["random"], "token": self._token}
+        response = self._session.get(f"{self._api}/recording/download", params=query, stream=True, timeout=60)
+        response.raise_for_status()
+        return response
+
+    def download(self, name: str) -> tuple[float, int]:
+        """(seconds from get_random to the last byte, bytes)."""
+        start = time.perf_counter()
+        response = self.open(name)
+        total = sum(len(chunk) for chunk in response.iter_content(BLOCK_BYTES))
+        elapsed = time.perf_counter() - start
+        response.close()
+        return elapsed, total
+
+    def head(self, name: str, size: int) -> float:
+        """Seconds from get_random until the first *size* body bytes are in."""
+        start = time.perf_counter()
+        response = self.open(name)
+        data = response.raw.read(size)
+        elapsed = time.perf_counter() - start
+        response.close()
+        if len(data) != size:
+            raise RuntimeError(f"baseline head read {len(data)} bytes")
+        return elapsed
+
+
+# ---------------------------------------------------------------------------------------
+# Mounts
+
+
+class MountProcess:
+    """One ``yeastarfs mount --foreground`` daemon started by this script (we know its pid)."""
+
+    def __init__(self, tag: str, tmp: str, base_url: str, password_file: str, extra: tuple = ()) -> None:
+        self.mountpoint = os.path.join(tmp, f"mnt-{tag}")
+        self.cache_root = os.path.join(tmp, f"cache-{tag}")
+        self.log_path = os.path.join(tmp, f"daemon-{tag}.log")
+        netloc = urllib.parse.urlsplit(base_url).netloc
+        self.pbx_dir = os.path.join(self.cache_root, re.sub(r"[^A-Za-z0-9.-]", "_", netloc))
+        self.argv = [sys.executable, "-m", "yeastarfs", "mount", self.mountpoint, "--pbx", base_url,
+                     "--user", USER, "--password-file", password_file, "--cache-dir", self.cache_root,
+                     "--events-port", "0", "--foreground", "--cache-min-free", "0", "--since", "1d", *extra]
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.pbx_dir, "index.sqlite3")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.mountpoint, name[0:4], name[4:6], name[6:8], name)
+
+    def cache_file(self, name: str) -> str:
+        return os.path.join(self.pbx_dir, "complete", name)
+
+    def start(self) -> float:
+        """Spawn the daemon; the seconds until os.listdir of the mountpoint works."""
+        os.makedirs(self.mountpoint, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            started = time.perf_counter()
+            # Own session: a Ctrl-C reaches only this script, which then unmounts in order.
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
+        while time.perf_counter() - started < READY_TIMEOUT_S:
+            if os.path.ismount(self.mountpoint) and _lists(self.mountpoint):
+                return time.perf_counter() - started
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_tail()}")
+            time.sleep(0.002)
+        raise RuntimeError(f"not mounted after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / MB
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        """fusermount3 -u; the daemon's exit status (it must exit 0 by itself)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None and os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
+        try:
+            code = self.process.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = -9
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """Last resort: SIGKILL our daemon (by pid) and detach the mount lazily."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", self.mountpoint], capture_output=True)
+
+    def cleanup(self) -> None:
+        try:
+            code = self.stop()
+            if code != 0:
+                print(f"warning: daemon {self.mountpoint} exited {code}; log {self.log_path}", flush=True)
+        finally:
+            self.kill()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_settled(self, timeout_s: float = 15.0) -> None:
+        """Wait until no download is in flight (no partial files), e.g. cancelled early leavers."""
+        partial = os.path.join(self.pbx_dir, "partial")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and os.path.isdir(partial) and os.listdir(partial):
+            time.sleep(0.05)
+
+    def wait_cached(self, name: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(self.cache_file(name)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} was not cached within {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+
+def _lists(path: str) -> bool:
+    try:
+        os.listdir(path)
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Index and local trees
+
+
+def tree_names(count: int, first_day: dt.datetime, days: int) -> Iterator[str]:
+    """*count* recording names spread evenly over *days* days from *first_day*, in order."""
+    span_s = days * 86_400
+    for i in range(count):
+        moment = first_day + dt.timedelta(seconds=i * span_s // count)
+        yield f"{moment:%Y%m%d%H%M%S}-{1_500_000_000 + i}.{i}-1001-2002-Inbound.wav"
+
+
+def walk_names(count: int) -> Iterator[str]:
+    return tree_names(count, TREE_FIRST_DAY, TREE_DAYS)
+
+
+def ls_names(count: int) -> Iterator[str]:
+    return tree_names(count, LS_DAY, 1)
+
+
+def _recording(name: str) -> Recording:
+    moment = dt.datetime.strptime(name[:14], "%Y%m%d%H%M%S")
+    return Recording(name=name, callid=name.split("-")[1], timestart=f"{moment:%Y-%m-%d %H:%M:%S}",
+                     callfrom="1001", callto="2002", call_s=65, talk_s=60, status="ANSWERED",
+                     call_type="Inbound")
+
+
+def build_index(db_path: str, names: Iterator[str], total: int, what: str) -> None:
+    """Pre-build a mount's index with RecordingIndex.add, in batches, printing progress."""
+    started = time.monotonic()
+    done = 0
+    with RecordingIndex(db_path) as index:
+        batch: list[Recording] = []
+        for name in names:
+            batch.append(_recording(name))
+            if len(batch) == INDEX_BATCH:
+                done += len(index.add(batch))
+                batch = []
+                progress(f"  index {what}: {done:,}/{total:,}")
+        done += len(index.add(batch))
+    progress(f"  index {what}: {done:,} recordings in {time.monotonic() - started:.1f} s", end=True)
+
+
+def make_local_tree(root: str, names: Iterator[str], total: int, what: str) -> None:
+    """Empty local files at root/YYYY/MM/DD/<name>: the baseline of ls and walk."""
+    started, current_dir = time.monotonic(), None
+    for done, name in enumerate(names, 1):
+        folder = os.path.join(root, name[0:4], name[4:6], name[6:8])
+        if folder != current_dir:
+            os.makedirs(folder, exist_ok=True)
+            current_dir = folder
+        os.close(os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT, 0o644))
+        if done % INDEX_BATCH == 0:
+            progress(f"  local tree {what}: {done:,}/{total:,}")
+    progress(f"  local tree {what}: {total:,} files in {time.monotonic() - started:.1f} s", end=True)
+
+
+def progress(text: str, end: bool = False) -> None:
+    """A progress line: rewritten in place on a terminal, one line each otherwise."""
+    if sys.stdout.isatty():
+        print(f"\r{text}\033[K", end="\n" if end else "", flush=True)
+    else:
+        print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement primitives
+
+
+def timed_read(path: str, limit: Optional[int] = None) -> tuple[float, int]:
+    """(seconds from open to the last byte, bytes) with 1 MiB readinto on an unbuffered file."""
+    buffer = bytearray(min(BLOCK_BYTES, limit or BLOCK_BYTES))
+    view, total = memoryview(buffer), 0
+    started = time.perf_counter()
+    handle = open(path, "rb", buffering=0)
+    try:
+        while limit is None or total < limit:
+            count = handle.readinto(view if limit is None else view[: limit - total])
+            if not count:
+                break
+            total += count
+        return time.perf_counter() - started, total
+    finally:
+        handle.close()
+
+
+def drop_page_cache(path: str) -> None:
+    """Drop the kernel's cached pages of *path* only (nothing else)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def in_parallel(jobs: list[Callable[[], object]]) -> float:
+    """Run *jobs* on threads released together; wall seconds until the last one finished."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    failures: list[BaseException] = []
+
+    def worker(job: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(job,), daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return time.perf_counter() - started
+
+
+def alternate(run: int, mine: Callable[[], float], base: Callable[[], float]) -> tuple[float, float]:
+    """Run both sides, the mount first on even runs and the baseline first on odd ones."""
+    if run % 2:
+        base_value = base()
+        return mine(), base_value
+    mine_value = mine()
+    return mine_value, base()
+
+
+def run_command(argv: list[str]) -> tuple[float, int]:
+    """(seconds, lines of stdout) of a command run in the C locale."""
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, env=C_LOCALE)
+    lines = 0
+    for block in iter(lambda: process.stdout.read(BLOCK_BYTES), b""):
+        lines += block.count(b"\n")
+    code = process.wait()
+    elapsed = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"{argv[0]} exited {code}")
+    return elapsed, lines
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass
+class Result:
+    """One row of the table. ``check(mine, base, ratio)`` decides the goal on medians."""
+
+    key: str
+    label: str
+    unit: str
+    mine: list
+    base: Optional[list]
+    goal: str
+    check: Callable[[float, Optional[float], Optional[float]], bool]
+    note: str = ""
+    met: bool = dataclasses.field(init=False)
+    ratio: Optional[float] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        mine, base = median(self.mine), median(self.base) if self.base else None
+        self.ratio = mine / base if isinstance(mine, float) and base else None
+        self.met = bool(self.check(mine, base, self.ratio))
+
+    def as_json(self) -> dict:
+        def side(values):
+            if not values:
+                return None
+            numeric = isinstance(values[0], (int, float))
+            return {"median": median(values), "min": min(values) if numeric else None,
+                    "max": max(values) if numeric else None, "samples": values}
+        return {"case": self.key, "label": self.label, "unit": self.unit, "yeastarfs": side(self.mine),
+                "baseline": side(self.base), "ratio": self.ratio, "goal": self.goal, "met": self.met,
+                "note": self.note}
+
+
+def median(values: list):
+    if isinstance(values[0], str):
+        return collections.Counter(values).most_common(1)[0][0]
+    return float(statistics.median(values))
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def table(results: list[Result]) -> str:
+    header = ["case", "yeastarfs (median)", "min", "max", "baseline (median)", "ratio", "goal", "met?"]
+    rows = [header]
+    for r in results:
+        numeric = not isinstance(r.mine[0], str)
+        rows.append([r.label, fmt(median(r.mine)), fmt(min(r.mine)) if numeric else "-",
+                     fmt(max(r.mine)) if numeric else "-", fmt(median(r.base)) if r.base else "-",
+                     f"{r.ratio:.2f}x" if r.ratio else "-", r.goal, "yes" if r.met else "NO"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def say(case: str, run: int, text: str) -> None:
+    print(f"  [{case}] run {run + 1}: {text}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Cases on the main mount
+
+
+@dataclasses.dataclass
+class Bench:
+    args: argparse.Namespace
+    sim: RemoteSimulator
+    pool: Pool
+    token: str
+    tmp: str
+    password_file: str
+    tree: str = ""
+    main: Optional[MountProcess] = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def client(self) -> DirectClient:
+        return DirectClient(self.sim.base_url, self.token)
+
+    def recording_counters(self) -> collections.Counter:
+        counters = self.sim.call("counters")
+        return collections.Counter({key: counters.get(key, 0)
+                                    for key in ("recording/get_random", "recording/download", "login")})
+
+
+def case_pbx_requests(b: Bench) -> list[Result]:
+    """One cold read of a whole recording: PBX requests it caused, and its bytes verified."""
+    samples, bad = [], 0
+    for run in range(b.args.runs):
+        (rec,) = b.pool.take("pbx_requests")
+        before = b.recording_counters()
+        digest = sha256_file(b.main.path(rec.name))
+        b.main.wait_cached(rec.name)
+        delta = b.recording_counters() - before
+        bad += digest != b.sim.call("sha256", rec.name)
+        sample = f"{delta['recording/get_random']}/{delta['recording/download']}/{delta['login']}"
+        samples.append(sample)
+        say("pbx_requests", run, f"get_random/download/login = {sample}")
+    note = "bytes verified" if not bad else f"{bad} reads returned WRONG BYTES"
+    return [Result("pbx_requests", "PBX requests per cold read (get_random/download/login)", "count",
+                   samples, None, "1/1/0", lambda m, _b, _r: all(s == "1/1/0" for s in samples) and not bad,
+                   note)]
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        for block in iter(lambda: handle.read(BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def case_cold_seq(b: Bench) -> list[Result]:
+    """Uncached recording read sequentially through the mount vs downloaded directly."""
+    client, mine, base = b.client(), [], []
+    for run in range(b.args.runs):
+        (rec,) = b.pool.take("cold_seq")
+        b.sim.call("warm", [rec.name])  # the simulator builds the bytes before either side asks
+        m, d = alternate(run, lambda: throughput(timed_read(b.main.path(rec.name)), rec),
+                         lambda: throughput(client.download(rec.name), rec))
+        mine.append(m)
+        base.append(d)
+        say("cold_seq", run, f"mount {m:.0f} MB/s, direct {d:.0f} MB/s")
+        b.main.wait_cached(rec.name)
+    return [Result("cold_seq", f"cold sequential read, {b.args.cold_mb:g} MB (MB/s)", "MB/s", mine, base,
+                   ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
+
+
+def throughput(timing: tuple[float, int], rec: Rec) -> float:
+    seconds, size = timing
+    if size != rec.size_bytes:
+        raise RuntimeError(f"{rec.name}: read {size} bytes, expected {rec.size_bytes}")
+    return size / seconds / MB
+
+
+def case_first_64k(b: Bench) -> list[Result]:
+    """Open + first 64 KiB of an uncached recording with PBX latency, vs direct API calls."""
+    client, mine, base = b.client(), [], []
+    b.sim.call("latency", b.args.latency_ms / 1000)
+    try:
+        for run in range(b.args.runs):
+            (rec,) = b.pool.take("first_64k")
+            b.sim.call("warm", [rec.name])
+            m, d = alternate(run, lambda: head_ms(b.main.path(rec.name)),
+                             lambda: client.head(rec.name, HEAD_BYTES) * 1000)
+            mine.append(m)
+            base.append(d)
+            say("first_64k", run, f"mount {m:.1f} ms, direct {d:.1f} ms")
+    finally:
+        b.sim.call("latency", 0.0)
+    b.main.wait_settled()  # the early leavers are cancelled after their grace period
+    return [Result("first_64k", f"first 64 KiB, uncached, PBX latency {b.args.latency_ms:g} ms (ms)", "ms",
+                   mine, base, "<= base + 10 ms", lambda m, d, _r: m <= d + 10)]
+
+
+def head_ms(path: str) -> float:
+    seconds, size = timed_read(path, limit=HEAD_BYTES)
+    if size != HEAD_BYTES:
+        raise RuntimeError(f"{path}: first read gave {size} bytes")
+    return seconds * 1000
+
+
+def case_parallel32(b: Bench) -> list[Result]:
+    """N readers of distinct uncached recordings at once vs N parallel direct downloads."""
+    readers, mine, base = b.args.parallel_readers, [], []
+    for run in range(b.args.runs):
+        recs = b.pool.take("parallel32", readers)
+        b.sim.call("warm", [rec.name for rec in recs])
+        total_mb = sum(rec.size_bytes for rec in recs) / MB
+        clients = [b.client() for _ in recs]
+        mount_jobs = [lambda rec=rec: throughput(timed_read(b.main.path(rec.name)), rec) for rec in recs]
+        direct_jobs = [lambda rec=rec, c=c: throughput(c.download(rec.name), rec) for rec, c in zip(recs, clients)]
+        m, d = alternate(run, lambda: total_mb / in_parallel(mount_jobs),
+                         lambda: total_mb / in_parallel(direct_jobs))
+        mine.append(m)
+        base.append(d)
+        say("parallel32", run, f"mount {m:.0f} MB/s, direct {d:.0f} MB/s aggregate")
+        for rec in recs:
+            b.main.wait_cached(rec.name)
+    label = f"{readers} parallel cold readers, {b.args.parallel_mb:g} MB each (aggregate MB/s)"
+    return [Result("parallel32", label, "MB/s", mine, base, ">= 0.8x", lambda _m, _b, r: r >= 0.8)]
+
+
+def cached_recording(b: Bench) -> Rec:
+    """A recording read once through the mount and now complete in the cache."""
+    if "cached" not in b.info:
+        (rec,) = b.pool.take("cached")
+        timed_read(b.main.path(rec.name))
+        b.main.wait_cached(rec.name)
+        os.stat(b.main.path(rec.name))  # the kernel learns the exact size (keep_cache is then trusted)
+        b.info["cached"] = rec
+    return b.info["cached"]
+
+
+def case_cached_first(b: Bench) -> list[Result]:
+    """First read of a cached recording with its pages dropped vs the cache file read alike."""
+    rec = cached_recording(b)
+    mounted, local = b.main.path(rec.name), b.main.cache_file(rec.name)
+    mine, base = [], []
+
+    def cold(path: str) -> float:
+        drop_page_cache(local)
+        drop_page_cache(mounted)
+        return throughput(timed_read(path), rec)
+
+    for run in range(b.args.runs):
+        m, d = alternate(run, lambda: cold(mounted), lambda: cold(local))
+        mine.append(m)
+        base.append(d)
+        say("cached_first", run, f"mount {m:.0f} MB/s, local file {d:.0f} MB/s")
+    return [Result("cached_first", f"first read of a cached {b.args.cold_mb:g} MB recording (MB/s)", "MB/s",
+                   mine, base, ">= 0.3x", lambda _m, _b, r: r >= 0.3)]
+
+
+def case_cached_repeat(b: Bench) -> list[Result]:
+    """Second of two reads of a cached recording vs the second of two reads of the cache file."""
+    rec = cached_recording(b)
+    mounted, local = b.main.path(rec.name), b.main.cache_file(rec.name)
+    mine, base = [], []
+
+    def twice(path: str) -> float:
+        timed_read(path)
+        return throughput(timed_read(path), rec)
+
+    for run in range(b.args.runs):
+        m, d = alternate(run, lambda: twice(mounted), lambda: twice(local))
+        mine.append(m)
+        base.append(d)
+        say("cached_repeat", run, f"mount {m:.0f} MB/s, local file {d:.0f} MB/s")
+    return [Result("cached_repeat", f"repeated read of a cached {b.args.cold_mb:g} MB recording (MB/s)",
+                   "MB/s", mine, base, ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
+
+
+def case_ls_day(b: Bench) -> list[Result]:
+    """``ls -l`` of a day folder through the mount vs of a local folder of empty files."""
+    count = b.args.ls_recordings
+    day = f"{LS_DAY:%Y/%m/%d}"
+    mine, base = [], []
+
+    def ls(root: str, expire: bool) -> float:
+        if expire:
+            time.sleep(ATTR_EXPIRE_S)
+        seconds, lines = run_command(["ls", "-l", os.path.join(root, day)])
+        if lines != count + 1:
+            raise RuntimeError(f"ls -l {root}/{day} listed {lines - 1} entries, not {count}")
+        return seconds * 1000
+
+    for run in range(b.args.runs):
+        m, d = alternate(run, lambda: ls(b.main.mountpoint, True), lambda: ls(b.tree, False))
+        mine.append(m)
+        base.append(d)
+        say("ls_day", run, f"mount {m:.1f} ms, local {d:.1f} ms")
+    return [Result("ls_day", f"ls -l of a day with {count:,} recordings (ms)", "ms", mine, base, "<= 4x",
+                   lambda _m, _b, r: r <= 4)]
+
+
+def case_walk(b: Bench) -> list[Result]:
+    """The 3-year tree walked through the mount vs the same tree of empty local files."""
+    count = b.args.walk_recordings
+    variants = (("names", "walk, names only: find -type f", []),
+                ("stat", "walk + stat of every file: find -printf %s", ["-printf", "%s\\n"]))
+    results = []
+    for tag, label, extra in variants:
+        mine, base = [], []
+
+        def walk(root: str, expire: bool) -> float:
+            if expire:
+                time.sleep(ATTR_EXPIRE_S)
+            years = [os.path.join(root, str(year)) for year in range(2020, 2023)]
+            seconds, lines = run_command(["find", *years, "-type", "f", *extra])
+            if lines != count:
+                raise RuntimeError(f"walk of {root} found {lines} files, not {count}")
+            return seconds
+
+        for run in range(b.args.runs):
+            m, d = alternate(run, lambda: walk(b.main.mountpoint, True), lambda: walk(b.tree, False))
+            mine.append(m)
+            base.append(d)
+            say(f"walk {tag}", run, f"mount {m:.2f} s, local {d:.2f} s")
+        results.append(Result(f"walk_{tag}", f"{label}, {count:,} recordings (s)", "s", mine, base, "<= 4x",
+                              lambda _m, _b, r: r <= 4))
+    return results
+
+
+MAIN_CASE_FUNCTIONS = {
+    "pbx_requests": case_pbx_requests, "cold_seq": case_cold_seq, "first_64k": case_first_64k,
+    "parallel32": case_parallel32, "cached_first": case_cached_first, "cached_repeat": case_cached_repeat,
+    "ls_day": case_ls_day, "walk": case_walk,
+}
+
+
+def prepare_main(b: Bench, stack: contextlib.ExitStack) -> None:
+    """Index and local trees for ls/walk, then the main mount (``--max-downloads 32``)."""
+    args, cases = b.args, set(b.args.case_list)
+    main = MountProcess("main", b.tmp, b.sim.base_url, b.password_file,
+                        ("--max-downloads", str(max(32, args.parallel_readers))))
+    tree = b.tree = os.path.join(b.tmp, "local-tree")
+    if "walk" in cases:
+        build_index(main.index_path, walk_names(args.walk_recordings), args.walk_recordings, "walk tree")
+        make_local_tree(tree, walk_names(args.walk_recordings), args.walk_recordings, "walk tree")
+    if "ls_day" in cases:
+        build_index(main.index_path, ls_names(args.ls_recordings), args.ls_recordings, "ls day")
+        make_local_tree(tree, ls_names(args.ls_recordings), args.ls_recordings, "ls day")
+    stack.callback(main.cleanup)
+    b.info["main_mount_ready_s"] = round(main.start(), 3)
+    b.main = main
+    print(f"main mount ready in {b.info['main_mount_ready_s']:.2f} s", flush=True)
+    warm_up(b)
+
+
+def warm_up(b: Bench) -> None:
+    """One untimed cold read through the mount and one direct download."""
+    (rec,) = b.pool.take("warmup")
+    timed_read(b.main.path(rec.name))
+    b.client().download(rec.name)
+    b.main.wait_cached(rec.name)
+
+
+def run_main_cases(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
+    selected = [case for case in MAIN_CASES if case in b.args.case_list]
+    if not selected:
+        return []
+    prepare_main(b, stack)
+    logins_before = b.recording_counters()["login"]
+    results = []
+    for case in selected:
+        print(f"{case}:", flush=True)
+        b.main.wait_settled()
+        results += MAIN_CASE_FUNCTIONS[case](b)
+    b.info["daemon_logins_during_main_cases"] = b.recording_counters()["login"] - logins_before
+    b.info["main_rss_mb_at_end"] = round(b.main.rss_mb(), 1)
+    code = b.main.stop()
+    b.info["main_exit_status"] = code
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Cases on a mount with a big index
+
+
+def big_mount(b: Bench, stack: contextlib.ExitStack) -> MountProcess:
+    """A mount whose pre-built index holds ``--index-recordings`` recordings."""
+    if "big" not in b.info:
+        count = b.args.index_recordings
+        mount = MountProcess("big", b.tmp, b.sim.base_url, b.password_file)
+        build_index(mount.index_path, walk_names(count), count, "big")
+        stack.callback(mount.cleanup)
+        b.info["big"] = mount
+    return b.info["big"]
+
+
+def case_mount_start(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
+    """Spawn to first successful listdir, with a big index and a PBX with few recordings."""
+    mount, count = big_mount(b, stack), b.args.index_recordings
+    mine, idle = [], []
+    for run in range(b.args.runs):
+        seconds = mount.start()
+        idle.append(mount.rss_mb())
+        mount.stop()
+        mine.append(seconds)
+        say("mount_start", run, f"ready in {seconds:.2f} s, RSS {idle[-1]:.1f} MB")
+    b.info["mount_start_idle_rss_mb"] = idle
+    return [Result("mount_start", f"mount start, {count:,} indexed (s)", "s", mine, None, "< 2 s",
+                   lambda m, _b, _r: m < 2)]
+
+
+def case_memory(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
+    """Daemon RSS with a big index: idle, and sampled while streaming a large recording."""
+    mount, count = big_mount(b, stack), b.args.index_recordings
+    mount.start()
+    time.sleep(0.5)
+    idle = [mount.rss_mb()]
+    peaks, growth, notes = [], [], []
+    for run in range(b.args.runs):
+        (rec,) = b.pool.take("memory")
+        b.sim.call("warm", [rec.name])
+        samples, rate = sample_rss_while(mount, lambda: throughput(timed_read(mount.path(rec.name)), rec))
+        peaks.append(max(samples))
+        growth.append(samples[-1] - samples[0])
+        notes.append(f"{samples[0]:.0f}->{samples[-1]:.0f}")
+        say("memory", run, f"streamed {rec.size_bytes / MB:.0f} MB at {rate:.0f} MB/s, RSS first {samples[0]:.1f}, "
+                           f"max {peaks[-1]:.1f}, last {samples[-1]:.1f} MB ({len(samples)} samples)")
+        mount.wait_cached(rec.name)
+    mount.stop()
+    stream = f"{b.args.stream_mb:g} MB"
+    return [
+        Result("memory_idle", f"daemon RSS, {count:,} indexed, idle (MB)", "MB", idle, None,
+               f"< {MEMORY_LIMIT_MB:g} MB", lambda m, _b, _r: m < MEMORY_LIMIT_MB),
+        Result("memory_stream", f"daemon RSS while streaming {stream}, max (MB)", "MB", peaks, None,
+               f"< {MEMORY_LIMIT_MB:g} MB", lambda _m, _b, _r: max(peaks) < MEMORY_LIMIT_MB),
+        Result("memory_growth", f"RSS growth while streaming {stream}, last-first (MB)", "MB", growth, None,
+               f"<= {FLAT_GROWTH_MB:g} MB (flat)", lambda _m, _b, _r: max(growth) <= FLAT_GROWTH_MB,
+               note="first->last per run: " + ", ".join(notes)),
+    ]
+
+
+def sample_rss_while(mount: MountProcess, job: Callable[[], float]) -> tuple[list[float], float]:
+    """VmRSS of the daemon every 50 ms while *job* runs; (samples, job's result)."""
+    samples = [mount.rss_mb()]
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(RSS_SAMPLE_S):
+            samples.append(mount.rss_mb())
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        result = job()
+    finally:
+        done.set()
+        thread.join()
+    samples.append(mount.rss_mb())
+    return samples, result
+
+
+def run_big_cases(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
+    results = []
+    if "mount_start" in b.args.case_list:
+        print("mount_start:", flush=True)
+        results += case_mount_start(b, stack)
+    if "memory" in b.args.case_list:
+        print("memory:", flush=True)
+        results += case_memory(b, stack)
+    b.info.pop("big", None)
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def make_tmp(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
+    tmp = tempfile.mkdtemp(prefix="yeastarfs-bench-", dir=args.tmp_dir)
+    stack.callback(remove_tmp, tmp)
+    return tmp
+
+
+def remove_tmp(tmp: str) -> None:
+    """Delete the temporary tree, unless something is still mounted inside it."""
+    mounted = [entry.path for entry in os.scandir(tmp) if os.path.ismount(entry.path)]
+    if mounted:
+        print(f"warning: {mounted} still mounted; leaving {tmp}", flush=True)
+        return
+    print("cleaning up temporary files...", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_password(tmp: str, password: str) -> str:
+    path = os.path.join(tmp, "password")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password + "\n")
+    return path
+
+
+def report(results: list[Result], machine: dict, args: argparse.Namespace, info: dict, elapsed_s: float) -> dict:
+    print()
+    print(table(results))
+    for result in results:
+        if result.note:
+            print(f"  {result.key}: {result.note}")
+    print(f"goals judged on medians (memory: on the worst run); MB = 10^6 bytes; run took {elapsed_s:.0f} s")
+    options = {key: value for key, value in vars(args).items() if key != "case_list"}
+    data = {"machine": machine, "options": options, "elapsed_s": round(elapsed_s, 1),
+            "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))},
+            "cases": [result.as_json() for result in results]}
+    print("BENCH_JSON " + json.dumps(data, separators=(",", ":")), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    machine = machine_info(args.tmp_dir or tempfile.gettempdir())
+    print("machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()), flush=True)
+    with contextlib.ExitStack() as stack:
+        tmp = make_tmp(args, stack)
+        password = secrets.token_urlsafe(18)
+        sim = RemoteSimulator(password)
+        stack.callback(sim.close)
+        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password), tmp, write_password(tmp, password))
+        plan_recordings(bench.pool, args)
+        results = run_main_cases(bench, stack) + run_big_cases(bench, stack)
+        report(results, machine, args, bench.info, time.monotonic() - started)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaned up", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""scripts/bench.py runs every case end to end with tiny sizes and prints its JSON line.
+
+Only that the benchmark works is checked, not whether yeastarfs meets the goals: timings
+of tiny files on a busy CI machine mean nothing. Needs FUSE, like the integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+TINY = ["--runs", "1", "--walk-recordings", "300", "--index-recordings", "300", "--stream-mb", "1",
+        "--cold-mb", "1", "--parallel-mb", "0.5", "--parallel-readers", "3", "--ls-recordings", "20"]
+EXPECTED_ROWS = {"pbx_requests", "cold_seq", "first_64k", "parallel32", "cached_first", "cached_repeat",
+                 "ls_day", "walk_names", "walk_stat", "mount_start", "memory_idle", "memory_stream",
+                 "memory_growth"}
+
+
+def _fuse_problem() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is not installed"
+    return None
+
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(_fuse_problem() is not None and os.environ.get("CI") != "true",
+                       reason=f"FUSE unavailable: {_fuse_problem()}"),
+]
+
+
+def test_bench_runs_every_case_with_tiny_sizes(tmp_path):
+    json_path = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(BENCH), *TINY, "--tmp-dir", str(tmp_path), "--json", str(json_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    data = json.loads(lines[0][len("BENCH_JSON "):])
+    assert data == json.loads(json_path.read_text())
+    rows = {case["case"]: case for case in data["cases"]}
+    assert set(rows) == EXPECTED_ROWS
+    assert rows["pbx_requests"]["met"], rows["pbx_requests"]  # correctness, not speed
+    assert all(case["yeastarfs"]["samples"] for case in data["cases"])
+    assert "| yeastarfs (median) |" in result.stdout
+    assert [entry.name for entry in tmp_path.iterdir()] == ["bench.json"]  # everything else cleaned up
