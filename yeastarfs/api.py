@@ -3,8 +3,10 @@
 Owns the session (MD5 login, token, heartbeat, one re-login on a token failure), the
 single-use ``random`` per download, streaming recording downloads and the CDR CSV. It is
 the only module that imports ``requests``; every failure leaves it as an ``errors`` type,
-with tokens and randoms redacted. It knows nothing of paths, the cache or FUSE, and it
-never retries a download by itself: a retry needs a fresh random, which the caller asks for.
+with tokens and randoms redacted, and it scrubs them from urllib3's own log lines too. A
+download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
+It knows nothing of paths, the cache or FUSE, and it never retries a download by itself:
+a retry needs a fresh random, which the caller asks for.
 
 Threading: all methods may be called from any thread. ``_state_lock`` guards the token and
 timestamps and is never held during I/O. ``_login_lock`` serialises logins *on purpose*
@@ -107,7 +109,7 @@ class RecordingStream:
             if expected is not None and received > expected:
                 raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
             if expected is not None and received == expected and self._reads_to_close:
-                if self._read():
+                if self._body_continues():
                     raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
                 yield chunk
                 return
@@ -121,6 +123,16 @@ class RecordingStream:
             return self._response.raw.read1(DOWNLOAD_READ_BYTES)
         except Exception as exc:  # urllib3 wraps socket errors in many types
             raise _stream_error(exc) from None
+
+    def _body_continues(self) -> bool:
+        """After the announced length: do more bytes come before the close?
+
+        A reset or timeout here says nothing against a body whose length already matched.
+        """
+        try:
+            return bool(self._response.raw.read1(DOWNLOAD_READ_BYTES))
+        except Exception:  # noqa: BLE001 - see the docstring
+            return False
 
     def close(self) -> None:
         self._response.close()

@@ -15,9 +15,17 @@ Policy, in one place (README "How downloads behave" says the same):
   and closes pulls little more than the window. A reader that seeks to the end opens the
   window to the end.
 * Early leavers. When the last reader closes, a download that has more than half of the
-  file continues to the end (someone read most of it; it will be wanted again); otherwise
-  it waits ``GRACE_S`` for a new reader (file managers reopen), then is cancelled and its
-  partial file deleted.
+  file continues to the end (someone read most of it; it will be wanted again). Otherwise
+  it is *suspended* at once: its connection is closed, so the PBX stops sending, and its
+  worker slot is freed, but the bytes held are kept for ``KEEP_SUSPENDED_S``. A reader
+  that comes back (file managers reopen) resumes it with a fresh random (see Failures for
+  how a resume re-uses held bytes); nobody coming back drops it and deletes its partial
+  file. A download that nobody wanted while it was queued or between attempts is
+  suspended before it asks the PBX for a random.
+* Idle readers. A download paused by flow control for ``PAUSE_SUSPEND_S`` (a player on
+  pause holding the file open) is suspended too, so idle readers never hold the
+  ``max_downloads`` slots; the reader's next read resumes it.
+  ``stop()`` cancels running downloads and fails queued and suspended ones at once.
 * Failures. A reset, truncated body, JSON ``Failed`` or HTTP error is retried with a fresh
   random, up to ``MAX_FAILURES`` consecutive failures without progress, with exponential
   backoff. The retry asks for ``Range: bytes=N-``; a 206 is appended, a 200 is re-read from
@@ -61,8 +69,13 @@ log = logging.getLogger(__name__)
 # A file manager sniffing a file reads a few KiB; 128 KiB covers the header of any audio
 # format and one kernel read-ahead, and keeps what an abandoned open pulls small.
 INITIAL_WINDOW_BYTES = 128 * 1024
-# Wait this long after the last reader left before cancelling (file managers reopen).
-GRACE_S = 2.0
+# Keep the bytes of a suspended download this long for a reader to come back (file
+# managers reopen what they sniffed; thumbnailers follow sniffers).
+KEEP_SUSPENDED_S = 30.0
+# A download paused this long by flow control gives back its connection and worker slot.
+PAUSE_SUSPEND_S = 5.0
+# How often the manager looks for suspended downloads nobody came back to.
+JANITOR_INTERVAL_S = 1.0
 # Keep downloading after the last reader left when at least this share has arrived.
 FINISH_SHARE = 0.5
 # Consecutive failed attempts (each with a fresh random) before readers get EIO.
@@ -80,7 +93,11 @@ _download_ids = itertools.count(1)
 
 
 class _Cancelled(Exception):
-    """Internal: the download was cancelled (nobody wants it, or shutdown)."""
+    """Internal: the download was cancelled (shutdown)."""
+
+
+class _Suspended(Exception):
+    """Internal: nobody needs more bytes now; give back the connection and the slot."""
 
 
 class Download:
@@ -112,12 +129,14 @@ class Download:
         self.retired = False
         self._want_bytes = 0             # furthest byte end any reader asked for
         self._cancel_reason: Optional[str] = None
-        self._idle_since: Optional[float] = None
         self._progress_time = time.monotonic()
         # Unique per Download: a cancelled transfer may still be cleaning up its file while
         # a new reader starts the next one.
         self.path = f"{manager.cache.partial_path(name)}.{next(_download_ids)}"
         self.cancelled = False
+        self.suspended = False
+        self._suspended_since = 0.0
+        self._paused_since: Optional[float] = None
         self._write_fd: Optional[int] = None
         self._read_fd: Optional[int] = None
 
@@ -137,6 +156,8 @@ class Download:
             while not self._readable_locked(offset, end):
                 if self.error is not None:
                     raise self.error
+                if self.suspended:
+                    self._resume_locked()
                 quiet_s = time.monotonic() - max(self._progress_time, waited_since)
                 if quiet_s >= stall_s:
                     raise errors.DownloadStalledError(
@@ -154,6 +175,12 @@ class Download:
         if self.complete or (self.total_bytes is not None and self.received_bytes >= self.total_bytes):
             return True
         return self.total_bytes is not None and offset >= self.total_bytes
+
+    def _resume_locked(self) -> None:
+        """A reader needs bytes a suspended download does not hold: queue it again."""
+        self.suspended = False
+        self._progress_time = time.monotonic()
+        self._manager.requeue(self)
 
     def _want_locked(self, end: int) -> None:
         if end > self._want_bytes:
@@ -176,12 +203,39 @@ class Download:
             self._open_files()
             self._transfer_with_retries()
             self._finish()
+        except _Suspended:
+            self._suspend()
         except _Cancelled:
             self._end(None, f"cancelled ({self._cancel_reason})")
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the readers
             self._end(_as_pbx_or_cache_error(exc), f"failed: {exc}")
 
+    def _suspend(self) -> None:
+        with self._cond:
+            self.suspended = True
+            self.started = False
+            self._suspended_since = time.monotonic()
+            self._paused_since = None
+            wanted = self.handles > 0 and self._want_bytes > self.received_bytes
+            self._cond.notify_all()
+            if wanted:  # a reader asked for more while we were closing the connection
+                self._resume_locked()
+        log.debug("recording %s: suspended at %d bytes", self.name, self.received_bytes)
+
+    def discard_if_abandoned(self) -> None:
+        """Drop a suspended download nobody came back to within KEEP_SUSPENDED_S."""
+        with self._cond:
+            if not self.suspended or self.handles > 0 or self.done:
+                return
+            if time.monotonic() - self._suspended_since < KEEP_SUSPENDED_S and not self._manager.stopping:
+                return
+            self.suspended = False
+            self.cancelled = True
+        self._end(None, "dropped: no reader came back")
+
     def _open_files(self) -> None:
+        if self._write_fd is not None:
+            return  # resuming a suspended download: keep what is held
         try:
             self._write_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -301,28 +355,32 @@ class Download:
             self._progress_time = time.monotonic()
 
     def _wait_for_demand(self) -> None:
-        """Pause while far enough ahead of the readers; cancel when they left (docstring)."""
+        """Pause while far enough ahead of the readers; suspend when nobody wants more."""
         with self._cond:
             while True:
                 if self._manager.stopping:
                     self._cancel_locked("shutdown")
                 self._check_abandoned_locked()
                 if self.keep_going:
-                    return
+                    break
                 window_bytes = max(INITIAL_WINDOW_BYTES, 2 * self._want_bytes)
-                if self.handles > 0 and self.received_bytes < self._want_bytes + window_bytes:
-                    return
+                if self.received_bytes < self._want_bytes + window_bytes:
+                    break
+                now = time.monotonic()
+                self._paused_since = self._paused_since or now
+                if now - self._paused_since >= PAUSE_SUSPEND_S:
+                    raise _Suspended()
                 self._cond.wait(0.25)
+            self._paused_since = None
 
     def _check_abandoned_locked(self) -> None:
-        """With no reader left: finish past FINISH_SHARE, else cancel after GRACE_S (docstring)."""
+        """With no reader left: finish past FINISH_SHARE, else suspend (docstring)."""
         if self.keep_going or self.handles > 0:
             return
         if self.total_bytes and self.received_bytes >= FINISH_SHARE * self.total_bytes:
             self.keep_going = True
             return
-        if self._idle_since is not None and time.monotonic() - self._idle_since >= GRACE_S:
-            self._cancel_locked("no reader left")
+        raise _Suspended()
 
     def _cancel_locked(self, reason: str) -> None:
         self._cancel_reason = reason
@@ -408,6 +466,8 @@ class DownloadManager:
                          for i in range(max_downloads)]
         for worker in self._workers:
             worker.start()
+        self._janitor = threading.Thread(target=self._drop_abandoned, name="download-janitor", daemon=True)
+        self._janitor.start()
 
     def acquire(self, name: str, size_hint: Optional[int] = None) -> Download:
         """Return the running download of *name*, starting one if there is none."""
@@ -421,7 +481,8 @@ class DownloadManager:
                         download = None
                     else:
                         download.handles += 1
-                        download._idle_since = None
+                        if download.suspended:
+                            download._resume_locked()
                         download._cond.notify_all()
             fresh = download is None
             if fresh:
@@ -430,8 +491,14 @@ class DownloadManager:
         if fresh:
             self.cache.reserve(name, size_hint or 0)
         if fresh or not download.started:
+            # A queued prefetch is queued again at reader priority; the worker runs it once.
             self._queue.put((PRIORITY_READER, next(self._sequence), download))
         return download
+
+    def requeue(self, download: Download) -> None:
+        """Queue a suspended download again (called under its ``_cond``; the queue is a leaf)."""
+        priority = PRIORITY_READER if download.handles > 0 else PRIORITY_PREFETCH
+        self._queue.put((priority, next(self._sequence), download))
 
     def prefetch(self, name: str, size_hint: Optional[int] = None) -> Optional[Download]:
         """Queue a background download of *name* behind reader-driven ones (None if cached)."""
@@ -451,8 +518,6 @@ class DownloadManager:
         """A reader closed its handle on *download*."""
         with download._cond:
             download.handles -= 1
-            if download.handles == 0:
-                download._idle_since = time.monotonic()
             download._cond.notify_all()
         self._retire_if_idle(download)
 
@@ -507,6 +572,13 @@ class DownloadManager:
                 download.started = True
                 download._progress_time = time.monotonic()
             download.run()
+
+    def _drop_abandoned(self) -> None:
+        """Suspended downloads nobody came back to give back their disk space."""
+        while not self.stopping:
+            time.sleep(JANITOR_INTERVAL_S)
+            for download in self.running():
+                download.discard_if_abandoned()
 
     def _retire_if_idle(self, download: Download) -> None:
         """Release the cache pin and the read fd once done and nobody reads any more."""

@@ -33,10 +33,11 @@ from yeastarfs.cache import DiskCache
 from yeastarfs.cdrsync import CdrSync
 from yeastarfs.config import Config
 from yeastarfs.downloads import DownloadManager
-from yeastarfs.events import EventReceiver, TcpEventClient
+from yeastarfs.events import EventReceiver
 from yeastarfs.fs import YeastarFS
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
+from yeastarfs.tcpevents import TcpEventClient
 
 log = logging.getLogger(__name__)
 

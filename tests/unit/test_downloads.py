@@ -27,9 +27,11 @@ KIB = 1024
 
 @pytest.fixture(autouse=True)
 def quick_policies(monkeypatch):
-    """Shorter backoff and grace: the policy is the same, the suite is faster."""
+    """Shorter backoff and suspension times: the policy is the same, the suite is faster."""
     monkeypatch.setattr(downloads_module, "BACKOFF_INITIAL_S", 0.02)
-    monkeypatch.setattr(downloads_module, "GRACE_S", 0.5)
+    monkeypatch.setattr(downloads_module, "KEEP_SUSPENDED_S", 0.5)
+    monkeypatch.setattr(downloads_module, "PAUSE_SUSPEND_S", 0.5)
+    monkeypatch.setattr(downloads_module, "JANITOR_INTERVAL_S", 0.05)
 
 
 @pytest.fixture
@@ -273,23 +275,28 @@ def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
 # -- early leavers ------------------------------------------------------------------------------
 
 
-def test_an_early_leaver_cancels_the_download_after_the_grace(pbx, manager, cache):
+def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, manager, cache):
     rec = add(pbx, 4_000_000)
     pbx.bandwidth_bps = 200_000
     download = manager.acquire(rec.name)
     assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
     released = time.monotonic()
     manager.release(download)
-    wait_until(lambda: download.done, message="the download to be cancelled")
-    assert time.monotonic() - released >= downloads_module.GRACE_S
+    wait_until(lambda: download.suspended, message="the download to be suspended")
+    time.sleep(0.2)  # the PBX's last write may still be in flight when the connection closes
+    pulled = pbx.downloaded_bytes()
+    time.sleep(0.3)
+    assert pbx.downloaded_bytes() == pulled  # the connection is closed: the PBX stopped sending
+    wait_until(lambda: download.done, message="the download to be dropped")
+    assert time.monotonic() - released >= downloads_module.KEEP_SUSPENDED_S
     assert download.cancelled and not download.complete
-    assert pbx.downloaded_bytes() < rec.size_bytes // 4
+    assert pulled < rec.size_bytes // 4
     assert not cache.contains(rec.name)
     wait_until(lambda: not partial_files(cache), message="the partial file to go")
     assert manager.running() == []
 
 
-def test_a_reader_returning_within_the_grace_keeps_the_download(pbx, manager, cache):
+def test_a_reader_returning_in_time_resumes_the_download(pbx, manager, cache):
     rec = add(pbx, 600_000)
     pbx.bandwidth_bps = 1_000_000
     first = manager.acquire(rec.name)
@@ -301,8 +308,27 @@ def test_a_reader_returning_within_the_grace_keeps_the_download(pbx, manager, ca
         assert sha(read_whole(second, rec.size_bytes)) == rec.sha256
     finally:
         manager.release(second)
-    assert pbx.counters["recording/get_random"] == 1
+    # Resuming needs a fresh random: at most one per suspension, never one per read.
+    assert 1 <= pbx.counters["recording/get_random"] <= 2
     assert_cached(cache, manager, rec)
+
+
+def test_a_paused_reader_gives_back_its_slot(pbx, make_manager, cache):
+    manager = make_manager(max_downloads=1)
+    idle, other = add(pbx, 2_000_000), add(pbx, 300_000)
+    pbx.bandwidth_bps = 4_000_000
+    held = manager.acquire(idle.name)
+    try:
+        held.read(0, 4 * KIB)  # then the "player" pauses, holding the file open
+        wait_until(lambda: held.suspended, message="the paused download to be suspended")
+        second = manager.acquire(other.name)
+        try:
+            assert sha(read_whole(second, other.size_bytes)) == other.sha256
+        finally:
+            manager.release(second)
+        assert sha(read_whole(held, idle.size_bytes)) == idle.sha256  # resumes on the next read
+    finally:
+        manager.release(held)
 
 
 def test_a_download_past_the_finish_share_completes_after_release(pbx, manager, cache):
@@ -419,7 +445,7 @@ def test_a_queued_download_left_by_its_reader_never_asks_the_pbx(pbx, make_manag
     first.read(0, 4096)
     second = manager.acquire(left.name)  # queued behind the first
     manager.release(second)
-    time.sleep(downloads_module.GRACE_S + 0.1)  # the grace runs out while it is queued
+    time.sleep(downloads_module.KEEP_SUSPENDED_S + 0.1)  # nobody comes back while it is queued
     try:
         assert sha(read_whole(first, busy.size_bytes)) == busy.sha256
     finally:

@@ -17,7 +17,8 @@ PACKAGE = "yeastarfs"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 
 KNOWN_MODULES = {"api", "cache", "cdrsync", "cli", "config", "demo", "downloads", "errors", "events",
-                 "fs", "index", "models", "mount", "options", "simulator", "tools", "__init__", "__main__"}
+                 "fs", "index", "models", "mount", "options", "simulator", "tcpevents", "tools",
+                 "__init__", "__main__"}
 
 FUSE_BINDINGS = {"mfusepy", "fuse", "fusepy"}
 HTTP_CLIENTS = {"requests", "urllib3"}
@@ -137,6 +138,7 @@ def test_the_graph_is_not_empty_so_the_rules_can_fail():
     assert "cli" in internal("__main__")
     assert "simulator" in internal("demo")
     assert "errors" in internal("cache")
+    assert "events" in internal("tcpevents")
 
 
 # -- third-party and stdlib libraries with a single owner --------------------------------------
@@ -179,7 +181,7 @@ def test_upper_layers_have_only_the_allowed_importers(target, allowed):
 
 @pytest.mark.parametrize("module", ["index", "cache"])
 def test_storage_layers_are_fed_data_not_clients(module):
-    forbidden = internal(module) & {"api", "downloads", "events", "cdrsync"}
+    forbidden = internal(module) & {"api", "downloads", "events", "tcpevents", "cdrsync"}
     assert not forbidden, f"{module} imports {sorted(forbidden)}"
 
 
@@ -209,16 +211,22 @@ def test_options_imports_at_most_errors():
 def test_tools_never_reach_the_pbx_or_mount_anything():
     # tools.py's docstring: commands that work on a mount or its cache from outside, with no
     # socket, no credentials and no PBX access. (Reading the index or the cache is fine.)
-    forbidden = internal("tools") & {"api", "events", "downloads", "cdrsync", "mount", "fs",
-                                     "simulator", "demo"}
+    forbidden = internal("tools") & {"api", "events", "tcpevents", "downloads", "cdrsync", "mount",
+                                     "fs", "simulator", "demo"}
     assert not forbidden, f"tools imports {sorted(forbidden)}"
     assert not GRAPH["tools"] & (HTTP_CLIENTS | FUSE_BINDINGS)
 
 
-@pytest.mark.parametrize("module", ["downloads", "cdrsync", "events"])
+@pytest.mark.parametrize("module", ["downloads", "cdrsync", "events", "tcpevents"])
 def test_network_side_does_not_reach_into_index_or_fs(module):
     forbidden = internal(module) & {"index", "fs"}
     assert not forbidden, f"{module} imports {sorted(forbidden)}; pass a callable instead"
+
+
+def test_tcpevents_builds_on_events_never_the_reverse():
+    # events.py's docstring: tcpevents imports it for the shared sink; never the reverse.
+    assert "tcpevents" not in internal("events")
+    assert internal("tcpevents") <= {"events", "models", "errors"}
 
 
 def test_no_import_cycles_between_modules():
