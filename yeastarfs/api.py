@@ -30,6 +30,7 @@ import warnings
 from typing import Iterator, Optional, Union
 
 import requests
+import requests.adapters
 import urllib3
 
 from yeastarfs import errors
@@ -58,6 +59,9 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 DOWNLOAD_READ_BYTES = 1 << 20
 # A JSON error reply is tiny; read at most this much of a body that is not audio.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# No call recording is this large (a 24-hour PCM call is 1.4 GB): a longer or endless body
+# is refused instead of filling the cache disk.
+MAX_RECORDING_BYTES = 4 << 30
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
@@ -106,6 +110,8 @@ class RecordingStream:
                 if not chunk:
                     break
             received += len(chunk)
+            if received > MAX_RECORDING_BYTES:
+                raise errors.DownloadError(f"recording body exceeds {MAX_RECORDING_BYTES} bytes; refused")
             if expected is not None and received > expected:
                 raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
             if expected is not None and received == expected and self._reads_to_close:
@@ -164,7 +170,8 @@ class PbxClient:
     def __init__(self, base_url: str, username: str, password: str, *,
                  verify: Union[bool, str] = True, events_port: Optional[int] = 8260,
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
-                 read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+                 read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 pin_sha256: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
@@ -177,7 +184,13 @@ class PbxClient:
         self._session = requests.Session()
         self._session.verify = verify
         self._session.headers["User-Agent"] = "yeastarfs"
-        if verify is False:
+        self._pinned = bool(pin_sha256)
+        if pin_sha256:
+            # The PBX's self-signed certificate, pinned: urllib3 compares the fingerprint of
+            # the certificate presented with the pin after the handshake, instead of a CA check.
+            self._session.verify = False
+            self._session.mount("https://", _PinnedAdapter(pin_sha256))
+        if self._session.verify is False:
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
         self._login_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -357,6 +370,8 @@ class PbxClient:
         if first[:1] == b"<" or "text/html" in content_type:
             raise errors.DownloadError(f"{endpoint} returned an HTML page instead of a recording")
         start, total = _body_span(response, offset)
+        if total is not None and total > MAX_RECORDING_BYTES:
+            raise errors.DownloadError(f"{endpoint} announced {total} bytes, more than any recording; refused")
         return RecordingStream(response, start, total, first, body_bytes=_int_header(response, "Content-Length"),
                                reads_to_close=reads_to_close)
 
@@ -452,11 +467,18 @@ class PbxClient:
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = f"{self.base_url}/{API_PATH}/{path}"
         try:
-            return self._session.request(method, url, timeout=self._timeouts, allow_redirects=False, **kwargs)
+            # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
+            # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
+            return self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
+                                         verify=self._session.verify, **kwargs)
         except requests.exceptions.SSLError as exc:
+            if self._pinned:
+                raise errors.PbxUnavailableError(
+                    f"the certificate of {self.base_url} does not match --pin-sha256 ({_first_line(exc)}); "
+                    f"check it with: yeastarfs fingerprint {self.base_url}") from None
             raise errors.PbxUnavailableError(
-                f"TLS verification of {self.base_url} failed ({_first_line(exc)}); "
-                "use --ca-file with the PBX's certificate, or --insecure") from None
+                f"TLS verification of {self.base_url} failed ({_first_line(exc)}); use --ca-file with the "
+                "PBX's certificate, --pin-sha256 (see yeastarfs fingerprint), or --insecure") from None
         except requests.exceptions.Timeout:
             raise errors.PbxUnavailableError(f"{self.base_url} did not answer in time") from None
         except requests.exceptions.RequestException as exc:
@@ -471,6 +493,18 @@ class PbxClient:
                 return probe.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS that trusts exactly one certificate, named by its SHA-256 fingerprint."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self._fingerprint = fingerprint.replace(":", "").lower()
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["assert_fingerprint"] = self._fingerprint
+        return super().init_poolmanager(*args, **kwargs)
 
 
 def _is_success(reply: dict) -> bool:

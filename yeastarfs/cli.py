@@ -96,6 +96,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     tls = pbx.add_mutually_exclusive_group()
     tls.add_argument("--ca-file", metavar="PATH", help="verify the PBX's TLS certificate against this CA/cert")
     tls.add_argument("--insecure", action="store_true", help="do not verify the PBX's TLS certificate")
+    tls.add_argument("--pin-sha256", metavar="HEX",
+                     help="trust exactly the certificate with this SHA-256 fingerprint "
+                          "(print it with: yeastarfs fingerprint URL)")
     cache = parser.add_argument_group("cache and index")
     cache.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"cache and index location (default {default_cache_root()})")
@@ -203,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"cache root (default {default_cache_root()})")
     cache.add_argument("--delete-bad", action="store_true", help="verify: delete the files that fail")
+    finger = commands.add_parser(
+        "fingerprint", help="print the SHA-256 fingerprint of the PBX's TLS certificate",
+        description="Connect to the PBX without verifying it and print its certificate's SHA-256 "
+                    "fingerprint, for --pin-sha256. Compare it with the one the PBX's web interface "
+                    "shows (or run this where you trust the network) before pinning it.")
+    finger.add_argument("url", metavar="URL", help="the PBX's address, e.g. https://192.168.5.150:8088")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
         description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
@@ -230,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cache_max_bytes=parse_size(args.cache_size), cache_min_free_bytes=parse_size(args.cache_min_free),
         since_s=parse_duration(args.since), poll_interval_s=args.poll_interval,
         events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
+        pin_sha256=args.pin_sha256,
         events_allow_from=_address_list(args.events_allow_from),
         allow_any_event_source=(args.events_allow_from or "").strip().lower() == "any",
         tcp_events_port=args.tcp_events_port, heartbeat_interval_s=args.heartbeat_interval,
@@ -342,6 +352,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return tools.cache_clear(root)
 
 
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from yeastarfs.tools import print_fingerprint
+    return print_fingerprint(check_pbx_url(args.url))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from yeastarfs.demo import run_demo
     return run_demo(args.mountpoint, recordings=args.recordings)
@@ -389,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_calls(args)
         if args.command == "cache":
             return cmd_cache(args)
+        if args.command == "fingerprint":
+            return cmd_fingerprint(args)
         return cmd_simulator(args)
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)

@@ -125,6 +125,7 @@ class Config:
     tcp_events_port: int = DEFAULT_TCP_EVENTS_PORT
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     verify: Union[bool, str] = True
+    pin_sha256: Optional[str] = None   # trust exactly this certificate (hex SHA-256)
     max_downloads: int = DEFAULT_MAX_DOWNLOADS
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     allow_other: bool = False
@@ -161,6 +162,9 @@ class Config:
             raise ConfigError("--max-downloads must be at least 1")
         if not self.stall_timeout_s > 0:  # 0 would fail every read that waits at all
             raise ConfigError("--stall-timeout must be positive")
+        if self.pin_sha256 is not None and not re.fullmatch(r"(?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2}", self.pin_sha256):
+            raise ConfigError("--pin-sha256 must be the certificate's SHA-256 as 64 hex digits "
+                              "(colons allowed); get it with: yeastarfs fingerprint URL")
         if isinstance(self.verify, str) and not os.path.isfile(self.verify):
             raise ConfigError(f"--ca-file {self.verify}: no such file")
         return self

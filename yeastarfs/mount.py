@@ -175,7 +175,7 @@ class Mount:
         config = self.config
         client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                            events_port=self.events.port if self.events else None,
-                           heartbeat_interval_s=config.heartbeat_interval_s)
+                           heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256)
         stack.callback(client.stop)
         try:
             client.login()

@@ -75,6 +75,7 @@ import re
 import secrets
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -410,7 +411,8 @@ class Simulator:
                  tcp_port: Optional[int] = None, token_idle_s: float = 1800.0,
                  random_ttl_s: float = 30.0, lockout_failures: int = 5,
                  lockout_s: float = 600.0, lockout_window_s: float = 600.0,
-                 event_retry_s: float = 5.0, sn: str = SERIAL_NUMBER) -> None:
+                 event_retry_s: float = 5.0, sn: str = SERIAL_NUMBER,
+                 certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
         if transport not in ("HTTP", "TCP"):
             raise ValueError(f"transport must be 'HTTP' or 'TCP', not {transport!r}")
         self.host, self.port = host, port
@@ -422,6 +424,8 @@ class Simulator:
         self.lockout_window_s = lockout_window_s
         self.event_retry_s = event_retry_s
         self.sn = sn
+        # HTTPS like a real PBX on port 8088 (self-signed there) when a certificate is given.
+        self.certfile, self.keyfile = certfile, keyfile
         self.recordings: dict[str, SimRecording] = {}
         self.counters: collections.Counter = collections.Counter()
         self.requests_log: list[dict] = []
@@ -467,6 +471,11 @@ class Simulator:
         self._stopping.clear()
         server = _HttpServer((self.host, self.port), _Handler)
         server.simulator = self
+        if self.certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certfile, self.keyfile)
+            # The handshake happens on the handler thread's first read, not in accept().
+            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         self._http, self.port = server, server.server_address[1]
         self._http_thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": POLL_S},
@@ -503,7 +512,7 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.certfile else 'http'}://{self.host}:{self.port}"
 
     @property
     def password_md5(self) -> str:

@@ -341,3 +341,35 @@ def _file_problem(entry: os.DirEntry, indexed) -> Optional[str]:
         if riff_bytes != size_bytes:
             return f"{size_bytes} bytes, its RIFF header says {riff_bytes}"
     return None
+
+
+# -- TLS fingerprint -----------------------------------------------------------------------
+
+def certificate_sha256(url: str, timeout_s: float = 10.0) -> str:
+    """The SHA-256 of the certificate *url* presents, as colon-separated hex (not verified)."""
+    import hashlib
+    import socket
+    import ssl
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        raise ConfigError(f"{url} is not an https:// address: there is no certificate to pin")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only read the certificate, to show it
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the certificate of {url}: {exc}") from None
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def print_fingerprint(url: str) -> int:
+    fingerprint = certificate_sha256(url)
+    print(fingerprint)
+    print(f"pin it with: --pin-sha256 {fingerprint.replace(':', '').lower()}", file=sys.stderr)
+    return 0

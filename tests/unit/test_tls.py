@@ -1,0 +1,77 @@
+"""TLS towards the PBX: verification on by default, --ca-file, --insecure, pinning, fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from yeastarfs import errors
+from yeastarfs.api import PbxClient
+from yeastarfs.simulator import Simulator
+from yeastarfs.tools import certificate_sha256
+
+PASSWORD = "tls-secret"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, as a PBX ships with."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "pbx.pem", folder / "pbx.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return str(cert), str(key), hashlib.sha256(der).hexdigest()
+
+
+@pytest.fixture
+def https_pbx(certificate):
+    cert, key, _ = certificate
+    with Simulator(password=PASSWORD, certfile=cert, keyfile=key) as sim:
+        sim.populate(1, days=1)
+        yield sim
+
+
+def login(sim, **kwargs):
+    client = PbxClient(sim.base_url, "api", PASSWORD, events_port=None, connect_timeout_s=5, **kwargs)
+    try:
+        return client.login()
+    finally:
+        client.stop()
+
+
+def test_verification_is_on_by_default(https_pbx):
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        login(https_pbx)
+    assert "TLS verification" in str(info.value) and "--ca-file" in str(info.value)
+    assert https_pbx.counters["login"] == 0
+
+
+def test_ca_file_trusts_the_pbx_certificate(https_pbx, certificate):
+    assert login(https_pbx, verify=certificate[0])
+
+
+def test_insecure_connects_without_verification(https_pbx):
+    assert login(https_pbx, verify=False)
+
+
+def test_pinned_fingerprint_is_trusted_and_a_wrong_one_refused(https_pbx, certificate):
+    assert login(https_pbx, pin_sha256=certificate[2])
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        login(https_pbx, pin_sha256="ab" * 32)
+    assert "does not match --pin-sha256" in str(info.value)
+    assert https_pbx.counters["login"] == 1
+
+
+def test_fingerprint_command_prints_what_to_pin(https_pbx, certificate):
+    assert certificate_sha256(https_pbx.base_url).replace(":", "").lower() == certificate[2]
+    result = subprocess.run([sys.executable, "-m", "yeastarfs", "fingerprint", https_pbx.base_url],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.strip().replace(":", "").lower() == certificate[2]
+    assert f"--pin-sha256 {certificate[2]}" in result.stderr
