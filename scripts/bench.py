@@ -96,6 +96,8 @@ READY_TIMEOUT_S = 180.0
 EXIT_TIMEOUT_S = 30.0
 RSS_SAMPLE_S = 0.05
 FLAT_GROWTH_MB = 10.0
+# A 1-minute load average above this at start means something else is running.
+BUSY_LOAD = 0.5
 MEMORY_LIMIT_MB = 150.0
 INDEX_BATCH = 50_000
 TREE_FIRST_DAY = dt.datetime(2020, 1, 1)
@@ -148,6 +150,7 @@ def machine_info(tmp_dir: str) -> dict:
         "python": platform.python_version(), "libfuse": _command_line(["fusermount3", "--version"]),
         "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
         "tmp_fs": _command_line(["stat", "-f", "-c", "%T", tmp_dir]),
+        "load_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -426,11 +429,23 @@ class MountProcess:
             return ""
 
     def wait_settled(self, timeout_s: float = 15.0) -> None:
-        """Wait until no download is in flight (no partial files), e.g. cancelled early leavers."""
-        partial = os.path.join(self.pbx_dir, "partial")
+        """Wait until no partial download file is growing (transfers finished, paused or suspended)."""
+        previous = None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and os.path.isdir(partial) and os.listdir(partial):
-            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            sizes = self._partial_sizes()
+            if sizes == previous:
+                return
+            previous = sizes
+            time.sleep(0.2)
+
+    def _partial_sizes(self) -> dict[str, int]:
+        sizes = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(os.path.join(self.pbx_dir, "partial")):
+                with contextlib.suppress(FileNotFoundError):
+                    sizes[entry.name] = entry.stat().st_size
+        return sizes
 
     def wait_cached(self, name: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -750,7 +765,7 @@ def case_first_64k(b: Bench) -> list[Result]:
             say("first_64k", run, f"mount {m:.1f} ms, direct {d:.1f} ms")
     finally:
         b.sim.call("latency", 0.0)
-    b.main.wait_settled()  # the early leavers are cancelled after their grace period
+    b.main.wait_settled()  # the early leavers' transfers stop (cancelled or suspended)
     return [Result("first_64k", f"first 64 KiB, uncached, PBX latency {b.args.latency_ms:g} ms (ms)", "ms",
                    mine, base, "<= base + 10 ms", lambda m, d, _r: m <= d + 10)]
 
@@ -856,32 +871,38 @@ def case_ls_day(b: Bench) -> list[Result]:
                    lambda _m, _b, r: r <= 4)]
 
 
+WALK_VARIANTS = (
+    ("names", "walk, names only: find -type f", ()),
+    ("stat", "walk + stat of every file: find -printf %s", ("-printf", "%s\\n")),
+)
+
+
 def case_walk(b: Bench) -> list[Result]:
     """The 3-year tree walked through the mount vs the same tree of empty local files."""
-    count = b.args.walk_recordings
-    variants = (("names", "walk, names only: find -type f", []),
-                ("stat", "walk + stat of every file: find -printf %s", ["-printf", "%s\\n"]))
-    results = []
-    for tag, label, extra in variants:
-        mine, base = [], []
+    return [walk_variant(b, tag, label, extra) for tag, label, extra in WALK_VARIANTS]
 
-        def walk(root: str, expire: bool) -> float:
-            if expire:
-                time.sleep(ATTR_EXPIRE_S)
-            years = [os.path.join(root, str(year)) for year in range(2020, 2023)]
-            seconds, lines = run_command(["find", *years, "-type", "f", *extra])
-            if lines != count:
-                raise RuntimeError(f"walk of {root} found {lines} files, not {count}")
-            return seconds
 
-        for run in range(b.args.runs):
-            m, d = alternate(run, lambda: walk(b.main.mountpoint, True), lambda: walk(b.tree, False))
-            mine.append(m)
-            base.append(d)
-            say(f"walk {tag}", run, f"mount {m:.2f} s, local {d:.2f} s")
-        results.append(Result(f"walk_{tag}", f"{label}, {count:,} recordings (s)", "s", mine, base, "<= 4x",
-                              lambda _m, _b, r: r <= 4))
-    return results
+def walk_variant(b: Bench, tag: str, label: str, extra: tuple) -> Result:
+    count, mine, base = b.args.walk_recordings, [], []
+    for run in range(b.args.runs):
+        m, d = alternate(run, lambda: walk_seconds(b.main.mountpoint, extra, count, expire=True),
+                         lambda: walk_seconds(b.tree, extra, count, expire=False))
+        mine.append(m)
+        base.append(d)
+        say(f"walk {tag}", run, f"mount {m:.2f} s, local {d:.2f} s")
+    return Result(f"walk_{tag}", f"{label}, {count:,} recordings (s)", "s", mine, base, "<= 4x",
+                  lambda _m, _b, r: r <= 4)
+
+
+def walk_seconds(root: str, extra: tuple, count: int, expire: bool) -> float:
+    """``find`` over the three year folders of *root*; checks it found *count* files."""
+    if expire:
+        time.sleep(ATTR_EXPIRE_S)
+    years = [os.path.join(root, str(year)) for year in range(2020, 2023)]
+    seconds, lines = run_command(["find", *years, "-type", "f", *extra])
+    if lines != count:
+        raise RuntimeError(f"walk of {root} found {lines} files, not {count}")
+    return seconds
 
 
 MAIN_CASE_FUNCTIONS = {
@@ -972,18 +993,12 @@ def case_memory(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
     mount.start()
     time.sleep(0.5)
     idle = [mount.rss_mb()]
-    peaks, growth, notes = [], [], []
-    for run in range(b.args.runs):
-        (rec,) = b.pool.take("memory")
-        b.sim.call("warm", [rec.name])
-        samples, rate = sample_rss_while(mount, lambda: throughput(timed_read(mount.path(rec.name)), rec))
-        peaks.append(max(samples))
-        growth.append(samples[-1] - samples[0])
-        notes.append(f"{samples[0]:.0f}->{samples[-1]:.0f}")
-        say("memory", run, f"streamed {rec.size_bytes / MB:.0f} MB at {rate:.0f} MB/s, RSS first {samples[0]:.1f}, "
-                           f"max {peaks[-1]:.1f}, last {samples[-1]:.1f} MB ({len(samples)} samples)")
-        mount.wait_cached(rec.name)
+    runs = [stream_once(b, mount, run) for run in range(b.args.runs)]
     mount.stop()
+    peaks = [max(samples) for samples in runs]
+    growth = [samples[-1] - samples[0] for samples in runs]
+    per_run = ", ".join(f"{samples[0]:.0f}->{samples[-1]:.0f}" for samples in runs)
+    note = f"RSS first->last per run (MB): {per_run}; over all runs {runs[0][0]:.0f}->{runs[-1][-1]:.0f}"
     stream = f"{b.args.stream_mb:g} MB"
     return [
         Result("memory_idle", f"daemon RSS, {count:,} indexed, idle (MB)", "MB", idle, None,
@@ -991,9 +1006,19 @@ def case_memory(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
         Result("memory_stream", f"daemon RSS while streaming {stream}, max (MB)", "MB", peaks, None,
                f"< {MEMORY_LIMIT_MB:g} MB", lambda _m, _b, _r: max(peaks) < MEMORY_LIMIT_MB),
         Result("memory_growth", f"RSS growth while streaming {stream}, last-first (MB)", "MB", growth, None,
-               f"<= {FLAT_GROWTH_MB:g} MB (flat)", lambda _m, _b, _r: max(growth) <= FLAT_GROWTH_MB,
-               note="first->last per run: " + ", ".join(notes)),
+               f"<= {FLAT_GROWTH_MB:g} MB (flat)", lambda _m, _b, _r: max(growth) <= FLAT_GROWTH_MB, note),
     ]
+
+
+def stream_once(b: Bench, mount: MountProcess, run: int) -> list[float]:
+    """Stream one fresh large recording through *mount*; the daemon's RSS samples meanwhile."""
+    (rec,) = b.pool.take("memory")
+    b.sim.call("warm", [rec.name])
+    samples, rate = sample_rss_while(mount, lambda: throughput(timed_read(mount.path(rec.name)), rec))
+    say("memory", run, f"streamed {rec.size_bytes / MB:.0f} MB at {rate:.0f} MB/s, RSS first {samples[0]:.1f}, "
+                       f"max {max(samples):.1f}, last {samples[-1]:.1f} MB ({len(samples)} samples)")
+    mount.wait_cached(rec.name)
+    return samples
 
 
 def sample_rss_while(mount: MountProcess, job: Callable[[], float]) -> tuple[list[float], float]:
@@ -1066,7 +1091,9 @@ def report(results: list[Result], machine: dict, args: argparse.Namespace, info:
     for result in results:
         if result.note:
             print(f"  {result.key}: {result.note}")
-    print(f"goals judged on medians (memory: on the worst run); MB = 10^6 bytes; run took {elapsed_s:.0f} s")
+    machine["load_at_end"] = round(os.getloadavg()[0], 2)
+    print(f"goals judged on medians (memory: on the worst run); MB = 10^6 bytes; run took {elapsed_s:.0f} s; "
+          f"load average {machine['load_at_start']} at start, {machine['load_at_end']} at end")
     options = {key: value for key, value in vars(args).items() if key != "case_list"}
     data = {"machine": machine, "options": options, "elapsed_s": round(elapsed_s, 1),
             "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, list))},
@@ -1082,6 +1109,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     machine = machine_info(args.tmp_dir or tempfile.gettempdir())
     print("machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()), flush=True)
+    if machine["load_at_start"] > BUSY_LOAD:
+        print(f"warning: load average {machine['load_at_start']} at start; other work skews the numbers", flush=True)
     with contextlib.ExitStack() as stack:
         tmp = make_tmp(args, stack)
         password = secrets.token_urlsafe(18)

@@ -170,11 +170,13 @@ class Download:
         return os.pread(fd, min(end, available) - offset, offset)
 
     def _readable_locked(self, offset: int, end: int) -> bool:
-        if self.received_bytes >= end:
+        if self.complete:
             return True
-        if self.complete or (self.total_bytes is not None and self.received_bytes >= self.total_bytes):
-            return True
-        return self.total_bytes is not None and offset >= self.total_bytes
+        if self.total_bytes is not None and end >= self.total_bytes:
+            # The last bytes are handed out once the file is committed to the cache: a reader
+            # that got to the end can rely on the recording being cached (and in LRU order).
+            return self.done and self.received_bytes >= self.total_bytes
+        return self.received_bytes >= end
 
     def _resume_locked(self) -> None:
         """A reader needs bytes a suspended download does not hold: queue it again."""
@@ -288,19 +290,36 @@ class Download:
                 f"recording {self.name}: body ended after {self.received_bytes} of {self.total_bytes} bytes")
 
     def _accept_total(self, total_bytes: Optional[int]) -> None:
+        """Believe *total_bytes*: tell the manager first (index, kernel attributes), then
+        readers, so that whoever sees the size through ``wait_for_size`` sees it everywhere."""
         if total_bytes is None:
             return
         with self._cond:
             if self.total_bytes is not None and self.total_bytes != total_bytes:
                 raise errors.DownloadError(
                     f"recording {self.name}: PBX announced {total_bytes} bytes, earlier {self.total_bytes}")
-            first = self.total_bytes is None
-            self.total_bytes = total_bytes
             if self.received_bytes > total_bytes:
                 raise errors.DownloadError(f"recording {self.name}: more bytes held than announced")
-            self._cond.notify_all()
+            first = self.total_bytes is None
         if first:
             self._manager.size_learned(self.name, total_bytes)
+        with self._cond:
+            self.total_bytes = total_bytes
+            self._cond.notify_all()
+
+    def wait_for_size(self, timeout_s: float) -> Optional[int]:
+        """Wait up to *timeout_s* for the exact size; raise the download's error if it failed
+        first (so an open can fail with the real cause), None if still unknown."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.total_bytes is None and not self.done and not self.suspended:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                self._cond.wait(remaining_s)
+            if self.total_bytes is None and self.error is not None:
+                raise self.error
+            return self.total_bytes
 
     def _header_agrees(self, announced: int) -> Optional[bool]:
         """Whether the held RIFF header confirms *announced* (module docstring, "Sizes").

@@ -38,6 +38,9 @@ ENOATTR = getattr(mfusepy, "ENOATTR", errno.ENODATA)
 # Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
 # FUSE reads of up to 128 KiB, so that is the useful block size.
 BLOCK_SIZE_BYTES = 128 * 1024
+# How long open() waits for an uncached recording's exact size before returning anyway
+# (reads never depend on it: they use direct I/O).
+OPEN_SIZE_WAIT_S = 5.0
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
 REPORTED_SIZES_MAX = 100_000
@@ -284,6 +287,13 @@ class YeastarFS(mfusepy.Operations):
         else:
             handle = _StreamHandle(entry.name, self.downloads.acquire(entry.name, entry.size_bytes))
             fi.direct_io = 1
+            try:
+                # Tools fstat right after open and seek from the end: let them see the exact
+                # size (the PBX's reply headers come within milliseconds).
+                handle.download.wait_for_size(OPEN_SIZE_WAIT_S)
+            except BaseException:
+                self.downloads.release(handle.download)
+                raise
         fi.fh = self._add_handle(handle)
         return 0
 

@@ -160,3 +160,26 @@ def test_seeking_to_the_end_of_an_uncached_recording(pbx, mounted):
     assert header == data[:44]
     assert tail == data[-4096:]
     assert middle == data[1_000_000:1_008_192]
+
+
+def test_fstat_right_after_open_gives_the_exact_size(pbx, mounted):
+    rec = add(pbx, size_bytes=ONE_MB + 123_456)  # talk seconds estimate differs from the truth
+    mount = mounted()
+    pbx.bandwidth_bps = 500_000
+    path = mount.path(*date_path(rec.name))
+    estimate = os.stat(path).st_size
+    assert estimate != rec.size_bytes
+    with open(path, "rb") as handle:
+        assert os.fstat(handle.fileno()).st_size == rec.size_bytes
+        assert os.stat(path).st_size == rec.size_bytes  # mid-download, without a handle too
+        handle.seek(-100, os.SEEK_END)
+        assert handle.read() == pbx.recording_bytes(rec.name)[-100:]
+
+
+def test_opening_a_recording_the_pbx_lost_is_enoent(pbx, mounted):
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(hours=1), duration_s=5, stored=False,
+                            announce=False)
+    mount = mounted()
+    mount.errors_expected = True
+    with pytest.raises(FileNotFoundError):
+        open(mount.path(*date_path(rec.name)), "rb")
