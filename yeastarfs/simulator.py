@@ -32,6 +32,9 @@ Fault switches (``reset()`` puts all of them back to these defaults and unlocks 
 - ``fail_get_random = 0``      the next N recording/get_random answer Failed 10004
 - ``fail_logins = 0``          the next N logins answer 20003 (not counted towards lockout)
 - ``refuse_connections = False`` accepted connections (HTTP and TCP events) are closed unanswered
+- ``chaos = 0.0``              each recording download fails at random with this probability, in
+  a random shape: reset part-way, HTTP 500, JSON Failed, truncated, or 0.3 s of latency
+  (soak tests; the choices are seeded, so a run is repeatable)
 
 Variant switches (also reset by ``reset()``): what a real PBX may do differently (§12).
 
@@ -461,6 +464,8 @@ class Simulator:
         self.token_errno = E_TOKEN
         self.audio_content_type = "audio/x-wav"
         self.omit_content_length = False
+        self.chaos = 0.0
+        self._chaos_rng = random.Random(1)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -836,6 +841,9 @@ class Simulator:
             raise _ApiFailure(E_NO_AUDIO)
         failure_mode, reset_at = self._download_faults()
         data = memoryview(self.recording_bytes(name))
+        if failure_mode == "latency":
+            time.sleep(CHAOS_LATENCY_S)
+            failure_mode = None
         if failure_mode is not None:
             return _failed_download(failure_mode, data)
         reply = self._audio_reply(data, req.range_header)
@@ -849,6 +857,8 @@ class Simulator:
             if self.fail_downloads > 0:
                 self.fail_downloads -= 1
                 return self.fail_mode, None
+            if self.chaos and self._chaos_rng.random() < self.chaos:
+                return self._chaos_fault_locked()
             reset_at = self.reset_after_bytes
             if reset_at is not None and self.reset_downloads > 0:
                 self.reset_downloads -= 1
@@ -856,6 +866,12 @@ class Simulator:
                     # The counted resets are used up; 0 must not now mean "every download".
                     self.reset_after_bytes = None
             return None, reset_at
+
+    def _chaos_fault_locked(self) -> tuple[Optional[str], Optional[int]]:
+        shape = self._chaos_rng.choice(("reset", "http500", "json", "truncate", "latency"))
+        if shape == "reset":
+            return None, self._chaos_rng.randint(1, 200_000)
+        return shape, None
 
     def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> _Reply:
         size = len(data)
@@ -952,6 +968,9 @@ _ROUTES = {
     "cdr/get_random": ("_cdr_random", {"POST"}),
     "cdr/download": ("_cdr_download", {"GET", "POST"}),
 }
+
+
+CHAOS_LATENCY_S = 0.3
 
 
 def _failed_download(mode: str, data: memoryview) -> _Reply:
