@@ -28,7 +28,10 @@ import re
 # they were registered with `register_secret`. Tokens and randoms are 32 hex characters on
 # every PBX seen so far, but the pattern does not rely on that.
 _SECRET_PARAM = re.compile(
-    r"""(?P<key>\b(?:token|random|password|secret)["']?\s*[=:]\s*["']?)(?P<value>[^&\s"',;)}\]]+)""",
+    r"""(?P<key>\b(?:token|random|password|secret)="""            # URL and form parameters
+    r"""|["'](?:token|random|password|secret)["']\s*:\s*["']?"""  # JSON and Python reprs
+    r"""|\bSecret:[ \t]*)"""                                       # the TCP event login block
+    r"""(?P<value>[^&\s"',;)}\]]+)""",
     re.IGNORECASE,
 )
 _known_secrets: set[str] = set()

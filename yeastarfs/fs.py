@@ -173,6 +173,7 @@ class YeastarFS(mfusepy.Operations):
         self._reported_sizes: dict[str, int] = {}
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
+        self.reads = 0  # read callbacks served (approximate under threads; for statistics)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -299,6 +300,7 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def read(self, path: str, size: int, offset: int, fh) -> bytes:
+        self.reads += 1
         return self._handle(_fh_number(fh)).read(offset, size)
 
     @_translated

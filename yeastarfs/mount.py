@@ -270,6 +270,7 @@ class Mount:
             "cache_limit_bytes": cache["max_bytes"], "cache_files": cache["files"],
             "cache_hit_rate": round(self.cache.stats.hits / lookups, 3) if lookups else None,
             "downloads_in_flight": in_flight,
+            "fuse_reads": self.fs.reads if self.fs is not None else 0,
         }
 
     def _watch_signals(self, stack: contextlib.ExitStack) -> None:

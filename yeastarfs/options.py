@@ -80,11 +80,11 @@ def _translate_option_list(text: str, flags: set[str], valued: set[str]) -> list
     out: list[str] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, has_value, value = item.partition("=")
+        if key == "user" and has_value:
+            raise ConfigError(f"mount option {item!r}: the PBX user is username= (mount(8) reserves user)")
         if key in IGNORED_MOUNT_OPTIONS or item.startswith(IGNORED_PREFIXES):
             continue
         dest = OPTION_ALIASES.get(key, key.replace("-", "_"))
-        if dest == "user" and key == "user":
-            continue  # mount(8)'s "user", never the PBX user
         if dest in flags and not has_value:
             out.append("--" + dest.replace("_", "-"))
         elif dest in valued and has_value:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -125,3 +127,30 @@ def test_cache_stats_verify_and_clear(pbx, mounted):
     assert damaged.returncode == 1 and "2 good, 1 bad" in damaged.stdout
     cleared = yeastarfs("cache", "clear", "--cache-dir", cache_root)
     assert cleared.returncode == 0 and "deleted 3 cached recordings" in cleared.stdout
+
+
+def test_prefetch_new_caches_announced_recordings(pbx, mounted):
+    old = pbx.populate(1, days=1)[0]
+    mount = mounted("--prefetch", "new", "--poll-interval", "3600")
+    announced = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=1), duration_s=20, announce=True)
+    wait_for(lambda: os.path.exists(mount.path(*date_path(announced.name))), timeout_s=5)
+    wait_for(lambda: os.getxattr(mount.path(*date_path(announced.name)), "user.yeastarfs.cached") == b"1",
+             timeout_s=10)
+    pbx.reset()
+    with open(mount.path(*date_path(announced.name)), "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == announced.sha256
+    assert download_requests(pbx) == (0, 0)
+    assert os.getxattr(mount.path(*date_path(old.name)), "user.yeastarfs.cached") == b"0"  # not announced
+
+
+@pytest.mark.parametrize("pbx", [{"transport": "TCP"}], indirect=True)
+def test_events_over_tcp_when_the_pbx_reports_by_tcp(pbx, mounted):
+    pbx.populate(1, days=1)
+    mount = mounted("--tcp-events-port", str(pbx.tcp_port), "--poll-interval", "3600")
+    wait_for(lambda: pbx.counters["tcp_login"] >= 1, timeout_s=10)
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=1), duration_s=20, announce=True)
+    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
+    pbx.disconnect_tcp_clients()  # the PBX rebooted: the client reconnects and logs in again
+    wait_for(lambda: pbx.counters["tcp_login"] >= 2, timeout_s=15)
+    second = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(seconds=50), duration_s=10, announce=True)
+    wait_for(lambda: os.path.exists(mount.path(*date_path(second.name))), timeout_s=5)

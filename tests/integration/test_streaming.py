@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -183,3 +184,20 @@ def test_opening_a_recording_the_pbx_lost_is_enoent(pbx, mounted):
     mount.errors_expected = True
     with pytest.raises(FileNotFoundError):
         open(mount.path(*date_path(rec.name)), "rb")
+
+
+def test_repeated_reads_of_a_cached_recording_are_served_by_the_kernel(pbx, mounted):
+    rec = add(pbx, size_bytes=ONE_MB)
+    mount = mounted()
+    path = mount.path(*date_path(rec.name))
+    assert sha256_of(path) == rec.sha256          # downloads and caches
+    time.sleep(1.2)                                # the kernel's attributes now hold the exact size
+    assert sha256_of(path) == rec.sha256          # from the cache file, into the page cache
+    reads_before = _status(mount)["fuse_reads"]
+    for _ in range(3):
+        assert sha256_of(path) == rec.sha256      # from the page cache: Python is not asked
+    assert _status(mount)["fuse_reads"] == reads_before
+
+
+def _status(mount) -> dict:
+    return json.loads(os.getxattr(mount.mountpoint, "user.yeastarfs.status"))
