@@ -34,7 +34,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import cachetools
 
@@ -90,8 +90,10 @@ class DiskCache:
     Multithreading: one lock, ``_lock``, around the LRU, the pins and the file moves.
     """
 
-    def __init__(self, root: str, max_bytes: int, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: str, max_bytes: int, min_free_bytes: int = 0,
+                 expected_size: Optional[Callable[[str], Optional[int]]] = None) -> None:
         self.root = root
+        self._expected_size = expected_size
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.stats = CacheStats()
@@ -120,6 +122,12 @@ class DiskCache:
             try:
                 stat = entry.stat(follow_symlinks=False)
             except OSError:
+                continue
+            if self._expected_size is not None and self._expected_size(entry.name) not in (None, stat.st_size):
+                # Cut short by a power loss before its fsync: never serve it.
+                log.warning("cache: %s is %d bytes, not the size the PBX announced; deleted",
+                            entry.name, stat.st_size)
+                _unlink_quietly(entry.path)
                 continue
             entries.append((stat.st_mtime, entry.name, stat.st_size))
         for _, name, size_bytes in sorted(entries):  # oldest first: inserted first, evicted first

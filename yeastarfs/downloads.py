@@ -421,17 +421,27 @@ class Download:
         self._check_cancel()
 
     def _finish(self) -> None:
-        """Make the bytes durable, then visible in the cache by one atomic rename."""
+        """Make the bytes visible in the cache by one atomic rename, hand them to readers,
+        then make them durable.
+
+        The fsync comes after the readers are served because it costs as much as the
+        download itself on a fast link. A killed process loses nothing (the page cache
+        survives it); after a power loss a file may come back shorter than announced, which
+        the cache's start-up check (sizes against the index) deletes.
+        """
         try:
-            os.fsync(self._write_fd)
             self._manager.cache.commit(self.name, self.path)
         except OSError as exc:
             raise errors.CacheError(f"recording {self.name}: cannot store the download: {exc.strerror}") from None
-        self._close_write_fd()
         with self._cond:
             self.complete = True
             self.done = True
             self._cond.notify_all()
+        try:
+            os.fsync(self._write_fd)
+        except OSError as exc:
+            log.warning("recording %s: fsync of the cached file failed: %s", self.name, exc.strerror)
+        self._close_write_fd()
         log.info("recording %s: downloaded %d bytes", self.name, self.received_bytes)
         self._manager.finished(self)
 

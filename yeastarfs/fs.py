@@ -104,6 +104,40 @@ def _read_only(method: Callable) -> Callable:
     return wrapper
 
 
+FUSE_READDIR_PLUS = 1       # enum fuse_readdir_flags: the kernel asked for READDIRPLUS
+FUSE_FILL_DIR_PLUS = 2      # enum fuse_fill_dir_flags: this entry carries full attributes
+
+
+class FusePlus(mfusepy.FUSE):
+    """mfusepy's FUSE with READDIRPLUS: listings carry each entry's attributes (libfuse 3).
+
+    mfusepy passes only the file type to libfuse's filler, so after every listing the
+    kernel sends one LOOKUP per entry (a walk of a million recordings: a million round
+    trips into Python). With libfuse 3 and the kernel asking for READDIRPLUS, this hands
+    libfuse the full attributes with FUSE_FILL_DIR_PLUS, and the kernel caches the entries
+    and their attributes from the listing itself. Everything else is mfusepy's.
+    """
+
+    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags) -> int:
+        plus = getattr(self.operations, "readdir_plus", None)
+        if plus is None:
+            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        # Offsets, not one unbounded batch: libfuse attaches the attributes (and creates the
+        # kernel's entries) only for entries filled with a non-zero offset.
+        entries = [(".", {"st_mode": stat.S_IFDIR}), ("..", {"st_mode": stat.S_IFDIR})]
+        entries += plus(path.decode(self.encoding, self.errors))
+        st = mfusepy.c_stat()
+        for position in range(offset, len(entries)):
+            name, attrs = entries[position]
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
+            fill_flags = FUSE_FILL_DIR_PLUS if position >= 2 and flags & FUSE_READDIR_PLUS else 0
+            if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
+                break
+        return 0
+
+
 def _cdr_fields(recording) -> dict:
     """The recording's CDR fields by xattr key ("" or None when unknown)."""
     if recording is None:
@@ -271,6 +305,22 @@ class YeastarFS(mfusepy.Operations):
         return listing
 
     @_translated
+    def readdir_plus(self, path: str) -> list:
+        """Entries with full attributes, for the kernel's READDIRPLUS (see `FusePlus`)."""
+        entries = self.index.list_dir(path)
+        if entries is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        listing = []
+        for entry in entries:
+            if entry.kind == "dir":
+                listing.append((entry.name, self._stat(entry)))
+                continue
+            size_bytes = self._file_size(entry)
+            self._remember_size(entry.name, size_bytes)
+            listing.append((entry.name, self._stat(entry, size_bytes)))
+        return listing
+
+    @_translated
     def open(self, path: str, fi) -> int:
         if fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise mfusepy.FuseOSError(errno.EROFS)
@@ -331,6 +381,10 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not name.startswith("user."):
+            # ls -l asks for security.selinux and system.posix_acl_access on every file, and
+            # the kernel does not cache the answer: say no before touching the index.
+            raise mfusepy.FuseOSError(ENOATTR)
         entry = self._entry(path)
         if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
             return b"1" if self.cache.contains(entry.name) else b"0"

@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-import mfusepy
 
 from yeastarfs import errors
 from yeastarfs.api import PbxClient
@@ -34,7 +33,7 @@ from yeastarfs.cdrsync import CdrSync
 from yeastarfs.config import Config
 from yeastarfs.downloads import DownloadManager
 from yeastarfs.events import EventReceiver
-from yeastarfs.fs import YeastarFS
+from yeastarfs.fs import FusePlus, YeastarFS
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
 from yeastarfs.tcpevents import TcpEventClient
@@ -125,7 +124,8 @@ class Mount:
         self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
         stack.callback(self.index.close)
         self._load_rate()
-        self.cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_min_free_bytes)
+        self.cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_min_free_bytes,
+                               expected_size=self._exact_size)
         self.events = self._start_events(stack)
         self.client = self._connect(stack)
         self._start_tcp_events(stack)
@@ -202,6 +202,10 @@ class Mount:
         sync.start()
         stack.callback(sync.stop)
         return sync
+
+    def _exact_size(self, name: str) -> Optional[int]:
+        entry = self.index.get(name)
+        return entry.size_bytes if entry is not None and entry.size_exact else None
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -319,7 +323,7 @@ class Mount:
         if self.config.allow_other:
             options["allow_other"] = True
         try:
-            mfusepy.FUSE(self.fs, self.mountpoint, raw_fi=True, **options)
+            FusePlus(self.fs, self.mountpoint, raw_fi=True, **options)
         except RuntimeError as exc:
             # libfuse also reports an exit by SIGINT/SIGTERM as an error (8): that is a
             # clean unmount when the filesystem had been mounted.

@@ -654,3 +654,17 @@ def _hammer(root) -> None:
     # And what is left still behaves as an LRU after all that.
     store(cache, rec(999), 6000)
     assert on_disk(cache) == {rec(999)}
+
+
+def test_start_up_deletes_files_shorter_than_announced(tmp_path):
+    root = tmp_path / "cache"
+    (root / "complete").mkdir(parents=True)
+    (root / "complete" / "20261127093012-1.1-1-2-Inbound.wav").write_bytes(b"x" * 100)
+    (root / "complete" / "20261127093013-1.2-1-2-Inbound.wav").write_bytes(b"y" * 80)  # cut short
+    (root / "complete" / "20261127093014-1.3-1-2-Inbound.wav").write_bytes(b"z" * 50)  # size unknown
+    sizes = {"20261127093012-1.1-1-2-Inbound.wav": 100, "20261127093013-1.2-1-2-Inbound.wav": 100}
+    cache = DiskCache(str(root), 10_000, expected_size=sizes.get)
+    assert cache.contains("20261127093012-1.1-1-2-Inbound.wav")
+    assert not cache.contains("20261127093013-1.2-1-2-Inbound.wav")
+    assert not (root / "complete" / "20261127093013-1.2-1-2-Inbound.wav").exists()
+    assert cache.contains("20261127093014-1.3-1-2-Inbound.wav")
