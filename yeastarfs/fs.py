@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from typing import Callable, Optional
 
 import mfusepy
@@ -108,6 +109,9 @@ FUSE_READDIR_PLUS = 1       # enum fuse_readdir_flags: the kernel asked for READ
 FUSE_FILL_DIR_PLUS = 2      # enum fuse_fill_dir_flags: this entry carries full attributes
 
 
+LISTING_REUSE_S = 2.0  # a listing fetched for offset 0 serves the continuation calls
+
+
 class FusePlus(mfusepy.FUSE):
     """mfusepy's FUSE with READDIRPLUS: listings carry each entry's attributes (libfuse 3).
 
@@ -118,14 +122,18 @@ class FusePlus(mfusepy.FUSE):
     and their attributes from the listing itself. Everything else is mfusepy's.
     """
 
+    @staticmethod
+    def can_invalidate() -> bool:
+        """Whether `YeastarFS.invalidate` works (libfuse 3.1+), so attributes may be cached long."""
+        return mfusepy.fuse_version_major == 3 and hasattr(mfusepy._libfuse, "fuse_invalidate_path")
+
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags) -> int:
         plus = getattr(self.operations, "readdir_plus", None)
         if plus is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        entries = self._listing(path, offset, plus)
         # Offsets, not one unbounded batch: libfuse attaches the attributes (and creates the
         # kernel's entries) only for entries filled with a non-zero offset.
-        entries = [(".", {"st_mode": stat.S_IFDIR}), ("..", {"st_mode": stat.S_IFDIR})]
-        entries += plus(path.decode(self.encoding, self.errors))
         st = mfusepy.c_stat()
         for position in range(offset, len(entries)):
             name, attrs = entries[position]
@@ -136,6 +144,20 @@ class FusePlus(mfusepy.FUSE):
             if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
                 break
         return 0
+
+    def _listing(self, path: bytes, offset: int, plus) -> list:
+        """The entries of *path*, built once per listing: a large folder is read by the
+        kernel in several calls (offsets), each of which would otherwise rebuild it."""
+        cache = self.__dict__.setdefault("_listings", {})
+        cached = cache.get(path)
+        if offset > 0 and cached is not None and time.monotonic() - cached[0] < LISTING_REUSE_S:
+            return cached[1]
+        entries = [(".", {"st_mode": stat.S_IFDIR}), ("..", {"st_mode": stat.S_IFDIR})]
+        entries += plus(path.decode(self.encoding, self.errors))
+        if len(cache) > 64:
+            cache.clear()
+        cache[path] = (time.monotonic(), entries)
+        return entries
 
 
 def _cdr_fields(recording) -> dict:

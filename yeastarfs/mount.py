@@ -13,6 +13,7 @@ persisted index the mount comes up and the CDR sync keeps retrying in the backgr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -44,8 +45,16 @@ log = logging.getLogger(__name__)
 RATE_META_KEY = "estimate_bytes_per_s"
 # Weight of the newest completed download in the running average.
 RATE_SMOOTHING = 0.2
-# Kernel attribute/entry cache time in seconds: 1 s is libfuse's default and rclone's.
-ATTR_TIMEOUT_S = 1.0
+# How long the kernel may trust a name and its attributes, in seconds. Recordings never
+# change or disappear; the one attribute that changes (an estimated size becoming exact)
+# is invalidated explicitly (fs.invalidate), so a long timeout is safe where that works
+# (libfuse 3). Without invalidation (libfuse 2), 1 s like libfuse's and rclone's default.
+ATTR_TIMEOUT_S = 60.0
+ATTR_TIMEOUT_NO_INVALIDATE_S = 1.0
+# glibc gives every thread that allocates its own malloc arena and keeps freed 1 MiB
+# download buffers in each: with dozens of download and FUSE threads the RSS only grows.
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
 # FUSE worker threads; readers blocked on a download each hold one, so allow many.
 # (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
 MAX_FUSE_THREADS = 64
@@ -314,11 +323,12 @@ class Mount:
 
     def serve(self, on_ready: Callable[[], None]) -> None:
         """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM)."""
+        timeout_s = ATTR_TIMEOUT_S if FusePlus.can_invalidate() else ATTR_TIMEOUT_NO_INVALIDATE_S
         self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready, status=self.stats,
                             uid=self.config.uid, gid=self.config.gid, umask=self.config.umask)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
-                       attr_timeout=ATTR_TIMEOUT_S, entry_timeout=ATTR_TIMEOUT_S,
+                       attr_timeout=timeout_s, entry_timeout=timeout_s,
                        max_threads=MAX_FUSE_THREADS)
         if self.config.allow_other:
             options["allow_other"] = True
@@ -334,11 +344,20 @@ class Mount:
 
 def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
     """Build, serve until unmounted, tear down. Raises YeastarfsError on start-up failure."""
+    _limit_malloc_arenas()
     with contextlib.ExitStack() as stack:
         mount = Mount(config, stack)
         mount._watch_signals(stack)
         mount.serve(on_ready)
     log.info("mount: %s unmounted", config.mountpoint)
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's per-thread malloc arenas before any thread starts (see MALLOC_ARENAS)."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc: nothing to cap
+        pass
 
 
 def ready_notifier(fd: Optional[int], message: Optional[str] = None) -> Callable[[], None]:
