@@ -105,6 +105,7 @@ def _read_only(method: Callable) -> Callable:
     return wrapper
 
 
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # fuse_common.h (libfuse 3)
 FUSE_READDIR_PLUS = 1       # enum fuse_readdir_flags: the kernel asked for READDIRPLUS
 FUSE_FILL_DIR_PLUS = 2      # enum fuse_fill_dir_flags: this entry carries full attributes
 
@@ -135,10 +136,11 @@ class FusePlus(mfusepy.FUSE):
         # Offsets, not one unbounded batch: libfuse attaches the attributes (and creates the
         # kernel's entries) only for entries filled with a non-zero offset.
         st = mfusepy.c_stat()
+        uid, gid = self.operations.stat_fields()
         for position in range(offset, len(entries)):
-            name, attrs = entries[position]
+            name, mode, size_bytes, mtime_ns = entries[position]
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid)
             # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
             fill_flags = FUSE_FILL_DIR_PLUS if position >= 2 and flags & FUSE_READDIR_PLUS else 0
             if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
@@ -152,12 +154,23 @@ class FusePlus(mfusepy.FUSE):
         cached = cache.get(path)
         if offset > 0 and cached is not None and time.monotonic() - cached[0] < LISTING_REUSE_S:
             return cached[1]
-        entries = [(".", {"st_mode": stat.S_IFDIR}), ("..", {"st_mode": stat.S_IFDIR})]
+        entries = [(".", stat.S_IFDIR, 0, 0), ("..", stat.S_IFDIR, 0, 0)]
         entries += plus(path.decode(self.encoding, self.errors))
         if len(cache) > 64:
             cache.clear()
         cache[path] = (time.monotonic(), entries)
         return entries
+
+
+def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int) -> None:
+    """Set a c_stat's fields directly: what `YeastarFS._stat` returns as a dict, without the
+    dict (a listing fills one per recording)."""
+    st.st_mode, st.st_size, st.st_uid, st.st_gid = mode, size_bytes, uid, gid
+    st.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+    st.st_blksize, st.st_blocks = BLOCK_SIZE_BYTES, (size_bytes + 511) // 512
+    seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
+    for spec in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
+        spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
 
 
 def _cdr_fields(recording) -> dict:
@@ -229,7 +242,8 @@ class YeastarFS(mfusepy.Operations):
         self._reported_sizes: dict[str, int] = {}
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
-        self.reads = 0  # read callbacks served (approximate under threads; for statistics)
+        self.reads = 0      # read callbacks served (approximate under threads; for statistics)
+        self.getattrs = 0   # getattr callbacks: a listing with READDIRPLUS should need none
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -296,6 +310,13 @@ class YeastarFS(mfusepy.Operations):
 
     # -- filesystem operations ---------------------------------------------------------------
 
+    def init_with_config(self, conn, config) -> None:
+        """libfuse 3: READDIRPLUS for every chunk of a listing, not only the first ("auto"
+        mode), so no entry of a large folder needs its own LOOKUP afterwards."""
+        if conn is not None and mfusepy.fuse_version_major == 3:
+            conn.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        self.init("/")
+
     @_translated
     def init(self, path: str) -> None:
         try:
@@ -308,6 +329,7 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def getattr(self, path: str, fh=None) -> dict:
+        self.getattrs += 1
         entry = self._entry(path)
         if entry.kind == "dir":
             return self._stat(entry)
@@ -328,19 +350,24 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def readdir_plus(self, path: str) -> list:
-        """Entries with full attributes, for the kernel's READDIRPLUS (see `FusePlus`)."""
-        entries = self.index.list_dir(path)
+        """``(name, mode, size_bytes, mtime_ns)`` per entry, for READDIRPLUS (see `FusePlus`)."""
+        entries = self.index.list_dir_sizes(path)
         if entries is None:
             raise mfusepy.FuseOSError(errno.ENOENT)
         listing = []
-        for entry in entries:
-            if entry.kind == "dir":
-                listing.append((entry.name, self._stat(entry)))
-                continue
-            size_bytes = self._file_size(entry)
-            self._remember_size(entry.name, size_bytes)
-            listing.append((entry.name, self._stat(entry, size_bytes)))
+        for name, is_dir, size_bytes, mtime_ns in entries:
+            if not is_dir:
+                cached = self.cache.size_of(name)  # a cached file's size is exact even if not indexed so
+                size_bytes = cached if cached is not None else size_bytes
+                self._reported_sizes[name] = size_bytes  # unlocked: a dict store is atomic
+            listing.append((name, self._dir_mode if is_dir else self._file_mode, size_bytes, mtime_ns))
+        if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
+            with self._lock:
+                self._reported_sizes.clear()
         return listing
+
+    def stat_fields(self) -> tuple[int, int]:
+        return self._uid, self._gid
 
     @_translated
     def open(self, path: str, fi) -> int:

@@ -103,6 +103,7 @@ _SELECT_RECORDING = f"SELECT {', '.join(_RECORDING_COLUMNS)}, exact_size_bytes F
 _FILE_SQL = _SELECT_RECORDING + " WHERE day = ? AND name = ?"
 _CDR_SQL = f"SELECT {', '.join(_CDR_COLUMNS)} FROM recordings WHERE day = ? AND name = ?"
 _DAY_FILES_SQL = _SELECT_RECORDING + " WHERE day = ? ORDER BY name"
+_DAY_SIZES_SQL = "SELECT name, exact_size_bytes, talk_s, call_s FROM recordings WHERE day = ? ORDER BY name"
 _SINCE_SQL = _SELECT_RECORDING + " WHERE (day, name) {op} (?, ?) ORDER BY day, name LIMIT ?"
 _INSERT_SQL = (
     f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)})"
@@ -298,6 +299,28 @@ class RecordingIndex:
             return None
         return entries
 
+    def list_dir_sizes(self, path: str) -> Optional[list[tuple[str, bool, int, int]]]:
+        """``(name, is_dir, size_bytes, mtime_ns)`` of each entry of the folder at *path*.
+
+        What a listing with attributes needs, and nothing else: a walk lists every folder,
+        and building full entries (with their Recording) costs most of its time.
+        """
+        parts = _split_path(path)
+        if parts is None or parts[3] is not None:
+            return None
+        year, month, day, _ = parts
+        if day is None:
+            entries = self.list_dir(path)
+            return None if entries is None else [(e.name, True, 0, e.mtime_ns) for e in entries]
+        with self._lock:
+            rows = self._conn.execute(_DAY_SIZES_SQL, (year + month + day,)).fetchall()
+            rate = self._estimate_bytes_per_s
+        if not rows:
+            return None
+        mtimes_ns = _mtimes_in_day_ns(year + month + day, [row[0] for row in rows])
+        return [(name, False, exact if exact is not None else self._estimate_from(talk_s, call_s, rate), mtime_ns)
+                for (name, exact, talk_s, call_s), mtime_ns in zip(rows, mtimes_ns)]
+
     def get(self, name: str) -> Optional[Entry]:
         """Return the file entry of recording *name*, or None when it is not stored."""
         if not isinstance(name, str):
@@ -397,8 +420,11 @@ class RecordingIndex:
 
     def _estimate_bytes(self, recording: Recording, rate_bytes_per_s: float) -> int:
         """The likely size of a recording not downloaded yet: header + duration x rate."""
+        return self._estimate_from(recording.talk_s, recording.call_s, rate_bytes_per_s)
+
+    def _estimate_from(self, talk_s: Optional[int], call_s: Optional[int], rate_bytes_per_s: float) -> int:
         # talk_s first: the recording covers the talk, while call_s also counts ringing.
-        for seconds in (recording.talk_s, recording.call_s):
+        for seconds in (talk_s, call_s):
             if seconds is not None and seconds > 0:
                 return WAV_HEADER_BYTES + round(seconds * rate_bytes_per_s)
         return self._default_estimate_bytes

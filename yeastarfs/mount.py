@@ -284,6 +284,7 @@ class Mount:
             "cache_hit_rate": round(self.cache.stats.hits / lookups, 3) if lookups else None,
             "downloads_in_flight": in_flight,
             "fuse_reads": self.fs.reads if self.fs is not None else 0,
+            "fuse_getattrs": self.fs.getattrs if self.fs is not None else 0,
         }
 
     def _watch_signals(self, stack: contextlib.ExitStack) -> None:

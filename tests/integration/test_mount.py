@@ -208,3 +208,20 @@ def test_start_errors_print_one_clear_line(pbx, password_file, tmp_path, problem
     assert "Traceback" not in result.stderr
     if problem == "wrong password":
         assert pbx.counters["login"] <= 2
+
+
+def test_a_large_folder_lists_every_recording_once_with_its_attributes(pbx, mounted):
+    """Listings come in several kernel calls (offsets) and carry attributes (READDIRPLUS)."""
+    day = dt.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0) - dt.timedelta(days=2)
+    recordings = [pbx.add_recording(start=day + dt.timedelta(seconds=30 * i), duration_s=2, announce=False)
+                  for i in range(1200)]
+    mount = mounted()
+    folder = os.path.dirname(mount.path(*date_path(recordings[0].name)))
+    before = json.loads(os.getxattr(mount.mountpoint, "user.yeastarfs.status"))["fuse_getattrs"]
+    listed = subprocess.run(["find", folder, "-type", "f", "-printf", "%f %s\n"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    after = json.loads(os.getxattr(mount.mountpoint, "user.yeastarfs.status"))["fuse_getattrs"]
+    expected = sorted(f"{rec.name} {44 + 2 * 16000}" for rec in recordings)
+    assert sorted(listed) == expected              # each once, sizes from the listing itself
+    assert after - before < 20                     # no per-file lookups into the daemon
+    assert sorted(os.listdir(folder)) == sorted(rec.name for rec in recordings)

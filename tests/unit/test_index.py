@@ -533,3 +533,14 @@ def test_scale_200k_recordings(db_path, capsys):
     assert timings["list_dir root/year/month"] < 0.050
     assert timings["lookup file (each)"] < 0.001
     assert timings["lookup day dir (each)"] < 0.001
+
+
+@pytest.mark.parametrize("path", ["/", "/2026", "/2026/11", "/2026/11/27", "/2026/11/27/x", "/1999", "/2026/13"])
+def test_list_dir_sizes_agrees_with_list_dir(filled, path):
+    filled.set_size(ALL_NAMES[0], 12345)
+    entries = filled.list_dir(path)
+    fast = filled.list_dir_sizes(path)
+    if entries is None:
+        assert fast is None
+        return
+    assert fast == [(e.name, e.kind == "dir", e.size_bytes, e.mtime_ns) for e in entries]
