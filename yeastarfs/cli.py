@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a running mount's state: PBX reachable, token age, last event and poll, "
                     "recordings indexed, cache use and hit rate, downloads in flight. Asks the daemon "
                     "through an extended attribute of the mount's root; never contacts the PBX.")
+    status.epilog = ("example:\n  yeastarfs status /mnt/recordings\n  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
+                     "exit status: 0, or 1 when MOUNTPOINT is not a running yeastarfs mount.")
+    status.formatter_class = argparse.RawDescriptionHelpFormatter
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     pre = commands.add_parser(
@@ -186,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "rate and ETA. PATHs are files or folders of a mount (e.g. MOUNTPOINT/2026/11); "
                     "--from/--to narrow them to a date range. The daemon's --max-downloads still "
                     "applies. Safe to interrupt: recordings not read to the end are not kept.")
+    pre.epilog = ("examples:\n  yeastarfs prefetch /mnt/recordings/2026/11\n"
+                  "  yeastarfs prefetch /mnt/recordings --from 2026-11-20 --to 2026-11-27 --jobs 4\n"
+                  "exit status: 0 all fetched, 1 some failed (listed), 130 interrupted.")
+    pre.formatter_class = argparse.RawDescriptionHelpFormatter
     pre.add_argument("paths", nargs="+", metavar="PATH")
     pre.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day to fetch")
     pre.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day to fetch")
@@ -194,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "calls", help="list the indexed calls with their recordings' paths",
         description="Print the calls the mount knows, with each recording's path and CDR fields, "
                     "newest last, as CSV (default) or JSON lines. Reads the index; no PBX request.")
+    calls.epilog = ("examples:\n  yeastarfs calls /mnt/recordings --since 1d > today.csv\n"
+                    "  yeastarfs calls /mnt/recordings --format json | jq -r 'select(.caller==\"1001\") | .path'\n"
+                    "columns: " + ", ".join(("path", "start_time", "caller", "callee", "type", "status", "call_seconds",
+                                             "talk_seconds", "src_trunk", "dst_trunk", "did", "callid", "recording")))
+    calls.formatter_class = argparse.RawDescriptionHelpFormatter
     calls.add_argument("mountpoint", metavar="MOUNTPOINT")
     calls.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
     calls.add_argument("--format", choices=["csv", "json"], default="csv")
@@ -202,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="stats: cached recordings and bytes per PBX. verify: every cached file is complete "
                     "(size equals what the PBX announced, and its RIFF header agrees); exit 1 if not. "
                     "clear: delete every cached recording (refused while a mount uses the cache).")
+    cache.epilog = ("examples:\n  yeastarfs cache stats --cache-dir /var/cache/yeastarfs\n"
+                    "  yeastarfs cache verify --cache-dir /var/cache/yeastarfs --delete-bad\n"
+                    "exit status: 0, 1 when verify found bad files or clear found the cache in use.")
+    cache.formatter_class = argparse.RawDescriptionHelpFormatter
     cache.add_argument("action", choices=["stats", "verify", "clear"])
     cache.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"cache root (default {default_cache_root()})")
@@ -211,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connect to the PBX without verifying it and print its certificate's SHA-256 "
                     "fingerprint, for --pin-sha256. Compare it with the one the PBX's web interface "
                     "shows (or run this where you trust the network) before pinning it.")
+    finger.epilog = ("example:\n  yeastarfs fingerprint https://192.168.5.150:8088\n"
+                     "  yeastarfs mount /mnt/recordings ... --pin-sha256 <the printed value>")
+    finger.formatter_class = argparse.RawDescriptionHelpFormatter
     finger.add_argument("url", metavar="URL", help="the PBX's address, e.g. https://192.168.5.150:8088")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -154,3 +155,21 @@ def test_events_over_tcp_when_the_pbx_reports_by_tcp(pbx, mounted):
     wait_for(lambda: pbx.counters["tcp_login"] >= 2, timeout_s=15)
     second = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(seconds=50), duration_s=10, announce=True)
     wait_for(lambda: os.path.exists(mount.path(*date_path(second.name))), timeout_s=5)
+
+
+def test_prefetch_is_safe_to_interrupt(pbx, mounted):
+    recordings = [add(pbx, size_bytes=2 * ONE_MB, minutes_ago=10 + i) for i in range(4)]
+    mount = mounted()
+    pbx.bandwidth_bps = 1_000_000
+    day = os.path.dirname(mount.path(*date_path(recordings[0].name)))
+    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "prefetch", day, "--jobs", "2"],
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "interrupted" in err
+    pbx.bandwidth_bps = None
+    for rec in recordings:  # nothing half-cached is served: every file still reads right
+        with open(mount.path(*date_path(rec.name)), "rb") as handle:
+            assert hashlib.sha256(handle.read()).hexdigest() == rec.sha256

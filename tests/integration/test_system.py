@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -159,3 +160,26 @@ def test_gio_browsing_downloads_nothing(pbx, mounted):
         assert info.returncode == 0, info.stderr
         assert "audio" in info.stdout or "wav" in info.stdout.lower()
     assert download_requests(pbx) == (0, 0)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory other users can traverse (pytest's tmp dirs are 0700); removed after the mount."""
+    path = tempfile.mkdtemp(prefix="yeastarfs-allow-other-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("allow_other", [True, False])
+def test_allow_other_lets_other_users_read(public_dir, pbx, mounted, allow_other):
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    rec = pbx.populate(1, days=1)[0]
+    mount = mounted(*(["--allow-other"] if allow_other else []), mountpoint=os.path.join(public_dir, "mnt"))
+    as_nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sha256sum",
+                                mount.path(*date_path(rec.name))], capture_output=True, text=True, timeout=60)
+    if allow_other:
+        assert as_nobody.returncode == 0 and rec.sha256 in as_nobody.stdout
+    else:
+        assert as_nobody.returncode != 0 and "Permission denied" in as_nobody.stderr

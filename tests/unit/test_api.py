@@ -583,3 +583,19 @@ def test_missing_content_length_gives_unknown_total(pbx, client, honour_range):
     stream = client.open_recording(rec.name, offset=100)
     assert stream.total_bytes == (rec.size_bytes if honour_range else None)
     assert read_all(stream) == pbx.recording_bytes(rec.name)[stream.start_offset:]
+
+
+def test_an_endless_body_is_refused_not_stored(pbx, monkeypatch):
+    import yeastarfs.api as api_module
+    monkeypatch.setattr(api_module, "MAX_RECORDING_BYTES", 100_000)
+    rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=20, announce=False)
+    pbx.omit_content_length = True  # no length: the body runs until the PBX closes
+    client = PbxClient(pbx.base_url, "api", pbx.password, events_port=None)
+    try:
+        stream = client.open_recording(rec.name)
+        with pytest.raises(errors.DownloadError, match="exceeds"):
+            with stream:
+                for _ in stream.chunks():
+                    pass
+    finally:
+        client.stop()
