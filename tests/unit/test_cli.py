@@ -81,7 +81,17 @@ def test_log_filter_redacts_secrets():
     assert "0123456789abcdef" not in record.getMessage() and "77" not in record.getMessage()
 
 
-def test_bad_options_fail_with_one_line(capsys, monkeypatch):
+@pytest.fixture
+def restore_logging():
+    """cli.main installs its own root handler on this test's (soon closed) stderr."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+def test_bad_options_fail_with_one_line(capsys, monkeypatch, restore_logging):
     monkeypatch.setenv("YEASTARFS_PASSWORD", "pw")
     assert cli.main(["mount", "/m", "--pbx", "http://p:1", "--user", "u", "--cache-size", "lots"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
