@@ -44,7 +44,7 @@ BLOCK_SIZE_BYTES = 128 * 1024
 OPEN_SIZE_WAIT_S = 5.0
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
-REPORTED_SIZES_MAX = 100_000
+REPORTED_SIZES_MAX = 20_000
 # CDR fields offered as extended attributes, name -> Recording attribute.
 XATTR_PREFIX = "user.yeastar."
 XATTR_FIELDS = {
