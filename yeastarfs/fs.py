@@ -124,6 +124,10 @@ class FusePlus(mfusepy.FUSE):
     """
 
     @staticmethod
+    def is_libfuse3() -> bool:
+        return mfusepy.fuse_version_major == 3
+
+    @staticmethod
     def can_invalidate() -> bool:
         """Whether `YeastarFS.invalidate` works (libfuse 3.1+), so attributes may be cached long."""
         return mfusepy.fuse_version_major == 3 and hasattr(mfusepy._libfuse, "fuse_invalidate_path")

@@ -58,6 +58,8 @@ M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
 # FUSE worker threads; readers blocked on a download each hold one, so allow many.
 # (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
 MAX_FUSE_THREADS = 64
+# Idle FUSE threads kept for the next burst (libfuse 3.14 warns when this is left unset).
+MAX_IDLE_FUSE_THREADS = 16
 
 
 def prepare_mountpoint(path: str) -> str:
@@ -329,8 +331,9 @@ class Mount:
                             uid=self.config.uid, gid=self.config.gid, umask=self.config.umask)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
-                       attr_timeout=timeout_s, entry_timeout=timeout_s,
-                       max_threads=MAX_FUSE_THREADS)
+                       attr_timeout=timeout_s, entry_timeout=timeout_s)
+        if FusePlus.is_libfuse3():  # libfuse 2 rejects these options
+            options.update(max_threads=MAX_FUSE_THREADS, max_idle_threads=MAX_IDLE_FUSE_THREADS)
         if self.config.allow_other:
             options["allow_other"] = True
         try:
