@@ -192,12 +192,13 @@ def test_secrets_never_reach_logs_argv_or_files(pbx, mounted, password_file):
         argv = handle.read().decode()
     cache_root = os.path.join(mount.cache_dir, _pbx_dir(pbx))
     texts = {"log": mount.log(), "argv": argv}
-    for name in ("lock",):
-        with open(os.path.join(cache_root, name), errors="replace") as handle:
-            texts[name] = handle.read()
+    for root, _, files in os.walk(cache_root):  # index, lock, cached files: every byte
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                texts[os.path.join(root, name)] = handle.read().decode("latin-1")
     for where, text in texts.items():
         for secret in secrets:
-            assert secret not in text, f"a secret leaked into the {where}"
+            assert secret not in text, f"a secret leaked into {where}"
     assert stat.S_IMODE(os.stat(mount.cache_dir).st_mode) == 0o700 or True
     assert stat.S_IMODE(os.stat(cache_root).st_mode) == 0o700
     for root, dirs, files in os.walk(cache_root):
