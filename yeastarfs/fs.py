@@ -10,8 +10,14 @@ reads are served by the kernel's page cache without reaching Python); any other 
 is read through its shared ``Download`` with ``direct_io``, so reads never depend on the
 estimated size the kernel may hold.
 
+Listings: ``FusePlus`` (a small subclass of mfusepy's ``FUSE``) answers the kernel's
+READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup.
+Extended attributes: ``user.yeastar.*`` carry a recording's CDR fields from the index; the
+root's ``user.yeastarfs.status`` carries the daemon's statistics (``yeastarfs status``).
+
 Threading: mfusepy calls back on many threads. The adapter's own state is the handle table
-under ``_lock`` (held for dict access only); everything else is the components' business.
+and the reported-size memo under ``_lock`` (held for dict access only); everything else is
+the components' business.
 """
 
 from __future__ import annotations
