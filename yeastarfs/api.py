@@ -59,6 +59,8 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 DOWNLOAD_READ_BYTES = 1 << 20
 # A JSON error reply is tiny; read at most this much of a body that is not audio.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# Connections kept per PBX: at least --max-downloads plus the CDR poll and the heartbeat.
+POOL_CONNECTIONS = 128
 # No call recording is this large (a 24-hour PCM call is 1.4 GB): a longer or endless body
 # is refused instead of filling the cache disk.
 MAX_RECORDING_BYTES = 4 << 30
@@ -185,11 +187,15 @@ class PbxClient:
         self._session.verify = verify
         self._session.headers["User-Agent"] = "yeastarfs"
         self._pinned = bool(pin_sha256)
+        # One pooled connection per concurrent request (downloads, CDR, heartbeat): urllib3's
+        # default of 10 logs "pool is full" warnings with --max-downloads above it.
+        for prefix in ("http://", "https://"):
+            self._session.mount(prefix, requests.adapters.HTTPAdapter(pool_maxsize=POOL_CONNECTIONS))
         if pin_sha256:
             # The PBX's self-signed certificate, pinned: urllib3 compares the fingerprint of
             # the certificate presented with the pin after the handshake, instead of a CA check.
             self._session.verify = False
-            self._session.mount("https://", _PinnedAdapter(pin_sha256))
+            self._session.mount("https://", _PinnedAdapter(pin_sha256, pool_maxsize=POOL_CONNECTIONS))
         if self._session.verify is False:
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
         self._login_lock = threading.Lock()
@@ -498,9 +504,9 @@ class PbxClient:
 class _PinnedAdapter(requests.adapters.HTTPAdapter):
     """HTTPS that trusts exactly one certificate, named by its SHA-256 fingerprint."""
 
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, **kwargs) -> None:
         self._fingerprint = fingerprint.replace(":", "").lower()
-        super().__init__()
+        super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
         kwargs["assert_fingerprint"] = self._fingerprint

@@ -158,8 +158,8 @@ class Config:
             raise ConfigError("--events-port must be 0-65535 (0 picks a free port and tells the PBX)")
         if not 1 <= self.heartbeat_interval_s <= 1500:
             raise ConfigError("--heartbeat-interval must be 1-1500 seconds (the PBX drops idle tokens after 1800)")
-        if self.max_downloads < 1:
-            raise ConfigError("--max-downloads must be at least 1")
+        if not 1 <= self.max_downloads <= 100:
+            raise ConfigError("--max-downloads must be 1-100 (a PBX is a small box; 4 is the default)")
         if not self.stall_timeout_s > 0:  # 0 would fail every read that waits at all
             raise ConfigError("--stall-timeout must be positive")
         if self.pin_sha256 is not None and not re.fullmatch(r"(?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2}", self.pin_sha256):

@@ -201,3 +201,21 @@ def test_repeated_reads_of_a_cached_recording_are_served_by_the_kernel(pbx, moun
 
 def _status(mount) -> dict:
     return json.loads(os.getxattr(mount.mountpoint, "user.yeastarfs.status"))
+
+
+def test_many_parallel_readers_get_their_bytes_without_warnings(pbx, mounted):
+    recordings = [add(pbx, size_bytes=300_044, minutes_ago=20 + i) for i in range(24)]
+    mount = mounted("--max-downloads", "24")
+    digests: dict[str, str] = {}
+
+    def reader(rec) -> None:
+        digests[rec.name] = sha256_of(mount.path(*date_path(rec.name)))
+
+    threads = [threading.Thread(target=reader, args=(rec,)) for rec in recordings]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert digests == {rec.name: rec.sha256 for rec in recordings}
+    assert download_requests(pbx) == (24, 24)
+    assert " WARNING " not in mount.log()
