@@ -157,6 +157,14 @@ class FusePlus(mfusepy.FUSE):
                 break
         return 0
 
+    def getxattr(self, path: bytes, name: bytes, value, size: int, *args) -> int:
+        # ls -l asks every file for security.selinux and system.posix_acl_access and the
+        # kernel never caches the answer: refuse those here, before decoding, a Python
+        # exception and the binding's logging; only user.* reaches YeastarFS.getxattr.
+        if not name.startswith(b"user."):
+            return -ENOATTR
+        return super().getxattr(path, name, value, size, *args)
+
     def _listing(self, path: bytes, offset: int, plus) -> list:
         """The entries of *path*, built once per listing: a large folder is read by the
         kernel in several calls (offsets), each of which would otherwise rebuild it."""
