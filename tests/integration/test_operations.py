@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -39,8 +40,10 @@ def test_cdr_fields_as_extended_attributes_without_pbx_requests(pbx, mounted):
     assert os.getxattr(path, "user.yeastar.type") == b"Inbound"
     assert os.getxattr(path, "user.yeastar.talk_seconds") == str(rec.talk_s).encode()
     assert os.getxattr(path, "user.yeastar.start_time") == rec.timestart.encode()
-    with pytest.raises(OSError):
-        os.getxattr(path, "user.yeastar.nonexistent")
+    for missing in ("user.yeastar.nonexistent", "security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(OSError) as info:
+            os.getxattr(path, missing)
+        assert info.value.errno == errno.ENODATA, missing
     if shutil.which("getfattr"):
         getfattr = subprocess.run(["getfattr", "-d", path], capture_output=True, text=True)
         assert 'user.yeastar.caller="0612345678"' in getfattr.stdout
