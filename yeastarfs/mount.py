@@ -108,6 +108,7 @@ def check_allow_other(fuse_conf: str = "/etc/fuse.conf") -> None:
 
 def lock_cache_dir(cache_dir: str) -> int:
     """Take the cache directory for this process; two daemons on one cache corrupt it."""
+    os.makedirs(os.path.dirname(cache_dir), mode=0o700, exist_ok=True)  # the root, if new: private too
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
