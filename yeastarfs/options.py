@@ -25,8 +25,11 @@ from yeastarfs.errors import ConfigError
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    tomllib = None  # type: ignore[assignment]
+except ModuleNotFoundError:  # Python < 3.11: the same parser, packaged separately
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
 
 SYSTEM_CONFIG = "/etc/yeastarfs/config.toml"
 ENV_PREFIX = "YEASTARFS_"
@@ -120,7 +123,7 @@ def _from_file(config_path: Optional[str], known: set[str]) -> dict:
     if path is None:
         return {}
     if tomllib is None:
-        raise ConfigError("config files need Python 3.11 or newer (tomllib)")
+        raise ConfigError("config files need Python 3.11 or newer, or the tomli package")
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
