@@ -290,7 +290,7 @@ class Mount:
             "fuse_getattrs": self.fs.getattrs if self.fs is not None else 0,
         }
 
-    def _watch_signals(self, stack: contextlib.ExitStack) -> None:
+    def watch_signals(self, stack: contextlib.ExitStack) -> None:
         """SIGHUP polls the CDR now; SIGUSR1 logs statistics.
 
         The main thread sits inside libfuse, so Python-level handlers would never run; the
@@ -352,7 +352,7 @@ def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
     _limit_malloc_arenas()
     with contextlib.ExitStack() as stack:
         mount = Mount(config, stack)
-        mount._watch_signals(stack)
+        mount.watch_signals(stack)
         mount.serve(on_ready)
     log.info("mount: %s unmounted", config.mountpoint)
 
