@@ -55,6 +55,8 @@ ATTR_TIMEOUT_NO_INVALIDATE_S = 1.0
 # download buffers in each: with dozens of download and FUSE threads the RSS only grows.
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
+# Present in the cache directory while no daemon runs on it and the last one stopped cleanly.
+CLEAN_STOP_MARKER = "clean-stop"
 # FUSE worker threads; readers blocked on a download each hold one, so allow many.
 # (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
 MAX_FUSE_THREADS = 64
@@ -136,8 +138,7 @@ class Mount:
         self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
         stack.callback(self.index.close)
         self._load_rate()
-        self.cache = DiskCache(config.cache_dir, config.cache_max_bytes, config.cache_min_free_bytes,
-                               expected_size=self._exact_size)
+        self.cache = self._open_cache(stack)
         self.events = self._start_events(stack)
         self.client = self._connect(stack)
         self._start_tcp_events(stack)
@@ -214,6 +215,26 @@ class Mount:
         sync.start()
         stack.callback(sync.stop)
         return sync
+
+    def _open_cache(self, stack: contextlib.ExitStack) -> DiskCache:
+        """Open the cache; check cached sizes against the index only after an unclean stop.
+
+        A clean stop leaves a marker (written last, after downloads are stopped); without
+        it (kill -9, power loss) every cached file is compared with the size the PBX
+        announced, because a file renamed into place but not yet fsynced may be short.
+        Clean restarts of a large cache so cost one directory listing, not an index lookup
+        per file.
+        """
+        marker = os.path.join(self.config.cache_dir, CLEAN_STOP_MARKER)
+        clean = os.path.exists(marker)
+        if clean:
+            os.unlink(marker)
+        else:
+            log.info("cache: the last run did not stop cleanly; checking cached sizes against the index")
+        cache = DiskCache(self.config.cache_dir, self.config.cache_max_bytes, self.config.cache_min_free_bytes,
+                          expected_size=None if clean else self._exact_size)
+        stack.callback(_write_marker, marker)  # runs after everything registered later
+        return cache
 
     def _exact_size(self, name: str) -> Optional[int]:
         entry = self.index.get(name)
@@ -355,6 +376,11 @@ def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
         mount.watch_signals(stack)
         mount.serve(on_ready)
     log.info("mount: %s unmounted", config.mountpoint)
+
+
+def _write_marker(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
 
 
 def _limit_malloc_arenas() -> None:

@@ -122,7 +122,9 @@ def test_lru_keeps_the_cache_within_its_budget_across_remount(pbx, mounted):
     assert on_disk <= 2 * 1024 * 1024
     assert mount.unmount() == 0
     pbx.reset()
+    assert os.path.exists(os.path.join(mount.cache_dir, _pbx_dir(pbx), "clean-stop"))
     again = mounted("--cache-size", "2M", cache_dir=mount.cache_dir)
+    assert "did not stop cleanly" not in again.log()
     assert sha256_of(again.path(*date_path(recordings[-1].name))) == recordings[-1].sha256
     assert download_requests(pbx) == (0, 0)
 
@@ -141,6 +143,7 @@ def test_kill_9_during_download_then_remount_reads_correct_bytes(pbx, mounted):
     pbx.reset()
     # The dead mountpoint answers ENOTCONN; the next start must recover it by itself.
     again = mounted(cache_dir=mount.cache_dir, mountpoint=mount.mountpoint)
+    assert "did not stop cleanly" in again.log()  # so cached sizes are checked
     assert sha256_of(again.path(*date_path(rec.name))) == rec.sha256
     assert download_requests(pbx) == (1, 1)
     with pytest.raises(OSError):
