@@ -54,6 +54,7 @@ class CdrSync:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._backfilled = False
+        self._first_pass = threading.Event()
         self.stats: dict = {"polls": 0, "poll_failures": 0, "last_poll_time": None, "last_error": None,
                             "bad_rows": 0}
 
@@ -91,6 +92,10 @@ class CdrSync:
         self._thread.start()
         return self
 
+    def wait_first_pass(self, timeout_s: float) -> bool:
+        """Wait for the first backfill attempt (done or failed); False if still running."""
+        return self._first_pass.wait(timeout_s)
+
     def poll_now(self) -> None:
         self._wake.set()
 
@@ -108,6 +113,7 @@ class CdrSync:
             if self._stop.is_set():
                 return
             delay_s = self._run_once(delay_s)
+            self._first_pass.set()
 
     def _run_once(self, previous_delay_s: float) -> float:
         """One backfill-or-poll; returns how long to wait before the next."""

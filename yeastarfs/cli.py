@@ -16,6 +16,7 @@ import datetime
 import logging
 import logging.handlers
 import os
+import select
 import subprocess
 import sys
 from typing import Optional, Sequence
@@ -24,14 +25,14 @@ from yeastarfs import __version__, errors, options
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
                               DEFAULT_HEARTBEAT_INTERVAL_S,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
-                              DEFAULT_STALL_TIMEOUT_S, DEFAULT_TCP_EVENTS_PORT, PASSWORD_ENV, Config, check_pbx_url,
+                              DEFAULT_STALL_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, DEFAULT_TCP_EVENTS_PORT, PASSWORD_ENV, Config, check_pbx_url,
                               default_cache_root, parse_duration, parse_size, read_password)
 
 log = logging.getLogger("yeastarfs")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-# How long `mount` waits for its child to report the mount ready (login + CDR backfill).
+# How long `mount` waits for its child to report the mount ready (login + --start-timeout).
 READY_TIMEOUT_S = 300.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -108,6 +109,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                        help=f"free space to leave on the cache's disk (default {DEFAULT_CACHE_MIN_FREE})")
     cache.add_argument("--since", metavar="DURATION", default=DEFAULT_SINCE,
                        help=f"CDR backfill window at start, e.g. 30d, 12h (default {DEFAULT_SINCE})")
+    cache.add_argument("--start-timeout", metavar="SECONDS", type=float, default=DEFAULT_START_TIMEOUT_S,
+                       help=f"wait at most this long for the CDR backfill before mounting; it then "
+                            f"goes on in the background (default {DEFAULT_START_TIMEOUT_S:g})")
     cache.add_argument("--poll-interval", metavar="SECONDS", type=float, default=DEFAULT_POLL_INTERVAL_S,
                        help=f"how often to poll the CDR for new recordings (default {DEFAULT_POLL_INTERVAL_S:g})")
     net = parser.add_argument_group("events and downloads")
@@ -262,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         events_allow_from=_address_list(args.events_allow_from),
         allow_any_event_source=(args.events_allow_from or "").strip().lower() == "any",
         tcp_events_port=args.tcp_events_port, heartbeat_interval_s=args.heartbeat_interval,
+        start_timeout_s=args.start_timeout,
         max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
         allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
         uid=args.uid, gid=args.gid, umask=_octal(args.umask), prefetch_new=args.prefetch == "new",
@@ -328,9 +333,16 @@ def _spawn_daemon(argv: Sequence[str]) -> int:
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child_stderr)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
-        reply = pipe.readline().decode(errors="replace").strip()
+        # The child is ready within --start-timeout plus a login; a hung one must not hang
+        # mount(8) (and boot) with it.
+        readable, _, _ = select.select([pipe], [], [], READY_TIMEOUT_S)
+        reply = pipe.readline().decode(errors="replace").strip() if readable else ""
     if reply == "ready":
         return 0
+    if not readable:
+        child.terminate()
+        print(f"yeastarfs: the mount was not ready after {READY_TIMEOUT_S:.0f} s; see {log_file}", file=sys.stderr)
+        return EXIT_ERROR
     code = child.wait()
     message = reply[len("error: "):] if reply.startswith("error: ") else f"mount failed (exit {code}); see {log_file}"
     print(f"yeastarfs: {message}", file=sys.stderr)

@@ -30,6 +30,9 @@ DEFAULT_MAX_DOWNLOADS = 4
 # The PBX drops a token after 30 idle minutes; a heartbeat after 10 keeps it with margin.
 DEFAULT_HEARTBEAT_INTERVAL_S = 600.0
 DEFAULT_STALL_TIMEOUT_S = 60.0
+# A first mount waits this long for the CDR backfill, then comes up and finishes it in the
+# background (mount(8) at boot must not hang on a slow PBX).
+DEFAULT_START_TIMEOUT_S = 20.0
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -124,6 +127,7 @@ class Config:
     allow_any_event_source: bool = False
     tcp_events_port: int = DEFAULT_TCP_EVENTS_PORT
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S   # longest wait for the CDR backfill at start
     verify: Union[bool, str] = True
     pin_sha256: Optional[str] = None   # trust exactly this certificate (hex SHA-256)
     max_downloads: int = DEFAULT_MAX_DOWNLOADS

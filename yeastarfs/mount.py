@@ -204,16 +204,15 @@ class Mount:
         return client
 
     def _start_sync(self, stack: contextlib.ExitStack) -> CdrSync:
+        """Backfill on the sync thread; wait for it up to --start-timeout, so that a first
+        mount shows the PBX's recordings but a slow PBX never holds up the mount (or boot)."""
         sync = CdrSync(self.client, self._add_many, since_s=self.config.since_s,
                        poll_interval_s=self.config.poll_interval_s)
-        try:
-            sync.backfill()
-        except errors.AuthError:
-            raise
-        except errors.PbxError as exc:
-            log.warning("mount: CDR backfill failed (%s); retrying in the background", exc)
         sync.start()
         stack.callback(sync.stop)
+        if not sync.wait_first_pass(self.config.start_timeout_s):
+            log.warning("mount: CDR backfill still running after %.0f s; mounting now, it goes on in the background",
+                        self.config.start_timeout_s)
         return sync
 
     def _open_cache(self, stack: contextlib.ExitStack) -> DiskCache:

@@ -225,3 +225,15 @@ def test_a_large_folder_lists_every_recording_once_with_its_attributes(pbx, moun
     assert sorted(listed) == expected              # each once, sizes from the listing itself
     assert after - before < 20                     # no per-file lookups into the daemon
     assert sorted(os.listdir(folder)) == sorted(rec.name for rec in recordings)
+
+
+def test_a_slow_pbx_never_holds_up_the_mount(pbx, mounted):
+    recordings = pbx.populate(6, days=20)
+    pbx.latency_s = 0.3  # 20 one-day CDR slices: ~12 s of backfill
+    started = time.monotonic()
+    mount = mounted("--since", "20d", "--start-timeout", "1", "--poll-interval", "3600")
+    assert time.monotonic() - started < 6
+    assert "goes on in the background" in mount.log()
+    pbx.latency_s = 0.0
+    for rec in recordings:  # the backfill finishes behind the mount
+        wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=30)
