@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 from test_mount import date_path, download_requests, wait_for
 from test_streaming import ONE_MB, add
@@ -176,3 +177,22 @@ def test_prefetch_is_safe_to_interrupt(pbx, mounted):
     for rec in recordings:  # nothing half-cached is served: every file still reads right
         with open(mount.path(*date_path(rec.name)), "rb") as handle:
             assert hashlib.sha256(handle.read()).hexdigest() == rec.sha256
+
+
+def test_simulator_command_serves_the_api(tmp_path):
+    password = tmp_path / "pw"
+    password.write_text("sim-secret\n")
+    password.chmod(0o600)
+    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "simulator", "--port", "0", "--recordings", "5",
+                                "--password-file", str(password)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        line = process.stdout.readline()
+        url = line.split(" at ", 1)[1].split()[0]
+        reply = requests.post(f"{url}/api/v2.0.0/login", timeout=10, json={
+            "username": "api", "password": hashlib.md5(b"sim-secret").hexdigest()}).json()
+        assert reply["status"] == "Success" and len(reply["token"]) == 32
+        assert "sim-secret" not in line
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
