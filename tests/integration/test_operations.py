@@ -196,3 +196,21 @@ def test_simulator_command_serves_the_api(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_demo_mounts_sample_recordings_and_unmounts_on_ctrl_c(tmp_path):
+    mountpoint = tmp_path / "demo"
+    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "demo", str(mountpoint), "--recordings", "12"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.ismount(mountpoint), timeout_s=30)
+        files = [os.path.join(root, name) for root, _, names in os.walk(mountpoint) for name in names]
+        assert len(files) == 12
+        with open(files[0], "rb") as handle:
+            assert handle.read(4) == b"RIFF"
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "Try, in another terminal" in out and "unmounted" in out
+    assert not os.path.ismount(mountpoint)
