@@ -3,7 +3,7 @@
 The daemon runs in its own process (rclone's vfstest does the same) so a kernel deadlock
 can never hang the test process; the simulator runs in the test process so tests can
 flip its fault switches and read its counters. Without FUSE these tests are skipped,
-except under CI=true, where a missing FUSE is a failure.
+except under CI=true, where a missing FUSE is a failure (``require`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -41,15 +41,12 @@ def pytest_collection_modifyitems(config, items):
         return
     for item in items:
         if "integration" in str(item.fspath):
-            if os.environ.get("CI") == "true":
-                item.add_marker(pytest.mark.usefixtures("_fuse_required"))
-            else:
-                item.add_marker(pytest.mark.skip(reason=f"FUSE unavailable: {problem}"))
+            item.add_marker(pytest.mark.usefixtures("_fuse_required"))
 
 
 @pytest.fixture
-def _fuse_required():
-    pytest.fail(f"CI=true but FUSE is unusable: {fuse_problem()}")
+def _fuse_required(require):
+    require(False, f"FUSE is unusable: {fuse_problem()}")
 
 
 def free_port() -> int:

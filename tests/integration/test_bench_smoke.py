@@ -7,8 +7,6 @@ of tiny files on a busy CI machine mean nothing. Needs FUSE, like the integratio
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +21,7 @@ EXPECTED_ROWS = {"pbx_requests", "cold_seq", "cold_seq_lan", "first_64k", "paral
                  "memory_growth"}
 
 
-def _fuse_problem() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if not shutil.which("fusermount3"):
-        return "fusermount3 is not installed"
-    return None
-
-
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(_fuse_problem() is not None and os.environ.get("CI") != "true",
-                       reason=f"FUSE unavailable: {_fuse_problem()}"),
-]
+pytestmark = pytest.mark.fuse  # FUSE availability: tests/integration/conftest.py
 
 
 def test_bench_runs_every_case_with_tiny_sizes(tmp_path):

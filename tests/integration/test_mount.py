@@ -67,7 +67,7 @@ def test_read_matches_pbx_with_one_random_and_one_download(pbx, mounted):
     assert os.stat(path).st_mtime == time.mktime(dt.datetime.strptime(rec.name[:14], "%Y%m%d%H%M%S").timetuple())
 
 
-def test_audio_tools_read_by_path(pbx, mounted):
+def test_audio_tools_read_by_path(pbx, mounted, require):
     rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(hours=2), duration_s=7, announce=False)
     mount = mounted()
     path = mount.path(*date_path(rec.name))
@@ -75,10 +75,7 @@ def test_audio_tools_read_by_path(pbx, mounted):
         assert (audio.getnchannels(), audio.getsampwidth(), audio.getframerate()) == (1, 2, 8000)
         assert audio.getnframes() == 7 * 8000
     ffprobe = shutil.which("ffprobe")
-    if ffprobe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("ffprobe missing under CI (the setup script installs ffmpeg)")
-        pytest.skip("ffprobe not installed")
+    require(ffprobe, "ffprobe is not installed (scripts/setup installs ffmpeg)")
     probe = subprocess.run([ffprobe, "-v", "error", "-show_entries", "stream=codec_name,sample_rate,duration",
                             "-of", "json", path], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr

@@ -23,12 +23,9 @@ UNITS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "systemd"
 
 
 @pytest.fixture
-def system_yeastarfs():
+def system_yeastarfs(require):
     """mount(8) runs helpers with a fixed PATH: put yeastarfs in /usr/local/bin for the test."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root; mount(8) tests need it")
-        pytest.skip("mount -t fuse.yeastarfs needs root here")
+    require(os.geteuid() == 0, "mount -t fuse.yeastarfs needs root (CI runs as root)")
     if os.path.exists(SYSTEM_BIN):
         yield SYSTEM_BIN
         return
@@ -129,10 +126,9 @@ def test_uid_gid_and_umask(pbx, mounted):
     assert stat.S_IMODE(os.stat(os.path.dirname(mount.path(*date_path(rec.name)))).st_mode) == 0o550
 
 
-def test_systemd_units_verify(system_yeastarfs):
+def test_systemd_units_verify(system_yeastarfs, require):
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
+    require(analyze, "systemd-analyze is not installed (scripts/setup installs systemd)")
     for unit in sorted(os.listdir(UNITS)):
         result = subprocess.run([analyze, "verify", os.path.abspath(os.path.join(UNITS, unit))],
                                 capture_output=True, text=True, timeout=60)
@@ -140,12 +136,9 @@ def test_systemd_units_verify(system_yeastarfs):
         assert result.returncode == 0 and not problems, result.stderr
 
 
-def test_gio_browsing_downloads_nothing(pbx, mounted):
+def test_gio_browsing_downloads_nothing(pbx, mounted, require):
     gio = shutil.which("gio")
-    if gio is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gio missing under CI (the setup script installs libglib2.0-bin)")
-        pytest.skip("gio is not installed")
+    require(gio, "gio is not installed (scripts/setup installs libglib2.0-bin)")
     recordings = pbx.populate(4, days=1)
     mount = mounted()
     pbx.reset()
@@ -172,9 +165,8 @@ def public_dir():
 
 
 @pytest.mark.parametrize("allow_other", [True, False])
-def test_allow_other_lets_other_users_read(public_dir, pbx, mounted, allow_other):
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to act as another user")
+def test_allow_other_lets_other_users_read(public_dir, pbx, mounted, allow_other, require):
+    require(os.geteuid() == 0 and shutil.which("setpriv"), "acting as another user needs root and setpriv")
     rec = pbx.populate(1, days=1)[0]
     mount = mounted(*(["--allow-other"] if allow_other else []), mountpoint=os.path.join(public_dir, "mnt"))
     as_nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sha256sum",

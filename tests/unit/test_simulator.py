@@ -385,8 +385,8 @@ def test_recordings_differ_and_size_override_is_exact(sim):
     assert len(sim.recording_bytes(odd.name)) == 1001
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe not installed")
-def test_ffprobe_accepts_the_wav(sim, tmp_path):
+def test_ffprobe_accepts_the_wav(sim, tmp_path, require):
+    require(shutil.which("ffprobe"), "ffprobe is not installed (scripts/setup installs ffmpeg)")
     rec = add(sim, seconds=1)
     path = tmp_path / "x.wav"
     path.write_bytes(sim.recording_bytes(rec.name))
