@@ -732,41 +732,50 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def case_cold_seq(b: Bench) -> list[Result]:
-    """Uncached recording read sequentially through the mount vs downloaded directly."""
-    client, mine, base = b.client(), [], []
+def paired_runs(b: Bench, case: str, mine: Callable[[int], float], base: Callable[[int], float],
+                 baseline_name: str, after: Optional[Callable[[int], None]] = None) -> tuple[list, list]:
+    """Run *mine* and *base* once per run (alternating which goes first); say each pair."""
+    mine_values, base_values = [], []
     for run in range(b.args.runs):
-        (rec,) = b.pool.take("cold_seq")
-        b.sim.call("warm", [rec.name])  # the simulator builds the bytes before either side asks
-        m, d = alternate(run, lambda: throughput(timed_read(b.main.path(rec.name)), rec),
-                         lambda: throughput(client.download(rec.name), rec))
-        mine.append(m)
-        base.append(d)
-        say("cold_seq", run, f"mount {m:.0f} MB/s, direct {d:.0f} MB/s")
-        b.main.wait_cached(rec.name)
-    return [Result("cold_seq", f"cold sequential read, {b.args.cold_mb:g} MB (MB/s)", "MB/s", mine, base,
-                   ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
+        m, d = alternate(run, lambda: mine(run), lambda: base(run))
+        mine_values.append(m)
+        base_values.append(d)
+        say(case, run, f"mount {m:.0f} MB/s, {baseline_name} {d:.0f} MB/s")
+        if after is not None:
+            after(run)
+    return mine_values, base_values
+
+
+def cold_reads(b: Bench, case: str, label: str) -> list[Result]:
+    """Uncached recordings read sequentially through the mount vs downloaded directly."""
+    client, recs = b.client(), {}
+
+    def take(run: int) -> Rec:
+        if run not in recs:
+            (recs[run],) = b.pool.take(case)
+            b.sim.call("warm", [recs[run].name])  # the simulator builds the bytes before either side asks
+        return recs[run]
+
+    mine, base = paired_runs(
+        b, case, lambda run: throughput(timed_read(b.main.path(take(run).name)), take(run)),
+        lambda run: throughput(client.download(take(run).name), take(run)), "direct",
+        after=lambda run: b.main.wait_cached(take(run).name))
+    return [Result(case, label, "MB/s", mine, base, ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
+
+
+def case_cold_seq(b: Bench) -> list[Result]:
+    return cold_reads(b, "cold_seq", f"cold sequential read, {b.args.cold_mb:g} MB (MB/s)")
 
 
 def case_cold_seq_lan(b: Bench) -> list[Result]:
     """The cold read again with the PBX sending at gigabit-LAN speed (--lan-mbps): what a
     real PBX allows. Not a goal of the issue; it shows where the loopback gap matters."""
-    client, mine, base = b.client(), [], []
     b.sim.call("bandwidth", int(b.args.lan_mbps * 1_000_000 / 8))
     try:
-        for run in range(b.args.runs):
-            (rec,) = b.pool.take("cold_seq_lan")
-            b.sim.call("warm", [rec.name])
-            m, d = alternate(run, lambda: throughput(timed_read(b.main.path(rec.name)), rec),
-                             lambda: throughput(client.download(rec.name), rec))
-            mine.append(m)
-            base.append(d)
-            say("cold_seq_lan", run, f"mount {m:.0f} MB/s, direct {d:.0f} MB/s")
-            b.main.wait_cached(rec.name)
+        return cold_reads(b, "cold_seq_lan", f"cold sequential read, {b.args.cold_mb:g} MB, "
+                                             f"PBX at {b.args.lan_mbps:g} Mbit/s (MB/s)")
     finally:
         b.sim.call("bandwidth", None)
-    return [Result("cold_seq_lan", f"cold sequential read, {b.args.cold_mb:g} MB, PBX at {b.args.lan_mbps:g} Mbit/s (MB/s)",
-                   "MB/s", mine, base, ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
 
 
 def throughput(timing: tuple[float, int], rec: Rec) -> float:
@@ -835,43 +844,34 @@ def cached_recording(b: Bench) -> Rec:
     return b.info["cached"]
 
 
-def case_cached_first(b: Bench) -> list[Result]:
-    """First read of a cached recording with its pages dropped vs the cache file read alike."""
+def cached_reads(b: Bench, case: str, label: str, goal: float, read: Callable[[str, Rec], float]) -> list[Result]:
+    """A cached recording through the mount vs its cache file, each read with *read*."""
     rec = cached_recording(b)
     mounted, local = b.main.path(rec.name), b.main.cache_file(rec.name)
-    mine, base = [], []
+    mine, base = paired_runs(b, case, lambda _run: read(mounted, rec), lambda _run: read(local, rec),
+                             "local file")
+    return [Result(case, label, "MB/s", mine, base, f">= {goal:g}x", lambda _m, _b, r: r >= goal)]
 
-    def cold(path: str) -> float:
-        drop_page_cache(local)
-        drop_page_cache(mounted)
+
+def case_cached_first(b: Bench) -> list[Result]:
+    """First read of a cached recording with its pages dropped vs the cache file read alike."""
+    def cold(path: str, rec: Rec) -> float:
+        drop_page_cache(b.main.cache_file(rec.name))
+        drop_page_cache(b.main.path(rec.name))
         return throughput(timed_read(path), rec)
 
-    for run in range(b.args.runs):
-        m, d = alternate(run, lambda: cold(mounted), lambda: cold(local))
-        mine.append(m)
-        base.append(d)
-        say("cached_first", run, f"mount {m:.0f} MB/s, local file {d:.0f} MB/s")
-    return [Result("cached_first", f"first read of a cached {b.args.cold_mb:g} MB recording (MB/s)", "MB/s",
-                   mine, base, ">= 0.3x", lambda _m, _b, r: r >= 0.3)]
+    return cached_reads(b, "cached_first", f"first read of a cached {b.args.cold_mb:g} MB recording (MB/s)",
+                        0.3, cold)
 
 
 def case_cached_repeat(b: Bench) -> list[Result]:
     """Second of two reads of a cached recording vs the second of two reads of the cache file."""
-    rec = cached_recording(b)
-    mounted, local = b.main.path(rec.name), b.main.cache_file(rec.name)
-    mine, base = [], []
-
-    def twice(path: str) -> float:
+    def twice(path: str, rec: Rec) -> float:
         timed_read(path)
         return throughput(timed_read(path), rec)
 
-    for run in range(b.args.runs):
-        m, d = alternate(run, lambda: twice(mounted), lambda: twice(local))
-        mine.append(m)
-        base.append(d)
-        say("cached_repeat", run, f"mount {m:.0f} MB/s, local file {d:.0f} MB/s")
-    return [Result("cached_repeat", f"repeated read of a cached {b.args.cold_mb:g} MB recording (MB/s)",
-                   "MB/s", mine, base, ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
+    return cached_reads(b, "cached_repeat", f"repeated read of a cached {b.args.cold_mb:g} MB recording (MB/s)",
+                        0.9, twice)
 
 
 def case_ls_day(b: Bench) -> list[Result]:
