@@ -567,24 +567,11 @@ def _int_header(response: requests.Response, name: str) -> Optional[int]:
     return number if number is not None and number >= 0 else None
 
 
-class _RedactingFilter(logging.Filter):
-    """Scrub tokens and randoms from urllib3's DEBUG lines, which quote every URL."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
 # Logger filters see only records made on that very logger, so each one that may quote a
 # URL gets its own. cli.setup_logging also quietens urllib3; this protects other callers.
 for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.response", "urllib3.util.retry",
               "urllib3.poolmanager"):
-    logging.getLogger(_name).addFilter(_RedactingFilter())
+    logging.getLogger(_name).addFilter(errors.RedactingFilter())
 
 
 def _first_line(exc: BaseException) -> str:

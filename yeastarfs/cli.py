@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from yeastarfs import __version__, errors, options
+from yeastarfs.tools import CALL_COLUMNS
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
                               DEFAULT_HEARTBEAT_INTERVAL_S,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
@@ -35,17 +36,6 @@ EXIT_USAGE = 2
 # How long `mount` waits for its child to report the mount ready (login + --start-timeout).
 READY_TIMEOUT_S = 300.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class _RedactingFilter(logging.Filter):
-    """Last line of defence: no token, random or password reaches a log line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = errors.redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
 
 
 class _JournalFormatter(logging.Formatter):
@@ -76,7 +66,7 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JournalFormatter() if not log_file and os.environ.get("JOURNAL_STREAM")
                          else logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_RedactingFilter())
+    handler.addFilter(errors.RedactingFilter())  # last line of defence for every log line
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -146,14 +136,30 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
+class _ManPageFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description; keeps text laid out by hand (examples) as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _ManPageParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _ManPageFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yeastarfs",
         description="A Yeastar S-Series PBX's call recordings as a read-only filesystem.")
     parser.add_argument("--version", action="version", version=f"yeastarfs {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_ManPageParser)
     mount = commands.add_parser(
-        "mount", help="mount the recordings of a PBX", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "mount", help="mount the recordings of a PBX",
         description="Mount a PBX's recordings at MOUNTPOINT as /YYYY/MM/DD/<recording>.wav.\n\n"
                     "Returns once the mount is ready and keeps serving in the background (logging to\n"
                     "CACHE_DIR/yeastarfs.log); unmount with: fusermount -u MOUNTPOINT. The password is\n"
@@ -184,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "through an extended attribute of the mount's root; never contacts the PBX.")
     status.epilog = ("example:\n  yeastarfs status /mnt/recordings\n  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
                      "exit status: 0, or 1 when MOUNTPOINT is not a running yeastarfs mount.")
-    status.formatter_class = argparse.RawDescriptionHelpFormatter
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     pre = commands.add_parser(
@@ -196,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.epilog = ("examples:\n  yeastarfs prefetch /mnt/recordings/2026/11\n"
                   "  yeastarfs prefetch /mnt/recordings --from 2026-11-20 --to 2026-11-27 --jobs 4\n"
                   "exit status: 0 all fetched, 1 some failed (listed), 130 interrupted.")
-    pre.formatter_class = argparse.RawDescriptionHelpFormatter
     pre.add_argument("paths", nargs="+", metavar="PATH")
     pre.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day to fetch")
     pre.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day to fetch")
@@ -207,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "newest last, as CSV (default) or JSON lines. Reads the index; no PBX request.")
     calls.epilog = ("examples:\n  yeastarfs calls /mnt/recordings --since 1d > today.csv\n"
                     "  yeastarfs calls /mnt/recordings --format json | jq -r 'select(.caller==\"1001\") | .path'\n"
-                    "columns: " + ", ".join(("path", "start_time", "caller", "callee", "type", "status", "call_seconds",
-                                             "talk_seconds", "src_trunk", "dst_trunk", "did", "callid", "recording")))
-    calls.formatter_class = argparse.RawDescriptionHelpFormatter
+                    "columns: " + ", ".join(CALL_COLUMNS))
     calls.add_argument("mountpoint", metavar="MOUNTPOINT")
     calls.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
     calls.add_argument("--format", choices=["csv", "json"], default="csv")
@@ -221,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.epilog = ("examples:\n  yeastarfs cache stats --cache-dir /var/cache/yeastarfs\n"
                     "  yeastarfs cache verify --cache-dir /var/cache/yeastarfs --delete-bad\n"
                     "exit status: 0, 1 when verify found bad files or clear found the cache in use.")
-    cache.formatter_class = argparse.RawDescriptionHelpFormatter
     cache.add_argument("action", choices=["stats", "verify", "clear"])
     cache.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"cache root (default {default_cache_root()})")
@@ -233,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "shows (or run this where you trust the network) before pinning it.")
     finger.epilog = ("example:\n  yeastarfs fingerprint https://192.168.5.150:8088\n"
                      "  yeastarfs mount /mnt/recordings ... --pin-sha256 <the printed value>")
-    finger.formatter_class = argparse.RawDescriptionHelpFormatter
     finger.add_argument("url", metavar="URL", help="the PBX's address, e.g. https://192.168.5.150:8088")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
@@ -258,7 +258,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log.warning("tls: --insecure: the PBX's certificate is not verified")
     return Config(
         mountpoint=args.mountpoint, pbx_url=check_pbx_url(args.pbx), username=args.user, password=password,
-        cache_root=os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root(),
+        cache_root=_cache_root(args),
         cache_max_bytes=parse_size(args.cache_size), cache_min_free_bytes=parse_size(args.cache_min_free),
         since_s=parse_duration(args.since), poll_interval_s=args.poll_interval,
         events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
@@ -271,6 +271,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
         uid=args.uid, gid=args.gid, umask=_octal(args.umask), prefetch_new=args.prefetch == "new",
     ).validate()
+
+
+def _cache_root(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
 
 
 def _octal(text) -> int:
@@ -293,7 +297,7 @@ def _address_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
 
 def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.foreground:
-        return _spawn_daemon(argv)
+        return _spawn_daemon(args, argv)
     ready_fd = args.ready_fd
     try:
         config = config_from_args(args)
@@ -317,12 +321,10 @@ def _report_failure(ready_fd: Optional[int], message: str) -> None:
             pass
 
 
-def _spawn_daemon(argv: Sequence[str]) -> int:
+def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
-    args, _ = parse_args(list(argv))
-    config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
-    log_file = args.log_file or os.path.join(
-        os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root(), "yeastarfs.log")
+    config = config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
+    log_file = args.log_file or os.path.join(config.cache_root, "yeastarfs.log")
     read_fd, write_fd = os.pipe()
     child_argv = [sys.executable, "-m", "yeastarfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
     if not args.log_file:
@@ -375,7 +377,7 @@ def cmd_calls(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from yeastarfs import tools
-    root = os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
+    root = _cache_root(args)
     if args.action == "stats":
         return tools.cache_stats(root)
     if args.action == "verify":
@@ -421,38 +423,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     foreground = getattr(args, "foreground", True)
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None) if foreground else None)
+    commands = {"mount": lambda: cmd_mount(args, argv), "demo": lambda: cmd_demo(args),
+                "status": lambda: cmd_status(args), "prefetch": lambda: cmd_prefetch(args),
+                "calls": lambda: cmd_calls(args), "cache": lambda: cmd_cache(args),
+                "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args)}
     try:
-        if args.command == "mount":
-            clean_argv = _without_private_flags(argv)
-            return cmd_mount(args, clean_argv)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "prefetch":
-            return cmd_prefetch(args)
-        if args.command == "calls":
-            return cmd_calls(args)
-        if args.command == "cache":
-            return cmd_cache(args)
-        if args.command == "fingerprint":
-            return cmd_fingerprint(args)
-        return cmd_simulator(args)
+        return commands[args.command]()
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 
-
-def _without_private_flags(argv: list[str]) -> list[str]:
-    cleaned, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--ready-fd":
-            skip = True
-            continue
-        cleaned.append(arg)
-    return cleaned

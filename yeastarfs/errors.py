@@ -22,6 +22,7 @@ This module imports nothing from yeastarfs.
 
 from __future__ import annotations
 
+import logging
 import re
 
 # `token=…` and `random=…` in URLs, JSON bodies and reprs; and the values themselves when
@@ -50,6 +51,23 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that scrubs secrets from a record's message and traceback.
+
+    The CLI puts it on its handler (every line the daemon writes); ``api`` puts it on
+    urllib3's loggers, which quote every URL, for callers that configure logging themselves.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class YeastarfsError(Exception):

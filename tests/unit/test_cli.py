@@ -77,7 +77,7 @@ def test_journal_lines_carry_syslog_priorities():
 
 def test_log_filter_redacts_secrets():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "url %s", ("/a?token=0123456789abcdef&random=77",), None)
-    cli._RedactingFilter().filter(record)
+    errors.RedactingFilter().filter(record)
     assert "0123456789abcdef" not in record.getMessage() and "77" not in record.getMessage()
 
 
