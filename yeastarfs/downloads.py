@@ -113,13 +113,12 @@ class Download:
     Multithreading: one ``threading.Condition``; the worker notifies it after every chunk.
     """
 
-    def __init__(self, manager: "DownloadManager", name: str, size_hint: Optional[int]) -> None:
+    def __init__(self, manager: "DownloadManager", name: str) -> None:
         self.name = name
         self._manager = manager
         self._cond = threading.Condition()
         self.received_bytes = 0
         self.total_bytes: Optional[int] = None
-        self.size_hint = size_hint
         self.done = False
         self.complete = False
         self.error: Optional[BaseException] = None
@@ -480,7 +479,7 @@ class DownloadManager:
 
     def __init__(self, client, cache, *, max_downloads: int = 4, stall_timeout_s: float = 60.0,
                  on_size: Optional[Callable[[str, int], None]] = None,
-                 on_complete: Optional[Callable[[str, int, float], None]] = None) -> None:
+                 on_complete: Optional[Callable[[str, int], None]] = None) -> None:
         self.client = client
         self.cache = cache
         self.stall_timeout_s = stall_timeout_s
@@ -515,7 +514,7 @@ class DownloadManager:
                         download._cond.notify_all()
             fresh = download is None
             if fresh:
-                download = self._downloads[name] = Download(self, name, size_hint)
+                download = self._downloads[name] = Download(self, name)
                 download.handles = 1
         if fresh:
             self.cache.reserve(name, size_hint or 0)
@@ -537,7 +536,7 @@ class DownloadManager:
             download = self._downloads.get(name)
             if download is not None:
                 return download
-            download = self._downloads[name] = Download(self, name, size_hint)
+            download = self._downloads[name] = Download(self, name)
             download.keep_going = True
         self.cache.reserve(name, size_hint or 0)
         self._queue.put((PRIORITY_PREFETCH, next(self._sequence), download))
@@ -581,7 +580,7 @@ class DownloadManager:
 
     def finished(self, download: Download) -> None:
         if download.complete and self._on_complete is not None:
-            self._on_complete(download.name, download.received_bytes, time.monotonic())
+            self._on_complete(download.name, download.received_bytes)
         with self._lock:
             # A failed or cancelled download leaves the map now, so the next open starts afresh.
             if self._downloads.get(download.name) is download and not download.complete:

@@ -136,7 +136,7 @@ class FusePlus(mfusepy.FUSE):
     @staticmethod
     def can_invalidate() -> bool:
         """Whether `YeastarFS.invalidate` works (libfuse 3.1+), so attributes may be cached long."""
-        return mfusepy.fuse_version_major == 3 and hasattr(mfusepy._libfuse, "fuse_invalidate_path")
+        return FusePlus.is_libfuse3() and hasattr(mfusepy._libfuse, "fuse_invalidate_path")
 
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags) -> int:
         plus = getattr(self.operations, "readdir_plus", None)
@@ -180,12 +180,20 @@ class FusePlus(mfusepy.FUSE):
         return entries
 
 
+STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
+
+
+def _stat_values(mode: int, size_bytes: int, uid: int, gid: int) -> tuple:
+    """The attributes of an entry, in STAT_FIELDS order: one rule for getattr and listings."""
+    return (mode, 2 if stat.S_ISDIR(mode) else 1, size_bytes, BLOCK_SIZE_BYTES, (size_bytes + 511) // 512,
+            uid, gid)
+
+
 def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int) -> None:
     """Set a c_stat's fields directly: what `YeastarFS._stat` returns as a dict, without the
     dict (a listing fills one per recording)."""
-    st.st_mode, st.st_size, st.st_uid, st.st_gid = mode, size_bytes, uid, gid
-    st.st_nlink = 2 if stat.S_ISDIR(mode) else 1
-    st.st_blksize, st.st_blocks = BLOCK_SIZE_BYTES, (size_bytes + 511) // 512
+    for field, value in zip(STAT_FIELDS, _stat_values(mode, size_bytes, uid, gid)):
+        setattr(st, field, value)
     seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
     for spec in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
         spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
@@ -280,19 +288,10 @@ class YeastarFS(mfusepy.Operations):
         return entry.size_bytes
 
     def _stat(self, entry, size_bytes: int = 0) -> dict:
-        is_dir = entry.kind == "dir"
-        return {
-            "st_mode": self._dir_mode if is_dir else self._file_mode,
-            "st_nlink": 2 if is_dir else 1,
-            "st_size": size_bytes,
-            "st_blksize": BLOCK_SIZE_BYTES,
-            "st_blocks": (size_bytes + 511) // 512,
-            "st_uid": self._uid,
-            "st_gid": self._gid,
-            "st_mtime": entry.mtime_ns,
-            "st_ctime": entry.mtime_ns,
-            "st_atime": entry.mtime_ns,
-        }
+        mode = self._dir_mode if entry.kind == "dir" else self._file_mode
+        attrs = dict(zip(STAT_FIELDS, _stat_values(mode, size_bytes, self._uid, self._gid)))
+        attrs.update(st_mtime=entry.mtime_ns, st_ctime=entry.mtime_ns, st_atime=entry.mtime_ns)
+        return attrs
 
     def _remember_size(self, name: str, size_bytes: int) -> None:
         with self._lock:
@@ -319,11 +318,11 @@ class YeastarFS(mfusepy.Operations):
 
         Called from download threads, never from a FUSE callback for the same path.
         """
-        if self._fuse_ptr is None or not hasattr(mfusepy._libfuse, "fuse_invalidate_path"):
-            return
+        if self._fuse_ptr is None or not FusePlus.can_invalidate():
+            return  # libfuse 2: mount.py then keeps attribute timeouts at 1 s instead
         try:
             mfusepy._libfuse.fuse_invalidate_path(self._fuse_ptr, path.encode("utf-8", "surrogateescape"))
-        except Exception as exc:  # noqa: BLE001 - an optimisation; the attr timeout still expires
+        except Exception as exc:  # noqa: BLE001 - -ENOENT when the kernel never looked the path up
             log.debug("fs: invalidate %s failed: %s", path, exc)
 
     # -- filesystem operations ---------------------------------------------------------------

@@ -35,7 +35,7 @@ from yeastarfs.config import Config
 from yeastarfs.downloads import DownloadManager
 from yeastarfs.events import EventReceiver
 from yeastarfs.fs import FusePlus, YeastarFS
-from yeastarfs.index import RecordingIndex
+from yeastarfs.index import WAV_HEADER_BYTES, RecordingIndex
 from yeastarfs.models import Recording
 from yeastarfs.tcpevents import TcpEventClient
 
@@ -260,13 +260,13 @@ class Mount:
         if self.fs is not None:
             self.fs.invalidate(self.index.path_of(name))
 
-    def _download_complete(self, name: str, size_bytes: int, _when: float) -> None:
+    def _download_complete(self, name: str, size_bytes: int) -> None:
         """Learn this PBX's bytes per second of talk, so estimates of unseen files improve."""
         entry = self.index.get(name)
         talk_s = entry.recording.talk_s if entry is not None and entry.recording is not None else None
         if not talk_s:
             return
-        rate = max(1.0, (size_bytes - 44) / talk_s)
+        rate = max(1.0, (size_bytes - WAV_HEADER_BYTES) / talk_s)
         previous = self._rate
         self._rate = rate if previous is None else previous + RATE_SMOOTHING * (rate - previous)
         self.index.set_estimate_rate(self._rate)
