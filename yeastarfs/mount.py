@@ -133,6 +133,9 @@ class Mount:
         if config.allow_other:
             check_allow_other()
         self.started_at = time.time()
+        # Events and the CDR sync may deliver recordings before these exist.
+        self.downloads: Optional[DownloadManager] = None
+        self.fs: Optional[YeastarFS] = None
         lock_fd = lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
         self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
@@ -147,7 +150,6 @@ class Mount:
                                          stall_timeout_s=config.stall_timeout_s,
                                          on_size=self._size_learned, on_complete=self._download_complete)
         stack.callback(self.downloads.stop)
-        self.fs: Optional[YeastarFS] = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -245,12 +247,9 @@ class Mount:
         new = self.index.add(recordings)
         if new:
             log.info("index: %d new recordings", len(new))
-        downloads = getattr(self, "downloads", None)  # events may arrive before it exists
-        if new and self.config.prefetch_new and downloads is not None:
-            for recording in new:
-                entry = self.index.get(recording.name)
-                if entry is not None:
-                    downloads.prefetch(recording.name, entry.size_bytes)
+        if new and self.config.prefetch_new and self.downloads is not None:
+            for recording in new:  # the reservation grows to the real size once it is announced
+                self.downloads.prefetch(recording.name)
 
     def _add_one(self, recording: Recording) -> None:
         self._add_many([recording])
