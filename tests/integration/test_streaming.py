@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -32,18 +33,14 @@ def test_eight_concurrent_readers_share_one_download(pbx, mounted):
     path = mount.path(*date_path(rec.name))
     pbx.reset()
     pbx.bandwidth_bps = 4_000_000
-    digests: list[str] = []
     barrier = threading.Barrier(8)
 
-    def reader() -> None:
+    def reader(_: int) -> str:
         barrier.wait()
-        digests.append(sha256_of(path))
+        return sha256_of(path)
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    with ThreadPoolExecutor(8) as pool:
+        digests = list(pool.map(reader, range(8), timeout=60))
     assert digests == [rec.sha256] * 8
     assert download_requests(pbx) == (1, 1)
 
@@ -209,16 +206,9 @@ def _status(mount) -> dict:
 def test_many_parallel_readers_get_their_bytes_without_warnings(pbx, mounted):
     recordings = [add(pbx, size_bytes=300_044, minutes_ago=20 + i) for i in range(24)]
     mount = mounted("--max-downloads", "24")
-    digests: dict[str, str] = {}
-
-    def reader(rec) -> None:
-        digests[rec.name] = sha256_of(mount.path(*date_path(rec.name)))
-
-    threads = [threading.Thread(target=reader, args=(rec,)) for rec in recordings]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    with ThreadPoolExecutor(len(recordings)) as pool:
+        hashes = pool.map(lambda rec: sha256_of(mount.path(*date_path(rec.name))), recordings, timeout=60)
+        digests = {rec.name: digest for rec, digest in zip(recordings, hashes)}
     assert digests == {rec.name: rec.sha256 for rec in recordings}
     assert download_requests(pbx) == (24, 24)
     assert " WARNING " not in mount.log()
