@@ -1,18 +1,27 @@
-"""Commands that work on a mount or its cache from outside: status, prefetch, calls, cache.
+"""Commands that work on a mount or its cache from outside: status, prefetch, calls, cache,
+and fingerprint.
 
-They talk to the daemon only through the filesystem itself (an extended attribute of the
-root for status), so they need no socket, no credentials and no PBX access.
+The first four talk to the daemon only through the filesystem itself (an extended
+attribute of the root for status, plain reads for prefetch) or read its cache directory,
+so they need no socket, no credentials and no PBX access. fingerprint alone connects to
+the PBX, to show the certificate to pin. The xattr names repeat fs.py's on purpose: this
+module must not import the FUSE binding.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import fcntl
+import hashlib
 import json
 import os
+import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Optional
 
 from yeastarfs.errors import ConfigError
@@ -275,7 +284,7 @@ def cache_stats(cache_root: str) -> int:
 def cache_clear(cache_root: str) -> int:
     """Delete every cached recording (not the index). Refuses while a mount uses the cache."""
     for pbx_dir in pbx_cache_dirs(cache_root):
-        with _cache_lock(pbx_dir):
+        with _CacheLock(pbx_dir):
             files = _complete_files(pbx_dir)
             freed = 0
             for entry in files:
@@ -285,14 +294,13 @@ def cache_clear(cache_root: str) -> int:
     return 0
 
 
-class _cache_lock:
+class _CacheLock:
     """Hold a cache directory's lock, as a mount does; fail clearly when one holds it."""
 
     def __init__(self, pbx_dir: str) -> None:
         self._path = os.path.join(pbx_dir, "lock")
 
     def __enter__(self):
-        import fcntl
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -347,10 +355,6 @@ def _file_problem(entry: os.DirEntry, indexed) -> Optional[str]:
 
 def certificate_sha256(url: str, timeout_s: float = 10.0) -> str:
     """The SHA-256 of the certificate *url* presents, as colon-separated hex (not verified)."""
-    import hashlib
-    import socket
-    import ssl
-    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "https":
