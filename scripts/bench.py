@@ -182,7 +182,7 @@ def _command_line(argv: list[str]) -> str:
 def _serve_simulator(conn, password: str) -> None:
     """Child process: run a Simulator and answer RPCs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    from yeastarfs.simulator import Simulator
+    from yeastarfs.sim.sseries import Simulator
     sim = Simulator(username=USER, password=password).start()
     ops: dict[str, Callable] = {
         "base_url": lambda: sim.base_url,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from yeastarfs.simulator import Simulator
+from yeastarfs.sim.sseries import Simulator
 
 PASSWORD = "s3cret-Passw0rd"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from yeastarfs.cli import main
+from yeastarfs.app.cli import main
 
 sys.exit(main())

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from yeastarfs import cli, errors, mount, options
+from yeastarfs import errors
+from yeastarfs.app import cli, mount, options
 
 
 def mount_parser():

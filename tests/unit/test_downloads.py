@@ -16,8 +16,9 @@ import time
 import pytest
 
 from yeastarfs import downloads as downloads_module
-from yeastarfs import errors, simulator as simulator_module
-from yeastarfs.api import PbxClient
+from yeastarfs import errors
+from yeastarfs.sim import sseries as simulator_module
+from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.cache import DiskCache
 from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, DownloadManager
 

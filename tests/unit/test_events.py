@@ -17,11 +17,11 @@ from typing import Any, Callable, Optional
 import pytest
 
 from yeastarfs.errors import ConfigError
-from yeastarfs.events import EventReceiver
+from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.models import Recording
 
 NAME = "20191024201242-1571897930.5-203-201-Internal.wav"
-LOGGER = "yeastarfs.events"
+LOGGER = "yeastarfs.pbx.sseries.events"
 
 
 def new_cdr(callid: str = "1571897930.5", name: str = NAME, key: str = "event",

@@ -1,8 +1,10 @@
-"""Import direction (style-guide.md §3.3, adapted to this repository's modules).
+"""Import direction, stated by folder (README "Development").
 
-Every module under ``yeastarfs/`` is parsed with ``ast`` (never imported), and every import
-in it is collected, including imports inside functions and ``importlib.import_module("...")``
-calls with a literal name. The rules below are then checked against that graph.
+Every module under ``yeastarfs/`` is parsed with ``ast`` (never imported) and every import in
+it is collected, including imports inside functions and ``importlib.import_module("...")``
+calls with a literal name. A module is named by its dotted path inside the package
+(``fs``, ``pbx.sseries.client``, ``app.cli``); a rule names folders (``pbx``, ``app``,
+``sim``) or modules, so a module added to a folder falls under that folder's rules at once.
 """
 
 from __future__ import annotations
@@ -16,22 +18,35 @@ import pytest
 PACKAGE = "yeastarfs"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 
-KNOWN_MODULES = {"api", "cache", "cdrsync", "cli", "config", "demo", "downloads", "errors", "events",
-                 "fs", "index", "models", "mount", "options", "simulator", "tcpevents", "tools",
-                 "__init__", "__main__"}
-
-FUSE_BINDINGS = {"mfusepy", "fuse", "fusepy"}
-HTTP_CLIENTS = {"requests", "urllib3"}
+FUSE_BINDINGS = {"mfusepy", "fuse", "fusepy", "llfuse", "pyfuse3"}
+HTTP_CLIENTS = {"requests", "urllib3", "http"}  # http: http.client/http.server
 
 
-def _imports_of_source(source: str, module: str, submodules: set[str]) -> set[str]:
-    """Dotted names *module* imports. Package-internal ones as ``yeastarfs.X``
-    (``yeastarfs`` alone for the package's ``__init__``); third-party ones by top-level name."""
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve_relative(module: str, level: int, target: str | None, is_package: bool) -> str:
+    parts = module.split(".") if module != "__init__" else []
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join([PACKAGE, *base, *([target] if target else [])])
+
+
+def _imports_of_source(source: str, module: str, modules: set[str], is_package: bool = False) -> set[str]:
+    """What *module* imports: package-internal modules as their names inside the package
+    (``__init__`` for the package itself), third-party and stdlib ones by top-level name."""
     found: set[str] = set()
 
     def add_internal(dotted: str) -> None:
-        parts = dotted.split(".")
-        found.add(".".join(parts[:2]))
+        inner = dotted[len(PACKAGE) + 1:] if dotted != PACKAGE else "__init__"
+        # `from yeastarfs.pbx import sseries` names a module; `import yeastarfs.x.Class` does not exist.
+        while inner not in modules and "." in inner:
+            inner = inner.rsplit(".", 1)[0]
+        found.add(inner)
 
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -41,15 +56,15 @@ def _imports_of_source(source: str, module: str, submodules: set[str]) -> set[st
                 else:
                     found.add(alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: always inside the package (it is flat)
-                base = PACKAGE + ("." + node.module if node.module else "")
+            if node.level:
+                base = _resolve_relative(module, node.level, node.module, is_package)
             else:
                 base = node.module or ""
-            if base == PACKAGE:
+            if base == PACKAGE or base.startswith(PACKAGE + "."):
                 for alias in node.names:
-                    add_internal(f"{PACKAGE}.{alias.name}" if alias.name in submodules else PACKAGE)
-            elif base.startswith(PACKAGE + "."):
-                add_internal(base)
+                    candidate = f"{base}.{alias.name}"
+                    inner = candidate[len(PACKAGE) + 1:]
+                    add_internal(candidate if inner in modules else base)
             elif base:
                 found.add(base.split(".")[0])
         elif isinstance(node, ast.Call):
@@ -62,37 +77,39 @@ def _imports_of_source(source: str, module: str, submodules: set[str]) -> set[st
                     add_internal(target)
                 else:
                     found.add(target.split(".")[0])
-    found.discard(f"{PACKAGE}.{module}")
+    found.discard(module)
     return found
 
 
 def _package_graph() -> dict[str, set[str]]:
-    modules = {path.stem: path for path in PACKAGE_DIR.glob("*.py")}
-    submodules = set(modules) - {"__init__"}
-    return {name: _imports_of_source(path.read_text(encoding="utf-8"), name, submodules)
-            for name, path in modules.items()}
+    paths = {_module_name(path): path for path in PACKAGE_DIR.rglob("*.py")}
+    modules = set(paths)
+    return {name: _imports_of_source(path.read_text(encoding="utf-8"), name, modules,
+                                     is_package=path.name == "__init__.py")
+            for name, path in paths.items()}
 
 
 GRAPH = _package_graph()
 
 
 def internal(module: str) -> set[str]:
-    """The yeastarfs modules *module* imports, by short name ("__init__" for the package)."""
-    names = set()
-    for dotted in GRAPH[module]:
-        if dotted == PACKAGE:
-            names.add("__init__")
-        elif dotted.startswith(PACKAGE + "."):
-            names.add(dotted.split(".", 1)[1])
-    return names
+    """The yeastarfs modules *module* imports, by their names inside the package."""
+    return {name for name in GRAPH[module] if name in GRAPH}
 
 
-def importers_of(target: str) -> set[str]:
-    return {module for module in GRAPH if target in internal(module)}
+def in_folder(module: str, folder: str) -> bool:
+    return module == folder or module.startswith(folder + ".")
+
+
+def modules_in(folder: str) -> set[str]:
+    return {module for module in GRAPH if in_folder(module, folder)}
 
 
 def importers_of_external(top_levels: set[str]) -> set[str]:
     return {module for module, imported in GRAPH.items() if imported & top_levels}
+
+
+TOP_LEVEL = {module for module in GRAPH if "." not in module} - {"__init__", "__main__", "app", "pbx", "sim"}
 
 
 # -- the collector itself ----------------------------------------------------------------------
@@ -106,47 +123,42 @@ def test_collector_sees_every_form_of_import():
         from yeastarfs.models import Recording
         import yeastarfs.index
         from . import cache
-        from .api import PbxClient
+        from .downloads import DownloadManager
         def later():
-            from yeastarfs.mount import run_mount
+            from yeastarfs.app.mount import run_mount
             import importlib
-            importlib.import_module("yeastarfs.simulator")
+            importlib.import_module("yeastarfs.sim.sseries")
             return __import__("sqlite3")
         class K:
             import mfusepy
     """)
-    submodules = KNOWN_MODULES - {"__init__"}
-    assert _imports_of_source(source, "x", submodules) == {
-        "os", "requests", "yeastarfs.errors", "yeastarfs", "yeastarfs.models", "yeastarfs.index",
-        "yeastarfs.cache", "yeastarfs.api", "yeastarfs.mount", "importlib", "yeastarfs.simulator",
-        "sqlite3", "mfusepy"}
-
-
-def test_the_package_is_what_the_rules_were_written_for():
-    assert set(GRAPH) >= KNOWN_MODULES, "a module the rules name is missing"
-    unknown = set(GRAPH) - KNOWN_MODULES
-    assert not unknown, f"new module(s) {sorted(unknown)}: add them to the rules in this file"
+    modules = set(GRAPH)
+    assert _imports_of_source(source, "fs", modules) == {
+        "os", "requests", "errors", "__init__", "models", "index", "cache", "downloads",
+        "app.mount", "importlib", "sim.sseries", "sqlite3", "mfusepy"}
+    relative = "from . import client\nfrom .. import Pbx\nfrom ...errors import PbxError\n"
+    assert _imports_of_source(relative, "pbx.sseries", modules, is_package=True) == {
+        "pbx.sseries.client", "pbx", "errors"}
 
 
 def test_the_graph_is_not_empty_so_the_rules_can_fail():
     # Known edges: if these vanish, the collector is broken and every rule below passes vacuously.
     assert "mfusepy" in GRAPH["fs"]
-    assert "requests" in GRAPH["api"]
+    assert "requests" in GRAPH["pbx.sseries.client"]
     assert "cachetools" in GRAPH["cache"]
     assert "sqlite3" in GRAPH["index"]
-    assert "fs" in internal("mount")
-    assert "cli" in internal("__main__")
-    assert "simulator" in internal("demo")
+    assert "fs" in internal("app.mount")
+    assert "app.cli" in internal("__main__")
+    assert "sim.sseries" in internal("app.demo")
     assert "errors" in internal("cache")
-    assert "events" in internal("tcpevents")
+    assert {"app", "pbx", "pbx.sseries", "sim"} <= set(GRAPH)
 
 
 # -- third-party and stdlib libraries with a single owner --------------------------------------
 
 
 @pytest.mark.parametrize("libraries, owners", [
-    (FUSE_BINDINGS, {"fs"}),               # mount runs fs.FusePlus
-    (HTTP_CLIENTS, {"api"}),
+    (FUSE_BINDINGS, {"fs"}),
     ({"cachetools"}, {"cache"}),
     ({"sqlite3"}, {"index"}),
 ])
@@ -155,34 +167,53 @@ def test_library_has_a_single_owner(libraries, owners):
     assert not offenders, f"{sorted(offenders)} import {sorted(libraries)}; only {sorted(owners)} may"
 
 
+def test_only_the_pbx_folder_and_the_simulators_speak_http():
+    # The simulators are PBXs (servers); the metrics endpoint is the application's own server.
+    offenders = {m for m in importers_of_external(HTTP_CLIENTS)
+                 if not (in_folder(m, "pbx") or in_folder(m, "sim") or in_folder(m, "app"))}
+    assert not offenders, f"{sorted(offenders)} speak HTTP; only pbx/ may talk to a PBX"
+    assert not {m for m in modules_in("app") if GRAPH[m] & {"requests", "urllib3"}}
+
+
 # -- package-internal direction ----------------------------------------------------------------
 
 
-def test_simulator_imports_nothing_from_the_package():
-    assert internal("simulator") == set()
+def test_simulators_import_nothing_outside_their_folder():
+    for module in modules_in("sim"):
+        outside = {m for m in internal(module) if not in_folder(m, "sim")}
+        assert not outside, f"{module} imports {sorted(outside)}"
 
 
-def test_only_demo_imports_the_simulator():
-    assert importers_of("simulator") <= {"demo"}
+def test_only_the_application_imports_the_simulators():
+    offenders = {m for m in GRAPH if "sim" in {t.split(".")[0] for t in internal(m)}
+                 and not in_folder(m, "sim") and not in_folder(m, "app")}
+    assert not offenders, f"{sorted(offenders)} import sim/"
 
 
-@pytest.mark.parametrize("target, allowed", [
-    ("cli", {"__main__"}),
-    ("mount", {"cli", "demo"}),
-    ("fs", {"mount"}),
-    ("__main__", set()),
-    ("options", {"cli"}),
-    ("tools", {"cli"}),
-])
-def test_upper_layers_have_only_the_allowed_importers(target, allowed):
-    offenders = importers_of(target) - allowed
-    assert not offenders, f"{sorted(offenders)} import {target}; only {sorted(allowed)} may"
+def test_nothing_below_the_application_imports_it():
+    offenders = {m for m in GRAPH if any(in_folder(t, "app") for t in internal(m))
+                 and not in_folder(m, "app") and m != "__main__"}
+    assert not offenders, f"{sorted(offenders)} import app/"
+
+
+def test_the_pbx_folder_builds_only_on_errors_models_and_config():
+    allowed = {"errors", "models", "config", "__init__"}
+    for module in modules_in("pbx"):
+        outside = {m for m in internal(module) if not in_folder(m, "pbx")} - allowed
+        assert not outside, f"{module} imports {sorted(outside)}; the PBX side gets callables instead"
+
+
+@pytest.mark.parametrize("module", sorted(TOP_LEVEL))
+def test_top_level_modules_never_reach_a_pbx_family_or_the_application(module):
+    # The storage, download and core modules know the PBX only through the seam (pbx/__init__).
+    forbidden = {m for m in internal(module)
+                 if (in_folder(m, "pbx") and m != "pbx") or in_folder(m, "app") or in_folder(m, "sim")}
+    assert not forbidden, f"{module} imports {sorted(forbidden)}"
 
 
 @pytest.mark.parametrize("module", ["index", "cache"])
 def test_storage_layers_are_fed_data_not_clients(module):
-    forbidden = internal(module) & {"api", "downloads", "events", "tcpevents", "cdrsync"}
-    assert not forbidden, f"{module} imports {sorted(forbidden)}"
+    assert internal(module) <= {"errors", "models", "__init__"}, f"{module} imports {sorted(internal(module))}"
 
 
 def test_errors_imports_nothing_from_the_package():
@@ -193,45 +224,28 @@ def test_models_imports_at_most_errors():
     assert internal("models") <= {"errors"}
 
 
-def test_cache_imports_nothing_above_errors():
-    # cache.py's docstring: "imports nothing above ``errors``".
-    assert internal("cache") <= {"errors"}
-
-
 def test_config_imports_at_most_errors():
-    # config.py's docstring: "imports nothing else from yeastarfs but ``errors``".
     assert internal("config") <= {"errors"}
 
 
-def test_options_imports_at_most_errors():
-    # options.py's docstring: "Stdlib only; no yeastarfs imports but ``errors``."
-    assert internal("options") <= {"errors"}
+def test_options_imports_at_most_errors_and_config():
+    assert internal("app.options") <= {"errors", "config"}
 
 
 def test_tools_never_reach_the_pbx_or_mount_anything():
     # tools.py's docstring: commands that work on a mount or its cache from outside, with no
     # socket, no credentials and no PBX access. (Reading the index or the cache is fine.)
-    forbidden = internal("tools") & {"api", "events", "tcpevents", "downloads", "cdrsync", "mount",
-                                     "fs", "simulator", "demo"}
+    forbidden = {m for m in internal("app.tools")
+                 if in_folder(m, "pbx") or in_folder(m, "sim") or m in {"downloads", "fs", "app.mount", "app.demo"}}
     assert not forbidden, f"tools imports {sorted(forbidden)}"
-    assert not GRAPH["tools"] & (HTTP_CLIENTS | FUSE_BINDINGS)
-
-
-@pytest.mark.parametrize("module", ["downloads", "cdrsync", "events", "tcpevents"])
-def test_network_side_does_not_reach_into_index_or_fs(module):
-    forbidden = internal(module) & {"index", "fs"}
-    assert not forbidden, f"{module} imports {sorted(forbidden)}; pass a callable instead"
-
-
-def test_tcpevents_builds_on_events_never_the_reverse():
-    # events.py's docstring: tcpevents imports it for the shared sink; never the reverse.
-    assert "tcpevents" not in internal("events")
-    assert internal("tcpevents") <= {"events", "models", "errors"}
+    assert not GRAPH["app.tools"] & ({"requests", "urllib3"} | FUSE_BINDINGS)
 
 
 def test_no_import_cycles_between_modules():
     def visit(module, stack):
         for target in internal(module) - {"__init__"}:
+            if target in ("pbx", "app", "sim", "pbx.sseries"):  # a package importing its own modules
+                continue
             assert target not in stack, "import cycle: " + " -> ".join(stack + [target])
             visit(target, stack + [target])
 

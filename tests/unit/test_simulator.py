@@ -21,7 +21,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from yeastarfs.simulator import CDR_COLUMNS, Simulator, wav_bytes
+from yeastarfs.sim.sseries import CDR_COLUMNS, Simulator, wav_bytes
 
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
 HEX32 = set("0123456789abcdef")

@@ -17,9 +17,9 @@ import pytest
 from test_events import Calls, expected_recording, new_cdr, wait_for
 
 from yeastarfs.errors import ConfigError
-from yeastarfs.tcpevents import JsonObjectStream, TcpEventClient
+from yeastarfs.pbx.sseries.tcpevents import JsonObjectStream, TcpEventClient
 
-LOGGER = "yeastarfs.tcpevents"
+LOGGER = "yeastarfs.pbx.sseries.tcpevents"
 
 
 # --- JsonObjectStream ---------------------------------------------------------------------

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from yeastarfs import errors
-from yeastarfs.api import PbxClient
-from yeastarfs.simulator import Simulator
-from yeastarfs.tools import certificate_sha256
+from yeastarfs.pbx.sseries.client import PbxClient
+from yeastarfs.sim.sseries import Simulator
+from yeastarfs.app.tools import certificate_sha256
 
 PASSWORD = "tls-secret"
 

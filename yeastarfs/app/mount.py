@@ -28,16 +28,16 @@ from typing import Callable, Optional
 
 
 from yeastarfs import errors
-from yeastarfs.api import PbxClient
+from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.cache import DiskCache
-from yeastarfs.cdrsync import CdrSync
+from yeastarfs.pbx.sseries.cdrsync import CdrSync
 from yeastarfs.config import Config
 from yeastarfs.downloads import DownloadManager
-from yeastarfs.events import EventReceiver
+from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.fs import FusePlus, YeastarFS
 from yeastarfs.index import WAV_HEADER_BYTES, RecordingIndex
 from yeastarfs.models import Recording
-from yeastarfs.tcpevents import TcpEventClient
+from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import threading
 from typing import Optional
 
 from yeastarfs.config import Config
-from yeastarfs.simulator import Simulator
+from yeastarfs.sim.sseries import Simulator
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _instructions(mountpoint: str) -> str:
 
 
 def run_demo(mountpoint: Optional[str], recordings: int = 60) -> int:
-    from yeastarfs.mount import ready_notifier, run_mount  # needs libfuse
+    from yeastarfs.app.mount import ready_notifier, run_mount  # needs libfuse
 
     workdir = tempfile.mkdtemp(prefix="yeastarfs-demo-")
     mountpoint = mountpoint or os.path.join(workdir, "recordings")

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Optional
 
 from yeastarfs.errors import ConfigError, redact, register_secret
-from yeastarfs.events import Counters, EventSink, Throttle, payload_problem
+from yeastarfs.pbx.sseries.events import Counters, EventSink, Throttle, payload_problem
 from yeastarfs.models import Recording
 
 log = logging.getLogger(__name__)

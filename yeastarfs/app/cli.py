@@ -21,8 +21,9 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from yeastarfs import __version__, errors, options
-from yeastarfs.tools import CALL_COLUMNS
+from yeastarfs import __version__, errors
+from yeastarfs.app import options
+from yeastarfs.app.tools import CALL_COLUMNS
 from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
                               DEFAULT_HEARTBEAT_INTERVAL_S,
                               DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
@@ -301,7 +302,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ready_fd = args.ready_fd
     try:
         config = config_from_args(args)
-        from yeastarfs.mount import ready_notifier, run_mount  # imports mfusepy (needs libfuse)
+        from yeastarfs.app.mount import ready_notifier, run_mount  # imports mfusepy (needs libfuse)
         run_mount(config, ready_notifier(ready_fd))
     except errors.YeastarfsError as exc:
         _report_failure(ready_fd, str(exc))
@@ -352,12 +353,12 @@ def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from yeastarfs.tools import print_status
+    from yeastarfs.app.tools import print_status
     return print_status(args.mountpoint, as_json=args.json)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from yeastarfs.tools import prefetch
+    from yeastarfs.app.tools import prefetch
     return prefetch(args.paths, jobs=args.jobs, start=_date(args.date_from), end=_date(args.date_to))
 
 
@@ -371,12 +372,12 @@ def _date(text: Optional[str]):
 
 
 def cmd_calls(args: argparse.Namespace) -> int:
-    from yeastarfs.tools import list_calls
+    from yeastarfs.app.tools import list_calls
     return list_calls(args.mountpoint, parse_duration(args.since), args.format)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from yeastarfs import tools
+    from yeastarfs.app import tools
     root = _cache_root(args)
     if args.action == "stats":
         return tools.cache_stats(root)
@@ -386,17 +387,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from yeastarfs.tools import print_fingerprint
+    from yeastarfs.app.tools import print_fingerprint
     return print_fingerprint(check_pbx_url(args.url))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from yeastarfs.demo import run_demo
+    from yeastarfs.app.demo import run_demo
     return run_demo(args.mountpoint, recordings=args.recordings)
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
-    from yeastarfs.demo import run_simulator
+    from yeastarfs.app.demo import run_simulator
     password = read_password(args.password_file) if (args.password_file or os.environ.get(PASSWORD_ENV)) else "demo"
     return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days)
 
