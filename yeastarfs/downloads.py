@@ -43,7 +43,8 @@ Policy, in one place (README "How downloads behave" says the same):
 * Load. At most ``max_downloads`` transfers run at once; reader-driven ones go before
   prefetches (a priority queue).
 
-This module knows nothing of paths or FUSE; it gets the PBX client and the cache passed in.
+This module knows nothing of paths, FUSE or PBX families; it gets the PBX's
+``open_stream`` and the cache passed in.
 
 Threading and lock order: ``DownloadManager._lock`` (the name -> Download map) before
 ``Download._cond`` before ``DiskCache._lock``. No lock is held during network I/O or disk
@@ -264,7 +265,7 @@ class Download:
 
     def _attempt(self) -> None:
         """One get_random + download, appending to (or verifying) what is already held."""
-        stream = self._manager.client.open_recording(self.name, offset=self.received_bytes)
+        stream = self._manager.open_stream(self.name, self.received_bytes)
         with stream:
             announced = stream.total_bytes
             believed: Optional[bool] = None if announced is not None else False
@@ -470,17 +471,17 @@ class DownloadManager:
     """Starts, shares and retires downloads; runs ``max_downloads`` worker threads.
 
     Attributes:
-        client: the PbxClient (``open_recording``).
+        open_stream: ``open_stream(name, offset)`` of the PBX (`pbx.Pbx.open_stream`).
         cache: the DiskCache the downloads fill.
         stall_timeout_s: how long a reader waits without any progress before EIO.
 
     Multithreading: ``_lock`` guards ``_downloads``; see the module docstring for the order.
     """
 
-    def __init__(self, client, cache, *, max_downloads: int = 4, stall_timeout_s: float = 60.0,
+    def __init__(self, open_stream, cache, *, max_downloads: int = 4, stall_timeout_s: float = 60.0,
                  on_size: Optional[Callable[[str, int], None]] = None,
                  on_complete: Optional[Callable[[str, int], None]] = None) -> None:
-        self.client = client
+        self.open_stream = open_stream
         self.cache = cache
         self.stall_timeout_s = stall_timeout_s
         self.stopping = False

@@ -1,7 +1,7 @@
 """The project's exception tree, and the one place secrets are scrubbed from messages.
 
 Every failure below the FUSE adapter is raised as one of these types; ``fs.py`` maps
-them to errnos in a single table, ``cli.py`` maps them to exit codes.
+them to errnos in a single table, ``app/cli.py`` maps them to exit codes.
 
     YeastarfsError
      ├── ConfigError                bad option, unusable path, mountpoint busy
@@ -14,8 +14,14 @@ them to errnos in a single table, ``cli.py`` maps them to exit codes.
      │    ├── ApiError              a JSON ``Failed`` reply (``api_errno`` says which)
      │    │    └── RecordingNotFoundError   errno 10023: no such recording on the PBX
      │    └── DownloadError         body is not a recording: JSON, HTML, short, too long
-     └── CacheError                 the disk cache could not store or serve bytes
-          └── CacheFullError        nothing left to evict: every entry is in use
+     ├── CacheError                 the disk cache could not store or serve bytes
+     │    └── CacheFullError        nothing left to evict: every entry is in use
+     └── TreeError                  what the core (``core.py``) refuses, whatever the binding
+          ├── NoSuchPathError       no file or folder at that path
+          ├── NoSuchAttributeError  no such extended attribute
+          ├── BadHandleError        an unknown open-file handle
+          ├── IsADirError           a file operation on a folder
+          └── ReadOnlyError         anything that would write
 
 This module imports nothing from yeastarfs.
 """
@@ -133,3 +139,27 @@ class CacheError(YeastarfsError):
 
 class CacheFullError(CacheError):
     """The cache budget is used up by entries that are open or downloading."""
+
+
+class TreeError(YeastarfsError):
+    """The tree of recordings refuses a request (the core raises these; fs.py maps them)."""
+
+
+class NoSuchPathError(TreeError):
+    """No file or folder at this path."""
+
+
+class NoSuchAttributeError(TreeError):
+    """The file or folder has no extended attribute of this name."""
+
+
+class BadHandleError(TreeError):
+    """No open file has this handle."""
+
+
+class IsADirError(TreeError):
+    """A file operation (open) on a folder."""
+
+
+class ReadOnlyError(TreeError):
+    """The tree is read-only: nothing can be written, created, renamed or deleted."""

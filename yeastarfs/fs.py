@@ -1,23 +1,18 @@
 """YeastarFS: the thin FUSE adapter. Paths and stat dicts go in, bytes or errnos come out.
 
-Every callback resolves the path in the index, calls one component (index, cache,
-downloads) and converts the result. The errno of every failure is chosen in exactly one
-place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never the binding's
-EINVAL. This is the only module that imports mfusepy.
-
-Open files: a cached recording is read from its cache file with ``keep_cache`` (repeated
-reads are served by the kernel's page cache without reaching Python); any other recording
-is read through its shared ``Download`` with ``direct_io``, so reads never depend on the
-estimated size the kernel may hold.
+Every callback calls one method of the core (``core.Core``), which holds all the policy,
+and converts its answer into what mfusepy wants. The errno of every failure is chosen in
+exactly one place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never
+the binding's EINVAL. This is the only module that imports mfusepy.
 
 Listings: ``FusePlus`` (a small subclass of mfusepy's ``FUSE``) answers the kernel's
-READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup.
-Extended attributes: ``user.yeastar.*`` carry a recording's CDR fields from the index; the
-root's ``user.yeastarfs.status`` carries the daemon's statistics (``yeastarfs status``).
+READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup,
+and refuses the ``security.*``/``system.*`` extended attributes ``ls -l`` asks of every
+file before they reach Python. ``YeastarFS.invalidate`` makes the kernel forget a path's
+cached attributes (libfuse 3), which lets the mount use long attribute timeouts.
 
-Threading: mfusepy calls back on many threads. The adapter's own state is the handle table
-and the reported-size memo under ``_lock`` (held for dict access only); everything else is
-the components' business.
+Threading: mfusepy calls back on many threads; the adapter has no state of its own but the
+libfuse pointer, set once in ``init``. The core is thread-safe.
 """
 
 from __future__ import annotations
@@ -25,56 +20,43 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import json
 import logging
 import os
 import stat
-import threading
 import time
 from typing import Callable, Optional
 
 import mfusepy
 
 from yeastarfs import errors
+from yeastarfs.core import BLOCK_SIZE_BYTES
 
 log = logging.getLogger(__name__)
 
 # "No such attribute": ENODATA on Linux (mfusepy exports the platform's value).
 ENOATTR = getattr(mfusepy, "ENOATTR", errno.ENODATA)
-
-# Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
-# FUSE reads of up to 128 KiB, so that is the useful block size.
-BLOCK_SIZE_BYTES = 128 * 1024
-# How long open() waits for an uncached recording's exact size before returning anyway
-# (reads never depend on it: they use direct I/O).
-OPEN_SIZE_WAIT_S = 5.0
-# Remember what size the kernel was last told per file, to know whether its cached size
-# can be trusted for page-cache reads; bounded because a walk touches every file.
-REPORTED_SIZES_MAX = 20_000
-# CDR fields offered as extended attributes, name -> Recording attribute.
-XATTR_PREFIX = "user.yeastar."
-XATTR_FIELDS = {
-    "callid": "callid", "caller": "callfrom", "callee": "callto", "type": "call_type",
-    "status": "status", "start_time": "timestart", "call_seconds": "call_s",
-    "talk_seconds": "talk_s", "src_trunk": "src_trunk", "dst_trunk": "dst_trunk", "did": "did",
-}
-# The root directory carries the daemon's statistics (JSON) for `yeastarfs status`.
-STATUS_XATTR = "user.yeastarfs.status"
-CACHED_XATTR = "user.yeastarfs.cached"
-DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+
+# What the core refuses, by type: checked in order, so subclasses come before their bases.
+_TREE_ERRNOS = (
+    (errors.NoSuchPathError, errno.ENOENT),
+    (errors.NoSuchAttributeError, ENOATTR),
+    (errors.BadHandleError, errno.EBADF),
+    (errors.IsADirError, errno.EISDIR),
+    (errors.ReadOnlyError, errno.EROFS),
+    (errors.RecordingNotFoundError, errno.ENOENT),
+    (errors.AuthError, errno.EACCES),
+    (errors.CacheFullError, errno.ENOSPC),
+)
 
 
 def _errno_for(exc: BaseException) -> int:
     """The errno a failure becomes at the FUSE boundary (style-guide §3.5)."""
     if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
         return exc.errno
-    if isinstance(exc, errors.RecordingNotFoundError):
-        return errno.ENOENT
-    if isinstance(exc, errors.AuthError):
-        return errno.EACCES
-    if isinstance(exc, errors.CacheFullError):
-        return errno.ENOSPC
+    for error_type, code in _TREE_ERRNOS:
+        if isinstance(exc, error_type):
+            return code
     if isinstance(exc, errors.YeastarfsError):
         return errno.EIO
     log.error("fs: unexpected %s: %s", type(exc).__name__, errors.redact(str(exc)), exc_info=exc)
@@ -94,7 +76,7 @@ def _translated(method: Callable) -> Callable:
             if not isinstance(exc, Exception):
                 raise
             code = _errno_for(exc)
-            if code == errno.EIO and isinstance(exc, errors.YeastarfsError):
+            if code == errno.EIO and isinstance(exc, errors.YeastarfsError) and not isinstance(exc, errors.TreeError):
                 log.warning("fs: %s %s: %s", method.__name__, args[0] if args else "", exc)
             raise mfusepy.FuseOSError(code) from None
 
@@ -190,7 +172,7 @@ def _stat_values(mode: int, size_bytes: int, uid: int, gid: int) -> tuple:
 
 
 def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int) -> None:
-    """Set a c_stat's fields directly: what `YeastarFS._stat` returns as a dict, without the
+    """Set a c_stat's fields directly: what `YeastarFS.getattr` returns as a dict, without the
     dict (a listing fills one per recording)."""
     for field, value in zip(STAT_FIELDS, _stat_values(mode, size_bytes, uid, gid)):
         setattr(st, field, value)
@@ -199,119 +181,32 @@ def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int
         spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
 
 
-def _cdr_fields(recording) -> dict:
-    """The recording's CDR fields by xattr key ("" or None when unknown)."""
-    if recording is None:
-        return {}
-    return {key: getattr(recording, attr) for key, attr in XATTR_FIELDS.items()}
-
-
 def _fh_number(fh) -> int:
     """With raw_fi the binding passes fuse_file_info, otherwise the number."""
     return fh if isinstance(fh, int) else fh.fh
 
 
-class _CachedHandle:
-    """An open complete cache file."""
-
-    def __init__(self, name: str, fd: int, size_bytes: int) -> None:
-        self.name, self.fd, self.size_bytes = name, fd, size_bytes
-
-    def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
-    def exact_size(self) -> Optional[int]:
-        return self.size_bytes
-
-
-class _StreamHandle:
-    """A recording being downloaded; reads wait for their bytes."""
-
-    def __init__(self, name: str, download) -> None:
-        self.name, self.download = name, download
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.download.read(offset, size)
-
-    def exact_size(self) -> Optional[int]:
-        return self.download.size_if_known()
-
-
 class YeastarFS(mfusepy.Operations):
-    """The recordings tree ``/YYYY/MM/DD/<recording name>``, read-only.
+    """The FUSE callbacks over a `core.Core`: resolve, call the core, translate.
 
     Attributes:
-        index: RecordingIndex (tree, attributes).
-        cache: DiskCache (complete files).
-        downloads: DownloadManager (everything not cached yet).
+        core: the Core that answers everything.
+        mounted: True once libfuse called ``init`` (the kernel has mounted).
 
-    Multithreading: ``_lock`` guards ``_handles`` and ``_reported_sizes``.
+    Multithreading: no state of its own but the libfuse pointer, set once in ``init``.
     """
 
     use_ns = True
 
-    def __init__(self, index, cache, downloads, *, on_ready: Optional[Callable[[], None]] = None,
-                 status: Optional[Callable[[], dict]] = None,
-                 uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022) -> None:
-        self.index = index
-        self.cache = cache
-        self.downloads = downloads
+    def __init__(self, core, *, on_ready: Optional[Callable[[], None]] = None) -> None:
+        self.core = core
         self._on_ready = on_ready
-        self._status = status
-        self._uid = os.getuid() if uid is None else uid
-        self._gid = os.getgid() if gid is None else gid
-        self._dir_mode = stat.S_IFDIR | (0o555 & ~umask)
-        self._file_mode = stat.S_IFREG | (0o444 & ~umask)
-        self._lock = threading.Lock()
-        self._handles: dict[int, object] = {}
-        self._next_fh = 1
-        self._reported_sizes: dict[str, int] = {}
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
-        self.reads = 0      # read callbacks served (approximate under threads; for statistics)
-        self.getattrs = 0   # getattr callbacks: a listing with READDIRPLUS should need none
+        core.set_invalidator(self.invalidate)
 
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _entry(self, path: str):
-        entry = self.index.lookup(path)
-        if entry is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
-        return entry
-
-    def _file_size(self, entry, handle=None) -> int:
-        """The exact size when anything knows it, else the index's estimate."""
-        for known in (handle.exact_size() if handle is not None else None,
-                      None if entry.size_exact else self.cache.size_of(entry.name)):
-            if known is not None:
-                return known
-        return entry.size_bytes
-
-    def _stat(self, entry, size_bytes: int = 0) -> dict:
-        mode = self._dir_mode if entry.kind == "dir" else self._file_mode
-        attrs = dict(zip(STAT_FIELDS, _stat_values(mode, size_bytes, self._uid, self._gid)))
-        attrs.update(st_mtime=entry.mtime_ns, st_ctime=entry.mtime_ns, st_atime=entry.mtime_ns)
-        return attrs
-
-    def _remember_size(self, name: str, size_bytes: int) -> None:
-        with self._lock:
-            if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
-                self._reported_sizes.clear()
-            self._reported_sizes[name] = size_bytes
-
-    def _handle(self, fh: int):
-        with self._lock:
-            handle = self._handles.get(fh)
-        if handle is None:
-            raise mfusepy.FuseOSError(errno.EBADF)
-        return handle
-
-    def _add_handle(self, handle) -> int:
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = handle
-        return fh
+    def stat_fields(self) -> tuple[int, int]:
+        return self.core.uid, self.core.gid
 
     def invalidate(self, path: str) -> None:
         """Make the kernel forget cached attributes of *path* (its size became exact).
@@ -346,122 +241,55 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def getattr(self, path: str, fh=None) -> dict:
-        self.getattrs += 1
-        entry = self._entry(path)
-        if entry.kind == "dir":
-            return self._stat(entry)
-        with self._lock:
-            handle = self._handles.get(_fh_number(fh)) if fh is not None else None
-        size_bytes = self._file_size(entry, handle)
-        self._remember_size(entry.name, size_bytes)
-        return self._stat(entry, size_bytes)
+        attributes = self.core.stat(path, _fh_number(fh) if fh is not None else None)
+        mode = self.core.mode_of(attributes.is_dir)
+        stat_dict = dict(zip(STAT_FIELDS, _stat_values(mode, attributes.size_bytes, self.core.uid, self.core.gid)))
+        stat_dict.update(st_mtime=attributes.mtime_ns, st_ctime=attributes.mtime_ns, st_atime=attributes.mtime_ns)
+        return stat_dict
 
     @_translated
     def readdir(self, path: str, fh) -> list:
-        entries = self.index.list_dir(path)
-        if entries is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
         listing: list = [".", ".."]
-        listing.extend((e.name, {"st_mode": DIR_MODE if e.kind == "dir" else FILE_MODE}, 0) for e in entries)
+        # Plain READDIR needs only each entry's type; libfuse asks getattr for the rest.
+        listing.extend((name, {"st_mode": stat.S_IFDIR | 0o555 if is_dir else FILE_MODE}, 0)
+                       for name, is_dir, _, _ in self.core.list(path))
         return listing
 
     @_translated
     def readdir_plus(self, path: str) -> list:
         """``(name, mode, size_bytes, mtime_ns)`` per entry, for READDIRPLUS (see `FusePlus`)."""
-        entries = self.index.list_dir_sizes(path)
-        if entries is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
-        listing = []
-        for name, is_dir, size_bytes, mtime_ns in entries:
-            if not is_dir:
-                cached = self.cache.size_of(name)  # a cached file's size is exact even if not indexed so
-                size_bytes = cached if cached is not None else size_bytes
-                self._reported_sizes[name] = size_bytes  # unlocked: a dict store is atomic
-            listing.append((name, self._dir_mode if is_dir else self._file_mode, size_bytes, mtime_ns))
-        if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
-            with self._lock:
-                self._reported_sizes.clear()
-        return listing
-
-    def stat_fields(self) -> tuple[int, int]:
-        return self._uid, self._gid
+        return [(name, self.core.mode_of(is_dir), size_bytes, mtime_ns)
+                for name, is_dir, size_bytes, mtime_ns in self.core.list(path)]
 
     @_translated
     def open(self, path: str, fi) -> int:
-        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
-            raise mfusepy.FuseOSError(errno.EROFS)
-        entry = self._entry(path)
-        if entry.kind == "dir":
-            raise mfusepy.FuseOSError(errno.EISDIR)
-        fd = self.cache.open_complete(entry.name)
-        if fd is not None:
-            size_bytes = os.fstat(fd).st_size
-            handle = _CachedHandle(entry.name, fd, size_bytes)
-            with self._lock:
-                trusted = self._reported_sizes.get(entry.name) == size_bytes
-            # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
-            fi.keep_cache, fi.direct_io = (1, 0) if trusted else (0, 1)
-        else:
-            handle = _StreamHandle(entry.name, self.downloads.acquire(entry.name, entry.size_bytes))
-            fi.direct_io = 1
-            try:
-                # Tools fstat right after open and seek from the end: let them see the exact
-                # size (the PBX's reply headers come within milliseconds).
-                handle.download.wait_for_size(OPEN_SIZE_WAIT_S)
-            except BaseException:
-                self.downloads.release(handle.download)
-                raise
-        fi.fh = self._add_handle(handle)
+        opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY)
+        fi.fh, fi.keep_cache, fi.direct_io = opened.fh, int(opened.keep_cache), int(opened.direct_io)
         return 0
 
     @_translated
     def read(self, path: str, size: int, offset: int, fh) -> bytes:
-        self.reads += 1
-        return self._handle(_fh_number(fh)).read(offset, size)
+        return self.core.read(_fh_number(fh), offset, size)
 
     @_translated
     def release(self, path: str, fh) -> int:
-        with self._lock:
-            handle = self._handles.pop(_fh_number(fh), None)
-        if isinstance(handle, _CachedHandle):
-            os.close(handle.fd)
-            self.cache.release(handle.name)
-        elif isinstance(handle, _StreamHandle):
-            self.downloads.release(handle.download)
+        self.core.release(_fh_number(fh))
         return 0
 
     @_translated
     def statfs(self, path: str) -> dict:
-        # Read-only and remote: "size" is the cache budget, nothing is free for writing.
-        blocks = max(1, self.cache.max_bytes // BLOCK_SIZE_BYTES)
-        return {"f_bsize": BLOCK_SIZE_BYTES, "f_frsize": BLOCK_SIZE_BYTES, "f_blocks": blocks,
-                "f_bfree": 0, "f_bavail": 0, "f_files": self.index.count(), "f_ffree": 0,
-                "f_favail": 0, "f_namemax": 255}
+        fs_stats = self.core.statfs()
+        return {"f_bsize": fs_stats.block_size, "f_frsize": fs_stats.block_size, "f_blocks": fs_stats.blocks,
+                "f_bfree": fs_stats.blocks_free, "f_bavail": fs_stats.blocks_free, "f_files": fs_stats.files,
+                "f_ffree": 0, "f_favail": 0, "f_namemax": fs_stats.name_max}
 
     @_translated
     def listxattr(self, path: str) -> list:
-        entry = self._entry(path)
-        if entry.kind == "dir":
-            return [STATUS_XATTR] if path == "/" and self._status is not None else []
-        return [XATTR_PREFIX + key for key, value in _cdr_fields(entry.recording).items() if value != ""]
+        return self.core.xattr_names(path)
 
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if not name.startswith("user."):
-            # ls -l asks for security.selinux and system.posix_acl_access on every file, and
-            # the kernel does not cache the answer: say no before touching the index.
-            raise mfusepy.FuseOSError(ENOATTR)
-        entry = self._entry(path)
-        if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
-            return b"1" if self.cache.contains(entry.name) else b"0"
-        if entry.kind == "dir":
-            if path == "/" and name == STATUS_XATTR and self._status is not None:
-                return json.dumps(self._status(), default=str).encode()
-            raise mfusepy.FuseOSError(ENOATTR)
-        value = _cdr_fields(entry.recording).get(name[len(XATTR_PREFIX):]) if name.startswith(XATTR_PREFIX) else None
-        if value is None or value == "":
-            raise mfusepy.FuseOSError(ENOATTR)
-        return str(value).encode("utf-8")
+        return self.core.xattr(path, name)
 
     # -- everything that would change the tree: EROFS ----------------------------------------
 

@@ -54,7 +54,7 @@ def make_manager(client, cache):
     def make(**kwargs):
         sizes = []
         kwargs.setdefault("stall_timeout_s", 10.0)
-        manager = DownloadManager(client, cache, on_size=lambda name, size: sizes.append((name, size)), **kwargs)
+        manager = DownloadManager(client.open_recording, cache, on_size=lambda name, size: sizes.append((name, size)), **kwargs)
         manager.sizes = sizes
         managers.append(manager)
         return manager

@@ -11,6 +11,7 @@ import pytest
 
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
+from yeastarfs.core import Core
 from yeastarfs.fs import YeastarFS, _errno_for
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
@@ -24,7 +25,7 @@ def fs(tmp_path):
     index.add([Recording(name=NAME, callid="1795400714.1", callfrom="0612345678", callto="1001",
                          talk_s=10, call_type="Inbound", status="ANSWERED")])
     cache = DiskCache(str(tmp_path / "cache"), 1 << 20)
-    yield YeastarFS(index, cache, downloads=None, status=lambda: {"ok": True}, uid=1234, gid=2345, umask=0o027)
+    yield YeastarFS(Core(index, cache, downloads=None, status=lambda: {"ok": True}, uid=1234, gid=2345, umask=0o027))
     index.close()
 
 
@@ -58,7 +59,7 @@ def test_attributes_come_from_the_index(fs):
     assert stat.S_ISREG(info["st_mode"]) and stat.S_IMODE(info["st_mode"]) == 0o440
     assert (info["st_uid"], info["st_gid"]) == (1234, 2345)
     assert info["st_size"] == 44 + 10 * 16000  # the estimate until the PBX says otherwise
-    fs.index.set_size(NAME, 99_999)
+    fs.core.index.set_size(NAME, 99_999)
     assert fs.getattr(f"/2026/11/27/{NAME}")["st_size"] == 99_999
 
 

@@ -1,4 +1,4 @@
-"""yeastarfs.models: the name safety rule (yeastar-api.md §12.9), Recording from CDR fields and
+"""yeastarfs.models and pbx.sseries.records: the name safety rule (yeastar-api.md §12.9), Recording from CDR fields and
 NewCdr events (§7.3, §7.4, §11), and the CDR CSV parser (§5.3, §12.5)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import datetime as dt
 
 import pytest
 
-from yeastarfs.models import (NAME_MAX_BYTES, CdrParseResult, Recording, event_name, name_problem,
-                              name_timestamp, parse_cdr_csv, recording_from_event,
-                              recording_from_fields)
+from yeastarfs.models import NAME_MAX_BYTES, Recording, name_problem, name_timestamp
+from yeastarfs.pbx.sseries.records import (CdrParseResult, event_name, parse_cdr_csv, recording_from_event,
+                                          recording_from_fields)
 
 # yeastar-api.md §8.1, every name listed there (the `_` call-id variant included).
 REAL_NAMES = [

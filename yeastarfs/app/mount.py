@@ -1,13 +1,15 @@
 """The composition root: builds every component from a Config, runs FUSE, tears down.
 
 Order of construction (and, reversed, of teardown through one ExitStack):
-mountpoint check → cache directory lock → index → cache → event receiver → PBX client
-(login) → CDR backfill and poll → downloads → FUSE. Nothing here holds logic worth
-testing on its own; the integration tests exercise it through the real CLI.
+mountpoint check → cache directory lock → index → cache → downloads → core → PBX session
+and its event sources (``pbx.open_pbx``) → discovery (backfill, then poll and resync) →
+FUSE. Nothing here holds logic worth testing on its own (the policies live in ``core``,
+``downloads``, ``cache``, ``discovery`` and the PBX family); the integration tests
+exercise it through the real CLI.
 
 Start-up failures raise ``ConfigError``/``PbxError`` with one clear message. A PBX that
 cannot be reached is fatal only on the very first mount (nothing to show yet); with a
-persisted index the mount comes up and the CDR sync keeps retrying in the background.
+persisted index the mount comes up and discovery keeps retrying in the background.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -28,23 +29,18 @@ from typing import Callable, Optional
 
 
 from yeastarfs import errors
-from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.cache import DiskCache
-from yeastarfs.pbx.sseries.cdrsync import CdrSync
 from yeastarfs.config import Config
+from yeastarfs.core import Core
+from yeastarfs.discovery import Discovery
 from yeastarfs.downloads import DownloadManager
-from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.fs import FusePlus, YeastarFS
-from yeastarfs.index import WAV_HEADER_BYTES, RecordingIndex
+from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
-from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
+from yeastarfs.pbx import open_pbx
 
 log = logging.getLogger(__name__)
 
-# Learned bytes-per-second of this PBX's recordings, kept in the index between runs.
-RATE_META_KEY = "estimate_bytes_per_s"
-# Weight of the newest completed download in the running average.
-RATE_SMOOTHING = 0.2
 # How long the kernel may trust a name and its attributes, in seconds. Recordings never
 # change or disappear; the one attribute that changes (an estimated size becoming exact)
 # is invalidated explicitly (fs.invalidate), so a long timeout is safe where that works
@@ -133,67 +129,31 @@ class Mount:
         if config.allow_other:
             check_allow_other()
         self.started_at = time.time()
-        # Events and the CDR sync may deliver recordings before these exist.
-        self.downloads: Optional[DownloadManager] = None
         self.fs: Optional[YeastarFS] = None
         lock_fd = lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
         self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
         stack.callback(self.index.close)
-        self._load_rate()
         self.cache = self._open_cache(stack)
-        self.events = self._start_events(stack)
-        self.client = self._connect(stack)
-        self._start_tcp_events(stack)
-        self.sync = self._start_sync(stack)
-        self.downloads = DownloadManager(self.client, self.cache, max_downloads=config.max_downloads,
+        self.pbx = open_pbx(config)
+        self.downloads = DownloadManager(self.pbx.open_stream, self.cache, max_downloads=config.max_downloads,
                                          stall_timeout_s=config.stall_timeout_s,
                                          on_size=self._size_learned, on_complete=self._download_complete)
         stack.callback(self.downloads.stop)
+        self.core = Core(self.index, self.cache, self.downloads, status=self.stats,
+                         uid=config.uid, gid=config.gid, umask=config.umask)
+        self._start_pbx(stack)
+        self.discovery = self._start_discovery(stack)
 
     # -- construction ------------------------------------------------------------------------
 
-    def _start_events(self, stack: contextlib.ExitStack) -> Optional[EventReceiver]:
-        if not self.config.events_enabled:
-            return None
-        receiver = EventReceiver(self._add_one, host=self.config.events_host, port=self.config.events_port,
-                                 allowed_ips=self._event_sources())
-        receiver.start()
-        stack.callback(receiver.stop)
-        return receiver
-
-    def _event_sources(self) -> Optional[set[str]]:
-        """Who may push events: the PBX's addresses unless the user said otherwise."""
-        if self.config.allow_any_event_source:
-            return None
-        if self.config.events_allow_from:
-            return set(self.config.events_allow_from)
+    def _start_pbx(self, stack: contextlib.ExitStack) -> None:
+        """Log in and start the event sources. A rejected login is fatal; an unreachable PBX
+        only when nothing is indexed yet (otherwise the index and cache are served and the
+        session keeps retrying in the background)."""
+        stack.callback(self.pbx.stop)
         try:
-            infos = socket.getaddrinfo(self.config.pbx_host, None)
-        except OSError as exc:
-            raise errors.ConfigError(f"cannot resolve PBX host {self.config.pbx_host}: {exc}") from None
-        addresses = {info[4][0] for info in infos}
-        # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
-        return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}
-
-    def _start_tcp_events(self, stack: contextlib.ExitStack) -> None:
-        """The PBX reports events over TCP (login said so): connect to it and listen."""
-        if self.client.transport != "TCP" or not self.config.events_enabled:
-            return
-        client = TcpEventClient(self.config.pbx_host, self.config.tcp_events_port, self.config.username,
-                                self.config.password, self._add_one)
-        client.start()
-        stack.callback(client.stop)
-        log.info("mount: receiving events over TCP from %s:%d", self.config.pbx_host, self.config.tcp_events_port)
-
-    def _connect(self, stack: contextlib.ExitStack) -> PbxClient:
-        config = self.config
-        client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
-                           events_port=self.events.port if self.events else None,
-                           heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256)
-        stack.callback(client.stop)
-        try:
-            client.login()
+            self.pbx.start(self._add_one)
         except errors.AuthError:
             raise
         except errors.PbxError as exc:
@@ -201,21 +161,18 @@ class Mount:
                 raise
             log.warning("mount: PBX unreachable (%s); serving the %d indexed recordings and retrying",
                         exc, self.index.count())
-        stack.callback(client.logout)
-        client.start_heartbeat()
-        return client
 
-    def _start_sync(self, stack: contextlib.ExitStack) -> CdrSync:
-        """Backfill on the sync thread; wait for it up to --start-timeout, so that a first
+    def _start_discovery(self, stack: contextlib.ExitStack) -> Discovery:
+        """Backfill on the discovery thread; wait for it up to --start-timeout, so that a first
         mount shows the PBX's recordings but a slow PBX never holds up the mount (or boot)."""
-        sync = CdrSync(self.client, self._add_many, since_s=self.config.since_s,
-                       poll_interval_s=self.config.poll_interval_s)
-        sync.start()
-        stack.callback(sync.stop)
-        if not sync.wait_first_pass(self.config.start_timeout_s):
+        discovery = Discovery(self.pbx.catalogue, self._add_many, since_s=self.config.since_s,
+                              poll_interval_s=self.config.poll_interval_s)
+        discovery.start()
+        stack.callback(discovery.stop)
+        if not discovery.wait_first_pass(self.config.start_timeout_s):
             log.warning("mount: CDR backfill still running after %.0f s; mounting now, it goes on in the background",
                         self.config.start_timeout_s)
-        return sync
+        return discovery
 
     def _open_cache(self, stack: contextlib.ExitStack) -> DiskCache:
         """Open the cache; check cached sizes against the index only after an unclean stop.
@@ -243,39 +200,23 @@ class Mount:
 
     # -- callbacks ---------------------------------------------------------------------------
 
-    def _add_many(self, recordings: list[Recording]) -> None:
+    def _add_many(self, recordings: list[Recording], kind: str = "event") -> None:
         new = self.index.add(recordings)
         if new:
-            log.info("index: %d new recordings", len(new))
-        if new and self.config.prefetch_new and self.downloads is not None:
+            log.info("index: %d new recordings (%s)", len(new), kind)
+        # --prefetch new: calls that end from now on, not the backlog a backfill or resync finds.
+        if new and self.config.prefetch_new and kind in ("event", "poll"):
             for recording in new:  # the reservation grows to the real size once it is announced
                 self.downloads.prefetch(recording.name)
 
     def _add_one(self, recording: Recording) -> None:
-        self._add_many([recording])
+        self._add_many([recording], "event")
 
     def _size_learned(self, name: str, size_bytes: int) -> None:
-        self.index.set_size(name, size_bytes)
-        if self.fs is not None:
-            self.fs.invalidate(self.index.path_of(name))
+        self.core.size_learned(name, size_bytes)
 
     def _download_complete(self, name: str, size_bytes: int) -> None:
-        """Learn this PBX's bytes per second of talk, so estimates of unseen files improve."""
-        entry = self.index.get(name)
-        talk_s = entry.recording.talk_s if entry is not None and entry.recording is not None else None
-        if not talk_s:
-            return
-        rate = max(1.0, (size_bytes - WAV_HEADER_BYTES) / talk_s)
-        previous = self._rate
-        self._rate = rate if previous is None else previous + RATE_SMOOTHING * (rate - previous)
-        self.index.set_estimate_rate(self._rate)
-        self.index.set_meta(RATE_META_KEY, f"{self._rate:.1f}")
-
-    def _load_rate(self) -> None:
-        stored = self.index.get_meta(RATE_META_KEY)
-        self._rate: Optional[float] = float(stored) if stored else None
-        if self._rate:
-            self.index.set_estimate_rate(self._rate)
+        self.core.download_complete(name, size_bytes)
 
     # -- observing ---------------------------------------------------------------------------
 
@@ -287,26 +228,21 @@ class Mount:
         for download in self.downloads.running():
             received, total = download.progress()
             in_flight.append({"recording": download.name, "received_bytes": received, "total_bytes": total})
-        client = self.client.stats
+        discovery = self.discovery.status()
         return {
-            "mountpoint": self.mountpoint, "pbx": self.config.pbx_url, "pid": os.getpid(),
-            "cache_dir": self.config.cache_dir,
+            "mountpoint": self.mountpoint, "pid": os.getpid(), "cache_dir": self.config.cache_dir,
             "uptime_s": round(time.time() - self.started_at, 1),
-            # The CDR poll talks to the PBX every --poll-interval, heartbeats every 10 minutes.
-            "pbx_reachable": client.last_success_time is not None
-            and time.time() - client.last_success_time < max(900.0, 3 * self.config.poll_interval_s),
-            "token_age_s": None if self.client.token_age_s is None else round(self.client.token_age_s, 1),
-            "logins": client.logins,
-            "last_event_time": self.events.stats.get("last_event_time") if self.events else None,
-            "last_poll_time": self.sync.stats["last_poll_time"],
-            "last_poll_error": self.sync.stats["last_error"],
+            **self.pbx.status(),
+            "last_poll_time": discovery["last_poll_time"],
+            "last_poll_error": discovery["last_error"] if discovery["consecutive_failures"] else None,
+            "discovery": discovery,
             "recordings_indexed": self.index.count(),
             "cache_used_bytes": cache["idle_bytes"] + cache["pinned_bytes"],
             "cache_limit_bytes": cache["max_bytes"], "cache_files": cache["files"],
             "cache_hit_rate": round(self.cache.stats.hits / lookups, 3) if lookups else None,
             "downloads_in_flight": in_flight,
-            "fuse_reads": self.fs.reads if self.fs is not None else 0,
-            "fuse_getattrs": self.fs.getattrs if self.fs is not None else 0,
+            "fuse_reads": self.core.counters["read"],
+            "fuse_getattrs": self.core.counters["getattr"],
         }
 
     def watch_signals(self, stack: contextlib.ExitStack) -> None:
@@ -337,8 +273,8 @@ class Mount:
                 return
             for signum in data:
                 if signum == signal.SIGHUP:
-                    log.info("mount: SIGHUP: polling the CDR now")
-                    self.sync.poll_now()
+                    log.info("mount: SIGHUP: re-reading the PBX's catalogue now")
+                    self.discovery.resync_now()
                 elif signum == signal.SIGUSR1:
                     log.info("mount: statistics: %s", json.dumps(self.stats(), default=str))
 
@@ -347,8 +283,7 @@ class Mount:
     def serve(self, on_ready: Callable[[], None]) -> None:
         """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM)."""
         timeout_s = ATTR_TIMEOUT_S if FusePlus.can_invalidate() else ATTR_TIMEOUT_NO_INVALIDATE_S
-        self.fs = YeastarFS(self.index, self.cache, self.downloads, on_ready=on_ready, status=self.stats,
-                            uid=self.config.uid, gid=self.config.gid, umask=self.config.umask)
+        self.fs = YeastarFS(self.core, on_ready=on_ready)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
                        attr_timeout=timeout_s, entry_timeout=timeout_s)

@@ -1,1 +1,100 @@
-"""The PBX seam: what the rest of yeastarfs needs from a PBX, whatever its family."""
+"""The PBX seam: what the rest of yeastarfs needs from a PBX, whatever its family.
+
+A PBX family is a package beside this module (``pbx/sseries``: the S-Series API v2.0.0)
+with one class that has the shape of `Pbx`. Everything else (index, cache, downloads,
+core, the application) uses only the four things below, so that none of it knows which
+family it talks to, which endpoints it calls or how that family spells its errors:
+
+    session     `Pbx.start` logs in (and keeps the session alive), `Pbx.stop` ends it;
+    catalogue   `Pbx.catalogue`: which recordings exist, in batches, for the discovery loop
+                (backfill of the last ``since_s`` seconds, poll for new ones, full resync);
+    events      `Pbx.start` also starts whatever pushes new recordings (``on_recording``);
+    bytes       `Pbx.open_stream(name, offset)`: one recording's bytes from an offset.
+
+Every failure leaves a family as an ``errors`` type: ``AuthError``/``LockedOutError`` for a
+rejected login, ``RecordingNotFoundError`` when the PBX says the recording does not exist,
+``PbxUnavailableError`` (and ``DownloadStalledError``) for a PBX that cannot be reached or
+does not answer as it should, ``DownloadError`` for a body that is not the recording.
+
+`open_pbx` picks the family for a `Config`. This module imports no family at import time,
+so a layer that only needs the interface never loads ``requests``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
+
+from yeastarfs.models import Recording
+
+if TYPE_CHECKING:
+    from yeastarfs.config import Config
+
+
+class RecordingStream(Protocol):
+    """One open transfer of a recording's bytes.
+
+    Attributes:
+        start_offset: the file offset of the first byte `chunks` yields (the offset asked
+            for, or 0 when the PBX ignored the request to start elsewhere).
+        total_bytes: the whole recording's size as the PBX announced it, or None.
+    """
+
+    start_offset: int
+    total_bytes: Optional[int]
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the bytes as they arrive; raise a PbxError when the transfer breaks or the
+        body is not exactly what was announced."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "RecordingStream": ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+class Catalogue(Protocol):
+    """Which recordings the PBX holds. Every method may raise a PbxError; none keeps a
+    thread of its own (`discovery.Discovery` schedules them)."""
+
+    def backfill(self, since_s: float) -> Iterable[list[Recording]]:
+        """The recordings of the last *since_s* seconds, in batches of bounded size."""
+
+    def poll(self) -> list[Recording]:
+        """The recordings that may have appeared since the last successful poll."""
+
+    def status(self) -> dict:
+        """What the catalogue knows about the PBX's clock and its own progress (JSON-able)."""
+
+
+class Pbx(Protocol):
+    """A session with one PBX of some family."""
+
+    family: str
+    catalogue: Catalogue
+
+    def start(self, on_recording: Callable[[Recording], None]) -> None:
+        """Log in, keep the session alive, and start the event sources, which call
+        *on_recording* (on their own threads) for each recording they announce.
+
+        Raises AuthError/LockedOutError for a rejected login (never retried at once: PBXs
+        lock an IP out after a few failures), PbxUnavailableError when the PBX cannot be
+        reached (the session then keeps retrying in the background), ConfigError when a
+        local resource (an event port) cannot be used.
+        """
+
+    def open_stream(self, name: str, offset: int = 0) -> RecordingStream:
+        """Start a transfer of recording *name* from *offset*. Raises a PbxError."""
+
+    def status(self) -> dict:
+        """Session and event statistics for ``yeastarfs status`` (JSON-able, no I/O)."""
+
+    def stop(self) -> None:
+        """End the session and stop every thread; safe to call more than once."""
+
+
+def open_pbx(config: "Config") -> Pbx:
+    """The `Pbx` for *config*'s PBX (not started)."""
+    from yeastarfs.pbx.sseries import SSeriesPbx
+
+    return SSeriesPbx(config)

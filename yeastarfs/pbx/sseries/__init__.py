@@ -1,1 +1,124 @@
-"""Everything that speaks to a Yeastar S-Series PBX (API v2.0.0, yeastar-api.md)."""
+"""Everything that speaks to a Yeastar S-Series PBX (API v2.0.0, yeastar-api.md).
+
+    client.py     PbxClient: login, heartbeat, single-use randoms, downloads, the CDR CSV
+    records.py    Recordings out of CDR CSV rows and NewCdr events (the PBX's spellings)
+    cdr.py        CdrCatalogue: backfill and poll as CDR time windows
+    events.py     EventReceiver: the HTTP server the PBX pushes NewCdr events to
+    tcpevents.py  TcpEventClient: the PBX's TCP event port, when its report method is TCP
+
+`SSeriesPbx` puts them behind the seam in ``pbx/__init__.py``; it is the only class the
+rest of yeastarfs uses (through `pbx.open_pbx`).
+
+Order at start: the event receiver binds first (login tells the PBX which port to push
+to, and port 0 picks one), then the login, the heartbeat, and, when the login reply says
+the PBX reports events over TCP, the TCP event client. `stop` undoes them in reverse.
+
+Threading: `start` and `stop` are called by the mount's main thread; `open_stream` from
+download workers; `status` from any thread. The components own their threads and locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Callable, Optional
+
+from yeastarfs import errors
+from yeastarfs.config import Config
+from yeastarfs.models import Recording
+from yeastarfs.pbx.sseries.cdr import CdrCatalogue
+from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
+from yeastarfs.pbx.sseries.events import EventReceiver
+from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
+
+log = logging.getLogger(__name__)
+
+# The PBX counts as reachable while something it answered is this recent: the CDR poll talks
+# to it every poll interval, the heartbeat every 10 minutes.
+REACHABLE_WITHIN_S = 900.0
+
+
+class SSeriesPbx:
+    """An S-Series PBX behind the `pbx.Pbx` seam.
+
+    Attributes:
+        family: "s-series".
+        client: the PbxClient (exists from construction; logged in by `start`).
+        catalogue: the CdrCatalogue.
+    """
+
+    family = "s-series"
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._receiver: Optional[EventReceiver] = None
+        self._tcp_events: Optional[TcpEventClient] = None
+        self.client: Optional[PbxClient] = None
+        self.catalogue: Optional[CdrCatalogue] = None
+
+    def start(self, on_recording: Callable[[Recording], None]) -> None:
+        """See `pbx.Pbx.start`."""
+        config = self._config
+        if config.events_enabled:
+            self._receiver = EventReceiver(on_recording, host=config.events_host, port=config.events_port,
+                                           allowed_ips=self._event_sources()).start()
+        self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
+                                events_port=self._receiver.port if self._receiver else None,
+                                heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256)
+        self.catalogue = CdrCatalogue(self.client)
+        try:
+            self.client.login()
+        except errors.AuthError:
+            raise
+        except errors.PbxError:
+            self.client.start_heartbeat()  # calls log in again by themselves once it answers
+            raise
+        self.client.start_heartbeat()
+        if self.client.transport == "TCP" and config.events_enabled:
+            self._tcp_events = TcpEventClient(config.pbx_host, config.tcp_events_port, config.username,
+                                              config.password, on_recording).start()
+            log.info("pbx: receiving events over TCP from %s:%d", config.pbx_host, config.tcp_events_port)
+
+    def open_stream(self, name: str, offset: int = 0) -> RecordingStream:
+        if self.client is None:
+            raise errors.PbxUnavailableError("not connected to the PBX yet")
+        return self.client.open_recording(name, offset=offset)
+
+    def status(self) -> dict:
+        stats = self.client.stats if self.client is not None else None
+        last_success = stats.last_success_time if stats else None
+        reachable_s = max(REACHABLE_WITHIN_S, 3 * self._config.poll_interval_s)
+        event_stats = self._receiver.stats if self._receiver else (
+            self._tcp_events.stats if self._tcp_events else {})
+        return {
+            "pbx": self._config.pbx_url, "pbx_family": self.family,
+            "pbx_reachable": last_success is not None and time.time() - last_success < reachable_s,
+            "token_age_s": None if self.client is None or self.client.token_age_s is None
+            else round(self.client.token_age_s, 1),
+            "logins": stats.logins if stats else 0,
+            "last_event_time": event_stats.get("last_event_time"),
+            **(self.catalogue.status() if self.catalogue else {}),
+        }
+
+    def stop(self) -> None:
+        for stop in (self._tcp_events and self._tcp_events.stop, self.client and self.client.logout,
+                     self.client and self.client.stop, self._receiver and self._receiver.stop):
+            if stop:
+                stop()
+        self._tcp_events = self._receiver = None
+
+    def _event_sources(self) -> Optional[set[str]]:
+        """Who may push events: the PBX's addresses unless the user said otherwise."""
+        config = self._config
+        if config.allow_any_event_source:
+            return None
+        if config.events_allow_from:
+            return set(config.events_allow_from)
+        try:
+            infos = socket.getaddrinfo(config.pbx_host, None)
+        except OSError as exc:
+            raise errors.ConfigError(f"cannot resolve PBX host {config.pbx_host}: {exc}") from None
+        addresses = {info[4][0] for info in infos}
+        # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
+        return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}

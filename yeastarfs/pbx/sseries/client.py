@@ -35,7 +35,7 @@ import urllib3
 
 from yeastarfs import errors
 from yeastarfs.errors import redact
-from yeastarfs.models import CdrParseResult, parse_cdr_csv
+from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ Owns:
                      the event check, statistics and rate-limited warnings of both transports.
 
 Leaves to others: the PBX's TCP event port (`tcpevents`, which imports this module; never
-the reverse); reading an event's fields and the PBX's misspellings (`models`); where a
+the reverse); reading an event's fields and the PBX's misspellings (`records`); where a
 recording goes (the callback; in practice the index); the HTTP login that tells the PBX
-where to send events (`api`); CDR polling as a fallback (`cdrsync`); starting and stopping
+where to send events (`client`); CDR polling as a fallback (`cdrsync`); starting and stopping
 the transports (`mount`).
 
 Threading: `EventReceiver` runs on daemon threads between `start()` and `stop()`, and
@@ -44,7 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Collection, Optional
 
 from yeastarfs.errors import ConfigError, redact
-from yeastarfs.models import Recording, event_name, recording_from_event
+from yeastarfs.models import Recording
+from yeastarfs.pbx.sseries.records import event_name, recording_from_event
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,8 @@ class _RecentKeys:
 def payload_problem(payload: Any) -> Optional[str]:
     """Why *payload* is not a usable event, or None.
 
-    Only the fields the transports rely on are checked; `models` copes with the others.
-    A number as ``recording`` is refused here because `models` would turn it into a name.
+    Only the fields the transports rely on are checked; `records` copes with the others.
+    A number as ``recording`` is refused here because `records` would turn it into a name.
     """
     if not isinstance(payload, dict):
         return f"a JSON {type(payload).__name__} instead of an object"

@@ -11,7 +11,7 @@ Owns:
 Leaves to others: what happens to a usable event (`events.EventSink`: NewCdr repeats are
 dropped by ``callid``, each new `Recording` goes to ``on_recording``) and the event check,
 counters and rate-limited warnings (`events`, which never imports this module); reading an
-event's fields (`models`); the HTTP login whose reply says events come over TCP (`api`);
+event's fields (`records`); the HTTP login whose reply says events come over TCP (`client`);
 starting and stopping the client (`mount`).
 
 Threading: between `start()` and `stop()` a `TcpEventClient` runs one connection thread,

@@ -1,0 +1,345 @@
+"""The core: the recordings tree as a read-only filesystem, without any FUSE binding.
+
+`Core` answers what a filesystem is asked (stat, list, open, read, release, extended
+attributes, statfs) from the index, the cache and the downloads. ``fs.py`` is a thin
+adapter that turns these answers into the binding's dicts and errnos; a unit test (or
+another adapter) can use the core directly.
+
+Owns the policies the adapter must not hold:
+
+- **which size is true.** A file's size is the exact size when anything knows it (the
+  open handle's download, the cache, the index), else the index's estimate. Every size
+  handed to the kernel is remembered (bounded), because the kernel's page cache may be
+  trusted for a cached file only when the kernel was told that file's exact size;
+- **which kind of handle a file gets.** A cached recording is read from its cache file
+  (page cache allowed, ``keep_cache``); any other through its shared download with direct
+  I/O, so reads never depend on an estimated size. ``open`` waits up to
+  ``OPEN_SIZE_WAIT_S`` for the PBX's reply headers so that ``fstat`` right after ``open``
+  sees the exact size;
+- **learning the estimate.** Completed downloads teach the index this PBX's bytes per
+  second of talk (a running average kept in the index), so unseen files are estimated
+  better; and a size learned mid-download reaches the index and the kernel (through the
+  adapter's invalidation callback) at once;
+- the extended attributes: ``user.yeastar.*`` from the index, the root's
+  ``user.yeastarfs.status`` (the daemon's statistics) and ``user.yeastarfs.cached``.
+
+Errors: raises ``errors.TreeError`` types (no such path, no such attribute, bad handle,
+is a folder, read-only) and lets the components' errors through; the adapter maps both.
+
+Threading: every method may be called from any thread (FUSE callbacks). ``_lock`` guards
+the handle table and the reported-size memo, and is held for dict access only; the
+components lock themselves. The invalidation callback is called from download threads,
+never while a lock is held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import stat
+import threading
+from typing import Callable, Optional
+
+from yeastarfs import errors
+from yeastarfs.index import WAV_HEADER_BYTES
+
+log = logging.getLogger(__name__)
+
+# How long open() waits for an uncached recording's exact size before returning anyway
+# (reads never depend on it: they use direct I/O).
+OPEN_SIZE_WAIT_S = 5.0
+# Remember what size the kernel was last told per file, to know whether its cached size
+# can be trusted for page-cache reads; bounded because a walk touches every file.
+REPORTED_SIZES_MAX = 20_000
+# Learned bytes-per-second of this PBX's recordings, kept in the index between runs.
+RATE_META_KEY = "estimate_bytes_per_s"
+# Weight of the newest completed download in the running average.
+RATE_SMOOTHING = 0.2
+# CDR fields offered as extended attributes, name -> Recording attribute.
+XATTR_PREFIX = "user.yeastar."
+XATTR_FIELDS = {
+    "callid": "callid", "caller": "callfrom", "callee": "callto", "type": "call_type",
+    "status": "status", "start_time": "timestart", "call_seconds": "call_s",
+    "talk_seconds": "talk_s", "src_trunk": "src_trunk", "dst_trunk": "dst_trunk", "did": "did",
+}
+# The root carries the daemon's statistics (JSON) for `yeastarfs status`.
+STATUS_XATTR = "user.yeastarfs.status"
+CACHED_XATTR = "user.yeastarfs.cached"
+# Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
+# FUSE reads of up to 128 KiB, so that is the useful block size.
+BLOCK_SIZE_BYTES = 128 * 1024
+NAME_MAX_BYTES = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Attributes:
+    """What ``stat`` says of an entry (owner and mode bits come from `Core.mode_of`)."""
+
+    is_dir: bool
+    size_bytes: int
+    mtime_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenFile:
+    """An opened recording: its handle, and how the kernel may cache its pages."""
+
+    fh: int
+    keep_cache: bool
+    direct_io: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class FsStats:
+    """``statfs``: the cache budget as the size, in blocks of ``block_size``; nothing free."""
+
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    name_max: int
+
+
+class _CachedHandle:
+    """An open complete cache file."""
+
+    def __init__(self, name: str, fd: int, size_bytes: int) -> None:
+        self.name, self.fd, self.size_bytes = name, fd, size_bytes
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def exact_size(self) -> Optional[int]:
+        return self.size_bytes
+
+
+class _StreamHandle:
+    """A recording being downloaded; reads wait for their bytes."""
+
+    def __init__(self, name: str, download) -> None:
+        self.name, self.download = name, download
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.download.read(offset, size)
+
+    def exact_size(self) -> Optional[int]:
+        return self.download.size_if_known()
+
+
+class Core:
+    """The recordings tree ``/YYYY/MM/DD/<recording name>``, read-only.
+
+    Attributes:
+        index: RecordingIndex (tree, attributes, sizes).
+        cache: DiskCache (complete files).
+        downloads: DownloadManager (everything not cached yet).
+        counters: operations served, by name (approximate under threads; for statistics).
+
+    Multithreading: see the module docstring.
+    """
+
+    def __init__(self, index, cache, downloads, *, status: Optional[Callable[[], dict]] = None,
+                 uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022) -> None:
+        self.index = index
+        self.cache = cache
+        self.downloads = downloads
+        self._status = status
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._dir_mode = stat.S_IFDIR | (0o555 & ~umask)
+        self._file_mode = stat.S_IFREG | (0o444 & ~umask)
+        self._lock = threading.Lock()
+        self._handles: dict[int, object] = {}
+        self._next_fh = 1
+        self._reported_sizes: dict[str, int] = {}
+        self._invalidate: Callable[[str], None] = lambda path: None
+        self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0}
+        self._rate = self._stored_rate()
+
+    def set_invalidator(self, invalidate: Callable[[str], None]) -> None:
+        """Tell the core how to make the kernel forget a path's cached attributes."""
+        self._invalidate = invalidate
+
+    def mode_of(self, is_dir: bool) -> int:
+        return self._dir_mode if is_dir else self._file_mode
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    def stat(self, path: str, fh: Optional[int] = None) -> Attributes:
+        """The attributes of *path*. Raises NoSuchPathError."""
+        self.counters["getattr"] += 1
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            return Attributes(True, 0, entry.mtime_ns)
+        with self._lock:
+            handle = self._handles.get(fh) if fh is not None else None
+        size_bytes = self._file_size(entry, handle)
+        self._remember_size(entry.name, size_bytes)
+        return Attributes(False, size_bytes, entry.mtime_ns)
+
+    def list(self, path: str) -> list[tuple[str, bool, int, int]]:
+        """``(name, is_dir, size_bytes, mtime_ns)`` of each entry of folder *path*, by name.
+
+        Raises NoSuchPathError. Sizes are what `stat` would say, and are remembered as told.
+        """
+        self.counters["readdir"] += 1
+        entries = self.index.list_dir_sizes(path)
+        if entries is None:
+            raise errors.NoSuchPathError(path)
+        listing = []
+        for name, is_dir, size_bytes, mtime_ns in entries:
+            if not is_dir:
+                cached = self.cache.size_of(name)  # a cached file's size is exact even if not indexed so
+                size_bytes = cached if cached is not None else size_bytes
+                self._reported_sizes[name] = size_bytes  # unlocked: a dict store is atomic
+            listing.append((name, is_dir, size_bytes, mtime_ns))
+        if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
+            with self._lock:
+                self._reported_sizes.clear()
+        return listing
+
+    # -- file contents -------------------------------------------------------------------------
+
+    def open(self, path: str, writing: bool = False) -> OpenFile:
+        """Open recording *path* for reading. Raises ReadOnlyError, IsADirError,
+        NoSuchPathError, or the download's error when it failed before its size was known."""
+        self.counters["open"] += 1
+        if writing:
+            raise errors.ReadOnlyError(path)
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            raise errors.IsADirError(path)
+        fd = self.cache.open_complete(entry.name)
+        if fd is not None:
+            size_bytes = os.fstat(fd).st_size
+            handle = _CachedHandle(entry.name, fd, size_bytes)
+            with self._lock:
+                trusted = self._reported_sizes.get(entry.name) == size_bytes
+            # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
+            return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted)
+        download = self.downloads.acquire(entry.name, entry.size_bytes)
+        try:
+            # Tools fstat right after open and seek from the end: let them see the exact
+            # size (the PBX's reply headers come within milliseconds).
+            download.wait_for_size(OPEN_SIZE_WAIT_S)
+        except BaseException:
+            self.downloads.release(download)
+            raise
+        return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True)
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        """*size* bytes at *offset* (fewer only at the end). Raises BadHandleError, or the
+        download's error."""
+        self.counters["read"] += 1
+        return self._handle(fh).read(offset, size)
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if isinstance(handle, _CachedHandle):
+            os.close(handle.fd)
+            self.cache.release(handle.name)
+        elif isinstance(handle, _StreamHandle):
+            self.downloads.release(handle.download)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def xattr_names(self, path: str) -> list[str]:
+        entry = self._entry(path)
+        if entry.kind == "dir":
+            return [STATUS_XATTR] if path == "/" and self._status is not None else []
+        return [XATTR_PREFIX + key for key, value in _cdr_fields(entry.recording).items() if value != ""]
+
+    def xattr(self, path: str, name: str) -> bytes:
+        """The value of extended attribute *name*. Raises NoSuchAttributeError."""
+        if not name.startswith("user."):
+            raise errors.NoSuchAttributeError(name)
+        entry = self._entry(path)
+        if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
+            return b"1" if self.cache.contains(entry.name) else b"0"
+        if entry.kind == "dir":
+            if path == "/" and name == STATUS_XATTR and self._status is not None:
+                return json.dumps(self._status(), default=str).encode()
+            raise errors.NoSuchAttributeError(name)
+        key = name[len(XATTR_PREFIX):] if name.startswith(XATTR_PREFIX) else None
+        value = _cdr_fields(entry.recording).get(key) if key else None
+        if value is None or value == "":
+            raise errors.NoSuchAttributeError(name)
+        return str(value).encode("utf-8")
+
+    def statfs(self) -> FsStats:
+        # Read-only and remote: "size" is the cache budget, nothing is free for writing.
+        blocks = max(1, self.cache.max_bytes // BLOCK_SIZE_BYTES)
+        return FsStats(BLOCK_SIZE_BYTES, blocks, 0, self.index.count(), NAME_MAX_BYTES)
+
+    # -- what the downloads teach --------------------------------------------------------------
+
+    def size_learned(self, name: str, size_bytes: int) -> None:
+        """A download learned *name*'s exact size: the index keeps it, the kernel forgets
+        the estimate (called from download threads)."""
+        self.index.set_size(name, size_bytes)
+        self._invalidate(self.index.path_of(name))
+
+    def download_complete(self, name: str, size_bytes: int) -> None:
+        """Learn this PBX's bytes per second of talk, so estimates of unseen files improve."""
+        entry = self.index.get(name)
+        talk_s = entry.recording.talk_s if entry is not None and entry.recording is not None else None
+        if not talk_s:
+            return
+        rate = max(1.0, (size_bytes - WAV_HEADER_BYTES) / talk_s)
+        previous = self._rate
+        self._rate = rate if previous is None else previous + RATE_SMOOTHING * (rate - previous)
+        self.index.set_estimate_rate(self._rate)
+        self.index.set_meta(RATE_META_KEY, f"{self._rate:.1f}")
+
+    def _stored_rate(self) -> Optional[float]:
+        stored = self.index.get_meta(RATE_META_KEY)
+        rate = float(stored) if stored else None
+        if rate:
+            self.index.set_estimate_rate(rate)
+        return rate
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _entry(self, path: str):
+        entry = self.index.lookup(path)
+        if entry is None:
+            raise errors.NoSuchPathError(path)
+        return entry
+
+    def _file_size(self, entry, handle=None) -> int:
+        """The exact size when anything knows it, else the index's estimate."""
+        for known in (handle.exact_size() if handle is not None else None,
+                      None if entry.size_exact else self.cache.size_of(entry.name)):
+            if known is not None:
+                return known
+        return entry.size_bytes
+
+    def _remember_size(self, name: str, size_bytes: int) -> None:
+        with self._lock:
+            if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
+                self._reported_sizes.clear()
+            self._reported_sizes[name] = size_bytes
+
+    def _handle(self, fh: int):
+        with self._lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise errors.BadHandleError(f"no open file with handle {fh}")
+        return handle
+
+    def _add_handle(self, handle) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        return fh
+
+
+def _cdr_fields(recording) -> dict:
+    """The recording's CDR fields by xattr key ("" or None when unknown)."""
+    if recording is None:
+        return {}
+    return {key: getattr(recording, attr) for key, attr in XATTR_FIELDS.items()}
