@@ -57,7 +57,8 @@ Fault switches (``reset()`` puts all of them back to these defaults and unlocks 
 - ``mutate_bytes_after_downloads = None`` after N downloads of a recording (every download
   request past its random and existence checks counts, finished or not) its bytes change
   once: same size and WAV header, other audio. Sticky; ``recording_bytes`` then returns the
-  new bytes, while ``SimRecording.sha256`` stays that of the original
+  new bytes, while ``SimRecording.sha256`` stays that of the original. ``reset()`` restarts
+  the counts (bytes already changed stay changed)
 - ``reset_after_bytes = None`` downloads send this many body bytes, then a TCP RST
 - ``reset_downloads = 0``      ...for the next N downloads only (0 = every download)
 - ``fail_downloads = 0``       the next N recording downloads fail in the shape of ``fail_mode``
@@ -99,7 +100,8 @@ Methods that change the PBX (not switches: ``reset()`` does not undo them):
 ``in_cdr=False`` gets its CDR row now, as a late export does), ``delete_recording(name,
 keep_cdr=True)`` (the PBX's auto-cleanup: get_random and download answer "does not exist";
 the CDR row stays unless ``keep_cdr=False``; the name stays in ``recordings`` with
-``stored=False`` and ``recording_bytes`` still works). ``now_local()`` reads the PBX's clock.
+``stored=False`` and ``recording_bytes`` still works). ``now_local()`` (naive PBX-local wall
+time, to the second) and ``pbx_time()`` (Unix seconds) read the PBX's clock.
 
 Choices the contract leaves open (documented here so tests can rely on them):
 
@@ -736,9 +738,11 @@ class Simulator:
         """The PBX's auto-cleanup deletes *name*'s audio: get_random and download answer
         ``not_found_errno``; its CDR row stays unless *keep_cdr* is False. Returns the updated
         recording; raises KeyError for an unknown name."""
-        with self._lock:
-            in_cdr = self.recordings[name].in_cdr and keep_cdr
-        return self._replace_recording(name, stored=False, in_cdr=in_cdr)
+        with self._lock:  # one critical section: a concurrent publish_cdr is not lost
+            old = self.recordings[name]
+            rec = dataclasses.replace(old, stored=False, in_cdr=old.in_cdr and keep_cdr)
+            self.recordings[name] = rec
+        return rec
 
     def _replace_recording(self, name: str, **changes: Any) -> SimRecording:
         with self._lock:
