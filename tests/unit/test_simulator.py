@@ -6,7 +6,10 @@ Other tests trust the simulator; these prove it deserves that trust.
 from __future__ import annotations
 
 import datetime
+import email.utils
+import gzip
 import hashlib
+import http.client
 import io
 import json
 import shutil
@@ -433,7 +436,8 @@ def test_populate_is_deterministic_and_unannounced(make_sim):
 # --- CDR -------------------------------------------------------------------------------
 
 
-def cdr(sim, token, number, start, end, encode_space="%20"):
+def cdr_link(sim, token, number, start, end, encode_space="%20"):
+    """The cdr/download path (query included) after a successful cdr/get_random."""
     reply = api(sim, "cdr/get_random", {"number": number, "starttime": start, "endtime": end},
                 token)
     assert reply["status"] == "Success", reply
@@ -442,9 +446,20 @@ def cdr(sim, token, number, start, end, encode_space="%20"):
     def enc(value):
         return quote(value, safe="").replace("%20", encode_space)
 
-    url = (f"{sim.base_url}/api/v2.0.0/cdr/download?number={enc(number)}&starttime={enc(start)}"
-           f"&endtime={enc(end)}&token={token}&random={reply['random']}")
-    return requests.get(url, timeout=5)
+    return (f"/api/v2.0.0/cdr/download?number={enc(number)}&starttime={enc(start)}"
+            f"&endtime={enc(end)}&token={token}&random={reply['random']}")
+
+
+def cdr(sim, token, number, start, end, encode_space="%20"):
+    return requests.get(sim.base_url + cdr_link(sim, token, number, start, end, encode_space),
+                        timeout=5)
+
+
+def cdr_names(sim, token, start="2024-03-10 00:00:00", end="2024-03-10 23:59:59"):
+    """The recording column of every CDR row in the window, number "all"."""
+    lines = cdr(sim, token, "all", start, end).text.splitlines()
+    column = lines[0].split(",").index("recording")
+    return [line.split(",")[column] for line in lines[1:]]
 
 
 def test_cdr_csv_header_rows_and_window(sim):
@@ -671,3 +686,373 @@ def test_counters_log_and_reset(sim):
     assert sim.latency_s == 0 and sim.fail_downloads == 0
     assert api(sim, "heartbeat", {}, token)["status"] == "Success"  # tokens survive
     assert rec.name in sim.recordings
+
+
+# --- site variants: zone and clock -------------------------------------------------------
+
+UTC = datetime.timezone.utc
+KOLKATA = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+NEW_YORK_WINTER = datetime.timezone(datetime.timedelta(hours=-5))
+
+
+def date_header(response_headers):
+    return email.utils.parsedate_to_datetime(response_headers["Date"])
+
+
+def test_pbx_zone_shapes_names_cdr_and_events(make_sim, receiver):
+    sim = make_sim(tz=KOLKATA)
+    app = receiver()
+    token = login(sim, port=app.port, version="2.0.0")
+    instant = datetime.datetime(2024, 3, 10, 9, 0, 0, tzinfo=UTC)  # 14:30 in Kolkata
+    rec = add(sim, start=instant, ring_s=5, announce=True)
+    assert rec.timestart == "2024-03-10 14:30:00"
+    assert rec.name.startswith("20240310143005-") and rec.callid == f"{int(instant.timestamp())}.1"
+    assert wait_until(lambda: len(app.received) == 1)
+    assert app.received[0][2]["timestart"] == "2024-03-10 14:30:00"
+    # A naive time is the PBX's wall time; its callid is still the true instant.
+    naive = add(sim, start=datetime.datetime(2024, 3, 10, 14, 30), callfrom="1009")
+    assert naive.timestart == "2024-03-10 14:30:00"
+    assert naive.callid.split(".")[0] == str(int(instant.timestamp()))
+    # CDR windows are PBX-local: the UTC hour of the calls finds nothing.
+    local = cdr_names(sim, token, "2024-03-10 14:00:00", "2024-03-10 15:00:00")
+    assert sorted(local) == sorted([rec.name, naive.name])
+    assert cdr_names(sim, token, "2024-03-10 08:30:00", "2024-03-10 09:30:00") == []
+
+
+def test_default_zone_and_naive_callids_are_as_before(sim):
+    rec = add(sim, start=START)
+    assert rec.timestart == "2024-03-10 14:30:00"
+    assert rec.callid.split(".")[0] == str(int(START.replace(tzinfo=UTC).timestamp()))
+    aware = add(sim, start=START.replace(tzinfo=UTC), callfrom="1003")
+    assert aware.timestart == START.replace(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_clock_offset_moves_local_times_and_the_date_header(make_sim):
+    sim = make_sim(tz=NEW_YORK_WINTER)
+    true_now = datetime.datetime.now(UTC)
+    reply = requests.get(f"{sim.base_url}/api/v2.0.0/heartbeat", timeout=5)
+    assert abs((date_header(reply.headers) - true_now).total_seconds()) <= 2
+    sim.clock_offset_s = 420  # the PBX's clock is 7 minutes fast
+    true_now = datetime.datetime.now(UTC)
+    reply = requests.get(f"{sim.base_url}/api/v2.0.0/heartbeat", timeout=5)
+    assert reply.headers["Date"].endswith(" GMT")
+    assert abs((date_header(reply.headers) - true_now).total_seconds() - 420) <= 2
+    assert abs(sim.pbx_time() - time.time() - 420) < 1
+    expected_local = (true_now + datetime.timedelta(seconds=420)).astimezone(NEW_YORK_WINTER)
+    assert sim.now_local().tzinfo is None and sim.now_local().microsecond == 0
+    assert abs((sim.now_local() - expected_local.replace(tzinfo=None)).total_seconds()) <= 2
+    # No time: the call ends now, stated on the PBX's clock; the callid is the true start.
+    rec = add(sim, start=None, seconds=10, ring_s=5)
+    started = datetime.datetime.strptime(rec.timestart, "%Y-%m-%d %H:%M:%S")
+    assert abs((sim.now_local() - started).total_seconds() - 15) <= 2
+    assert abs(int(rec.callid.split(".")[0]) - (time.time() - 15)) <= 2
+    instant = datetime.datetime(2024, 1, 10, 12, 0, 0, tzinfo=UTC)
+    shown = add(sim, start=instant, callfrom="1004")
+    assert shown.timestart == "2024-01-10 07:07:00"
+    assert shown.callid.split(".")[0] == str(int(instant.timestamp()))
+
+
+def test_populate_uses_the_pbx_clock(make_sim):
+    sim = make_sim(tz=KOLKATA)
+    sim.clock_offset_s = -3600
+    recs = sim.populate(10, days=1, seed=3)
+    assert all(r.timestart < sim.now_local().strftime("%Y-%m-%d %H:%M:%S") for r in recs)
+    newest = max(datetime.datetime.strptime(r.timestart, "%Y-%m-%d %H:%M:%S") for r in recs)
+    assert (sim.now_local() - newest).total_seconds() < 86400
+    instant = datetime.datetime(2024, 3, 10, 12, 0, 0, tzinfo=UTC)  # 17:30 Kolkata, 16:30 shown
+    late = sim.populate(5, days=0.01, now=instant, seed=4)
+    assert all("2024-03-10 16:00:00" < r.timestart < "2024-03-10 16:30:00" for r in late)
+
+
+# --- site variants: late rows, deletions, audio not written yet ---------------------------
+
+
+def test_late_cdr_row_appears_when_published(sim, receiver):
+    app = receiver()
+    token = login(sim, port=app.port, version="2.0.0")
+    rec = add(sim, in_cdr=False)
+    assert cdr_names(sim, token) == []
+    assert sim.publish_cdr(rec.name).in_cdr and sim.recordings[rec.name].in_cdr
+    assert cdr_names(sim, token) == [rec.name]
+    time.sleep(0.1)
+    assert not app.received  # announce is optional and off by default
+    other = add(sim, in_cdr=False, callfrom="1005")
+    sim.publish_cdr(other.name, announce=True)
+    assert wait_until(lambda: len(app.received) == 1)
+    assert app.received[0][2]["recording"] == other.name
+    with pytest.raises(KeyError):
+        sim.publish_cdr("nope.wav")
+
+
+def test_deleted_recording_does_not_exist_but_keeps_its_cdr_row(sim):
+    kept, dropped = add(sim), add(sim, callfrom="1005")
+    token = login(sim)
+    early_random = get_random(sim, token, kept.name)
+    sim.delete_recording(kept.name)
+    assert api(sim, "recording/get_random", {"recording": kept.name}, token) == {
+        "status": "Failed", "errno": "10023"}
+    assert download(sim, token, kept.name, early_random).json() == {
+        "status": "Failed", "errno": "10023"}
+    sim.delete_recording(dropped.name, keep_cdr=False)
+    assert cdr_names(sim, token) == [kept.name]
+    assert sim.recordings[kept.name].stored is False
+    assert hashlib.sha256(sim.recording_bytes(kept.name)).hexdigest() == kept.sha256
+
+
+def test_not_ready_until_its_time_on_the_simulator_clock(sim):
+    sim.not_ready_s = 60
+    young = add(sim)
+    old = sim.populate(1, now=START, seed=2)[0]  # populate adds ready recordings
+    token = login(sim)
+    assert api(sim, "recording/get_random", {"recording": young.name}, token)["errno"] == "10023"
+    get_random(sim, token, old.name)
+    sim.advance_clock(59)
+    assert api(sim, "recording/get_random", {"recording": young.name}, token)["errno"] == "10023"
+    sim.advance_clock(2)
+    assert hashlib.sha256(download(sim, token, young.name).content).hexdigest() == young.sha256
+    sim.not_ready_s = 0
+    ready = add(sim, callfrom="1007")
+    get_random(sim, token, ready.name)
+
+
+def test_ready_after_s_per_recording_in_real_time(sim):
+    token = login(sim)
+    rec = add(sim, ready_after_s=0.3)
+    began = time.monotonic()
+    assert api(sim, "recording/get_random", {"recording": rec.name}, token)["errno"] == "10023"
+
+    def ready():
+        reply = api(sim, "recording/get_random", {"recording": rec.name}, token)
+        return reply["status"] == "Success"
+
+    assert wait_until(ready, timeout_s=2.0)
+    assert 0.3 <= time.monotonic() - began < 1.0
+
+
+def test_not_found_errno_and_where_it_is_reported(sim):
+    gone = add(sim)
+    sim.delete_recording(gone.name)
+    token = login(sim)
+    sim.not_found_errno = "10005"
+    assert api(sim, "recording/get_random", {"recording": "nope.wav"}, token)["errno"] == "10005"
+    sim.not_found_at = "download"
+    for name in ("nope.wav", gone.name):
+        random_value = get_random(sim, token, name)  # get_random no longer says it
+        assert download(sim, token, name, random_value).json() == {
+            "status": "Failed", "errno": "10005"}
+    young = add(sim, callfrom="1008", ready_after_s=60)
+    assert download(sim, token, young.name).json()["errno"] == "10005"
+
+
+# --- site variants: bytes, ranges, sizes --------------------------------------------------
+
+
+def test_bytes_change_after_n_downloads(sim):
+    rec = add(sim, seconds=3)
+    token = login(sim)
+    sim.mutate_bytes_after_downloads = 1
+    first = download(sim, token, rec.name).content
+    assert hashlib.sha256(first).hexdigest() == rec.sha256
+    second = download(sim, token, rec.name).content
+    assert len(second) == len(first) and second[:44] == first[:44] and second != first
+    assert sim.recording_bytes(rec.name) == second
+    assert download(sim, token, rec.name).content == second  # changed once, then stable
+
+
+def test_changed_bytes_break_a_naive_resume(sim):
+    rec = add(sim, seconds=3)
+    token = login(sim)
+    sim.mutate_bytes_after_downloads, sim.range_mode = 1, "honour"
+    sim.reset_after_bytes, sim.reset_downloads = 20_000, 1
+    held = bytearray()
+    with pytest.raises(requests.exceptions.RequestException):
+        for chunk in download(sim, token, rec.name, stream=True).iter_content(4096):
+            held += chunk
+    assert 0 < len(held) <= 20_000
+    rest = download(sim, token, rec.name, headers={"Range": f"bytes={len(held)}-"})
+    assert rest.status_code == 206
+    stitched = bytes(held) + rest.content
+    assert len(stitched) == rec.size_bytes and hashlib.sha256(stitched).hexdigest() != rec.sha256
+    assert stitched != sim.recording_bytes(rec.name)
+
+
+def test_range_modes_and_the_honour_range_alias(sim):
+    rec = add(sim)
+    data = sim.recording_bytes(rec.name)
+    token = login(sim)
+    assert sim.range_mode == "ignore" and sim.honour_range is False
+    sim.range_mode = "wrong_offset"
+    assert sim.honour_range is True
+    got = download(sim, token, rec.name, headers={"Range": "bytes=1000-"})
+    assert got.status_code == 206
+    assert got.headers["Content-Range"] == f"bytes 500-{rec.size_bytes - 1}/{rec.size_bytes}"
+    assert got.content == data[500:]
+    from_zero = download(sim, token, rec.name, headers={"Range": "bytes=0-"})
+    assert from_zero.headers["Content-Range"].startswith("bytes 1-")
+    assert from_zero.content == data[1:]
+    sim.honour_range = True
+    assert sim.range_mode == "honour"
+    assert download(sim, token, rec.name, headers={"Range": "bytes=1000-"}).content == data[1000:]
+    sim.honour_range = False
+    assert sim.range_mode == "ignore"
+    assert download(sim, token, rec.name, headers={"Range": "bytes=1000-"}).content == data
+
+
+def raw_get(sim, path, headers=None):
+    """(response, body) over http.client: no decoding, and a short body is not an error."""
+    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        body = b""
+        while True:
+            piece = response.read(65536)
+            if not piece:
+                return response, body
+            body += piece
+    finally:
+        conn.close()
+
+
+def download_path(sim, token, name):
+    return (f"/api/v2.0.0/recording/download?recording={quote(name, safe='')}"
+            f"&random={get_random(sim, token, name)}&token={token}")
+
+
+def test_announced_size_over_4_gib(sim):
+    rec = add(sim)
+    data = sim.recording_bytes(rec.name)
+    token = login(sim)
+    huge = 5 * 2**30
+    sim.announce_size_bytes = huge
+    response, body = raw_get(sim, download_path(sim, token, rec.name))
+    assert response.status == 200 and response.getheader("Content-Length") == str(huge)
+    assert body == data
+    sim.range_mode = "honour"
+    response, body = raw_get(sim, download_path(sim, token, rec.name), {"Range": "bytes=1000-"})
+    assert response.status == 206
+    assert response.getheader("Content-Range") == f"bytes 1000-{huge - 1}/{huge}"
+    assert response.getheader("Content-Length") == str(huge - 1000)
+    assert body == data[1000:]
+
+
+# --- site variants: hostile replies and delays ---------------------------------------------
+
+
+def test_cdr_gzip_even_unasked(sim):
+    rec = add(sim)
+    token = login(sim)
+    plain = cdr(sim, token, "all", "2024-03-10 00:00:00", "2024-03-10 23:59:59").content
+    sim.cdr_gzip = True
+    path = cdr_link(sim, token, "all", "2024-03-10 00:00:00", "2024-03-10 23:59:59")
+    response, body = raw_get(sim, path)  # http.client asks for identity
+    assert response.getheader("Content-Encoding") == "gzip"
+    assert gzip.decompress(body) == plain and rec.name.encode() in plain
+
+
+def test_cdr_raw_body_and_hostile_rows(sim):
+    token = login(sim)
+    sim.add_cdr_row({"callid": "1.1", "timestart": "2024-03-10 10:00:00",
+                     "talkduraction": "99999999999999999999"})
+    got = cdr(sim, token, "all", "2024-03-10 00:00:00", "2024-03-10 23:59:59")
+    assert got.text.splitlines()[1].split(",")[5] == "99999999999999999999"
+    sim.cdr_raw_body = b"[" * 100_000
+    got = cdr(sim, token, "all", "2024-03-10 00:00:00", "2024-03-10 23:59:59")
+    assert got.status_code == 200 and got.content == b"[" * 100_000
+    bomb = gzip.compress(b"1," * 5_000_000)
+    sim.cdr_raw_body, sim.cdr_gzip = bomb, True
+    path = cdr_link(sim, token, "all", "2024-03-10 00:00:00", "2024-03-10 23:59:59")
+    response, body = raw_get(sim, path)
+    assert response.getheader("Content-Encoding") == "gzip" and body == bomb  # not re-compressed
+    assert len(bomb) < 100_000
+
+
+def test_api_raw_reply_replaces_one_endpoint(sim):
+    token = login(sim)
+    sim.api_raw_reply = {"cdr/get_random": b"[" * 100_000}
+    reply = requests.post(f"{sim.base_url}/api/v2.0.0/cdr/get_random", params={"token": token},
+                          json={"number": "all"}, timeout=5)
+    assert reply.status_code == 200 and reply.content == b"[" * 100_000
+    assert reply.headers["Content-Type"] == "application/json"
+    assert api(sim, "heartbeat", {}, token)["status"] == "Success"
+    assert sim.counters["cdr/get_random"] == 1
+
+
+def test_first_byte_delay_sends_headers_first(sim):
+    sim.first_byte_delay_s = 0.5
+    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=5)
+    began = time.monotonic()
+    conn.request("POST", "/api/v2.0.0/login", body=json.dumps(
+        {"username": "api", "password": sim.password_md5}),
+        headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    headers_at = time.monotonic() - began
+    body = response.read()
+    body_at = time.monotonic() - began
+    conn.close()
+    assert headers_at < 0.4 and 0.5 <= body_at < 1.5
+    assert json.loads(body)["status"] == "Success"
+
+
+def test_cdr_latency_slows_only_the_cdr_endpoints(sim):
+    sim.cdr_latency_s = 0.4
+    began = time.monotonic()
+    token = login(sim)
+    assert time.monotonic() - began < 0.3
+    began = time.monotonic()
+    api(sim, "cdr/get_random", {"number": "all", "starttime": "2024-03-10 00:00:00",
+                                "endtime": "2024-03-10 23:59:59"}, token)
+    assert 0.4 <= time.monotonic() - began < 1.2
+
+
+# --- site variants: the simulator clock ---------------------------------------------------
+
+
+def test_lockout_lifts_after_ten_minutes_on_the_simulator_clock(sim):
+    bad = {"username": "api", "password": "0" * 32}
+    good = {"username": "api", "password": sim.password_md5}
+    assert [api(sim, "login", bad)["errno"] for _ in range(5)] == ["20003"] * 5
+    sim.advance_clock(599)
+    assert api(sim, "login", good)["errno"] == "20002"
+    sim.advance_clock(2)
+    login(sim)
+
+
+def test_failures_outside_the_window_do_not_lock(sim):
+    bad = {"username": "api", "password": "0" * 32}
+    for _ in range(4):
+        api(sim, "login", bad)
+    sim.advance_clock(601)
+    assert api(sim, "login", bad)["errno"] == "20003"  # the 5th, but the first 4 are stale
+    login(sim)
+
+
+def test_tokens_and_randoms_age_on_the_simulator_clock(sim):
+    rec = add(sim)
+    token = login(sim)
+    random_value = get_random(sim, token, rec.name)
+    sim.advance_clock(31)
+    assert download(sim, token, rec.name, random_value).json()["errno"] == "10004"
+    sim.advance_clock(1799)
+    assert api(sim, "heartbeat", {}, token)["status"] == "Success"  # renewed, not idle
+    sim.advance_clock(1801)
+    assert api(sim, "heartbeat", {}, token)["errno"] == "20004"
+    with pytest.raises(ValueError):
+        sim.advance_clock(-1)
+
+
+def test_reset_restores_every_new_switch(make_sim):
+    sim = make_sim(tz=KOLKATA)
+    changed = {
+        "cdr_latency_s": 1.0, "first_byte_delay_s": 1.0, "range_mode": "wrong_offset",
+        "announce_size_bytes": 1, "mutate_bytes_after_downloads": 1, "cdr_gzip": True,
+        "cdr_raw_body": b"x", "api_raw_reply": {"login": b"x"}, "clock_offset_s": 5.0,
+        "not_found_errno": "1", "not_found_at": "download", "not_ready_s": 9.0,
+    }
+    defaults = {name: getattr(sim, name) for name in changed}
+    assert defaults["range_mode"] == "ignore" and defaults["api_raw_reply"] == {}
+    for name, value in changed.items():
+        setattr(sim, name, value)
+    sim.reset()
+    assert {name: getattr(sim, name) for name in changed} == defaults
+    assert sim.tz is KOLKATA

@@ -20,11 +20,45 @@ Threading contract:
 - Fault switches are plain attributes: a test thread may set them at any time. Each download
   reads them once when it starts (the bandwidth cap is re-read for every chunk).
 
+Clocks (what "now" means to the PBX):
+
+- True time is this machine's ``time.time()``. The PBX's wall clock runs ``clock_offset_s``
+  ahead of it and shows its zone ``tz``. Everything the PBX says in local time uses that
+  clock: names' leading timestamps, CDR ``timestart`` (so cdr/get_random windows, compared
+  with ``timestart``, are PBX-local too), NewCdr events, ``now_local()``, and the ``Date``
+  header of every reply (in GMT, as Boa sends it).
+- Times given to ``add_recording``/``populate``: a naive datetime is a PBX-local wall time
+  (taken as is); an aware one is a true instant (shown in ``tz`` on the skewed clock); none
+  means now. Callids are Unix seconds of the true instant; except that with ``tz=None`` a
+  naive time keeps the machine-independent callid of old (its wall digits read as UTC).
+- The simulator clock is ``time.monotonic()`` plus every ``advance_clock(s)``: it times
+  token idleness (``token_idle_s``), randoms (``random_ttl_s``), lockouts and the
+  not-written-yet periods, so tests move it instead of sleeping. ``reset()`` does not undo
+  it (time never runs backwards); it leaves the wall clock, latencies and event resends alone.
+
+Constructor options (not switches, so ``reset()`` leaves them): ``tz = None`` (a
+``datetime.tzinfo`` such as ``zoneinfo.ZoneInfo("Asia/Kolkata")``; None = this machine's
+local time), ``token_idle_s``, ``random_ttl_s``, ``lockout_*``, ``event_retry_s``, ``transport``.
+
 Fault switches (``reset()`` puts all of them back to these defaults and unlocks every IP):
 
 - ``latency_s = 0.0``          sleep this long before answering every HTTP request
+- ``cdr_latency_s = 0.0``      ...and this much longer before answering the two CDR endpoints
+- ``first_byte_delay_s = 0.0`` every reply sends its headers at once and its body this much later
 - ``bandwidth_bps = None``     cap the recording body rate, sleep-paced per chunk
-- ``honour_range = False``     §12.4 switched mode: ``Range: bytes=N-`` gives 206 + Content-Range
+- ``range_mode = "ignore"``    how recording/download treats ``Range: bytes=N-[M]``:
+  "ignore" (200, whole file) | "honour" (§12.4 switched mode: 206 + Content-Range, bytes from
+  N; 416 beyond the end) | "wrong_offset" (206 starting elsewhere: at N // 2, or at 1 when N
+  is 0, its Content-Range saying so truthfully). ``honour_range`` (bool) is an alias kept for
+  older tests: reading it says ``range_mode != "ignore"``, True sets "honour", False "ignore".
+- ``announce_size_bytes = None`` recording downloads announce this size while sending the real
+  bytes and then closing: ``Content-Length: N`` (a 206: Content-Range ``bytes F-(N-1)/N`` and
+  Content-Length N - F), e.g. to show a client refusing more than 4 GiB
+- ``mutate_bytes_after_downloads = None`` after N downloads of a recording (every download
+  request past its random and existence checks counts, finished or not) its bytes change
+  once: same size and WAV header, other audio. Sticky; ``recording_bytes`` then returns the
+  new bytes, while ``SimRecording.sha256`` stays that of the original. ``reset()`` restarts
+  the counts (bytes already changed stay changed)
 - ``reset_after_bytes = None`` downloads send this many body bytes, then a TCP RST
 - ``reset_downloads = 0``      ...for the next N downloads only (0 = every download)
 - ``fail_downloads = 0``       the next N recording downloads fail in the shape of ``fail_mode``
@@ -32,6 +66,13 @@ Fault switches (``reset()`` puts all of them back to these defaults and unlocks 
 - ``fail_get_random = 0``      the next N recording/get_random answer Failed 10004
 - ``fail_logins = 0``          the next N logins answer 20003 (not counted towards lockout)
 - ``refuse_connections = False`` accepted connections (HTTP and TCP events) are closed unanswered
+- ``cdr_gzip = False``         cdr/download answers ``Content-Encoding: gzip`` with a gzip body,
+  whatever the request's Accept-Encoding said
+- ``cdr_raw_body = None``      cdr/download (after its usual token and random checks) sends these
+  bytes verbatim as its text/csv body; with ``cdr_gzip`` the header is added but the bytes are
+  not compressed again, so a ready-made gzip bomb goes out as is
+- ``api_raw_reply = {}``       ``{endpoint: bytes}``: that endpoint (e.g. "cdr/get_random")
+  answers HTTP 200, application/json, with these bytes as its body, before any check
 - ``chaos = 0.0``              each recording download fails at random with this probability, in
   a random shape: reset part-way, HTTP 500, JSON Failed, truncated, or 0.3 s of latency
   (soak tests; the choices are seeded, so a run is repeatable)
@@ -42,7 +83,25 @@ Variant switches (also reset by ``reset()``): what a real PBX may do differently
 - ``token_errno = "20004"``        errno for an unknown or expired token (a real PBX may say 20006)
 - ``audio_content_type = "audio/x-wav"``  Content-Type of recording bodies (200 and 206)
 - ``omit_content_length = False``  recording bodies carry no Content-Length; they end at the close
-- ``expire_all_tokens()``, ``lock_ip(ip)``, ``unlock_all()``, ``disconnect_tcp_clients()``
+- ``clock_offset_s = 0.0``         the PBX's clock runs this many seconds ahead of true time
+  (negative: behind); see Clocks
+- ``not_found_errno = "10023"``    errno for "audio file does not exist": an unknown name, a
+  recording added with ``stored=False``, deleted, or not written yet
+- ``not_found_at = "get_random"``  where "does not exist" is reported: "get_random" (and at
+  download, for a recording that went away in between) | "download" (get_random hands out a
+  random for any name; the download answers the errno)
+- ``not_ready_s = 0.0``            a recording added from now on is "not written yet": it does not
+  exist until this long after its ``add_recording`` (simulator clock); per recording,
+  ``add_recording(ready_after_s=...)`` overrides it (``populate`` adds ready recordings)
+
+Methods that change the PBX (not switches: ``reset()`` does not undo them):
+``expire_all_tokens()``, ``lock_ip(ip)``, ``unlock_all()``, ``disconnect_tcp_clients()``,
+``advance_clock(seconds)``, ``publish_cdr(name, announce=False)`` (a recording added with
+``in_cdr=False`` gets its CDR row now, as a late export does), ``delete_recording(name,
+keep_cdr=True)`` (the PBX's auto-cleanup: get_random and download answer "does not exist";
+the CDR row stays unless ``keep_cdr=False``; the name stays in ``recordings`` with
+``stored=False`` and ``recording_bytes`` still works). ``now_local()`` (naive PBX-local wall
+time, to the second) and ``pbx_time()`` (Unix seconds) read the PBX's clock.
 
 Choices the contract leaves open (documented here so tests can rely on them):
 
@@ -65,6 +124,7 @@ import collections
 import dataclasses
 import datetime
 import functools
+import gzip
 import hashlib
 import heapq
 import http.client
@@ -137,6 +197,7 @@ AUDIO_CACHE_BYTES = 256 * 1024 * 1024
 # Before an RST, give bytes already written a moment to leave the send queue: an RST
 # discards whatever is still queued, and tests want "N bytes, then reset".
 RST_GRACE_S = 0.05
+RANGE_MODES = ("ignore", "honour", "wrong_offset")
 
 SAMPLE_RATE = 8000
 BYTES_PER_SECOND = SAMPLE_RATE * 2
@@ -196,9 +257,10 @@ class SimRecording:
         callid, timestart, callfrom, callto, call_type, status: its CDR fields.
         call_s, talk_s: call and talk durations in whole seconds.
         size_bytes: exact WAV size (header + data).
-        stored: False when get_random answers 10023 although CDR and events list it.
-        in_cdr: whether cdr/download lists it.
-        sha256: hex digest of the WAV bytes (computed on first use).
+        stored: False when get_random answers 10023 although CDR and events list it
+            (also what ``delete_recording`` sets).
+        in_cdr: whether cdr/download lists it (``publish_cdr`` sets it later).
+        sha256: hex digest of the original WAV bytes (computed on first use).
     """
 
     name: str
@@ -218,9 +280,14 @@ class SimRecording:
     def sha256(self) -> str:
         return hashlib.sha256(self.wav_bytes()).hexdigest()
 
-    def wav_bytes(self) -> bytes:
-        """Build the WAV bytes afresh (``Simulator.recording_bytes`` caches them)."""
-        return wav_bytes(self.name, self.size_bytes)
+    def wav_bytes(self, generation: int = 0) -> bytes:
+        """Build the WAV bytes afresh (``Simulator.recording_bytes`` caches them).
+
+        *generation* 0 is the original; a later one is what the PBX holds after the bytes
+        changed (``mutate_bytes_after_downloads``): same size and header, other audio.
+        """
+        seed = self.name if generation == 0 else f"{self.name}\0generation {generation}"
+        return wav_bytes(seed, self.size_bytes)
 
     def cdr_row(self, sn: str = SERIAL_NUMBER) -> dict[str, str]:
         """The 14 CSV columns of this call (yeastar-api.md §5.3)."""
@@ -246,11 +313,8 @@ class SimRecording:
         }
 
 
-def _epoch_seconds(moment: datetime.datetime) -> int:
-    """Unix seconds of *moment*; naive times are read as UTC so callids are machine-independent."""
-    if moment.tzinfo is not None:
-        return int(moment.timestamp())
-    return calendar.timegm(moment.timetuple())
+def _is_aware(moment: datetime.datetime) -> bool:
+    return moment.tzinfo is not None and moment.utcoffset() is not None
 
 
 def _parse_time(text: Any) -> Optional[datetime.datetime]:
@@ -415,7 +479,8 @@ class Simulator:
                  random_ttl_s: float = 30.0, lockout_failures: int = 5,
                  lockout_s: float = 600.0, lockout_window_s: float = 600.0,
                  event_retry_s: float = 5.0, sn: str = SERIAL_NUMBER,
-                 certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
+                 certfile: Optional[str] = None, keyfile: Optional[str] = None,
+                 tz: Optional[datetime.tzinfo] = None) -> None:
         if transport not in ("HTTP", "TCP"):
             raise ValueError(f"transport must be 'HTTP' or 'TCP', not {transport!r}")
         self.host, self.port = host, port
@@ -427,6 +492,7 @@ class Simulator:
         self.lockout_window_s = lockout_window_s
         self.event_retry_s = event_retry_s
         self.sn = sn
+        self.tz = tz  # the PBX's zone; None: this machine's (see Clocks in the module docstring)
         # HTTPS like a real PBX on port 8088 (self-signed there) when a certificate is given.
         self.certfile, self.keyfile = certfile, keyfile
         self.recordings: dict[str, SimRecording] = {}
@@ -440,9 +506,15 @@ class Simulator:
         self._randoms: dict[str, _Random] = {}
         self._login_failures: dict[str, list[float]] = {}
         self._locked_until: dict[str, float] = {}
-        self._audio_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # Keyed by (name, generation of its bytes).
+        self._audio_cache: collections.OrderedDict[tuple[str, int], bytes] = (
+            collections.OrderedDict())
         self._audio_cache_bytes = 0
         self._downloaded = 0
+        self._clock_shift_s = 0.0  # advance_clock() total, added to time.monotonic()
+        self._ready_at: dict[str, float] = {}  # not written until then (simulator clock)
+        self._download_counts: collections.Counter = collections.Counter()
+        self._generations: dict[str, int] = {}  # names whose bytes changed
         self._http: Optional[_HttpServer] = None
         self._http_thread: Optional[threading.Thread] = None
         self._pusher: Optional[_EventPusher] = None
@@ -451,8 +523,12 @@ class Simulator:
 
     def _set_default_faults(self) -> None:
         self.latency_s: float = 0.0
+        self.cdr_latency_s: float = 0.0
+        self.first_byte_delay_s: float = 0.0
         self.bandwidth_bps: Optional[int] = None
-        self.honour_range = False
+        self.range_mode = "ignore"
+        self.announce_size_bytes: Optional[int] = None
+        self.mutate_bytes_after_downloads: Optional[int] = None
         self.reset_after_bytes: Optional[int] = None
         self.reset_downloads = 0
         self.fail_downloads = 0
@@ -464,8 +540,59 @@ class Simulator:
         self.token_errno = E_TOKEN
         self.audio_content_type = "audio/x-wav"
         self.omit_content_length = False
+        self.cdr_gzip = False
+        self.cdr_raw_body: Optional[bytes] = None
+        self.api_raw_reply: dict[str, bytes] = {}
+        self.clock_offset_s: float = 0.0
+        self.not_found_errno = E_NO_AUDIO
+        self.not_found_at = "get_random"
+        self.not_ready_s: float = 0.0
         self.chaos = 0.0
         self._chaos_rng = random.Random(1)
+
+    @property
+    def honour_range(self) -> bool:
+        """Alias of ``range_mode`` kept for older tests (see the module docstring)."""
+        return self.range_mode != "ignore"
+
+    @honour_range.setter
+    def honour_range(self, value: bool) -> None:
+        self.range_mode = "honour" if value else "ignore"
+
+    # -- clocks (see "Clocks" in the module docstring) -------------------------------------
+
+    def _now_s(self) -> float:
+        """The simulator clock: monotonic seconds, moved forward by ``advance_clock``."""
+        return time.monotonic() + self._clock_shift_s
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the simulator clock *seconds* forward: tokens, randoms, lockouts and
+        not-written-yet periods age at once. Raises ValueError for a negative value."""
+        if seconds < 0:
+            raise ValueError(f"the clock only moves forward, not by {seconds}")
+        with self._lock:
+            self._clock_shift_s += seconds
+
+    def pbx_time(self) -> float:
+        """The PBX clock as Unix seconds: true time plus ``clock_offset_s``."""
+        return time.time() + self.clock_offset_s
+
+    def now_local(self) -> datetime.datetime:
+        """The PBX's current local wall time, naive, to the second."""
+        return self._wall(datetime.datetime.now(datetime.timezone.utc)).replace(microsecond=0)
+
+    def _wall(self, instant: datetime.datetime) -> datetime.datetime:
+        """The naive PBX-local wall time at which the PBX's clock shows the aware *instant*."""
+        shown = instant.astimezone(datetime.timezone.utc) + datetime.timedelta(
+            seconds=self.clock_offset_s)
+        return shown.astimezone(self.tz).replace(tzinfo=None)
+
+    def _instant_s(self, wall: datetime.datetime) -> int:
+        """Unix seconds of the true instant the PBX shows as the naive *wall* time."""
+        if self.tz is None:
+            # Compatibility: the wall digits read as UTC keep callids machine-independent.
+            return calendar.timegm(wall.timetuple())
+        return int(wall.replace(tzinfo=self.tz).timestamp() - self.clock_offset_s)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -525,20 +652,31 @@ class Simulator:
 
     # -- content --------------------------------------------------------------------------
 
-    def add_recording(self, *, start: datetime.datetime, duration_s: float,
+    def add_recording(self, *, start: Optional[datetime.datetime] = None, duration_s: float,
                       callfrom: str = "1001", callto: str = "2002", call_type: str = "Inbound",
                       callid: Optional[str] = None, status: str = "ANSWERED", ring_s: float = 5,
                       name: Optional[str] = None, size_bytes: Optional[int] = None,
                       in_cdr: bool = True, announce: bool = True,
-                      stored: bool = True) -> SimRecording:
+                      stored: bool = True,
+                      ready_after_s: Optional[float] = None) -> SimRecording:
         """Add one recorded call; with *announce*, push its NewCdr to every event listener.
 
+        *start*: naive = PBX-local wall time, aware = true instant, None = the call ends now
+        (see Clocks in the module docstring). *ready_after_s*: the audio does not exist until
+        this long from now (simulator clock); None takes ``not_ready_s``.
         Raises ValueError if a recording of that name exists already.
         """
         with self._lock:
             sequence = next(self._sequence)
+        if start is None:
+            start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+                seconds=ring_s + duration_s)
+        if _is_aware(start):
+            instant_s, start = int(start.timestamp()), self._wall(start)
+        else:
+            instant_s = self._instant_s(start)
         if callid is None:
-            callid = f"{_epoch_seconds(start)}.{sequence}"
+            callid = f"{instant_s}.{sequence}"
         if name is None:
             # The name's timestamp is when recording began: at answer, ring_s after timestart.
             stamp = (start + datetime.timedelta(seconds=ring_s)).strftime("%Y%m%d%H%M%S")
@@ -552,20 +690,26 @@ class Simulator:
             name=name, callid=callid, timestart=start.strftime(TIME_FORMAT), callfrom=callfrom,
             callto=callto, call_type=call_type, status=status, call_s=talk_s + round(ring_s),
             talk_s=talk_s, size_bytes=size_bytes, stored=stored, in_cdr=in_cdr)
+        not_ready_s = self.not_ready_s if ready_after_s is None else ready_after_s
         with self._lock:
             if name in self.recordings:
                 raise ValueError(f"recording {name!r} exists already")
             self.recordings[name] = rec
+            if not_ready_s > 0:
+                self._ready_at[name] = self._now_s() + not_ready_s
         if announce:
             self._announce(rec)
         return rec
 
     def populate(self, count: int, *, days: float = 7, now: Optional[datetime.datetime] = None,
                  seed: int = 1, min_s: int = 5, max_s: int = 120) -> list[SimRecording]:
-        """Add *count* deterministic, unannounced recordings spread over the last *days* days."""
+        """Add *count* deterministic, unannounced, ready recordings spread over the last *days*
+        days before *now* (naive = PBX-local, aware = true instant, None = the PBX's now)."""
         rng = random.Random(seed)
         if now is None:
-            now = datetime.datetime.now().replace(microsecond=0)
+            now = self.now_local()
+        elif _is_aware(now):
+            now = self._wall(now)
         # Calls end before *now*: start at least one longest call (plus ringing) earlier.
         earliest = max_s + 60
         span = max(earliest + 1, int(days * 86400))
@@ -577,8 +721,34 @@ class Simulator:
             added.append(self.add_recording(
                 start=now - datetime.timedelta(seconds=offset),
                 duration_s=rng.randint(min_s, max_s), callfrom=callfrom, callto=callto,
-                call_type=call_type, ring_s=rng.randint(2, 20), announce=False))
+                call_type=call_type, ring_s=rng.randint(2, 20), announce=False,
+                ready_after_s=0))
         return added
+
+    def publish_cdr(self, name: str, *, announce: bool = False) -> SimRecording:
+        """Make recording *name*'s CDR row appear now (a row exported late); with *announce*,
+        push its NewCdr too. Returns the updated recording; raises KeyError for an unknown name.
+        """
+        rec = self._replace_recording(name, in_cdr=True)
+        if announce:
+            self._announce(rec)
+        return rec
+
+    def delete_recording(self, name: str, *, keep_cdr: bool = True) -> SimRecording:
+        """The PBX's auto-cleanup deletes *name*'s audio: get_random and download answer
+        ``not_found_errno``; its CDR row stays unless *keep_cdr* is False. Returns the updated
+        recording; raises KeyError for an unknown name."""
+        with self._lock:  # one critical section: a concurrent publish_cdr is not lost
+            old = self.recordings[name]
+            rec = dataclasses.replace(old, stored=False, in_cdr=old.in_cdr and keep_cdr)
+            self.recordings[name] = rec
+        return rec
+
+    def _replace_recording(self, name: str, **changes: Any) -> SimRecording:
+        with self._lock:
+            rec = dataclasses.replace(self.recordings[name], **changes)
+            self.recordings[name] = rec
+        return rec
 
     def add_cdr_row(self, row: dict) -> None:
         """Add a raw CDR row: a call without recording, or a hostile row. Missing columns are "".
@@ -592,17 +762,24 @@ class Simulator:
             self._extra_rows.append(dict(row))
 
     def recording_bytes(self, name: str) -> bytes:
-        """The WAV bytes of recording *name*. Raises KeyError for an unknown name."""
+        """The WAV bytes recording *name* has now (the next download sends them, unless
+        ``mutate_bytes_after_downloads`` changes them first). KeyError for an unknown name."""
+        with self._lock:
+            generation = self._generations.get(name, 0)
+        return self._audio(name, generation)
+
+    def _audio(self, name: str, generation: int) -> bytes:
+        key = (name, generation)
         with self._lock:
             rec = self.recordings[name]
-            data = self._audio_cache.get(name)
+            data = self._audio_cache.get(key)
             if data is not None:
-                self._audio_cache.move_to_end(name)
+                self._audio_cache.move_to_end(key)
                 return data
-        data = rec.wav_bytes()  # built outside the lock: it may take a few milliseconds
+        data = rec.wav_bytes(generation)  # built outside the lock: it may take milliseconds
         with self._lock:
-            if name not in self._audio_cache:
-                self._audio_cache[name] = data
+            if key not in self._audio_cache:
+                self._audio_cache[key] = data
                 self._audio_cache_bytes += len(data)
             while self._audio_cache_bytes > AUDIO_CACHE_BYTES and len(self._audio_cache) > 1:
                 _, old = self._audio_cache.popitem(last=False)
@@ -622,6 +799,7 @@ class Simulator:
             self.counters.clear()
             self.requests_log.clear()
             self._downloaded = 0
+            self._download_counts.clear()
             self._login_failures.clear()
             self._locked_until.clear()
             self._set_default_faults()
@@ -634,7 +812,7 @@ class Simulator:
     def lock_ip(self, ip: str = "127.0.0.1") -> None:
         """Lock *ip* out of login for ``lockout_s``, as 5 failed logins would."""
         with self._lock:
-            self._locked_until[ip] = time.monotonic() + self.lockout_s
+            self._locked_until[ip] = self._now_s() + self.lockout_s
 
     def unlock_all(self) -> None:
         """Lift every lockout and forget failed logins (an admin deleted the entries)."""
@@ -649,10 +827,15 @@ class Simulator:
 
     # -- request dispatch (called on handler threads) ------------------------------------
 
-    def _pause(self) -> None:
-        """Apply ``latency_s``; wakes early when the simulator stops."""
-        if self.latency_s > 0:
-            self._stopping.wait(self.latency_s)
+    def _pause(self, target: str) -> None:
+        """Apply ``latency_s`` (plus ``cdr_latency_s`` for the CDR endpoints) before answering
+        the request for *target*; wakes early when the simulator stops."""
+        delay = self.latency_s
+        match = API_PATH_RE.match(urlsplit(target).path)
+        if match and match.group("endpoint").startswith("cdr/"):
+            delay += self.cdr_latency_s
+        if delay > 0:
+            self._stopping.wait(delay)
 
     def _dispatch(self, method: str, target: str, raw_body: bytes, client_ip: str,
                   range_header: Optional[str]) -> _Reply:
@@ -665,6 +848,9 @@ class Simulator:
         self._record(req, has_body=bool(raw_body.strip()))
         if match is None:
             return _html_reply(404, "404 Not Found")
+        raw = self.api_raw_reply.get(endpoint)
+        if raw is not None:
+            return _Reply(body=bytes(raw))
         route = _ROUTES.get(endpoint)
         if route is None:
             return _failed(E_ENDPOINT)
@@ -730,7 +916,7 @@ class Simulator:
         token = req.query.get("token", "")
         if not token:
             raise _ApiFailure(E_NO_TOKEN)
-        now = time.monotonic()
+        now = self._now_s()
         with self._lock:
             session = self._live_session_locked(token, now)
             if session is None:
@@ -740,7 +926,7 @@ class Simulator:
 
     def _token_alive(self, token: str) -> bool:
         with self._lock:
-            return self._live_session_locked(token, time.monotonic()) is not None
+            return self._live_session_locked(token, self._now_s()) is not None
 
     def _note_login_failure_locked(self, ip: str, now: float) -> None:
         """Count a failed login; the Nth within the window locks the IP."""
@@ -754,7 +940,7 @@ class Simulator:
 
     def _login(self, req: _Request) -> _Reply:
         body = self._json_body(req)
-        ip, now = req.client_ip, time.monotonic()
+        ip, now = req.client_ip, self._now_s()
         with self._lock:
             if self._locked_until.get(ip, 0.0) > now:
                 raise _ApiFailure(E_LOCKED)
@@ -792,7 +978,7 @@ class Simulator:
 
     def _mint_random(self, subject: tuple) -> str:
         value = secrets.token_hex(16)
-        now = time.monotonic()
+        now = self._now_s()
         with self._lock:
             if len(self._randoms) > 1024:  # keep the table small: drop the expired ones
                 for old in [r for r, v in self._randoms.items() if v.expires < now]:
@@ -804,7 +990,7 @@ class Simulator:
         """Consume *value*; raises _ApiFailure 10004 unless it is live and for *subject*."""
         with self._lock:
             entry = self._randoms.pop(value, None)
-        if entry is None or entry.expires < time.monotonic() or entry.subject[0] != subject[0]:
+        if entry is None or entry.expires < self._now_s() or entry.subject[0] != subject[0]:
             raise _ApiFailure(E_PARAM)
         if subject[0] == "recording" and entry.subject != subject:
             raise _ApiFailure(E_PARAM)
@@ -822,10 +1008,8 @@ class Simulator:
         name = body.get("recording")
         if not isinstance(name, str) or not name:
             raise _ApiFailure(E_PARAM)
-        with self._lock:
-            rec = self.recordings.get(name)
-        if rec is None or not rec.stored:
-            raise _ApiFailure(E_NO_AUDIO)
+        if self.not_found_at != "download" and self._audio_absent(name):
+            raise _ApiFailure(self.not_found_errno)
         random_value = self._mint_random(("recording", name))
         return _json_reply({"status": "Success", "recording": name, "random": random_value})
 
@@ -835,12 +1019,10 @@ class Simulator:
         if not name or not random_value:
             raise _ApiFailure(E_PARAM)
         self._take_random(random_value, ("recording", name))
-        with self._lock:
-            rec = self.recordings.get(name)
-        if rec is None or not rec.stored:
-            raise _ApiFailure(E_NO_AUDIO)
+        if self._audio_absent(name):
+            raise _ApiFailure(self.not_found_errno)
+        data = memoryview(self._audio(name, self._count_download(name)))
         failure_mode, reset_at = self._download_faults()
-        data = memoryview(self.recording_bytes(name))
         if failure_mode == "latency":
             time.sleep(CHAOS_LATENCY_S)
             failure_mode = None
@@ -850,6 +1032,24 @@ class Simulator:
         if reset_at is not None:
             reply.cut_after, reply.cut_with_rst = reset_at, True
         return reply
+
+    def _audio_absent(self, name: str) -> bool:
+        """Whether the PBX says "does not exist" for *name* now: unknown, not stored (or
+        deleted), or not written yet."""
+        with self._lock:
+            rec = self.recordings.get(name)
+            ready_at = self._ready_at.get(name)
+        return rec is None or not rec.stored or (ready_at is not None and self._now_s() < ready_at)
+
+    def _count_download(self, name: str) -> int:
+        """Count a download of *name*; the generation of bytes it gets (0 = the original)."""
+        with self._lock:
+            done = self._download_counts[name]
+            self._download_counts[name] = done + 1
+            after = self.mutate_bytes_after_downloads
+            if after is not None and done >= after:
+                self._generations[name] = max(1, self._generations.get(name, 0))
+            return self._generations.get(name, 0)
 
     def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
         """Consume the download fault switches: (fail_mode or None, reset_after_bytes or None)."""
@@ -874,20 +1074,27 @@ class Simulator:
         return shape, None
 
     def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> _Reply:
-        size = len(data)
+        size, mode, announced = len(data), self.range_mode, self.announce_size_bytes
+        total = size if announced is None else announced
         audio = {"content_type": self.audio_content_type, "omit_length": self.omit_content_length}
-        if not (self.honour_range and range_header):
-            return _Reply(stream=data, **audio)
-        wanted = _parse_range(range_header, size)
+        if mode not in RANGE_MODES:
+            log.warning("simulator: unknown range_mode %r, ignoring Range", mode)
+        wanted = None
+        if mode in ("honour", "wrong_offset") and range_header:
+            wanted = _parse_range(range_header, size)
         if wanted is None:
-            return _Reply(stream=data, **audio)
+            return _Reply(stream=data, content_length=announced, **audio)
         first, last = wanted
         if first < 0:
             reply = _html_reply(416, "416 Requested Range Not Satisfiable")
-            reply.headers["Content-Range"] = f"bytes */{size}"
+            reply.headers["Content-Range"] = f"bytes */{total}"
             return reply
-        return _Reply(status=206, stream=data[first:last + 1],
-                      headers={"Content-Range": f"bytes {first}-{last}/{size}"}, **audio)
+        if mode == "wrong_offset":
+            first = first // 2 if first else min(1, last)
+        # An announced size stretches the range to its end; the real bytes still stop at last.
+        shown_last, length = (last, None) if announced is None else (total - 1, total - first)
+        return _Reply(status=206, stream=data[first:last + 1], content_length=length,
+                      headers={"Content-Range": f"bytes {first}-{shown_last}/{total}"}, **audio)
 
     # -- CDR ------------------------------------------------------------------------------
 
@@ -916,8 +1123,14 @@ class Simulator:
         for key, stored in (("starttime", start), ("endtime", end)):
             if key in req.query and _parse_time(req.query[key]) != stored:
                 raise _ApiFailure(E_PARAM)
-        return _Reply(content_type="text/csv", body=self._cdr_csv(number, start, end),
-                      headers={"Content-Disposition": "attachment; filename=cdr.csv"})
+        raw, compress = self.cdr_raw_body, self.cdr_gzip
+        body = self._cdr_csv(number, start, end) if raw is None else bytes(raw)
+        headers = {"Content-Disposition": "attachment; filename=cdr.csv"}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+            if raw is None:  # a raw body goes out verbatim: it may be a ready-made gzip bomb
+                body = gzip.compress(body)
+        return _Reply(content_type="text/csv", body=body, headers=headers)
 
     def _cdr_csv(self, number: str, start: datetime.datetime, end: datetime.datetime) -> bytes:
         """The CSV of §12.5: header, then matching rows by timestart; LF, no BOM, no quoting."""
@@ -944,7 +1157,7 @@ class Simulator:
 
     def _announce(self, rec: SimRecording) -> None:
         """Queue the NewCdr of *rec* for every live HTTP target and every TCP client."""
-        now = time.monotonic()
+        now = self._now_s()
         with self._lock:
             targets = [(s.token, s.target) for s in list(self._sessions.values())
                        if s.target is not None and self._live_session_locked(s.token, now)]
@@ -1034,6 +1247,12 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return SERVER_HEADER
 
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        # send_response's Date header: the PBX's own (possibly skewed) clock, in GMT.
+        if timestamp is None:
+            timestamp = self.server.simulator.pbx_time()
+        return super().date_time_string(timestamp)
+
     def do_GET(self) -> None:
         self._serve("GET")
 
@@ -1054,7 +1273,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         raw_body = self._read_body()
         sim = self.server.simulator
-        sim._pause()
+        sim._pause(self.path)
         reply = sim._dispatch(method, self.path, raw_body, self.client_address[0],
                               self.headers.get("Range"))
         try:
@@ -1079,7 +1298,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(length))
         for name, value in COMMON_HEADERS + tuple(reply.headers.items()):
             self.send_header(name, value)
-        self.end_headers()
+        self.end_headers()  # writes the headers out: wfile is unbuffered
+        delay = self.server.simulator.first_byte_delay_s
+        if delay > 0:
+            self.server.simulator._stopping.wait(delay)
         if reply.stream is None:
             self.wfile.write(reply.body)
             return
