@@ -189,9 +189,11 @@ class Core:
         if entries is None:
             raise errors.NoSuchPathError(path)
         listing = []
-        for name, is_dir, size_bytes, mtime_ns in entries:
+        for name, is_dir, size_bytes, mtime_ns, gone in entries:
             if not is_dir:
                 cached = self.cache.size_of(name)  # a cached file's size is exact even if not indexed so
+                if gone and cached is None:
+                    continue  # deleted on the PBX and not kept here: it has left its folder
                 size_bytes = cached if cached is not None else size_bytes
                 self._reported_sizes[name] = size_bytes  # unlocked: a dict store is atomic
             listing.append((name, is_dir, size_bytes, mtime_ns))
@@ -305,7 +307,7 @@ class Core:
 
     def _entry(self, path: str):
         entry = self.index.lookup(path)
-        if entry is None:
+        if entry is None or (entry.gone and not self.cache.contains(entry.name)):
             raise errors.NoSuchPathError(path)
         return entry
 

@@ -47,6 +47,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from typing import Iterable, Iterator, Optional
 
 from yeastarfs.errors import ConfigError
@@ -55,7 +56,7 @@ from yeastarfs.models import Recording, name_problem
 log = logging.getLogger(__name__)
 
 # Bump when the tables change, and teach `_migrate` the step from the old version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # The canonical RIFF/WAVE header in front of PCM samples: the part of a recording's size
 # that does not grow with its duration.
 WAV_HEADER_BYTES = 44
@@ -70,6 +71,10 @@ SINCE_PAGE_ROWS = 1000
 # SQLite page cache per connection, in KiB (see `_open_database`).
 PAGE_CACHE_KIB = 8192
 NS_PER_S = 1_000_000_000
+# No phone call lasts a week; a longer duration is garbage (or hostile) and is ignored.
+MAX_CALL_S = 7 * 86_400
+# No estimate exceeds what a download may be (pbx families refuse bodies beyond 4 GiB).
+MAX_ESTIMATE_BYTES = 4 << 30
 SECONDS_PER_DAY = 86_400
 # "YYYYMMDD" starts every stored recording name; it is the ``day`` column.
 DAY_CHARS = 8
@@ -84,6 +89,9 @@ _RECORDING_COLUMNS = ("name",) + _CDR_COLUMNS
 # A recording's (name, *CDR fields) in one C call: `add` may run it 100,000 times a batch.
 _recording_values = operator.attrgetter(*_RECORDING_COLUMNS)
 _INT_COLUMNS = ("call_s", "talk_s")
+_DURATION_POSITIONS = tuple(_RECORDING_COLUMNS.index(column) for column in _INT_COLUMNS)
+# Where gone_at sits in a row selected by `_SELECT_RECORDING`.
+_GONE_AT = len(_RECORDING_COLUMNS) + 1
 
 _SCHEMA = (
     # WITHOUT ROWID keeps each day's recordings together on disk, in name order. ``day`` is
@@ -99,20 +107,35 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
 
-_SELECT_RECORDING = f"SELECT {', '.join(_RECORDING_COLUMNS)}, exact_size_bytes FROM recordings"
+# Version 2 columns: when the PBX said the recording no longer exists (NULL: it does), when
+# this index first heard of it, the discovery order (the cursor of `yeastarfs watch`), and
+# whether a CDR row (the authority on a call's fields) has been merged into it.
+_MIGRATION_V2 = (
+    "ALTER TABLE recordings ADD COLUMN gone_at REAL",
+    "ALTER TABLE recordings ADD COLUMN first_seen REAL",
+    "ALTER TABLE recordings ADD COLUMN seq INTEGER",
+    "ALTER TABLE recordings ADD COLUMN cdr_seen INTEGER NOT NULL DEFAULT 1",
+    # Existing rows get their discovery order from their names (oldest call first).
+    "UPDATE recordings SET seq = (SELECT COUNT(*) FROM recordings AS earlier"
+    " WHERE (earlier.day, earlier.name) <= (recordings.day, recordings.name))",
+    "CREATE UNIQUE INDEX IF NOT EXISTS recordings_by_seq ON recordings (seq)",
+)
+_STATE_COLUMNS = ("exact_size_bytes", "gone_at", "first_seen", "seq")
+_SELECT_RECORDING = f"SELECT {', '.join(_RECORDING_COLUMNS + _STATE_COLUMNS)} FROM recordings"
 _FILE_SQL = _SELECT_RECORDING + " WHERE day = ? AND name = ?"
-_CDR_SQL = f"SELECT {', '.join(_CDR_COLUMNS)} FROM recordings WHERE day = ? AND name = ?"
 _DAY_FILES_SQL = _SELECT_RECORDING + " WHERE day = ? ORDER BY name"
-_DAY_SIZES_SQL = "SELECT name, exact_size_bytes, talk_s, call_s FROM recordings WHERE day = ? ORDER BY name"
+_DAY_SIZES_SQL = ("SELECT name, exact_size_bytes, talk_s, call_s, gone_at IS NOT NULL FROM recordings"
+                  " WHERE day = ? ORDER BY name")
 _SINCE_SQL = _SELECT_RECORDING + " WHERE (day, name) {op} (?, ?) ORDER BY day, name LIMIT ?"
 _INSERT_SQL = (
-    f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)})"
-    f" VALUES ({', '.join('?' * (len(_RECORDING_COLUMNS) + 1))})"
+    f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)}, first_seen, seq, cdr_seen)"
+    f" VALUES ({', '.join('?' * (len(_RECORDING_COLUMNS) + 4))})"
 )
 _UPDATE_SQL = (
-    f"UPDATE recordings SET {', '.join(f'{column} = ?' for column in _CDR_COLUMNS)}"
+    f"UPDATE recordings SET {', '.join(f'{column} = ?' for column in _CDR_COLUMNS)}, cdr_seen = ?"
     " WHERE day = ? AND name = ?"
 )
+_STORED_SQL = f"SELECT {', '.join(_CDR_COLUMNS)}, cdr_seen FROM recordings WHERE day = ? AND name = ?"
 _COUNT_DAY_SQL = (
     "INSERT INTO days (day, recordings) VALUES (?, ?)"
     " ON CONFLICT (day) DO UPDATE SET recordings = recordings + excluded.recordings"
@@ -134,12 +157,16 @@ class Entry:
     Attributes:
         kind: "dir" or "file".
         name: the last path component ("/" for the root).
-        mtime_ns: file: the recording name's leading timestamp read as local time of this
-            machine (`time.mktime`); dir: the start of its year, month or day in local
-            time; root: 0.
+        mtime_ns: file: the recording name's leading timestamp read as the PBX's local time
+            (`RecordingIndex.set_timezone`; this machine's zone until told otherwise); dir:
+            the start of its year, month or day in that zone; root: 0.
         size_bytes: file: the exact size when known, else the estimate; dir: 0.
         size_exact: file: True once `RecordingIndex.set_size` was called; dir: True.
         recording: the file's recording with its CDR fields; None for a dir.
+        gone: file: the PBX said it no longer has the recording (`mark_gone`). The index
+            still returns it: whether a cached copy keeps it visible is the core's call.
+        first_seen: file: ``time.time()`` when this index first heard of it (None: unknown).
+        seq: file: its position in discovery order (`recordings_after`).
     """
 
     kind: str
@@ -148,6 +175,9 @@ class Entry:
     size_bytes: int
     size_exact: bool
     recording: Optional[Recording] = None
+    gone: bool = False
+    first_seen: Optional[float] = None
+    seq: Optional[int] = None
 
 
 _ROOT = Entry(kind="dir", name="/", mtime_ns=0, size_bytes=0, size_exact=True)
@@ -172,8 +202,14 @@ class RecordingIndex:
         *,
         estimate_bytes_per_s: float = 16000.0,
         default_estimate_bytes: int = 1_048_576,
+        tz: Optional[dt.tzinfo] = None,
+        read_only: bool = False,
     ) -> None:
         """Open *db_path*, creating it (mode 0600) and its folder when missing.
+
+        *tz* is the PBX's time zone, in which recording names' timestamps are read (None:
+        this machine's). With *read_only* nothing is created or changed: the file must
+        exist and have the current schema (tools reading a mount's index use this).
 
         Raises ConfigError when the file cannot be created or opened, is not an index,
         or was written by a newer yeastarfs.
@@ -182,9 +218,11 @@ class RecordingIndex:
         self._lock = threading.Lock()
         self._estimate_bytes_per_s = _checked_rate(estimate_bytes_per_s)
         self._default_estimate_bytes = default_estimate_bytes
+        self._tz = tz
         self._bad_names: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._closed = False
-        self._conn = _open_database(db_path)
+        self._conn = _open_database(db_path, read_only=read_only)
+        self._next_seq = 1 if read_only else self._stored_next_seq()
 
     def __enter__(self) -> RecordingIndex:
         return self
@@ -204,12 +242,15 @@ class RecordingIndex:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def add(self, recordings: Iterable[Recording]) -> list[Recording]:
+    def add(self, recordings: Iterable[Recording], *, authoritative: bool = True) -> list[Recording]:
         """Store *recordings* in one transaction and return those that were new.
 
-        A recording already known keeps its row; each of its CDR fields is replaced by the
-        new value when that is not empty. Recordings with unsafe names are skipped, and
-        each distinct bad name is logged once.
+        A recording already known keeps its row. *authoritative* says the fields come from
+        the PBX's catalogue (its CDR): each non-empty one replaces the stored value. Fields
+        from an event (``authoritative=False``) only fill fields that are still empty: an
+        event may add a recording, never overwrite what the catalogue said (a forged event
+        must not rename a call's parties). A recording marked gone stays gone.
+        Recordings with unsafe names are skipped, and each distinct bad name is logged once.
         """
         batch = list(recordings)  # run the caller's iterator before taking the lock
         # name_problem is pure and the costliest step per recording: keep it out of the
@@ -224,7 +265,7 @@ class RecordingIndex:
                     if problem is not None:
                         if self._first_sighting_locked(recording.name):
                             rejected.append((recording.name, problem))
-                    elif self._store_locked(recording):
+                    elif self._store_locked(recording, authoritative):
                         added.append(recording)
                         day = recording.name[:DAY_CHARS]
                         new_per_day[day] = new_per_day.get(day, 0) + 1
@@ -235,6 +276,19 @@ class RecordingIndex:
                         _shown(name), problem)
         log.debug("index: %d of %d recordings were new", len(added), len(batch))
         return added
+
+    def mark_gone(self, name: str) -> bool:
+        """Note that the PBX no longer has recording *name*; True if it was present before."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE recordings SET gone_at = ? WHERE day = ? AND name = ? AND gone_at IS NULL",
+                (time.time(), name[:DAY_CHARS], name))
+        return cursor.rowcount > 0
+
+    def set_timezone(self, tz: Optional[dt.tzinfo]) -> None:
+        """Read recording names' timestamps in *tz* from now on (None: this machine's zone)."""
+        with self._lock:
+            self._tz = tz
 
     def set_size(self, name: str, size_bytes: int) -> None:
         """Record the exact size of recording *name*; unknown names are ignored.
@@ -278,9 +332,10 @@ class RecordingIndex:
             return self.get(name) if name[:DAY_CHARS] == year + month + day else None
         with self._lock:
             row = self._conn.execute(_DIR_EXISTS_SQL, _day_range(year, month, day)).fetchone()
+            tz = self._tz
         if row is None:
             return None
-        return _dir_entry(year, month, day)
+        return _dir_entry(year, month, day, tz)
 
     def list_dir(self, path: str) -> Optional[list[Entry]]:
         """Return the entries of the directory at *path*, sorted by name.
@@ -299,8 +354,8 @@ class RecordingIndex:
             return None
         return entries
 
-    def list_dir_sizes(self, path: str) -> Optional[list[tuple[str, bool, int, int]]]:
-        """``(name, is_dir, size_bytes, mtime_ns)`` of each entry of the folder at *path*.
+    def list_dir_sizes(self, path: str) -> Optional[list[tuple[str, bool, int, int, bool]]]:
+        """``(name, is_dir, size_bytes, mtime_ns, gone)`` of each entry of the folder at *path*.
 
         What a listing with attributes needs, and nothing else: a walk lists every folder,
         and building full entries (with their Recording) costs most of its time.
@@ -311,15 +366,16 @@ class RecordingIndex:
         year, month, day, _ = parts
         if day is None:
             entries = self.list_dir(path)
-            return None if entries is None else [(e.name, True, 0, e.mtime_ns) for e in entries]
+            return None if entries is None else [(e.name, True, 0, e.mtime_ns, False) for e in entries]
         with self._lock:
             rows = self._conn.execute(_DAY_SIZES_SQL, (year + month + day,)).fetchall()
-            rate = self._estimate_bytes_per_s
+            rate, tz = self._estimate_bytes_per_s, self._tz
         if not rows:
             return None
-        mtimes_ns = _mtimes_in_day_ns(year + month + day, [row[0] for row in rows])
-        return [(name, False, exact if exact is not None else self._estimate_from(talk_s, call_s, rate), mtime_ns)
-                for (name, exact, talk_s, call_s), mtime_ns in zip(rows, mtimes_ns)]
+        mtimes_ns = _mtimes_in_day_ns(year + month + day, [row[0] for row in rows], tz)
+        return [(name, False, exact if exact is not None else self._estimate_from(talk_s, call_s, rate), mtime_ns,
+                 bool(gone))
+                for (name, exact, talk_s, call_s, gone), mtime_ns in zip(rows, mtimes_ns)]
 
     def get(self, name: str) -> Optional[Entry]:
         """Return the file entry of recording *name*, or None when it is not stored."""
@@ -327,8 +383,8 @@ class RecordingIndex:
             return None
         with self._lock:
             row = self._conn.execute(_FILE_SQL, (name[:DAY_CHARS], name)).fetchone()
-            rate = self._estimate_bytes_per_s
-        return None if row is None else self._file_entry(row, rate, _name_mtime_ns(name))
+            rate, tz = self._estimate_bytes_per_s, self._tz
+        return None if row is None else self._file_entry(row, rate, _name_mtime_ns(name, tz))
 
     def path_of(self, name: str) -> str:
         """Return ``/YYYY/MM/DD/<name>``, where *name* appears, stored or not.
@@ -356,11 +412,12 @@ class RecordingIndex:
         """Yield the recordings whose name timestamp is at or after *start*, oldest first.
 
         A naive *start* is compared with the names as it is; an aware one is first
-        converted to this machine's local time. Pages are read under the lock and yielded
-        without it, so recordings added meanwhile may or may not be seen.
+        converted to the PBX's local time (`set_timezone`). Pages are read under the lock
+        and yielded without it, so recordings added meanwhile may or may not be seen.
+        Recordings marked gone are left out.
         """
         if start.tzinfo is not None:
-            start = start.astimezone().replace(tzinfo=None)
+            start = start.astimezone(self._tz).replace(tzinfo=None)
         stamp = (
             f"{start.year:04d}{start.month:02d}{start.day:02d}"
             f"{start.hour:02d}{start.minute:02d}{start.second:02d}"
@@ -371,7 +428,8 @@ class RecordingIndex:
             with self._lock:
                 rows = self._conn.execute(sql, key + (SINCE_PAGE_ROWS,)).fetchall()
             for row in rows:
-                yield Recording(*row[: len(_RECORDING_COLUMNS)])
+                if row[_GONE_AT] is None:
+                    yield Recording(*row[: len(_RECORDING_COLUMNS)])
             if len(rows) < SINCE_PAGE_ROWS:
                 return
             sql, key = _SINCE_SQL.format(op=">"), (rows[-1][0][:DAY_CHARS], rows[-1][0])
@@ -382,8 +440,8 @@ class RecordingIndex:
         """The file entries of *day* ("YYYYMMDD"), in name order."""
         with self._lock:
             rows = self._conn.execute(_DAY_FILES_SQL, (day,)).fetchall()
-            rate = self._estimate_bytes_per_s
-        mtimes_ns = _mtimes_in_day_ns(day, [row[0] for row in rows])
+            rate, tz = self._estimate_bytes_per_s, self._tz
+        mtimes_ns = _mtimes_in_day_ns(day, [row[0] for row in rows], tz)
         return [self._file_entry(row, rate, mtime_ns) for row, mtime_ns in zip(rows, mtimes_ns)]
 
     def _child_dirs(self, year: Optional[str], month: Optional[str]) -> list[Entry]:
@@ -394,17 +452,18 @@ class RecordingIndex:
         low, high = _day_range(year, month, None) if year else ("0" * 8, "9" * 8)
         with self._lock:
             rows = self._conn.execute(_CHILDREN_SQL, (first, length, low, high)).fetchall()
+            tz = self._tz
         children = [row[0] for row in rows]
         if year is None:
-            return [_dir_entry(child, None, None) for child in children]
+            return [_dir_entry(child, None, None, tz) for child in children]
         if month is None:
-            return [_dir_entry(year, child, None) for child in children]
-        return [_dir_entry(year, month, child) for child in children]
+            return [_dir_entry(year, child, None, tz) for child in children]
+        return [_dir_entry(year, month, child, tz) for child in children]
 
     def _file_entry(self, row: tuple, rate_bytes_per_s: float, mtime_ns: int) -> Entry:
         """The entry of a row selected by `_SELECT_RECORDING`."""
         recording = Recording(*row[: len(_RECORDING_COLUMNS)])
-        exact_size_bytes = row[-1]
+        exact_size_bytes, gone_at, first_seen, seq = row[len(_RECORDING_COLUMNS):]
         if exact_size_bytes is None:
             size_bytes = self._estimate_bytes(recording, rate_bytes_per_s)
         else:
@@ -416,6 +475,9 @@ class RecordingIndex:
             size_bytes=size_bytes,
             size_exact=exact_size_bytes is not None,
             recording=recording,
+            gone=gone_at is not None,
+            first_seen=first_seen,
+            seq=seq,
         )
 
     def _estimate_bytes(self, recording: Recording, rate_bytes_per_s: float) -> int:
@@ -425,26 +487,35 @@ class RecordingIndex:
     def _estimate_from(self, talk_s: Optional[int], call_s: Optional[int], rate_bytes_per_s: float) -> int:
         # talk_s first: the recording covers the talk, while call_s also counts ringing.
         for seconds in (talk_s, call_s):
-            if seconds is not None and seconds > 0:
-                return WAV_HEADER_BYTES + round(seconds * rate_bytes_per_s)
+            if seconds is not None and 0 < seconds <= MAX_CALL_S:
+                return min(MAX_ESTIMATE_BYTES, WAV_HEADER_BYTES + round(seconds * rate_bytes_per_s))
         return self._default_estimate_bytes
 
-    def _store_locked(self, recording: Recording) -> bool:
+    def _store_locked(self, recording: Recording, authoritative: bool) -> bool:
         """Insert *recording*, or merge its CDR fields into its row. True if it was new."""
-        values = _recording_values(recording)
+        values = _checked_values(_recording_values(recording))
         day = recording.name[:DAY_CHARS]
-        stored = self._conn.execute(_CDR_SQL, (day, recording.name)).fetchone()
+        stored = self._conn.execute(_STORED_SQL, (day, recording.name)).fetchone()
         if stored is None:
-            self._conn.execute(_INSERT_SQL, (day,) + values)
+            self._conn.execute(_INSERT_SQL, (day,) + values + (time.time(), self._next_seq, int(authoritative)))
+            self._next_seq += 1
             return True
-        merged = tuple(
-            old if new is None or new == "" else new for old, new in zip(stored, values[1:])
-        )
+        *fields, cdr_seen = stored
+        if authoritative:
+            merged = [old if new is None or new == "" else new for old, new in zip(fields, values[1:])]
+        else:  # an event fills gaps only (see `add`)
+            merged = [new if old is None or old == "" else old for old, new in zip(fields, values[1:])]
         # Re-adding an unchanged recording is the common case (every poll overlaps the
         # previous one), so write only when something changed.
-        if merged != stored:
-            self._conn.execute(_UPDATE_SQL, merged + (day, recording.name))
+        now_seen = int(cdr_seen or authoritative)
+        if merged != fields or now_seen != cdr_seen:
+            self._conn.execute(_UPDATE_SQL, (*merged, now_seen, day, recording.name))
         return False
+
+    def _stored_next_seq(self) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(seq) FROM recordings").fetchone()
+        return (row[0] or 0) + 1
 
     def _first_sighting_locked(self, name: object) -> bool:
         """Remember bad *name*; True the first time (within the memory's bound)."""
@@ -473,11 +544,14 @@ class RecordingIndex:
         self._conn.execute("COMMIT")
 
 
-def _open_database(db_path: str) -> sqlite3.Connection:
+def _open_database(db_path: str, read_only: bool = False) -> sqlite3.Connection:
     """Create (0600) and open the index file, and bring its schema up to date.
 
+    Read-only: open an existing file without creating or changing anything.
     Raises ConfigError when it cannot be opened or used.
     """
+    if read_only:
+        return _open_read_only(db_path)
     try:
         folder = os.path.dirname(os.path.abspath(db_path))
         os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -505,6 +579,20 @@ def _open_database(db_path: str) -> sqlite3.Connection:
     return conn
 
 
+def _open_read_only(db_path: str) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(db_path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise ConfigError(f"index {db_path}: cannot open read-only: {exc}") from None
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise ConfigError(f"index {db_path}: schema version {version}, expected {SCHEMA_VERSION}"
+                          " (written by another yeastarfs version, or not an index)")
+    return conn
+
+
 def _migrate(conn: sqlite3.Connection, db_path: str) -> None:
     """Create the tables in a new file. Raises ConfigError for a newer schema."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -517,7 +605,7 @@ def _migrate(conn: sqlite3.Connection, db_path: str) -> None:
         )
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA:
+        for statement in (_SCHEMA if version == 0 else ()) + _MIGRATION_V2:
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
@@ -554,35 +642,35 @@ def _day_range(year: str, month: Optional[str], day: Optional[str]) -> tuple[str
     return prefix.ljust(DAY_CHARS, "0"), prefix.ljust(DAY_CHARS, "9")
 
 
-def _dir_entry(year: str, month: Optional[str], day: Optional[str]) -> Entry:
+def _dir_entry(year: str, month: Optional[str], day: Optional[str], tz: Optional[dt.tzinfo]) -> Entry:
     """The entry of a year, month or day folder."""
-    mtime_ns = _local_time_ns(int(year), int(month or 1), int(day or 1), 0, 0, 0)
+    mtime_ns = _local_time_ns(tz, int(year), int(month or 1), int(day or 1), 0, 0, 0)
     return Entry(kind="dir", name=day or month or year, mtime_ns=mtime_ns, size_bytes=0,
                  size_exact=True)
 
 
-def _name_mtime_ns(name: str) -> int:
+def _name_mtime_ns(name: str, tz: Optional[dt.tzinfo]) -> int:
     """The leading timestamp of a stored (so already validated) recording name, in ns."""
     # Slicing instead of strptime: a day listing computes a thousand of these.
     return _local_time_ns(
-        int(name[0:4]), int(name[4:6]), int(name[6:8]),
+        tz, int(name[0:4]), int(name[4:6]), int(name[6:8]),
         int(name[8:10]), int(name[10:12]), int(name[12:14]),
     )
 
 
-def _mtimes_in_day_ns(day: str, names: list[str]) -> list[int]:
-    """`_name_mtime_ns` of each of *names*, all on *day*, with two mktime calls if possible."""
+def _mtimes_in_day_ns(day: str, names: list[str], tz: Optional[dt.tzinfo]) -> list[int]:
+    """`_name_mtime_ns` of each of *names*, all on *day*, with two conversions if possible."""
     year, month, mday = int(day[0:4]), int(day[4:6]), int(day[6:8])
     try:
         next_day = dt.date(year, month, mday) + dt.timedelta(days=1)
     except (OverflowError, ValueError):  # 9999-12-31 has no next day
-        return [_name_mtime_ns(name) for name in names]
-    start_ns = _local_time_ns(year, month, mday, 0, 0, 0)
-    end_ns = _local_time_ns(next_day.year, next_day.month, next_day.day, 0, 0, 0)
+        return [_name_mtime_ns(name, tz) for name in names]
+    start_ns = _local_time_ns(tz, year, month, mday, 0, 0, 0)
+    end_ns = _local_time_ns(tz, next_day.year, next_day.month, next_day.day, 0, 0, 0)
     if end_ns - start_ns != SECONDS_PER_DAY * NS_PER_S:
         # The clocks change on this day (DST, or the zone moved): local time is not
-        # midnight plus the time of day, so ask the C library for each name.
-        return [_name_mtime_ns(name) for name in names]
+        # midnight plus the time of day, so convert each name.
+        return [_name_mtime_ns(name, tz) for name in names]
     return [
         start_ns
         + (int(name[8:10]) * 3600 + int(name[10:12]) * 60 + int(name[12:14])) * NS_PER_S
@@ -590,14 +678,27 @@ def _mtimes_in_day_ns(day: str, names: list[str]) -> list[int]:
     ]
 
 
-def _local_time_ns(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int:
-    """Nanoseconds since the epoch of a local time of this machine (`time.mktime`)."""
+def _local_time_ns(tz: Optional[dt.tzinfo], year: int, month: int, day: int, hour: int, minute: int,
+                   second: int) -> int:
+    """Nanoseconds since the epoch of a wall time in zone *tz* (None: this machine's zone)."""
     try:
-        # isdst=-1: let the C library decide whether DST applies on that date.
-        seconds = time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
-    except (OverflowError, ValueError):  # a year like 0001 on some C libraries
+        if tz is None:
+            # isdst=-1: let the C library decide whether DST applies on that date.
+            seconds = time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+        else:
+            seconds = dt.datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp()
+    except (OverflowError, ValueError, OSError):  # a year like 0001 on some C libraries
         return 0
     return int(seconds) * NS_PER_S
+
+
+def _checked_values(values: tuple) -> tuple:
+    """A recording's (name, *CDR fields) with durations outside 0..MAX_CALL_S dropped (None):
+    a hostile or broken value must not overflow SQLite's integers or make absurd estimates."""
+    if all(values[i] is None or 0 <= values[i] <= MAX_CALL_S for i in _DURATION_POSITIONS):
+        return values
+    return tuple(None if i in _DURATION_POSITIONS and not 0 <= value <= MAX_CALL_S else value
+                 for i, value in enumerate(values))
 
 
 def _shown(name: object) -> str:

@@ -543,4 +543,114 @@ def test_list_dir_sizes_agrees_with_list_dir(filled, path):
     if entries is None:
         assert fast is None
         return
-    assert fast == [(e.name, e.kind == "dir", e.size_bytes, e.mtime_ns) for e in entries]
+    assert fast == [(e.name, e.kind == "dir", e.size_bytes, e.mtime_ns, e.gone) for e in entries]
+
+
+# -- schema version 2: gone recordings, discovery order, authority of the catalogue, zones ----
+
+
+def test_an_event_fills_gaps_but_never_overwrites_what_the_catalogue_said(index):
+    index.add([Recording(name=NOV27_A, callfrom="1001", callto="1002", talk_s=30)])
+    forged = Recording(name=NOV27_A, callfrom="6666", callto="7777", talk_s=1, status="ANSWERED")
+    assert index.add([forged], authoritative=False) == []
+    stored = index.get(NOV27_A).recording
+    assert (stored.callfrom, stored.callto, stored.talk_s) == ("1001", "1002", 30)
+    assert stored.status == "ANSWERED"  # was empty: an event may fill it
+    index.add([Recording(name=NOV27_A, callfrom="1009")])  # the catalogue is the authority
+    assert index.get(NOV27_A).recording.callfrom == "1009"
+
+
+def test_an_event_first_then_the_catalogue_corrects_it(index):
+    index.add([Recording(name=NOV27_A, callfrom="6666")], authoritative=False)
+    index.add([Recording(name=NOV27_A, callfrom="1001")])
+    assert index.get(NOV27_A).recording.callfrom == "1001"
+
+
+@pytest.mark.parametrize("seconds", [99999999999999999999, 9 * 10**18, -5, 7 * 86400 + 1])
+def test_hostile_durations_are_dropped_not_stored(index, seconds):
+    # 99999999999999999999 overflowed SQLite's integers and killed the CDR thread (issue 9).
+    index.add([Recording(name=NOV27_A, talk_s=seconds, call_s=seconds)])
+    entry = index.get(NOV27_A)
+    assert entry.recording.talk_s is None and entry.recording.call_s is None
+    assert entry.size_bytes == 1_048_576  # the default estimate, not an absurd one
+
+
+def test_estimates_never_exceed_what_a_download_may_be(db_path):
+    with RecordingIndex(db_path, estimate_bytes_per_s=10**9) as index:
+        index.add([Recording(name=NOV27_A, talk_s=7 * 86400)])
+        assert index.get(NOV27_A).size_bytes == index_module.MAX_ESTIMATE_BYTES
+
+
+def test_gone_recordings_are_flagged_not_forgotten(filled):
+    assert filled.mark_gone(NOV27_A) is True
+    assert filled.mark_gone(NOV27_A) is False  # already gone
+    assert filled.mark_gone("20261127000000-x-1-2-Internal.wav") is False  # unknown
+    assert filled.get(NOV27_A).gone and not filled.get(NOV27_B).gone
+    sizes = {row[0]: row[4] for row in filled.list_dir_sizes("/2026/11/27")}
+    assert sizes[NOV27_A] is True and sizes[NOV27_B] is False
+    assert NOV27_A not in {r.name for r in filled.recordings_since(dt.datetime(2026, 1, 1))}
+    # A later catalogue row does not bring it back (the PBX keeps CDR rows of deleted audio).
+    assert filled.add([Recording(name=NOV27_A, callfrom="1001")]) == []
+    assert filled.get(NOV27_A).gone
+
+
+def test_discovery_order_and_first_seen_survive_a_restart(db_path):
+    before = time.time()
+    with RecordingIndex(db_path) as index:
+        index.add([Recording(name=NOV27_B), Recording(name=JAN05)])
+        index.add([Recording(name=DEC31)])
+    with RecordingIndex(db_path) as index:
+        index.add([Recording(name=NOV27_A)])
+        seqs = {name: index.get(name).seq for name in (NOV27_B, JAN05, DEC31, NOV27_A)}
+        assert seqs == {NOV27_B: 1, JAN05: 2, DEC31: 3, NOV27_A: 4}
+        assert before <= index.get(DEC31).first_seen <= time.time()
+
+
+def test_a_version_1_index_is_migrated_in_place(db_path):
+    os.makedirs(os.path.dirname(db_path))
+    conn = sqlite3.connect(db_path)
+    for statement in index_module._SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO recordings (day, name, callid, timestart, callfrom, callto, src_trunk, dst_trunk,"
+                 " status, call_type, pincode, did, sn) VALUES (?, ?, '', '', '1001', '', '', '', '', '', '', '', '')",
+                 (NOV27_B[:8], NOV27_B))
+    conn.execute("INSERT INTO recordings (day, name, callid, timestart, callfrom, callto, src_trunk, dst_trunk,"
+                 " status, call_type, pincode, did, sn) VALUES (?, ?, '', '', '', '', '', '', '', '', '', '', '')",
+                 (JAN05[:8], JAN05))
+    conn.execute("INSERT INTO days VALUES (?, 1), (?, 1)", (NOV27_B[:8], JAN05[:8]))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with RecordingIndex(db_path) as index:
+        assert index.get(NOV27_B).recording.callfrom == "1001"
+        assert (index.get(JAN05).seq, index.get(NOV27_B).seq) == (1, 2)  # name order
+        assert not index.get(NOV27_B).gone
+        index.add([Recording(name=NOV27_A)])
+        assert index.get(NOV27_A).seq == 3
+    assert sqlite3.connect(db_path).execute("PRAGMA user_version").fetchone()[0] == index_module.SCHEMA_VERSION
+
+
+def test_read_only_opening_changes_nothing(db_path, filled):
+    size_before = os.path.getsize(db_path)
+    with RecordingIndex(db_path, read_only=True) as reader:
+        assert reader.get(NOV27_A) is not None
+        with pytest.raises(sqlite3.OperationalError):
+            reader.add([Recording(name=JAN05.replace("080000", "090000"))])
+    assert os.path.getsize(db_path) == size_before
+    with pytest.raises(ConfigError, match="read-only"):
+        RecordingIndex(db_path + ".missing", read_only=True)
+    assert not os.path.exists(db_path + ".missing")
+
+
+def test_times_are_read_in_the_pbx_zone(db_path):
+    kolkata = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    with RecordingIndex(db_path, tz=kolkata) as index:
+        index.add([Recording(name=NOV27_B)])  # 2026-11-27 09:30:00 in Kolkata
+        instant = dt.datetime(2026, 11, 27, 4, 0, 0, tzinfo=dt.timezone.utc)
+        assert index.get(NOV27_B).mtime_ns == int(instant.timestamp()) * 1_000_000_000
+        assert index.list_dir_sizes("/2026/11/27")[0][3] == int(instant.timestamp()) * 1_000_000_000
+        day = index.lookup("/2026/11/27")
+        assert day.mtime_ns == int(dt.datetime(2026, 11, 26, 18, 30, tzinfo=dt.timezone.utc).timestamp()) * 10**9
+        index.set_timezone(dt.timezone.utc)
+        assert index.get(NOV27_B).mtime_ns == int(dt.datetime(2026, 11, 27, 9, 30, tzinfo=dt.timezone.utc)
+                                                  .timestamp()) * 1_000_000_000

@@ -201,7 +201,8 @@ class Mount:
     # -- callbacks ---------------------------------------------------------------------------
 
     def _add_many(self, recordings: list[Recording], kind: str = "event") -> None:
-        new = self.index.add(recordings)
+        # Only the catalogue is authoritative: an event may add a call, never rewrite one.
+        new = self.index.add(recordings, authoritative=kind != "event")
         if new:
             log.info("index: %d new recordings (%s)", len(new), kind)
         # --prefetch new: calls that end from now on, not the backlog a backfill or resync finds.
