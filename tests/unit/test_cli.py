@@ -17,7 +17,7 @@ def mount_parser():
 def test_fstab_form_translates_every_option_kind():
     argv = ["https://pbx:8088", "/mnt/rec", "-o",
             "rw,dev,suid,_netdev,noauto,username=api,password_file=/etc/p,cache_size=10G,allow_other,x-systemd.automount"]
-    assert options.translate_fstab_argv(argv, mount_parser()) == [
+    assert options.translate_fstab_argv(argv) == [
         "mount", "/mnt/rec", "--pbx", "https://pbx:8088", "--user", "api", "--password-file", "/etc/p",
         "--cache-size", "10G", "--allow-other"]
 
@@ -25,7 +25,7 @@ def test_fstab_form_translates_every_option_kind():
 @pytest.mark.parametrize("bad", ["cache_sise=1G", "allow_other=yes", "cache_size", "user=api"])
 def test_fstab_form_rejects_unknown_or_malformed_options(bad):
     with pytest.raises(errors.ConfigError) as info:
-        options.translate_fstab_argv(["https://p", "/m", "-o", bad], mount_parser())
+        options.translate_fstab_argv(["https://p", "/m", "-o", bad])
     assert bad.split("=")[0] in str(info.value)
 
 
