@@ -90,20 +90,26 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> list[tuple[argparse.A
                 exclusive[option.exclusive] = target.add_mutually_exclusive_group()
             target = exclusive[option.exclusive]
         names = [option.flag, *([option.short] if option.short else [])]
-        if option.takes_value:
-            action = target.add_argument(*names, dest=option.name, metavar=option.metavar,
-                                         choices=option.choices or None, default=option.default
-                                         if isinstance(option.default, str) else None, help=_help(option))
-            if option.metavar in ("PATH", "DIR"):
-                paths.append((action, option.metavar == "DIR"))
-        else:
+        if not option.takes_value:
             target.add_argument(*names, dest=option.name, action="store_true", help=_help(option))
+            continue
+        # Raw text, as from the environment or a file; config_from_args parses all alike. A
+        # default computed when the Config is made (the cache root) stays None here.
+        default = option.default if isinstance(option.default, str) else None
+        action = target.add_argument(*names, dest=option.name, metavar=option.metavar, default=default,
+                                     choices=option.choices or None, help=_help(option))
+        if option.metavar in ("PATH", "DIR"):
+            paths.append((action, option.metavar == "DIR"))
     return paths
 
 
 def _help(option: Option) -> str:
-    default = option.default_markdown
-    suffix = "" if default in ("off", "–") else f"; {default}" if option.required else f"; default {default}"
+    if option.required:
+        suffix = "; required"
+    elif option.takes_value and (option.default is not None or option.default_doc):
+        suffix = f"; default {option.default_markdown}"
+    else:
+        suffix = ""
     return plain(option.help + suffix).replace("%", "%%")  # argparse %-formats help
 
 
@@ -236,10 +242,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     environment, config file or default) through its parser into its field."""
     missing = [option for option in OPTIONS if option.required and not getattr(args, option.name)]
     if missing:
-        raise errors.ConfigError(
-            " and ".join(f"{o.flag} {o.metavar}" for o in missing) + (" is" if len(missing) == 1 else " are")
-            + " required (on the command line, as -o " + "/".join(o.o_key for o in missing)
-            + ", in " + "/".join(o.env for o in missing) + " or in the config file)")
+        raise errors.ConfigError(_required_message(missing))
     fields = {option.field: option.value(getattr(args, option.name)) for option in OPTIONS
               if option.field and getattr(args, option.name) is not None}
     # The few that are not one option to one field:
@@ -249,6 +252,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     any_source = str(args.events_allow_from or "").strip().lower() == "any"
     return Config(mountpoint=args.mountpoint, password=password, verify=args.ca_file or not args.insecure,
                   allow_any_event_source=any_source, **fields).validate()
+
+
+def _required_message(missing: list[Option]) -> str:
+    names = " and ".join(f"{option.flag} {option.metavar}" for option in missing)
+    verb = "is" if len(missing) == 1 else "are"
+    return (f"{names} {verb} required (on the command line, as -o {'/'.join(o.o_key for o in missing)}, "
+            f"in {'/'.join(o.env for o in missing)} or in the config file)")
 
 
 def _cache_root(args: argparse.Namespace) -> str:
