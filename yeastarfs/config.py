@@ -178,8 +178,9 @@ class Option:
     written, and is parsed like any value to give the field's default; a callable default
     is called each time a Config is made, and *default_doc* then says what it gives.
     *parse* turns the text (a bool, for a flag) into the value of ``Config.<field>`` in the
-    unit the field's name carries, and *valid* / *invalid* check that value in
-    `Config.validate`. *field* None: the command line reads the option itself.
+    unit the field's name carries (without one: the text as it is, a flag's state as a
+    bool), and *valid* / *invalid* check that value in `Config.validate`. *field* None: the
+    command line reads the option itself.
     *help* and *default_doc* are Markdown with nothing but `code`: the README shows them as
     they are, and `plain` strips them for the terminal.
     """
@@ -187,7 +188,7 @@ class Option:
     name: str
     help: str
     field: Optional[str] = None
-    parse: Callable[[Any], Any] = _text
+    parse: Optional[Callable[[Any], Any]] = None
     metavar: Optional[str] = None
     default: Any = None
     default_doc: Optional[str] = None
@@ -224,6 +225,10 @@ class Option:
         return self.metavar is not None
 
     @property
+    def parser(self) -> Callable[[Any], Any]:
+        return self.parse or (_text if self.takes_value else parse_flag)
+
+    @property
     def usage(self) -> str:
         """``--cache-size SIZE``, ``--foreground, -f`` (Markdown)."""
         first = f"`{self.flag} {self.metavar}`" if self.takes_value else f"`{self.flag}`"
@@ -242,9 +247,10 @@ class Option:
     def value(self, raw: Any) -> Any:
         """*raw* (text as given, or a bool for a flag) as the value of the Config field."""
         if self.choices and raw not in self.choices:
-            raise ConfigError(f"invalid {self.flag} {raw!r}: choose {' or '.join(self.choices)}")
+            raise ConfigError(f"invalid {self.flag} {raw!r}: choose {', '.join(self.choices[:-1])} "
+                              f"or {self.choices[-1]}")
         try:
-            return self.parse(raw)
+            return self.parser(raw)
         except ConfigError as exc:
             message = str(exc)
             raise ConfigError(message if self.flag in message else f"{self.flag}: {message}") from None
@@ -334,7 +340,7 @@ OPTIONS: tuple[Option, ...] = (
     *_group(
         "running",
         Option("foreground", short="-f", help="stay in the foreground, log to stderr"),
-        Option("allow_other", field="allow_other", parse=parse_flag,
+        Option("allow_other", field="allow_other",
                help="let other users read the mount (needs `user_allow_other` in `/etc/fuse.conf` for non-root)"),
         Option("uid", metavar="N", field="uid", parse=_whole_number, default_doc="the mounting user",
                help="owner shown for every file and folder"),
@@ -404,7 +410,7 @@ def _option_fields(cls: type) -> type:
 
 
 def _field_type(option: Option) -> str:
-    returns = getattr(option.parse, "__annotations__", {}).get("return", "Any")
+    returns = getattr(option.parser, "__annotations__", {}).get("return", "Any")
     optional = option.default is None and option.takes_value and not option.required
     return f"Optional[{returns}]" if optional and not returns.startswith("Optional") else returns
 

@@ -441,7 +441,7 @@ def test_parse_errors_name_the_option():
         by_name["cache_size"].value("lots")
     with pytest.raises(ConfigError, match=r"^invalid --pbx 'pbx'"):  # already named: not twice
         by_name["pbx"].value("pbx")
-    with pytest.raises(ConfigError, match=r"^invalid --log-level 'LOUD': choose DEBUG or INFO or WARNING or ERROR"):
+    with pytest.raises(ConfigError, match=r"^invalid --log-level 'LOUD': choose DEBUG, INFO, WARNING or ERROR"):
         by_name["log_level"].value("LOUD")
 
 
