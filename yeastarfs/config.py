@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import urllib.parse
+import zoneinfo
 from typing import Any, Callable, Optional, Union
 
 from yeastarfs.errors import ConfigError
@@ -110,6 +111,15 @@ def _address_list(text: str) -> Optional[tuple[str, ...]]:
 
 def _is_new(text: str) -> bool:
     return text == "new"
+
+
+def _time_zone(text: str) -> str:
+    """An IANA zone name (``Europe/Berlin``) this machine's zone database knows."""
+    try:
+        zoneinfo.ZoneInfo(str(text))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"unknown time zone {text!r}: use an IANA name such as Europe/Berlin") from None
+    return str(text)
 
 
 def check_pbx_url(url: str) -> str:
@@ -285,6 +295,9 @@ OPTIONS: tuple[Option, ...] = (
                valid=lambda hex_digits: _SHA256_HEX.fullmatch(hex_digits) is not None,
                invalid="must be the certificate's SHA-256 as 64 hex digits (colons allowed); "
                        "get it with: yeastarfs fingerprint URL"),
+        Option("pbx_timezone", metavar="ZONE", field="pbx_timezone", parse=_time_zone,
+               default_doc="detected from the PBX, else this machine's zone",
+               help="the PBX's time zone, an IANA name such as `Europe/Berlin`"),
     ),
     *_group(
         "cache and index",
