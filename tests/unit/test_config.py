@@ -1,16 +1,19 @@
-"""yeastarfs.config: size and duration units, the cache root, the password, the PBX URL and
-the validated Config (whose repr never shows the password)."""
+"""yeastarfs.config: size and duration units, the cache root, the password, the PBX URL, the
+validated Config (whose repr never shows the password), and the option table it is built from
+(with the README's options table, which must equal the generated one)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import pathlib
 
 import pytest
 
-from yeastarfs.config import (PASSWORD_ENV, Config, check_pbx_url, default_cache_root, parse_duration,
-                              parse_size, read_password)
+from yeastarfs.config import (OPTIONS, OPTIONS_BEGIN, OPTIONS_END, PASSWORD_ENV, Config, check_pbx_url,
+                              default_cache_root, options_markdown, parse_duration, parse_flag, parse_size,
+                              read_password)
 from yeastarfs.errors import ConfigError
 
 SECRET = "s3cret-Passw0rd"
@@ -369,3 +372,114 @@ def test_errors_never_contain_the_password():
         config.validate()
     assert SECRET not in str(caught.value)
 
+
+
+# -- the option table: each option declared once ----------------------------------------------
+
+
+def test_every_option_field_is_a_config_field_with_the_options_default():
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    for option in OPTIONS:
+        if option.field is None:
+            continue
+        field = fields[option.field]
+        assert field.metadata["option"] is option
+        if option.required:
+            assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        elif callable(option.default):
+            assert field.default_factory is option.default
+        else:
+            expected = option.value(option.default if option.takes_value else False) \
+                if option.default is not None or not option.takes_value else None
+            assert field.default == expected, option.name
+    # The fields no single option fills are few, and each is set where the docstring says.
+    by_options = {option.field for option in OPTIONS if option.field}
+    assert set(fields) - by_options == {"mountpoint", "password", "events_host", "verify", "allow_any_event_source"}
+
+
+def test_names_are_unique_and_units_are_in_field_names():
+    for attribute in ("name", "o_key", "env", "flag"):
+        values = [getattr(option, attribute) for option in OPTIONS]
+        assert len(values) == len(set(values)), attribute
+    fields = [option.field for option in OPTIONS if option.field]
+    assert len(fields) == len(set(fields))
+    for option in OPTIONS:
+        if option.parse is parse_size:
+            assert option.field.endswith("_bytes"), option.field
+        if option.parse is parse_duration or option.metavar == "SECONDS":
+            assert option.field.endswith("_s"), option.field
+
+
+def test_declarations_are_consistent():
+    groups = [option.group for option in OPTIONS]
+    assert all(groups) and groups == sorted(groups, key=groups.index), "each group's options stand together"
+    for option in OPTIONS:
+        assert option.help and not option.help.endswith(" "), option.name
+        if option.takes_value:
+            if isinstance(option.default, str):
+                option.value(option.default)  # the default parses
+            if option.choices:
+                assert option.default in option.choices
+        else:
+            assert option.default is None and not option.choices, f"{option.name}: a flag is off unless given"
+        if option.valid is not None:
+            assert option.invalid, option.name
+
+
+def test_validation_messages_come_from_the_declarations():
+    for option in OPTIONS:
+        if option.valid is None:
+            continue
+        with pytest.raises(ConfigError) as caught:
+            option.check({"pin_sha256": "not hex"}.get(option.name, -1))
+        assert str(caught.value) == f"{option.flag} {option.invalid}"
+
+
+def test_parse_errors_name_the_option():
+    by_name = {option.name: option for option in OPTIONS}
+    with pytest.raises(ConfigError, match=r"^--cache-size: invalid size 'lots'"):
+        by_name["cache_size"].value("lots")
+    with pytest.raises(ConfigError, match=r"^invalid --pbx 'pbx'"):  # already named: not twice
+        by_name["pbx"].value("pbx")
+    with pytest.raises(ConfigError, match=r"^invalid --log-level 'LOUD': choose DEBUG, INFO, WARNING or ERROR"):
+        by_name["log_level"].value("LOUD")
+
+
+@pytest.mark.parametrize("text, state", [(True, True), (False, False), ("true", True), ("Yes", True), ("on", True),
+                                         ("1", True), ("false", False), ("no", False), ("OFF", False), ("0", False),
+                                         ("", False)])
+def test_parse_flag(text, state):
+    assert parse_flag(text) is state
+
+
+def test_parse_flag_refuses_anything_else():
+    with pytest.raises(ConfigError, match="expected true or false, got 'maybe'"):
+        parse_flag("maybe")
+
+
+def test_mount_defaults_agree_with_the_pbx_protocols():
+    # The mount's defaults live in the table; the PBX package keeps the protocol's own defaults
+    # for a client used on its own. config.py may not import the PBX package, so this test
+    # holds the two together.
+    from yeastarfs.pbx.sseries import client, events
+    by_name = {option.name: option for option in OPTIONS}
+    assert by_name["events_port"].value(by_name["events_port"].default) == events.DEFAULT_HTTP_PORT
+    assert by_name["heartbeat_interval"].value(by_name["heartbeat_interval"].default) == client.HEARTBEAT_INTERVAL_S
+
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_options_table_is_the_generated_one():
+    text = README.read_text(encoding="utf-8")
+    assert text.count(OPTIONS_BEGIN) == 1 and text.count(OPTIONS_END) == 1
+    table = text.split(OPTIONS_BEGIN + "\n", 1)[1].split(OPTIONS_END, 1)[0]
+    assert table == options_markdown(), "run: .venv/bin/python scripts/update_readme_options.py"
+
+
+def test_readme_table_has_a_row_for_every_option_in_order():
+    rows = options_markdown().splitlines()[2:]
+    assert [row.split("`")[1].split()[0] for row in rows] == [option.flag for option in OPTIONS]
+    assert rows[[o.name for o in OPTIONS].index("cache_size")] == (
+        "| `--cache-size SIZE` | `4G` | disk budget for cached recordings (`500M`, `10G`; binary units) |")
+    assert "| `--prefetch none\\|new` |" in options_markdown()  # a | inside a cell is escaped

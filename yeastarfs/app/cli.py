@@ -19,16 +19,13 @@ import os
 import select
 import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from yeastarfs import __version__, errors
 from yeastarfs.app import options
 from yeastarfs.app.tools import CALL_COLUMNS
-from yeastarfs.config import (DEFAULT_CACHE_MIN_FREE, DEFAULT_CACHE_SIZE, DEFAULT_EVENTS_PORT,
-                              DEFAULT_HEARTBEAT_INTERVAL_S,
-                              DEFAULT_MAX_DOWNLOADS, DEFAULT_POLL_INTERVAL_S, DEFAULT_SINCE,
-                              DEFAULT_STALL_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, DEFAULT_TCP_EVENTS_PORT, PASSWORD_ENV, Config, check_pbx_url,
-                              default_cache_root, parse_duration, parse_size, read_password)
+from yeastarfs.config import (OPTIONS, PASSWORD_ENV, Config, Option, check_pbx_url, default_cache_root, parse_duration,
+                              plain, read_password)
 
 log = logging.getLogger("yeastarfs")
 
@@ -78,63 +75,42 @@ def setup_logging(level: str, log_file: Optional[str] = None) -> None:
 
 # -- argument parsing ------------------------------------------------------------------------
 
-def _add_mount_options(parser: argparse.ArgumentParser) -> None:
-    pbx = parser.add_argument_group("PBX")
-    pbx.add_argument("--pbx", metavar="URL",
-                     help="the PBX's web address, e.g. https://192.168.5.150:8088 (required)")
-    pbx.add_argument("--user", metavar="NAME", help="API username set on the PBX (required; -o username=)")
-    pbx.add_argument("--password-file", metavar="PATH",
-                     help=f"file holding the API password (else ${PASSWORD_ENV}); never pass it in argv")
-    tls = pbx.add_mutually_exclusive_group()
-    tls.add_argument("--ca-file", metavar="PATH", help="verify the PBX's TLS certificate against this CA/cert")
-    tls.add_argument("--insecure", action="store_true", help="do not verify the PBX's TLS certificate")
-    tls.add_argument("--pin-sha256", metavar="HEX",
-                     help="trust exactly the certificate with this SHA-256 fingerprint "
-                          "(print it with: yeastarfs fingerprint URL)")
-    cache = parser.add_argument_group("cache and index")
-    cache.add_argument("--cache-dir", metavar="DIR", default=None,
-                       help=f"cache and index location (default {default_cache_root()})")
-    cache.add_argument("--cache-size", metavar="SIZE", default=DEFAULT_CACHE_SIZE,
-                       help=f"disk budget for cached recordings, e.g. 500M, 10G (default {DEFAULT_CACHE_SIZE})")
-    cache.add_argument("--cache-min-free", metavar="SIZE", default=DEFAULT_CACHE_MIN_FREE,
-                       help=f"free space to leave on the cache's disk (default {DEFAULT_CACHE_MIN_FREE})")
-    cache.add_argument("--since", metavar="DURATION", default=DEFAULT_SINCE,
-                       help=f"CDR backfill window at start, e.g. 30d, 12h (default {DEFAULT_SINCE})")
-    cache.add_argument("--start-timeout", metavar="SECONDS", type=float, default=DEFAULT_START_TIMEOUT_S,
-                       help=f"wait at most this long for the CDR backfill before mounting; it then "
-                            f"goes on in the background (default {DEFAULT_START_TIMEOUT_S:g})")
-    cache.add_argument("--poll-interval", metavar="SECONDS", type=float, default=DEFAULT_POLL_INTERVAL_S,
-                       help=f"how often to poll the CDR for new recordings (default {DEFAULT_POLL_INTERVAL_S:g})")
-    net = parser.add_argument_group("events and downloads")
-    net.add_argument("--events-port", metavar="PORT", type=int, default=DEFAULT_EVENTS_PORT,
-                     help=f"port the PBX pushes NewCdr events to (default {DEFAULT_EVENTS_PORT}; 0 = any free port)")
-    net.add_argument("--no-events", action="store_true", help="do not listen for events; rely on CDR polling")
-    net.add_argument("--events-allow-from", metavar="IP[,IP…]|any", default=None,
-                     help="addresses allowed to push events (default: the PBX's own address)")
-    net.add_argument("--tcp-events-port", metavar="PORT", type=int, default=DEFAULT_TCP_EVENTS_PORT,
-                     help=f"the PBX's TCP event port, used when it reports events over TCP (default {DEFAULT_TCP_EVENTS_PORT})")
-    net.add_argument("--max-downloads", metavar="N", type=int, default=DEFAULT_MAX_DOWNLOADS,
-                     help=f"downloads running at once (default {DEFAULT_MAX_DOWNLOADS})")
-    net.add_argument("--heartbeat-interval", metavar="SECONDS", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S,
-                     help=f"keep the token alive after this long idle (default {DEFAULT_HEARTBEAT_INTERVAL_S:g})")
-    net.add_argument("--stall-timeout", metavar="SECONDS", type=float, default=DEFAULT_STALL_TIMEOUT_S,
-                     help=f"a read fails with EIO after this long without data (default {DEFAULT_STALL_TIMEOUT_S:g})")
-    net.add_argument("--prefetch", choices=["none", "new"], default="none",
-                     help="'new': download each newly announced recording into the cache at once")
-    run = parser.add_argument_group("running")
-    run.add_argument("--config", metavar="PATH",
-                     help="TOML file with any of these options (default /etc/yeastarfs/config.toml, "
-                          "then ~/.config/yeastarfs/config.toml); the command line and "
-                          "YEASTARFS_<OPTION> variables override it")
-    run.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (log to stderr)")
-    run.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    run.add_argument("--uid", type=int, default=None, help="owner shown for every file (default: the mounting user)")
-    run.add_argument("--gid", type=int, default=None, help="group shown for every file (default: the mounting group)")
-    run.add_argument("--umask", default="022", metavar="OCTAL",
-                     help="permission bits to remove from r-xr-xr-x (default 022; e.g. 027)")
-    run.add_argument("--log-file", metavar="PATH", help="log here (default in the background: CACHE_DIR/yeastarfs.log)")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+def _add_mount_options(parser: argparse.ArgumentParser) -> list[tuple[argparse.Action, bool]]:
+    """The mount command's options, from config.OPTIONS. Returns the actions that take a
+    path, each with whether it is a directory (for shell completion)."""
+    groups: dict[str, Any] = {}     # group title -> argument group
+    exclusive: dict[str, Any] = {}  # Option.exclusive -> mutually exclusive group
+    paths = []
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        target = groups[option.group]
+        if option.exclusive:
+            if option.exclusive not in exclusive:
+                exclusive[option.exclusive] = target.add_mutually_exclusive_group()
+            target = exclusive[option.exclusive]
+        names = [option.flag, *([option.short] if option.short else [])]
+        if not option.takes_value:
+            target.add_argument(*names, dest=option.name, action="store_true", help=_help(option))
+            continue
+        # Raw text, as from the environment or a file; config_from_args parses all alike. A
+        # default computed when the Config is made (the cache root) stays None here.
+        default = option.default if isinstance(option.default, str) else None
+        action = target.add_argument(*names, dest=option.name, metavar=option.metavar, default=default,
+                                     choices=option.choices or None, help=_help(option))
+        if option.metavar in ("PATH", "DIR"):
+            paths.append((action, option.metavar == "DIR"))
+    return paths
+
+
+def _help(option: Option) -> str:
+    if option.required:
+        suffix = "; required"
+    elif option.takes_value and (option.default is not None or option.default_doc):
+        suffix = f"; default {option.default_markdown}"
+    else:
+        suffix = ""
+    return plain(option.help + suffix).replace("%", "%%")  # argparse %-formats help
 
 
 class _ManPageFormatter(argparse.HelpFormatter):
@@ -165,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Returns once the mount is ready and keeps serving in the background (logging to\n"
                     "CACHE_DIR/yeastarfs.log); unmount with: fusermount -u MOUNTPOINT. The password is\n"
                     f"read from --password-file or ${PASSWORD_ENV}, never from the command line.\n"
-                    "Options may also come from a TOML --config file and YEASTARFS_<OPTION> variables;\n"
+                    "Options may also come from a TOML --config file and YEASTARFS_<NAME> variables;\n"
                     "the command line wins, then the environment, then the file.",
         epilog="examples:\n"
                "  yeastarfs mount /mnt/recordings --pbx https://192.168.5.150:8088 --user api \\\n"
@@ -176,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                "_netdev,username=api,password_file=/etc/yeastarfs/password 0 0\n\n"
                "signals: SIGHUP polls the CDR now, SIGUSR1 logs statistics, SIGTERM/SIGINT unmount.\n"
                "exit status: 0 mounted (or unmounted cleanly), 1 start-up failure, 2 usage error.")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    _add_mount_options(mount)
+    mountpoint = mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    parser.path_actions = [(mountpoint, True), *_add_mount_options(mount)]  # type: ignore[attr-defined]
+    mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # the daemon's child
     parser.mount_parser = mount  # type: ignore[attr-defined]  # for layered defaults
     demo = commands.add_parser(
         "demo", help="mount a built-in simulated PBX with sample recordings",
@@ -246,52 +223,46 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--password-file", metavar="PATH")
     sim.add_argument("--recordings", type=int, default=60)
     sim.add_argument("--days", type=int, default=7)
+    commands.add_parser(
+        "man", help="print the man page (roff)",
+        description="Print yeastarfs(1) in roff, built from the same option declarations as --help.",
+        epilog="example:\n  yeastarfs man > yeastarfs.1 && man ./yeastarfs.1")
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script",
+        description="Print a completion script for SHELL, made from these parsers by the shtab "
+                    "package (pip install 'yeastarfs[completion]').",
+        epilog="example:\n  yeastarfs completion bash > /etc/bash_completion.d/yeastarfs")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    parser.commands = dict(commands.choices)  # type: ignore[attr-defined]  # by name, for the man page
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    if not args.pbx or not args.user:
-        raise errors.ConfigError("--pbx URL and --user NAME are required (on the command line, "
-                                 "as -o options, in YEASTARFS_PBX/YEASTARFS_USER or in the config file)")
-    password = getattr(args, "password", None) or read_password(args.password_file)
-    verify = args.ca_file if args.ca_file else not args.insecure
+    """The validated Config from parsed mount arguments: each option's value (command line,
+    environment, config file or default) through its parser into its field."""
+    missing = [option for option in OPTIONS if option.required and not getattr(args, option.name)]
+    if missing:
+        raise errors.ConfigError(_required_message(missing))
+    fields = {option.field: option.value(getattr(args, option.name)) for option in OPTIONS
+              if option.field and getattr(args, option.name) is not None}
+    # The few that are not one option to one field:
+    password = getattr(args, "password", None) or read_password(args.password_file)  # a file-only key
     if args.insecure:
         log.warning("tls: --insecure: the PBX's certificate is not verified")
-    return Config(
-        mountpoint=args.mountpoint, pbx_url=check_pbx_url(args.pbx), username=args.user, password=password,
-        cache_root=_cache_root(args),
-        cache_max_bytes=parse_size(args.cache_size), cache_min_free_bytes=parse_size(args.cache_min_free),
-        since_s=parse_duration(args.since), poll_interval_s=args.poll_interval,
-        events_port=args.events_port, events_enabled=not args.no_events, verify=verify,
-        pin_sha256=args.pin_sha256,
-        events_allow_from=_address_list(args.events_allow_from),
-        allow_any_event_source=(args.events_allow_from or "").strip().lower() == "any",
-        tcp_events_port=args.tcp_events_port, heartbeat_interval_s=args.heartbeat_interval,
-        start_timeout_s=args.start_timeout,
-        max_downloads=args.max_downloads, stall_timeout_s=args.stall_timeout,
-        allow_other=args.allow_other, log_file=args.log_file, log_level=args.log_level,
-        uid=args.uid, gid=args.gid, umask=_octal(args.umask), prefetch_new=args.prefetch == "new",
-    ).validate()
+    any_source = str(args.events_allow_from or "").strip().lower() == "any"
+    return Config(mountpoint=args.mountpoint, password=password, verify=args.ca_file or not args.insecure,
+                  allow_any_event_source=any_source, **fields).validate()
+
+
+def _required_message(missing: list[Option]) -> str:
+    names = " and ".join(f"{option.flag} {option.metavar}" for option in missing)
+    verb = "is" if len(missing) == 1 else "are"
+    return (f"{names} {verb} required (on the command line, as -o {'/'.join(o.o_key for o in missing)}, "
+            f"in {'/'.join(o.env for o in missing)} or in the config file)")
 
 
 def _cache_root(args: argparse.Namespace) -> str:
     return os.path.abspath(args.cache_dir) if args.cache_dir else default_cache_root()
-
-
-def _octal(text) -> int:
-    try:
-        value = int(str(text), 8)
-    except ValueError:
-        raise errors.ConfigError(f"invalid --umask {text!r}: expected octal digits like 027") from None
-    if not 0 <= value <= 0o777:
-        raise errors.ConfigError(f"invalid --umask {text!r}")
-    return value
-
-
-def _address_list(text: Optional[str]) -> Optional[tuple[str, ...]]:
-    if not text or text.strip().lower() == "any":
-        return None
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -402,16 +373,36 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days)
 
 
+def cmd_man() -> int:
+    from yeastarfs.app.manpage import render
+    parser = build_parser()
+    sys.stdout.write(render(parser, parser.commands))
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        import shtab  # optional: the [completion] extra
+    except ModuleNotFoundError:
+        raise errors.ConfigError("shell completion needs the shtab package: "
+                                 "pip install 'yeastarfs[completion]'") from None
+    parser = build_parser()
+    for action, is_dir in parser.path_actions:
+        action.complete = shtab.DIRECTORY if is_dir else shtab.FILE  # read by shtab
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return 0
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Parse *argv*, accepting the mount(8) form and layering file and environment defaults."""
     parser = build_parser()
     if options.is_fstab_form(argv):
-        argv = options.translate_fstab_argv(argv, parser.mount_parser)
+        argv = options.translate_fstab_argv(argv)
     if argv[:1] == ["mount"]:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config")
         config_path = pre.parse_known_args(argv[1:])[0].config
-        parser.mount_parser.set_defaults(**options.layered_defaults(parser.mount_parser, config_path))
+        parser.mount_parser.set_defaults(**options.layered_defaults(config_path))
     return parser.parse_args(argv), argv
 
 
@@ -427,7 +418,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = {"mount": lambda: cmd_mount(args, argv), "demo": lambda: cmd_demo(args),
                 "status": lambda: cmd_status(args), "prefetch": lambda: cmd_prefetch(args),
                 "calls": lambda: cmd_calls(args), "cache": lambda: cmd_cache(args),
-                "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args)}
+                "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args),
+                "man": cmd_man, "completion": lambda: cmd_completion(args)}
     try:
         return commands[args.command]()
     except errors.YeastarfsError as exc:

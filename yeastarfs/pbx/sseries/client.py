@@ -35,6 +35,7 @@ import urllib3
 
 from yeastarfs import errors
 from yeastarfs.errors import redact
+from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class PbxClient:
     """
 
     def __init__(self, base_url: str, username: str, password: str, *,
-                 verify: Union[bool, str] = True, events_port: Optional[int] = 8260,
+                 verify: Union[bool, str] = True, events_port: Optional[int] = DEFAULT_HTTP_PORT,
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
                  pin_sha256: Optional[str] = None) -> None:
