@@ -33,13 +33,17 @@ cached_first   First read of a cached recording after its pages were dropped fro
                Baseline: the cache file itself read the same way. Goal >= 0.3x.
 cached_repeat  Second of two reads of a cached recording (kernel page cache). Baseline:
                second of two reads of the cache file. Goal >= 0.9x.
-ls_day         ``ls -l`` of a day folder with ``--ls-recordings`` recordings, after the
-               kernel's 1 s attribute cache expired. Baseline: ``ls -l`` of a local folder
-               of as many empty files. Goal <= 4x the time.
-walk           ``--walk-recordings`` recordings over 3 years (2020-2022), walked twice:
-               names only (``find -type f``: readdir) and with a stat of every file
-               (``find -type f -printf %s``). Baseline: the same tree of empty local files.
-               Goal <= 4x the time.
+ls_day         ``ls -l`` of a day folder with ``--ls-recordings`` recordings, two rows:
+               the first listing on a fresh mount (nothing of the mount is in the kernel's
+               caches yet; goal <= 4x), and the same folder listed again right after (names
+               and attributes now cached by the kernel for the mount's 60 s timeout; the
+               listing itself and the extended-attribute probes of ``ls`` still reach the
+               daemon; goal <= 2x, issue 16). Baseline: ``ls -l`` of a local folder of as
+               many empty files (in the kernel's caches, as a folder in use is).
+walk           ``--walk-recordings`` recordings over 3 years (2020-2022), each walk the first
+               on a fresh mount: names only (``find -type f``: lookups of the folders and
+               readdir) and with a stat of every file (``find -type f -printf %s``).
+               Baseline: the same tree of empty local files. Goal <= 4x the time.
 mount_start    Seconds from spawning ``yeastarfs mount`` until ``os.listdir`` of the
                mountpoint works, with a pre-built index of ``--index-recordings``
                recordings and a PBX with few recordings (``--since 1d``). Goal < 2 s.
@@ -49,6 +53,10 @@ memory         Daemon VmRSS with ``--index-recordings`` indexed: idle after star
 pbx_requests   Simulator counters around one cold read of a whole recording, which is
                also checked byte for byte. Goal: exactly 1 get_random, 1 download and
                0 logins (the token is alive).
+
+The listing cases use a mount of their own, restarted for every first listing or walk,
+whose index holds the day folder and the 3-year tree; the other cases share one mount.
+Mounts are started by tests/harness.py's MountProcess, the runner the integration tests use.
 
 Everything (mounts, simulator, temporary files) is cleaned up on exit, Ctrl-C or failure.
 """
@@ -65,7 +73,6 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -75,13 +82,16 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import requests
 
-from yeastarfs.index import RecordingIndex
-from yeastarfs.models import Recording
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from harness import MountProcess, wait_stable, write_password_file  # noqa: E402 - after the path
+
+from yeastarfs.index import RecordingIndex  # noqa: E402
+from yeastarfs.models import Recording  # noqa: E402
 
 MB = 1_000_000
 BLOCK_BYTES = 1 << 20
@@ -90,10 +100,8 @@ WAV_HEADER_BYTES = 44
 BYTES_PER_S = 16_000  # the simulator's PCM-16 8 kHz mono
 USER = "api"
 API = "api/v2.0.0"
-# The daemon's attribute and entry timeout is 1 s: wait longer so the kernel asks again.
-ATTR_EXPIRE_S = 1.1
 READY_TIMEOUT_S = 180.0
-EXIT_TIMEOUT_S = 30.0
+READY_POLL_S = 0.002  # mount_start is timed by this poll
 RSS_SAMPLE_S = 0.05
 FLAT_GROWTH_MB = 10.0
 # A 1-minute load average above this at start means something else is running.
@@ -349,123 +357,39 @@ class DirectClient:
 # Mounts
 
 
-class MountProcess:
-    """One ``yeastarfs mount --foreground`` daemon started by this script (we know its pid)."""
+def new_mount(b: "Bench", tag: str, extra: tuple = ()) -> MountProcess:
+    """A mount of the simulator in the temporary folder (not started); *tag* names its folders.
 
-    def __init__(self, tag: str, tmp: str, base_url: str, password_file: str, extra: tuple = ()) -> None:
-        self.mountpoint = os.path.join(tmp, f"mnt-{tag}")
-        self.cache_root = os.path.join(tmp, f"cache-{tag}")
-        self.log_path = os.path.join(tmp, f"daemon-{tag}.log")
-        netloc = urllib.parse.urlsplit(base_url).netloc
-        self.pbx_dir = os.path.join(self.cache_root, re.sub(r"[^A-Za-z0-9.-]", "_", netloc))
-        self.argv = [sys.executable, "-m", "yeastarfs", "mount", self.mountpoint, "--pbx", base_url,
-                     "--user", USER, "--password-file", password_file, "--cache-dir", self.cache_root,
-                     "--events-port", "0", "--foreground", "--cache-min-free", "0", "--since", "1d", *extra]
-        self.process: Optional[subprocess.Popen] = None
-
-    @property
-    def index_path(self) -> str:
-        return os.path.join(self.pbx_dir, "index.sqlite3")
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.mountpoint, name[0:4], name[4:6], name[6:8], name)
-
-    def cache_file(self, name: str) -> str:
-        return os.path.join(self.pbx_dir, "complete", name)
-
-    def start(self) -> float:
-        """Spawn the daemon; the seconds until os.listdir of the mountpoint works."""
-        os.makedirs(self.mountpoint, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            started = time.perf_counter()
-            # Own session: a Ctrl-C reaches only this script, which then unmounts in order.
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            start_new_session=True)
-        while time.perf_counter() - started < READY_TIMEOUT_S:
-            if os.path.ismount(self.mountpoint) and _lists(self.mountpoint):
-                return time.perf_counter() - started
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_tail()}")
-            time.sleep(0.002)
-        raise RuntimeError(f"not mounted after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / MB
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> int:
-        """fusermount3 -u; the daemon's exit status (it must exit 0 by itself)."""
-        if self.process is None:
-            return 0
-        if self.process.poll() is None and os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
-        try:
-            code = self.process.wait(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = -9
-        self.process = None
-        return code
-
-    def kill(self) -> None:
-        """Last resort: SIGKILL our daemon (by pid) and detach the mount lazily."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-uz", self.mountpoint], capture_output=True)
-
-    def cleanup(self) -> None:
-        try:
-            code = self.stop()
-            if code != 0:
-                print(f"warning: daemon {self.mountpoint} exited {code}; log {self.log_path}", flush=True)
-        finally:
-            self.kill()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return "".join(handle.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_settled(self, timeout_s: float = 15.0) -> None:
-        """Wait until no partial download file is growing (transfers finished, paused or suspended)."""
-        previous = None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            sizes = self._partial_sizes()
-            if sizes == previous:
-                return
-            previous = sizes
-            time.sleep(0.2)
-
-    def _partial_sizes(self) -> dict[str, int]:
-        sizes = {}
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(os.path.join(self.pbx_dir, "partial")):
-                with contextlib.suppress(FileNotFoundError):
-                    sizes[entry.name] = entry.stat().st_size
-        return sizes
-
-    def wait_cached(self, name: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not os.path.exists(self.cache_file(name)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} was not cached within {timeout_s:.0f} s")
-            time.sleep(0.02)
+    ``--since 1d``: the pool's recordings lie in the last 20 hours. Logs at INFO: DEBUG
+    lines for every read would be part of what is timed.
+    """
+    return MountProcess(b.sim.base_url, os.path.join(b.tmp, f"mnt-{tag}"), os.path.join(b.tmp, f"cache-{tag}"),
+                        b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"), ("--since", "1d", *extra),
+                        log_level="INFO", ready_timeout_s=READY_TIMEOUT_S, ready_interval_s=READY_POLL_S)
 
 
-def _lists(path: str) -> bool:
+def stop_mount(mount: MountProcess) -> None:
+    """Exit-stack cleanup: unmount; whatever does not go is killed."""
     try:
-        os.listdir(path)
-        return True
-    except OSError:
-        return False
+        code = mount.unmount()
+        if code != 0:
+            print(f"warning: daemon {mount.mountpoint} exited {code}; log {mount.log_path}", flush=True)
+    except AssertionError as exc:
+        print(f"warning: {exc}", flush=True)
+    finally:
+        mount.kill()
+
+
+def rss_mb(mount: MountProcess) -> float:
+    return mount.rss_kib() * 1024 / MB
+
+
+def settle(what: str, wait: Callable[[], object]) -> None:
+    """Run *wait* (a harness wait); when it times out, say so and measure anyway."""
+    try:
+        wait()
+    except AssertionError as exc:
+        print(f"warning: {what}: {exc}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -694,6 +618,7 @@ class Bench:
     password_file: str
     tree: str = ""
     main: Optional[MountProcess] = None
+    lister: Optional[MountProcess] = None
     info: dict = dataclasses.field(default_factory=dict)
 
     def client(self) -> DirectClient:
@@ -711,7 +636,7 @@ def case_pbx_requests(b: Bench) -> list[Result]:
     for run in range(b.args.runs):
         (rec,) = b.pool.take("pbx_requests")
         before = b.recording_counters()
-        digest = sha256_file(b.main.path(rec.name))
+        digest = sha256_file(b.main.recording_path(rec.name))
         b.main.wait_cached(rec.name)
         delta = b.recording_counters() - before
         bad += digest != b.sim.call("sha256", rec.name)
@@ -757,7 +682,7 @@ def cold_reads(b: Bench, case: str, label: str) -> list[Result]:
         return recs[run]
 
     mine, base = paired_runs(
-        b, case, lambda run: throughput(timed_read(b.main.path(take(run).name)), take(run)),
+        b, case, lambda run: throughput(timed_read(b.main.recording_path(take(run).name)), take(run)),
         lambda run: throughput(client.download(take(run).name), take(run)), "direct",
         after=lambda run: b.main.wait_cached(take(run).name))
     return [Result(case, label, "MB/s", mine, base, ">= 0.9x", lambda _m, _b, r: r >= 0.9)]
@@ -793,14 +718,14 @@ def case_first_64k(b: Bench) -> list[Result]:
         for run in range(b.args.runs):
             (rec,) = b.pool.take("first_64k")
             b.sim.call("warm", [rec.name])
-            m, d = alternate(run, lambda: head_ms(b.main.path(rec.name)),
+            m, d = alternate(run, lambda: head_ms(b.main.recording_path(rec.name)),
                              lambda: client.head(rec.name, HEAD_BYTES) * 1000)
             mine.append(m)
             base.append(d)
             say("first_64k", run, f"mount {m:.1f} ms, direct {d:.1f} ms")
     finally:
         b.sim.call("latency", 0.0)
-    b.main.wait_settled()  # the early leavers' transfers stop (cancelled or suspended)
+    settle("first_64k", b.main.wait_settled)  # the early leavers' transfers stop (cancelled or suspended)
     return [Result("first_64k", f"first 64 KiB, uncached, PBX latency {b.args.latency_ms:g} ms (ms)", "ms",
                    mine, base, "<= base + 10 ms", lambda m, d, _r: m <= d + 10)]
 
@@ -820,7 +745,7 @@ def case_parallel32(b: Bench) -> list[Result]:
         b.sim.call("warm", [rec.name for rec in recs])
         total_mb = sum(rec.size_bytes for rec in recs) / MB
         clients = [b.client() for _ in recs]
-        mount_jobs = [lambda rec=rec: throughput(timed_read(b.main.path(rec.name)), rec) for rec in recs]
+        mount_jobs = [lambda rec=rec: throughput(timed_read(b.main.recording_path(rec.name)), rec) for rec in recs]
         direct_jobs = [lambda rec=rec, c=c: throughput(c.download(rec.name), rec) for rec, c in zip(recs, clients)]
         m, d = alternate(run, lambda: total_mb / in_parallel(mount_jobs),
                          lambda: total_mb / in_parallel(direct_jobs))
@@ -837,9 +762,9 @@ def cached_recording(b: Bench) -> Rec:
     """A recording read once through the mount and now complete in the cache."""
     if "cached" not in b.info:
         (rec,) = b.pool.take("cached")
-        timed_read(b.main.path(rec.name))
+        timed_read(b.main.recording_path(rec.name))
         b.main.wait_cached(rec.name)
-        os.stat(b.main.path(rec.name))  # the kernel learns the exact size (keep_cache is then trusted)
+        os.stat(b.main.recording_path(rec.name))  # the kernel learns the exact size (keep_cache is then trusted)
         b.info["cached"] = rec
     return b.info["cached"]
 
@@ -847,7 +772,7 @@ def cached_recording(b: Bench) -> Rec:
 def cached_reads(b: Bench, case: str, label: str, goal: float, read: Callable[[str, Rec], float]) -> list[Result]:
     """A cached recording through the mount vs its cache file, each read with *read*."""
     rec = cached_recording(b)
-    mounted, local = b.main.path(rec.name), b.main.cache_file(rec.name)
+    mounted, local = b.main.recording_path(rec.name), b.main.cache_file(rec.name)
     mine, base = paired_runs(b, case, lambda _run: read(mounted, rec), lambda _run: read(local, rec),
                              "local file")
     return [Result(case, label, "MB/s", mine, base, f">= {goal:g}x", lambda _m, _b, r: r >= goal)]
@@ -857,7 +782,7 @@ def case_cached_first(b: Bench) -> list[Result]:
     """First read of a cached recording with its pages dropped vs the cache file read alike."""
     def cold(path: str, rec: Rec) -> float:
         drop_page_cache(b.main.cache_file(rec.name))
-        drop_page_cache(b.main.path(rec.name))
+        drop_page_cache(b.main.recording_path(rec.name))
         return throughput(timed_read(path), rec)
 
     return cached_reads(b, "cached_first", f"first read of a cached {b.args.cold_mb:g} MB recording (MB/s)",
@@ -875,44 +800,58 @@ def case_cached_repeat(b: Bench) -> list[Result]:
 
 
 def case_ls_day(b: Bench) -> list[Result]:
-    """``ls -l`` of a day folder through the mount vs of a local folder of empty files."""
+    """``ls -l`` of a day folder: the first listing on a fresh mount, then the same folder again,
+    each against ``ls -l`` of the local folder of empty files."""
     count = b.args.ls_recordings
     day = f"{LS_DAY:%Y/%m/%d}"
-    mine, base = [], []
+    first, first_base, again, again_base = [], [], [], []
 
-    def ls(root: str, expire: bool) -> float:
-        if expire:
-            time.sleep(ATTR_EXPIRE_S)
+    def ls_ms(root: str) -> float:
         seconds, lines = run_command(["ls", "-l", os.path.join(root, day)])
         if lines != count + 1:
             raise RuntimeError(f"ls -l {root}/{day} listed {lines - 1} entries, not {count}")
         return seconds * 1000
 
     for run in range(b.args.runs):
-        m, d = alternate(run, lambda: ls(b.main.mountpoint, True), lambda: ls(b.tree, False))
-        mine.append(m)
-        base.append(d)
-        say("ls_day", run, f"mount {m:.1f} ms, local {d:.1f} ms")
-    return [Result("ls_day", f"ls -l of a day with {count:,} recordings (ms)", "ms", mine, base, "<= 4x",
-                   lambda _m, _b, r: r <= 4)]
+        mount = b.lister.start()  # fresh: the kernel holds nothing of this mount yet
+        try:
+            m, d = alternate(run, lambda: ls_ms(mount.mountpoint), lambda: ls_ms(b.tree))
+            m2, d2 = alternate(run, lambda: ls_ms(mount.mountpoint), lambda: ls_ms(b.tree))
+        finally:
+            stop_mount(mount)
+        first.append(m)
+        first_base.append(d)
+        again.append(m2)
+        again_base.append(d2)
+        say("ls_day", run, f"first listing: mount {m:.1f} ms, local {d:.1f} ms; "
+                           f"again: mount {m2:.1f} ms, local {d2:.1f} ms")
+    label = f"ls -l of a day with {count:,} recordings"
+    return [Result("ls_day_first", f"{label}, first listing (ms)", "ms", first, first_base, "<= 4x",
+                   lambda _m, _b, r: r <= 4),
+            Result("ls_day_again", f"{label}, listed again (ms)", "ms", again, again_base, "<= 2x",
+                   lambda _m, _b, r: r <= 2)]
 
 
 WALK_VARIANTS = (
-    ("names", "walk, names only: find -type f", ()),
-    ("stat", "walk + stat of every file: find -printf %s", ("-printf", "%s\\n")),
+    ("names", "first walk, names only: find -type f", ()),
+    ("stat", "first walk + stat of every file: find -printf %s", ("-printf", "%s\\n")),
 )
 
 
 def case_walk(b: Bench) -> list[Result]:
-    """The 3-year tree walked through the mount vs the same tree of empty local files."""
+    """The 3-year tree walked on a fresh mount vs the same tree of empty local files."""
     return [walk_variant(b, tag, label, extra) for tag, label, extra in WALK_VARIANTS]
 
 
 def walk_variant(b: Bench, tag: str, label: str, extra: tuple) -> Result:
     count, mine, base = b.args.walk_recordings, [], []
     for run in range(b.args.runs):
-        m, d = alternate(run, lambda: walk_seconds(b.main.mountpoint, extra, count, expire=True),
-                         lambda: walk_seconds(b.tree, extra, count, expire=False))
+        mount = b.lister.start()  # fresh: every folder and file is new to the kernel
+        try:
+            m, d = alternate(run, lambda: walk_seconds(mount.mountpoint, extra, count),
+                             lambda: walk_seconds(b.tree, extra, count))
+        finally:
+            stop_mount(mount)
         mine.append(m)
         base.append(d)
         say(f"walk {tag}", run, f"mount {m:.2f} s, local {d:.2f} s")
@@ -920,10 +859,8 @@ def walk_variant(b: Bench, tag: str, label: str, extra: tuple) -> Result:
                   lambda _m, _b, r: r <= 4)
 
 
-def walk_seconds(root: str, extra: tuple, count: int, expire: bool) -> float:
+def walk_seconds(root: str, extra: tuple, count: int) -> float:
     """``find`` over the three year folders of *root*; checks it found *count* files."""
-    if expire:
-        time.sleep(ATTR_EXPIRE_S)
     years = [os.path.join(root, str(year)) for year in range(2020, 2023)]
     seconds, lines = run_command(["find", *years, "-type", "f", *extra])
     if lines != count:
@@ -940,19 +877,20 @@ MAIN_CASE_FUNCTIONS = {
 
 
 def prepare_main(b: Bench, stack: contextlib.ExitStack) -> None:
-    """Index and local trees for ls/walk, then the main mount (``--max-downloads 32``)."""
+    """The listing mount's index and local trees for ls/walk, then the main mount (``--max-downloads 32``)."""
     args, cases = b.args, set(b.args.case_list)
-    main = MountProcess("main", b.tmp, b.sim.base_url, b.password_file,
-                        ("--max-downloads", str(max(32, args.parallel_readers))))
+    lister = b.lister = new_mount(b, "list")
     tree = b.tree = os.path.join(b.tmp, "local-tree")
     if "walk" in cases:
-        build_index(main.index_path, walk_names(args.walk_recordings), args.walk_recordings, "walk tree")
+        build_index(lister.index_path, walk_names(args.walk_recordings), args.walk_recordings, "walk tree")
         make_local_tree(tree, walk_names(args.walk_recordings), args.walk_recordings, "walk tree")
     if "ls_day" in cases:
-        build_index(main.index_path, ls_names(args.ls_recordings), args.ls_recordings, "ls day")
+        build_index(lister.index_path, ls_names(args.ls_recordings), args.ls_recordings, "ls day")
         make_local_tree(tree, ls_names(args.ls_recordings), args.ls_recordings, "ls day")
-    stack.callback(main.cleanup)
-    b.info["main_mount_ready_s"] = round(main.start(), 3)
+    stack.callback(stop_mount, lister)
+    main = new_mount(b, "main", ("--max-downloads", str(max(32, args.parallel_readers))))
+    stack.callback(stop_mount, main)
+    b.info["main_mount_ready_s"] = round(main.start().ready_s, 3)
     b.main = main
     print(f"main mount ready in {b.info['main_mount_ready_s']:.2f} s", flush=True)
     warm_up(b)
@@ -961,7 +899,7 @@ def prepare_main(b: Bench, stack: contextlib.ExitStack) -> None:
 def warm_up(b: Bench) -> None:
     """One untimed cold read through the mount and one direct download."""
     (rec,) = b.pool.take("warmup")
-    timed_read(b.main.path(rec.name))
+    timed_read(b.main.recording_path(rec.name))
     b.client().download(rec.name)
     b.main.wait_cached(rec.name)
 
@@ -975,11 +913,11 @@ def run_main_cases(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
     results = []
     for case in selected:
         print(f"{case}:", flush=True)
-        b.main.wait_settled()
+        settle(case, b.main.wait_settled)
         results += MAIN_CASE_FUNCTIONS[case](b)
     b.info["daemon_logins_during_main_cases"] = b.recording_counters()["login"] - logins_before
-    b.info["main_rss_mb_at_end"] = round(b.main.rss_mb(), 1)
-    code = b.main.stop()
+    b.info["main_rss_mb_at_end"] = round(rss_mb(b.main), 1)
+    code = b.main.unmount()
     b.info["main_exit_status"] = code
     return results
 
@@ -992,9 +930,9 @@ def big_mount(b: Bench, stack: contextlib.ExitStack) -> MountProcess:
     """A mount whose pre-built index holds ``--index-recordings`` recordings."""
     if "big" not in b.info:
         count = b.args.index_recordings
-        mount = MountProcess("big", b.tmp, b.sim.base_url, b.password_file)
+        mount = new_mount(b, "big")
         build_index(mount.index_path, walk_names(count), count, "big")
-        stack.callback(mount.cleanup)
+        stack.callback(stop_mount, mount)
         b.info["big"] = mount
     return b.info["big"]
 
@@ -1004,9 +942,9 @@ def case_mount_start(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
     mount, count = big_mount(b, stack), b.args.index_recordings
     mine, idle = [], []
     for run in range(b.args.runs):
-        seconds = mount.start()
-        idle.append(mount.rss_mb())
-        mount.stop()
+        seconds = mount.start().ready_s
+        idle.append(rss_mb(mount))
+        mount.unmount()
         mine.append(seconds)
         say("mount_start", run, f"ready in {seconds:.2f} s, RSS {idle[-1]:.1f} MB")
     b.info["mount_start_idle_rss_mb"] = idle
@@ -1018,10 +956,11 @@ def case_memory(b: Bench, stack: contextlib.ExitStack) -> list[Result]:
     """Daemon RSS with a big index: idle, and sampled while streaming a large recording."""
     mount, count = big_mount(b, stack), b.args.index_recordings
     mount.start()
-    time.sleep(0.5)
-    idle = [mount.rss_mb()]
+    settle("memory_idle", lambda: wait_stable(mount.rss_kib, quiet_s=0.5, timeout_s=10,
+                                              message="the idle daemon's RSS to settle"))
+    idle = [rss_mb(mount)]
     runs = [stream_once(b, mount, run) for run in range(b.args.runs)]
-    mount.stop()
+    mount.unmount()
     peaks = [max(samples) for samples in runs]
     growth = [samples[-1] - samples[0] for samples in runs]
     per_run = ", ".join(f"{samples[0]:.0f}->{samples[-1]:.0f}" for samples in runs)
@@ -1041,7 +980,7 @@ def stream_once(b: Bench, mount: MountProcess, run: int) -> list[float]:
     """Stream one fresh large recording through *mount*; the daemon's RSS samples meanwhile."""
     (rec,) = b.pool.take("memory")
     b.sim.call("warm", [rec.name])
-    samples, rate = sample_rss_while(mount, lambda: throughput(timed_read(mount.path(rec.name)), rec))
+    samples, rate = sample_rss_while(mount, lambda: throughput(timed_read(mount.recording_path(rec.name)), rec))
     say("memory", run, f"streamed {rec.size_bytes / MB:.0f} MB at {rate:.0f} MB/s, RSS first {samples[0]:.1f}, "
                        f"max {max(samples):.1f}, last {samples[-1]:.1f} MB ({len(samples)} samples)")
     mount.wait_cached(rec.name)
@@ -1050,12 +989,12 @@ def stream_once(b: Bench, mount: MountProcess, run: int) -> list[float]:
 
 def sample_rss_while(mount: MountProcess, job: Callable[[], float]) -> tuple[list[float], float]:
     """VmRSS of the daemon every 50 ms while *job* runs; (samples, job's result)."""
-    samples = [mount.rss_mb()]
+    samples = [rss_mb(mount)]
     done = threading.Event()
 
     def sampler() -> None:
         while not done.wait(RSS_SAMPLE_S):
-            samples.append(mount.rss_mb())
+            samples.append(rss_mb(mount))
 
     thread = threading.Thread(target=sampler, daemon=True)
     thread.start()
@@ -1064,7 +1003,7 @@ def sample_rss_while(mount: MountProcess, job: Callable[[], float]) -> tuple[lis
     finally:
         done.set()
         thread.join()
-    samples.append(mount.rss_mb())
+    samples.append(rss_mb(mount))
     return samples, result
 
 
@@ -1104,14 +1043,6 @@ def remove_tmp(tmp: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_password(tmp: str, password: str) -> str:
-    path = os.path.join(tmp, "password")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(password + "\n")
-    return path
-
-
 def report(results: list[Result], machine: dict, args: argparse.Namespace, info: dict, elapsed_s: float) -> dict:
     print()
     print(table(results))
@@ -1143,7 +1074,7 @@ def run(args: argparse.Namespace) -> int:
         password = secrets.token_urlsafe(18)
         sim = RemoteSimulator(password)
         stack.callback(sim.close)
-        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password), tmp, write_password(tmp, password))
+        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password), tmp, write_password_file(os.path.join(tmp, "password"), password))
         plan_recordings(bench.pool, args)
         results = run_main_cases(bench, stack) + run_big_cases(bench, stack)
         report(results, machine, args, bench.info, time.monotonic() - started)

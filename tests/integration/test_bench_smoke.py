@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 TINY = ["--runs", "1", "--walk-recordings", "300", "--index-recordings", "300", "--stream-mb", "1",
         "--cold-mb", "1", "--parallel-mb", "0.5", "--parallel-readers", "3", "--ls-recordings", "20"]
 EXPECTED_ROWS = {"pbx_requests", "cold_seq", "cold_seq_lan", "first_64k", "parallel32", "cached_first", "cached_repeat",
-                 "ls_day", "walk_names", "walk_stat", "mount_start", "memory_idle", "memory_stream",
+                 "ls_day_first", "ls_day_again", "walk_names", "walk_stat", "mount_start", "memory_idle", "memory_stream",
                  "memory_growth"}
 
 

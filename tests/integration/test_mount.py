@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import wave
 
 import pytest
 
+from harness import (date_path, download_requests, fusermount, mount_command, sha256_of, wait_until,
+                     write_password_file)
+
 pytestmark = pytest.mark.fuse
-
-
-def date_path(name: str) -> tuple[str, str, str, str]:
-    return name[0:4], name[4:6], name[6:8], name
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download_requests(pbx) -> tuple[int, int]:
-    return pbx.counters["recording/get_random"], pbx.counters["recording/download"]
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.05, what=None) -> float:
-    """Poll *predicate* until true; return the seconds it took. Fails after *timeout_s*."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(interval_s)
-    pytest.fail(f"condition not met within {timeout_s} s" + (f": {what()}" if what else ""))
 
 
 def test_every_recording_appears_at_its_date_path(pbx, mounted):
@@ -63,7 +38,7 @@ def test_read_matches_pbx_with_one_random_and_one_download(pbx, mounted):
     assert download_requests(pbx) == (1, 1)
     assert sha256_of(path) == rec.sha256          # second read: from the cache
     assert download_requests(pbx) == (1, 1)
-    wait_for(lambda: os.stat(path).st_size == rec.size_bytes, timeout_s=2.5)
+    wait_until(lambda: os.stat(path).st_size == rec.size_bytes, timeout_s=2.5, message="the exact size")
     assert os.stat(path).st_mtime == time.mktime(dt.datetime.strptime(rec.name[:14], "%Y%m%d%H%M%S").timetuple())
 
 
@@ -88,8 +63,10 @@ def test_new_cdr_event_appears_within_5_seconds(pbx, mounted):
     pbx.populate(2, days=1)
     mount = mounted("--poll-interval", "3600")
     rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=True)
-    took_s = wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
-    assert took_s < 5
+    announced = time.monotonic()
+    wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5,
+               message="the announced recording")
+    assert time.monotonic() - announced < 5
     assert pbx.counters["event_push"] >= 1
 
 
@@ -97,7 +74,8 @@ def test_cdr_only_recording_appears_within_one_poll_interval(pbx, mounted):
     pbx.populate(2, days=1)
     mount = mounted("--poll-interval", "2", "--no-events")
     rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=False)
-    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=2 + 1.5)
+    wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=2 + 1.5,
+               message="the polled recording")
 
 
 def test_unknown_names_are_enoent_without_pbx_requests(pbx, mounted):
@@ -145,7 +123,7 @@ def test_unmount_is_clean_and_remount_serves_the_cache(pbx, mounted, tmp_path):
     assert sha256_of(path) == rec.sha256
     assert first.unmount() == 0
     pbx.reset()
-    second = mounted(cache_dir=first.cache_dir)
+    second = mounted(cache_root=first.cache_root)
     assert sha256_of(second.path(*date_path(rec.name))) == rec.sha256
     assert download_requests(pbx) == (0, 0)
     assert os.stat(second.path(*date_path(rec.name))).st_size == rec.size_bytes
@@ -153,23 +131,19 @@ def test_unmount_is_clean_and_remount_serves_the_cache(pbx, mounted, tmp_path):
 
 def test_background_mount_returns_when_ready_and_exits_on_unmount(pbx, password_file, tmp_path):
     rec = pbx.populate(1, days=1)[0]
-    mountpoint, cache_dir = tmp_path / "bg", tmp_path / "cache"
+    mountpoint, cache_root = tmp_path / "bg", tmp_path / "cache"
     mountpoint.mkdir()
-    result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", pbx.base_url,
-                             "--user", "api", "--password-file", password_file, "--cache-dir", str(cache_dir),
-                             "--events-port", "0"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(mount_command(mountpoint, pbx.base_url, cache_root, password_file),
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     try:
         assert os.path.ismount(mountpoint)
         assert os.path.exists(os.path.join(mountpoint, *date_path(rec.name)))
-        lock_files = list(cache_dir.glob("*/lock"))
+        lock_files = list(cache_root.glob("*/lock"))
         daemon_pid = int(lock_files[0].read_text())
     finally:
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{daemon_pid}"):
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{daemon_pid}")
+        subprocess.run([fusermount(), "-u", str(mountpoint)], check=False)
+    wait_until(lambda: not os.path.exists(f"/proc/{daemon_pid}"), timeout_s=20, message="the daemon to exit")
 
 
 @pytest.mark.parametrize("problem", ["wrong password", "unreachable", "busy", "no password"])
@@ -177,22 +151,17 @@ def test_start_errors_print_one_clear_line(pbx, password_file, tmp_path, problem
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     url, env = pbx.base_url, {k: v for k, v in os.environ.items() if k != "YEASTARFS_PASSWORD"}
-    args = ["--password-file", password_file]
     if problem == "wrong password":
-        bad = tmp_path / "bad"
-        bad.write_text("nope")
-        os.chmod(bad, 0o600)
-        args = ["--password-file", str(bad)]
+        password_file = write_password_file(tmp_path / "bad", "nope")
     elif problem == "unreachable":
         url = "http://127.0.0.1:9"  # discard port: connection refused
     elif problem == "busy":
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
     elif problem == "no password":
-        args = []
+        password_file = None
     try:
-        result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", url,
-                                 "--user", "api", *args, "--cache-dir", str(tmp_path / "cache"),
-                                 "--events-port", "0"], capture_output=True, text=True, timeout=60, env=env)
+        result = subprocess.run(mount_command(mountpoint, url, tmp_path / "cache", password_file),
+                                capture_output=True, text=True, timeout=60, env=env)
     finally:
         if problem == "busy":
             subprocess.run(["umount", str(mountpoint)], check=False)
@@ -233,4 +202,5 @@ def test_a_slow_pbx_never_holds_up_the_mount(pbx, mounted):
     assert "goes on in the background" in mount.log()
     pbx.latency_s = 0.0
     for rec in recordings:  # the backfill finishes behind the mount
-        wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=30)
+        wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=30,
+                   message=f"{rec.name} from the background backfill")

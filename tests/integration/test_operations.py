@@ -12,23 +12,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import requests
 
-from test_mount import date_path, download_requests, wait_for
+from harness import date_path, download_requests, wait_until, write_password_file, yeastarfs_command
 from test_streaming import ONE_MB, add
 
 pytestmark = pytest.mark.fuse
 
 
 def yeastarfs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "yeastarfs", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(yeastarfs_command(*args), capture_output=True, text=True, timeout=60)
 
 
-def test_cdr_fields_as_extended_attributes_without_pbx_requests(pbx, mounted):
+def test_cdr_fields_as_extended_attributes_without_pbx_requests(pbx, mounted, require):
     rec = add(pbx, size_bytes=ONE_MB, callfrom="0612345678", callto="1001", call_type="Inbound")
     mount = mounted()
     pbx.reset()
@@ -45,9 +43,10 @@ def test_cdr_fields_as_extended_attributes_without_pbx_requests(pbx, mounted):
         with pytest.raises(OSError) as info:
             os.getxattr(path, missing)
         assert info.value.errno == errno.ENODATA, missing
-    if shutil.which("getfattr"):
-        getfattr = subprocess.run(["getfattr", "-d", path], capture_output=True, text=True)
-        assert 'user.yeastar.caller="0612345678"' in getfattr.stdout
+    getfattr = shutil.which("getfattr")
+    require(getfattr, "getfattr is not installed (scripts/setup installs attr)")
+    listing = subprocess.run([getfattr, "-d", path], capture_output=True, text=True)
+    assert 'user.yeastar.caller="0612345678"' in listing.stdout
     assert download_requests(pbx) == (0, 0)
 
 
@@ -74,9 +73,10 @@ def test_sighup_polls_now_and_sigusr1_logs_statistics(pbx, mounted):
     mount = mounted("--poll-interval", "3600", "--no-events")
     rec = add(pbx, size_bytes=ONE_MB, minutes_ago=3)
     mount.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
+    wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5,
+               message="the recording the SIGHUP poll found")
     mount.process.send_signal(signal.SIGUSR1)
-    wait_for(lambda: "statistics:" in mount.log(), timeout_s=5)
+    wait_until(lambda: "statistics:" in mount.log(), timeout_s=5, message="statistics in the log")
     assert os.path.ismount(mount.mountpoint)
 
 
@@ -116,7 +116,7 @@ def test_cache_stats_verify_and_clear(pbx, mounted):
     for rec in recordings:
         with open(mount.path(*date_path(rec.name)), "rb") as handle:
             handle.read()
-    cache_root = mount.cache_dir
+    cache_root = mount.cache_root
     stats = yeastarfs("cache", "stats", "--cache-dir", cache_root)
     assert stats.returncode == 0 and "3 cached recordings" in stats.stdout
     verify = yeastarfs("cache", "verify", "--cache-dir", cache_root)
@@ -124,9 +124,7 @@ def test_cache_stats_verify_and_clear(pbx, mounted):
     busy = yeastarfs("cache", "clear", "--cache-dir", cache_root)
     assert busy.returncode == 1 and "unmount it first" in busy.stderr
     assert mount.unmount() == 0
-    complete = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(cache_root)
-                if dirpath.endswith("complete") for name in names]
-    with open(complete[0], "r+b") as handle:  # a damaged file: one byte short
+    with open(mount.cache_file(recordings[0].name), "r+b") as handle:  # a damaged file: one byte short
         handle.truncate(ONE_MB - 1)
     damaged = yeastarfs("cache", "verify", "--cache-dir", cache_root)
     assert damaged.returncode == 1 and "2 good, 1 bad" in damaged.stdout
@@ -138,9 +136,10 @@ def test_prefetch_new_caches_announced_recordings(pbx, mounted):
     old = pbx.populate(1, days=1)[0]
     mount = mounted("--prefetch", "new", "--poll-interval", "3600")
     announced = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=1), duration_s=20, announce=True)
-    wait_for(lambda: os.path.exists(mount.path(*date_path(announced.name))), timeout_s=5)
-    wait_for(lambda: os.getxattr(mount.path(*date_path(announced.name)), "user.yeastarfs.cached") == b"1",
-             timeout_s=10)
+    wait_until(lambda: os.path.exists(mount.path(*date_path(announced.name))), timeout_s=5,
+               message="the announced recording")
+    wait_until(lambda: os.getxattr(mount.path(*date_path(announced.name)), "user.yeastarfs.cached") == b"1",
+               timeout_s=10, message="the announced recording to be prefetched")
     pbx.reset()
     with open(mount.path(*date_path(announced.name)), "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == announced.sha256
@@ -152,13 +151,15 @@ def test_prefetch_new_caches_announced_recordings(pbx, mounted):
 def test_events_over_tcp_when_the_pbx_reports_by_tcp(pbx, mounted):
     pbx.populate(1, days=1)
     mount = mounted("--tcp-events-port", str(pbx.tcp_port), "--poll-interval", "3600")
-    wait_for(lambda: pbx.counters["tcp_login"] >= 1, timeout_s=10)
+    wait_until(lambda: pbx.counters["tcp_login"] >= 1, timeout_s=10, message="a TCP login")
     rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=1), duration_s=20, announce=True)
-    wait_for(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5)
+    wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5,
+               message="the recording announced over TCP")
     pbx.disconnect_tcp_clients()  # the PBX rebooted: the client reconnects and logs in again
-    wait_for(lambda: pbx.counters["tcp_login"] >= 2, timeout_s=15)
+    wait_until(lambda: pbx.counters["tcp_login"] >= 2, timeout_s=15, message="a second TCP login")
     second = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(seconds=50), duration_s=10, announce=True)
-    wait_for(lambda: os.path.exists(mount.path(*date_path(second.name))), timeout_s=5)
+    wait_until(lambda: os.path.exists(mount.path(*date_path(second.name))), timeout_s=5,
+               message="the recording announced after the reconnection")
 
 
 def test_prefetch_is_safe_to_interrupt(pbx, mounted):
@@ -166,9 +167,9 @@ def test_prefetch_is_safe_to_interrupt(pbx, mounted):
     mount = mounted()
     pbx.bandwidth_bps = 1_000_000
     day = os.path.dirname(mount.path(*date_path(recordings[0].name)))
-    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "prefetch", day, "--jobs", "2"],
-                               stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    before = pbx.downloaded_bytes()
+    process = subprocess.Popen(yeastarfs_command("prefetch", day, "--jobs", "2"), stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: pbx.downloaded_bytes() > before, timeout_s=10, message="the prefetch to start downloading")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130
@@ -180,12 +181,10 @@ def test_prefetch_is_safe_to_interrupt(pbx, mounted):
 
 
 def test_simulator_command_serves_the_api(tmp_path):
-    password = tmp_path / "pw"
-    password.write_text("sim-secret\n")
-    password.chmod(0o600)
-    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "simulator", "--port", "0", "--recordings", "5",
-                                "--password-file", str(password)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    password = write_password_file(tmp_path / "pw", "sim-secret")
+    process = subprocess.Popen(yeastarfs_command("simulator", "--port", "0", "--recordings", "5",
+                                                 "--password-file", password),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         url = line.split(" at ", 1)[1].split()[0]
@@ -200,10 +199,10 @@ def test_simulator_command_serves_the_api(tmp_path):
 
 def test_demo_mounts_sample_recordings_and_unmounts_on_ctrl_c(tmp_path):
     mountpoint = tmp_path / "demo"
-    process = subprocess.Popen([sys.executable, "-m", "yeastarfs", "demo", str(mountpoint), "--recordings", "12"],
+    process = subprocess.Popen(yeastarfs_command("demo", str(mountpoint), "--recordings", "12"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: os.path.ismount(mountpoint), timeout_s=30)
+        wait_until(lambda: os.path.ismount(mountpoint), timeout_s=30, message="the demo mount")
         files = [os.path.join(root, name) for root, _, names in os.walk(mountpoint) for name in names]
         assert len(files) == 12
         with open(files[0], "rb") as handle:

@@ -10,13 +10,12 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
-from test_mount import date_path, download_requests, sha256_of, wait_for
-from test_streaming import ONE_MB, _pbx_dir, add
+from harness import date_path, holds_for, mount_command, sha256_of, wait_until
+from test_streaming import ONE_MB, add
 
 pytestmark = pytest.mark.fuse
 
@@ -72,12 +71,13 @@ def test_mount_comes_up_from_the_index_when_the_pbx_is_down(pbx, mounted):
     assert sha256_of(first.path(*date_path(cached.name))) == cached.sha256
     assert first.unmount() == 0
     pbx.refuse_connections = True
-    second = mounted("--poll-interval", "1", cache_dir=first.cache_dir)
+    second = mounted("--poll-interval", "1", cache_root=first.cache_root)
     second.errors_expected = True
     assert sha256_of(second.path(*date_path(cached.name))) == cached.sha256
     pbx.refuse_connections = False
     later = add(pbx, size_bytes=ONE_MB, minutes_ago=5)
-    wait_for(lambda: os.path.exists(second.path(*date_path(later.name))), timeout_s=15)
+    wait_until(lambda: os.path.exists(second.path(*date_path(later.name))), timeout_s=15,
+               message="the recording added once the PBX was back")
     assert sha256_of(second.path(*date_path(later.name))) == later.sha256
 
 
@@ -89,9 +89,8 @@ def test_failing_downloads_give_eio_and_are_never_cached(pbx, mounted, mode):
     pbx.fail_mode = mode
     pbx.fail_downloads = 100
     assert read_errno(mount.path(*date_path(rec.name))) == errno.EIO
-    cache_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx))
-    assert os.listdir(os.path.join(cache_dir, "complete")) == []
-    wait_for(lambda: os.listdir(os.path.join(cache_dir, "partial")) == [], timeout_s=5)
+    assert os.listdir(mount.complete_dir) == []
+    wait_until(lambda: os.listdir(mount.partial_dir) == [], timeout_s=5, message="the partial file to go")
     pbx.fail_downloads = 0
     assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
 
@@ -100,10 +99,8 @@ def test_locked_out_start_says_so(pbx, password_file, tmp_path):
     pbx.lock_ip("127.0.0.1")
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--pbx", pbx.base_url,
-                             "--user", "api", "--password-file", password_file, "--cache-dir",
-                             str(tmp_path / "cache"), "--events-port", "0"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(mount_command(mountpoint, pbx.base_url, tmp_path / "cache", password_file),
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "locked" in result.stderr
     assert pbx.counters["login"] == 1
@@ -120,21 +117,20 @@ def test_signals_unmount_cleanly(pbx, mounted, signum):
 
 def test_disk_full_fails_the_read_cleanly_and_the_mount_stays_up(pbx, mounted, tmp_path):
     small, big = add(pbx, size_bytes=ONE_MB, minutes_ago=30), add(pbx, size_bytes=6 * ONE_MB, minutes_ago=31)
-    cache_dir = tmp_path / "small-cache"
-    cache_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(cache_dir)], check=True)
+    cache_root = tmp_path / "small-cache"
+    cache_root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(cache_root)], check=True)
     try:
-        mount = mounted("--cache-size", "100M", cache_dir=cache_dir)
+        mount = mounted("--cache-size", "100M", cache_root=cache_root)
         mount.errors_expected = True
         assert read_errno(mount.path(*date_path(big.name))) == errno.EIO
-        complete = os.path.join(str(cache_dir), _pbx_dir(pbx), "complete")
-        assert big.name not in os.listdir(complete)
-        wait_for(lambda: os.listdir(os.path.join(str(cache_dir), _pbx_dir(pbx), "partial")) == [], timeout_s=5)
+        assert big.name not in os.listdir(mount.complete_dir)
+        wait_until(lambda: os.listdir(mount.partial_dir) == [], timeout_s=5, message="the partial file to go")
         assert sha256_of(mount.path(*date_path(small.name))) == small.sha256
         assert os.listdir(mount.mountpoint)
         assert mount.unmount() == 0
     finally:
-        subprocess.run(["umount", str(cache_dir)], check=False)
+        subprocess.run(["umount", str(cache_root)], check=False)
 
 
 def test_hostile_names_and_broken_rows_are_never_exposed(pbx, mounted):
@@ -168,8 +164,8 @@ def test_events_from_other_addresses_are_refused(pbx, mounted):
         conn.sendall(request)
         reply = conn.recv(200)
     assert b" 403 " in reply.split(b"\r\n", 1)[0]
-    time.sleep(0.5)
-    assert not os.path.exists(mount.path(*date_path(name)))
+    holds_for(lambda: not os.path.exists(mount.path(*date_path(name))), duration_s=0.5,
+              message="the refused event's recording staying unknown")
 
 
 def test_secrets_never_reach_logs_argv_or_files(pbx, mounted, password_file):
@@ -190,18 +186,18 @@ def test_secrets_never_reach_logs_argv_or_files(pbx, mounted, password_file):
     assert len(secrets) > 3
     with open(f"/proc/{mount.process.pid}/cmdline", "rb") as handle:
         argv = handle.read().decode()
-    cache_root = os.path.join(mount.cache_dir, _pbx_dir(pbx))
+    pbx_dir = mount.pbx_dir
     texts = {"log": mount.log(), "argv": argv}
-    for root, _, files in os.walk(cache_root):  # index, lock, cached files: every byte
+    for root, _, files in os.walk(pbx_dir):  # index, lock, cached files: every byte
         for name in files:
             with open(os.path.join(root, name), "rb") as handle:
                 texts[os.path.join(root, name)] = handle.read().decode("latin-1")
     for where, text in texts.items():
         for secret in secrets:
             assert secret not in text, f"a secret leaked into {where}"
-    assert stat.S_IMODE(os.stat(mount.cache_dir).st_mode) == 0o700 or True
-    assert stat.S_IMODE(os.stat(cache_root).st_mode) == 0o700
-    for root, dirs, files in os.walk(cache_root):
+    assert stat.S_IMODE(os.stat(mount.cache_root).st_mode) == 0o700  # created new by the daemon: private
+    assert stat.S_IMODE(os.stat(pbx_dir).st_mode) == 0o700
+    for root, dirs, files in os.walk(pbx_dir):
         for d in dirs:
             assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700
         for f in files:

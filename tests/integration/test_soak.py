@@ -16,21 +16,13 @@ import time
 
 import pytest
 
-from test_mount import date_path
+from harness import date_path
 
 pytestmark = pytest.mark.fuse
 
 READERS = 32
 RECORDINGS = 200
 SOAK_S = 35.0
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_soak_random_faults(pbx, mounted):
@@ -79,10 +71,10 @@ def test_soak_random_faults(pbx, mounted):
     for thread in threads:
         thread.start()
     time.sleep(8)  # warm up: caches, threads and buffers reach their working size
-    rss_start = rss_kib(mount.process.pid)
+    rss_start = mount.rss_kib()
     rss_samples = []
     while any(thread.is_alive() for thread in threads[:-1]):
-        rss_samples.append(rss_kib(mount.process.pid))
+        rss_samples.append(mount.rss_kib())
         time.sleep(1)
     for thread in threads:
         thread.join(timeout=60)
@@ -91,7 +83,7 @@ def test_soak_random_faults(pbx, mounted):
     assert not failures, failures[:10]
     assert outcomes["ok"] > 200, outcomes
     assert max(rss_samples) < rss_start * 1.5 + 20_000, (rss_start, rss_samples)
-    complete = os.path.join(mount.cache_dir, pbx.base_url.split("://", 1)[1].replace(":", "_"), "complete")
+    complete = mount.complete_dir
     cached = os.listdir(complete)
     assert cached
     for name in cached:

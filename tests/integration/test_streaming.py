@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_mount import date_path, download_requests, sha256_of, wait_for
+from harness import CLEAN_STOP_MARKER, date_path, download_requests, holds_for, sha256_of, wait_stable, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -71,11 +71,7 @@ def test_reset_mid_download_is_recovered(pbx, mounted, honour_range):
     assert randoms == downloads == 2  # one fresh random per attempt
     resumed = [entry for entry in pbx.requests_log if entry["endpoint"] == "recording/download"]
     assert len(resumed) == 2
-    assert os.path.getsize(os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete", rec.name)) == rec.size_bytes
-
-
-def _pbx_dir(pbx) -> str:
-    return pbx.base_url.split("://", 1)[1].replace(":", "_")
+    assert os.path.getsize(mount.cache_file(rec.name)) == rec.size_bytes
 
 
 def test_sniffing_readers_pull_less_than_half(pbx, mounted):
@@ -88,13 +84,11 @@ def test_sniffing_readers_pull_less_than_half(pbx, mounted):
     for rec in recordings:
         with open(mount.path(*date_path(rec.name)), "rb") as handle:
             assert handle.read(4096) == pbx.recording_bytes(rec.name)[:4096]
-    time.sleep(0.5)
-    pulled = pbx.downloaded_bytes()
+    pulled = wait_stable(pbx.downloaded_bytes, quiet_s=0.3, timeout_s=5, message="the PBX to stop sending")
     assert pulled < 0.5 * 6 * ONE_MB, f"pulled {pulled} bytes"
-    time.sleep(1.0)
-    assert pbx.downloaded_bytes() == pulled  # suspended: the PBX is not sending any more
-    complete_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete")
-    assert os.listdir(complete_dir) == []
+    holds_for(lambda: pbx.downloaded_bytes() == pulled, duration_s=1.0,
+              message="suspended: the PBX is not sending any more")
+    assert os.listdir(mount.complete_dir) == []
     # Reopening a sniffed file resumes its download and gets the right bytes.
     assert sha256_of(mount.path(*date_path(recordings[0].name))) == recordings[0].sha256
 
@@ -103,9 +97,8 @@ def test_a_recording_read_to_the_end_is_cached_whole(pbx, mounted):
     rec = add(pbx, size_bytes=ONE_MB)
     mount = mounted()
     assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
-    complete = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete", rec.name)
-    wait_for(lambda: os.path.exists(complete), timeout_s=5)
-    assert os.path.getsize(complete) == rec.size_bytes
+    mount.wait_cached(rec.name, timeout_s=5)
+    assert os.path.getsize(mount.cache_file(rec.name)) == rec.size_bytes
 
 
 def test_lru_keeps_the_cache_within_its_budget_across_remount(pbx, mounted):
@@ -113,14 +106,15 @@ def test_lru_keeps_the_cache_within_its_budget_across_remount(pbx, mounted):
     mount = mounted("--cache-size", "2M")
     for rec in recordings:
         assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
-    complete_dir = os.path.join(mount.cache_dir, _pbx_dir(pbx), "complete")
-    wait_for(lambda: os.listdir(complete_dir) == [recordings[-1].name], timeout_s=5, what=lambda: os.listdir(complete_dir))
+    complete_dir = mount.complete_dir
+    wait_until(lambda: os.listdir(complete_dir) == [recordings[-1].name], timeout_s=5,
+               message=lambda: f"only the newest cached, not {os.listdir(complete_dir)}")
     on_disk = sum(os.path.getsize(os.path.join(complete_dir, n)) for n in os.listdir(complete_dir))
     assert on_disk <= 2 * 1024 * 1024
     assert mount.unmount() == 0
     pbx.reset()
-    assert os.path.exists(os.path.join(mount.cache_dir, _pbx_dir(pbx), "clean-stop"))
-    again = mounted("--cache-size", "2M", cache_dir=mount.cache_dir)
+    assert os.path.exists(os.path.join(mount.pbx_dir, CLEAN_STOP_MARKER))
+    again = mounted("--cache-size", "2M", cache_root=mount.cache_root)
     assert "did not stop cleanly" not in again.log()
     assert sha256_of(again.path(*date_path(recordings[-1].name))) == recordings[-1].sha256
     assert download_requests(pbx) == (0, 0)
@@ -139,7 +133,7 @@ def test_kill_9_during_download_then_remount_reads_correct_bytes(pbx, mounted):
     pbx.bandwidth_bps = None
     pbx.reset()
     # The dead mountpoint answers ENOTCONN; the next start must recover it by itself.
-    again = mounted(cache_dir=mount.cache_dir, mountpoint=mount.mountpoint)
+    again = mounted(cache_root=mount.cache_root, mountpoint=mount.mountpoint)
     assert "did not stop cleanly" in again.log()  # so cached sizes are checked
     assert sha256_of(again.path(*date_path(rec.name))) == rec.sha256
     assert download_requests(pbx) == (1, 1)
@@ -191,7 +185,8 @@ def test_repeated_reads_of_a_cached_recording_are_served_by_the_kernel(pbx, moun
     mount = mounted()
     path = mount.path(*date_path(rec.name))
     assert sha256_of(path) == rec.sha256          # downloads and caches
-    time.sleep(1.2)                                # the kernel's attributes now hold the exact size
+    wait_until(lambda: os.stat(path).st_size == rec.size_bytes, timeout_s=2.5,
+               message="the kernel's attributes to hold the exact size")
     assert sha256_of(path) == rec.sha256          # from the cache file, into the page cache
     reads_before = _status(mount)["fuse_reads"]
     for _ in range(3):

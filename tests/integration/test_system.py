@@ -14,7 +14,8 @@ import tempfile
 
 import pytest
 
-from test_mount import date_path, download_requests, sha256_of, wait_for
+from harness import (LOCK_FILE, date_path, download_requests, fusermount, pbx_cache_dir, sha256_of, wait_until,
+                     yeastarfs_command)
 
 pytestmark = pytest.mark.fuse
 
@@ -90,23 +91,20 @@ def test_config_file_environment_and_command_line_precedence(pbx, password_file,
         env.pop("YEASTARFS_CACHE_SIZE", None)
         if env_size:
             env["YEASTARFS_CACHE_SIZE"] = env_size
-        result = subprocess.run([sys.executable, "-m", "yeastarfs", "mount", str(mountpoint), "--config", str(config),
-                                 *cli_args], capture_output=True, text=True, timeout=60, env=env)
+        result = subprocess.run(yeastarfs_command("mount", str(mountpoint), "--config", str(config), *cli_args),
+                                capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
-        status = subprocess.run([sys.executable, "-m", "yeastarfs", "status", str(mountpoint), "--json"],
+        status = subprocess.run(yeastarfs_command("status", str(mountpoint), "--json"),
                                 capture_output=True, text=True, timeout=30)
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
-        wait_for(lambda: not os.path.exists(os.path.join(tmp_path, "cache", _pbx_subdir(pbx), "lock"))
-                 or _unlocked(os.path.join(tmp_path, "cache", _pbx_subdir(pbx), "lock")), timeout_s=15)
+        subprocess.run([fusermount(), "-u", str(mountpoint)], check=True)
+        lock = os.path.join(pbx_cache_dir(tmp_path / "cache", pbx.base_url), LOCK_FILE)
+        wait_until(lambda: not os.path.exists(lock) or _unlocked(lock), timeout_s=15,
+                   message="the daemon to release the cache lock")
         return json.loads(status.stdout)["cache_limit_bytes"]
 
     assert mount_with(None, []) == 1 << 20
     assert mount_with("2M", []) == 2 << 20
     assert mount_with("2M", ["--cache-size", "3M"]) == 3 << 20
-
-
-def _pbx_subdir(pbx) -> str:
-    return pbx.base_url.split("://", 1)[1].replace(":", "_")
 
 
 def _unlocked(lock_path: str) -> bool:

@@ -9,37 +9,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import socket
 import threading
 import time
 
 import pytest
 
+from harness import factory, free_port, holds_for, new_simulator, wait_until
 from yeastarfs import errors
 from yeastarfs.pbx.sseries.client import PbxClient
-from yeastarfs.sim.sseries import Simulator
 
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
 HEX32 = set("0123456789abcdef")
 PASSWORD = "an0ther-Passw0rd"  # for simulators this file starts itself
-
-
-@pytest.fixture
-def make_client():
-    """Build PbxClients with short timeouts; all are stopped at the end."""
-    clients = []
-
-    def make(sim, password=None, **kwargs):
-        password = sim.password if password is None else password
-        kwargs.setdefault("connect_timeout_s", 2.0)
-        kwargs.setdefault("read_timeout_s", 5.0)
-        client = PbxClient(sim.base_url, "api", password, **kwargs)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.stop()
 
 
 @pytest.fixture
@@ -49,16 +30,8 @@ def client(pbx, make_client):
 
 @pytest.fixture
 def make_sim():
-    started = []
-
-    def make(**kwargs):
-        sim = Simulator(username="api", password=PASSWORD, **kwargs).start()
-        started.append(sim)
-        return sim
-
-    yield make
-    for sim in started:
-        sim.stop()
+    """Start simulators with options of their own (``make_sim(token_idle_s=0.3)``); all stopped at the end."""
+    yield from factory(lambda **options: new_simulator(password=PASSWORD, **options).start())
 
 
 def add(sim, seconds=2.0, **kwargs):
@@ -69,14 +42,6 @@ def add(sim, seconds=2.0, **kwargs):
 def read_all(stream):
     with stream:
         return b"".join(stream.chunks())
-
-
-def wait_until(predicate, timeout_s=5.0, message="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        time.sleep(0.01)
 
 
 def in_threads(count, target):
@@ -98,12 +63,6 @@ def in_threads(count, target):
         thread.join(timeout=20)
     assert not any(thread.is_alive() for thread in threads)
     return results, failures
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- login and the session -------------------------------------------------------------------
@@ -154,7 +113,7 @@ def test_idle_token_expiry_is_transparent(make_sim, make_client):
     client = make_client(sim)
     rec = add(sim)
     token = client.login()
-    wait_until(lambda: not sim._token_alive(token), message="the token to die")
+    wait_until(lambda: not sim._token_alive(token), timeout_s=5.0, message="the token to die")
     assert client.recording_random(rec.name)
     assert sim.counters["login"] == 2
 
@@ -454,10 +413,8 @@ def test_heartbeat_keeps_an_idle_token_alive(make_sim, make_client):
     rec = add(sim)
     token = client.login()
     client.start_heartbeat()
-    deadline = time.monotonic() + 2.0  # more than three token lifetimes
-    while time.monotonic() < deadline:
-        assert sim._token_alive(token)
-        time.sleep(0.05)
+    holds_for(lambda: sim._token_alive(token), duration_s=2.0, interval_s=0.05,  # more than three lifetimes
+              message="the token staying alive")
     assert sim.counters["heartbeat"] >= 3
     [body] = {str(e["body"]) for e in sim.requests_log if e["endpoint"] == "heartbeat"}
     assert "'ipaddr': '127.0.0.1'" in body and "'version': '2.0.0'" in body
@@ -470,10 +427,8 @@ def test_heartbeat_stays_quiet_while_calls_keep_the_token_busy(pbx, make_client)
     rec = add(pbx)
     client.login()
     client.start_heartbeat()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        client.recording_random(rec.name)
-        time.sleep(0.05)
+    holds_for(lambda: client.recording_random(rec.name), duration_s=1.0, interval_s=0.05,
+              message="calls keeping the token busy")
     assert pbx.counters["heartbeat"] == 0
 
 

@@ -15,15 +15,16 @@ import time
 
 import pytest
 
+from harness import factory, holds_for, wait_stable, wait_until
 from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.sim import sseries as simulator_module
-from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.cache import DiskCache
 from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, DownloadManager
 
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
 KIB = 1024
+WAIT_S = 10.0  # longest wait for background work (a download ending, a file going)
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +37,8 @@ def quick_policies(monkeypatch):
 
 
 @pytest.fixture
-def client(pbx):
-    client = PbxClient(pbx.base_url, "api", pbx.password, connect_timeout_s=2.0, read_timeout_s=5.0)
-    yield client
-    client.stop()
+def client(pbx, make_client):
+    return make_client(pbx)
 
 
 @pytest.fixture
@@ -49,19 +48,15 @@ def cache(tmp_path):
 
 @pytest.fixture
 def make_manager(client, cache):
-    managers = []
-
-    def make(**kwargs):
+    """Build DownloadManagers on the test's client and cache; ``manager.sizes`` records on_size calls."""
+    def build(**kwargs):
         sizes = []
         kwargs.setdefault("stall_timeout_s", 10.0)
         manager = DownloadManager(client.open_recording, cache, on_size=lambda name, size: sizes.append((name, size)), **kwargs)
         manager.sizes = sizes
-        managers.append(manager)
         return manager
 
-    yield make
-    for manager in managers:
-        manager.stop()
+    yield from factory(build)
 
 
 @pytest.fixture
@@ -89,14 +84,6 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_until(predicate, timeout_s=10.0, message="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        time.sleep(0.01)
-
-
 def partial_files(cache):
     return os.listdir(os.path.join(cache.root, "partial"))
 
@@ -107,10 +94,10 @@ def cached_bytes(cache, name):
 
 
 def assert_cached(cache, manager, rec):
-    wait_until(lambda: cache.contains(rec.name), message="the recording to be cached")
+    wait_until(lambda: cache.contains(rec.name), WAIT_S, message="the recording to be cached")
     assert sha(cached_bytes(cache, rec.name)) == rec.sha256
     assert manager.sizes == [(rec.name, rec.size_bytes)]
-    wait_until(lambda: not partial_files(cache), message="partial files to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="partial files to go")
 
 
 # -- sharing -----------------------------------------------------------------------------------
@@ -179,8 +166,9 @@ def test_download_pauses_ahead_of_a_slow_reader(pbx, manager):
     download = manager.acquire(rec.name)
     try:
         assert download.read(0, 4 * KIB)
-        time.sleep(0.3)  # time for a runaway download to show itself
-        held, _ = download.progress()
+        # A download that ran away would go on to the end; a paused one holds still.
+        held = wait_stable(lambda: download.progress()[0], quiet_s=0.3, timeout_s=WAIT_S,
+                           message="the download to pause")
         assert held < 1_000_000  # the window, plus what sat in socket buffers
     finally:
         manager.release(download)
@@ -234,11 +222,11 @@ def test_more_failures_than_the_limit_fail_the_readers(pbx, manager, cache, mode
         assert time.monotonic() - began < 10
     finally:
         manager.release(download)
-    wait_until(lambda: download.done, message="the download to end")
+    wait_until(lambda: download.done, WAIT_S, message="the download to end")
     assert not download.complete
     assert not cache.contains(rec.name)
     assert not os.listdir(os.path.join(cache.root, "complete"))
-    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
     assert all(size == rec.size_bytes for _, size in manager.sizes)  # never a wrong size
     assert MAX_FAILURES <= pbx.counters["recording/get_random"] <= 3 * MAX_FAILURES
     # The next open starts afresh and succeeds once the PBX behaves.
@@ -259,7 +247,7 @@ def test_missing_recording_fails_at_once(pbx, manager, cache):
     finally:
         manager.release(download)
     assert pbx.counters["recording/get_random"] == 1
-    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
 
 
 def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
@@ -283,17 +271,17 @@ def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, manager, cac
     assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
     released = time.monotonic()
     manager.release(download)
-    wait_until(lambda: download.suspended, message="the download to be suspended")
-    time.sleep(0.2)  # the PBX's last write may still be in flight when the connection closes
-    pulled = pbx.downloaded_bytes()
-    time.sleep(0.3)
-    assert pbx.downloaded_bytes() == pulled  # the connection is closed: the PBX stopped sending
-    wait_until(lambda: download.done, message="the download to be dropped")
+    wait_until(lambda: download.suspended, WAIT_S, message="the download to be suspended")
+    # The PBX's last write may still be in flight when the connection closes.
+    pulled = wait_stable(pbx.downloaded_bytes, quiet_s=0.2, timeout_s=WAIT_S, message="the PBX to stop sending")
+    holds_for(lambda: pbx.downloaded_bytes() == pulled, duration_s=0.3,
+              message="the connection is closed: the PBX stopped sending")
+    wait_until(lambda: download.done, WAIT_S, message="the download to be dropped")
     assert time.monotonic() - released >= downloads_module.KEEP_SUSPENDED_S
     assert download.cancelled and not download.complete
     assert pulled < rec.size_bytes // 4
     assert not cache.contains(rec.name)
-    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
     assert manager.running() == []
 
 
@@ -321,7 +309,7 @@ def test_a_paused_reader_gives_back_its_slot(pbx, make_manager, cache):
     held = manager.acquire(idle.name)
     try:
         held.read(0, 4 * KIB)  # then the "player" pauses, holding the file open
-        wait_until(lambda: held.suspended, message="the paused download to be suspended")
+        wait_until(lambda: held.suspended, WAIT_S, message="the paused download to be suspended")
         second = manager.acquire(other.name)
         try:
             assert sha(read_whole(second, other.size_bytes)) == other.sha256
@@ -382,7 +370,7 @@ def test_at_most_max_downloads_run_at_the_pbx(pbx, make_manager, cache, monkeypa
     assert peak[0] == 2
     assert pbx.counters["recording/download"] == 5
     for rec in recs:
-        wait_until(lambda: cache.contains(rec.name), message="every recording to be cached")
+        wait_until(lambda: cache.contains(rec.name), WAIT_S, message="every recording to be cached")
 
 
 def test_a_silent_pbx_is_a_stall_not_a_hang(pbx, make_manager, client):
@@ -412,7 +400,8 @@ def test_a_stalled_body_is_a_stall(pbx, make_manager):
     try:
         assert download.read(0, 4096)
         pbx.bandwidth_bps = 1  # one byte a second: nothing a reader can use
-        time.sleep(0.2)
+        wait_stable(lambda: download.progress()[0], quiet_s=0.2, timeout_s=WAIT_S,
+                    message="the bytes sent at the old rate to arrive")
         began = time.monotonic()
         with pytest.raises(errors.DownloadStalledError):
             while True:
@@ -435,7 +424,7 @@ def test_stop_cancels_running_downloads_quickly(pbx, make_manager, cache):
     assert download.done and not download.complete
     manager.release(download)
     assert not cache.contains(rec.name)
-    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
 
 
 def test_a_queued_download_left_by_its_reader_never_asks_the_pbx(pbx, make_manager, cache):
@@ -451,11 +440,11 @@ def test_a_queued_download_left_by_its_reader_never_asks_the_pbx(pbx, make_manag
         assert sha(read_whole(first, busy.size_bytes)) == busy.sha256
     finally:
         manager.release(first)
-    wait_until(lambda: second.done, message="the queued download to be dropped")
+    wait_until(lambda: second.done, WAIT_S, message="the queued download to be dropped")
     assert second.cancelled and not second.complete
     asked = [e for e in pbx.requests_log if e["endpoint"] == "recording/get_random"]
     assert [e["body"]["recording"] for e in asked] == [busy.name]
-    wait_until(lambda: not partial_files(cache), message="the partial file to go")
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
 
 
 def test_stop_fails_queued_downloads_at_once(pbx, make_manager):

@@ -7,6 +7,7 @@ import datetime as dt
 
 import pytest
 
+from harness import new_cdr
 from yeastarfs.models import NAME_MAX_BYTES, Recording, name_problem, name_timestamp
 from yeastarfs.pbx.sseries.records import (CdrParseResult, event_name, parse_cdr_csv, recording_from_event,
                                           recording_from_fields)
@@ -37,19 +38,6 @@ def csv_row(callid="1764236100.1", timestart="2026-11-27 10:14:38", callfrom="10
             recording="", did="", sn="369392534749") -> str:
     return ",".join([callid, timestart, callfrom, callto, call, talk, src, dst, status, kind, pincode,
                      recording, did, sn])
-
-
-def new_cdr(key: str = "event", **overrides) -> dict:
-    """The v2 NewCdr example of §7.4, misspellings included."""
-    payload = {
-        key: "NewCdr", "callid": "1571897930.5", "timestart": "2019-10-23 22:18:50",
-        "callfrom": "1023", "callto": "2023", "callduraction": "19", "talkduraction": "14",
-        "srctrunkname": "", "dsttrcunkname": "", "pincode": "", "status": "ANSWERED",
-        "type": "Internal", "recording": NAME, "didnumber": "", "agentringtime": "0",
-        "sn": "369451090405",
-    }
-    payload.update(overrides)
-    return payload
 
 
 # -- name_problem ------------------------------------------------------------------------------
@@ -178,7 +166,7 @@ def test_name_timestamp_is_naive_local_time_from_the_name():
 
 
 def test_v2_event_with_the_documented_misspellings():
-    recording = recording_from_event(new_cdr("event", dsttrcunkname="SIP-out"))
+    recording = recording_from_event(new_cdr(dsttrcunkname="SIP-out"))
     assert recording == Recording(
         name=NAME, callid="1571897930.5", timestart="2019-10-23 22:18:50", callfrom="1023",
         callto="2023", call_s=19, talk_s=14, src_trunk="", dst_trunk="SIP-out", status="ANSWERED",
@@ -186,7 +174,7 @@ def test_v2_event_with_the_documented_misspellings():
 
 
 def test_v1_event_uses_the_action_key():
-    payload = new_cdr("action")
+    payload = new_cdr(key="action")
     assert "event" not in payload
     assert event_name(payload) == "NewCdr"
     recording = recording_from_event(payload)
@@ -194,9 +182,9 @@ def test_v1_event_uses_the_action_key():
 
 
 def test_event_key_wins_over_action_and_case_is_ignored():
-    assert recording_from_event(new_cdr("event", action="RING")) is not None
-    assert recording_from_event({**new_cdr("event"), "event": "newcdr"}) is not None
-    assert recording_from_event({**new_cdr("action"), "action": "NEWCDR"}) is not None
+    assert recording_from_event(new_cdr(action="RING")) is not None
+    assert recording_from_event({**new_cdr(), "event": "newcdr"}) is not None
+    assert recording_from_event({**new_cdr(key="action"), "action": "NEWCDR"}) is not None
 
 
 @pytest.mark.parametrize("payload", [
