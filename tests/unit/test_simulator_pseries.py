@@ -7,6 +7,7 @@ with ``advance_clock`` instead of sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.client
@@ -18,7 +19,6 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
 import pytest
@@ -28,6 +28,9 @@ from yeastarfs.sim.common import (
     OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, WebSocketClient, WebSocketClosed,
     WebSocketHandshakeError, parse_close)
 from yeastarfs.sim.sseries import Simulator
+
+# The S-Series tests' event receiver (a local HTTP server) and its fixture serve the webhook too.
+from test_simulator import receiver  # noqa: F401  (a fixture)
 
 UA = "OpenAPI"
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
@@ -64,8 +67,10 @@ class Reply:
         return json.loads(self.body)
 
 
-def request(sim, method, path, *, body=None, headers=None, user_agent=UA):
-    """One HTTP exchange with only the headers given (http.client sends no User-Agent itself)."""
+@contextlib.contextmanager
+def exchange(sim, method, path, *, body=None, headers=None, user_agent=UA):
+    """The response to one request, its body unread, with only the headers given
+    (http.client sends no User-Agent of its own)."""
     if sim.certfile:
         conn = http.client.HTTPSConnection(sim.host, sim.port, timeout=10,
                                            context=ssl._create_unverified_context())
@@ -79,10 +84,14 @@ def request(sim, method, path, *, body=None, headers=None, user_agent=UA):
         sent["Content-Type"] = "application/json"
     try:
         conn.request(method, path, body=body, headers=sent)
-        response = conn.getresponse()
-        return Reply(response.status, response.headers, response.read())
+        yield conn.getresponse()
     finally:
         conn.close()
+
+
+def request(sim, method, path, **kwargs):
+    with exchange(sim, method, path, **kwargs) as response:
+        return Reply(response.status, response.headers, response.read())
 
 
 def api(sim, endpoint, token=None, *, method="GET", body=None, user_agent=UA, **query):
@@ -386,34 +395,53 @@ def test_search_filters_on_the_recording_time_inclusively(make_sim):
         assert api(sim, "recording/search", token, **bad)["errcode"] == 10002, bad
 
 
-def test_readiness_deletion_and_hidden_recordings(sim):
+def test_not_written_recordings_are_unlisted_and_not_found(sim):
     sim.not_ready_s = 30
     late = add(sim, callto="2001")
-    quick = add(sim, callto="2002", not_ready_s=0)
+    quick = add(sim, callto="2002", ready_after_s=0)
     sim.not_ready_s = 0
-    unlisted = add(sim, callto="2003", in_cdr=False)
+    slow = add(sim, callto="2003", ready_after_s=3600)
+    token = login(sim)
+
+    def listed():
+        return sorted(e["id"] for e in api(sim, "recording/list", token)["data"])
+
+    assert listed() == [quick.id]
+    assert api(sim, "recording/download", token, id=late.id) == error(30001, "RECORDING NOT FOUND")
+    assert api(sim, "recording/download", token, file=late.name)["errcode"] == 30001
+    sim.advance_clock(30)
+    assert listed() == [late.id, quick.id]
+    assert fetch(sim, link_for(sim, token, id=late.id), token).status == 200
+    sim.make_ready(slow.name)
+    assert listed() == [late.id, quick.id, slow.id]
+    populated = sim.populate(2, seed=3)  # ready at once whatever not_ready_s says
+    assert {r.id for r in populated} <= set(listed())
+
+
+def test_deleted_and_unlisted_recordings(sim):
+    gone, kept, unlisted = add(sim, callto="2001"), add(sim, callto="2002"), add(
+        sim, callto="2003", in_cdr=False)
     missing = add(sim, callto="2004", stored=False)
     token = login(sim)
 
     def listed():
         return sorted(e["id"] for e in api(sim, "recording/list", token)["data"])
 
-    assert listed() == [quick.id, missing.id]
-    assert api(sim, "recording/download", token, id=late.id) == error(30001, "RECORDING NOT FOUND")
-    assert api(sim, "recording/download", token, file=missing.name)["errcode"] == 30001
+    assert listed() == [gone.id, kept.id, missing.id]
+    assert api(sim, "recording/download", token, id=missing.id)["errcode"] == 30001
     assert fetch(sim, link_for(sim, token, id=unlisted.id), token).status == 200
-    sim.advance_clock(30)
-    assert listed() == [late.id, quick.id, missing.id]
-    link = link_for(sim, token, file=late.name)
-    sim.delete_recording(late.name)
-    assert late.name not in sim.recordings and listed() == [quick.id, missing.id]
+    link = link_for(sim, token, file=gone.name)
+    assert sim.delete_recording(gone.name, keep_cdr=False).stored is False
+    assert listed() == [kept.id, missing.id]
     assert fetch(sim, link, token).json() == error(30002, "RESOURCE NOT FOUND")
-    assert api(sim, "recording/download", token, id=late.id)["errcode"] == 30001
+    assert api(sim, "recording/download", token, id=gone.id)["errcode"] == 30001
+    sim.delete_recording(kept.name)  # keep_cdr: still listed, its file gone
+    assert listed() == [kept.id, missing.id]
+    assert api(sim, "recording/download", token, id=kept.id)["errcode"] == 30001
+    assert sim.recording_bytes(kept.name)[:4] == b"RIFF"  # the name stays known
     with pytest.raises(KeyError):
-        sim.delete_recording(late.name)
-    slow = add(sim, callto="2005", not_ready_s=3600)
-    sim.make_ready(slow.name)
-    assert slow.id in listed()
+        sim.delete_recording("nope.wav")
+    assert sim.publish_cdr(unlisted.name).in_cdr and unlisted.id in listed()
 
 
 def test_system_information_reports_the_pbx_clock_and_display_format(make_sim):
@@ -427,10 +455,29 @@ def test_system_information_reports_the_pbx_clock_and_display_format(make_sim):
         data["timestamp"], IST).strftime("%Y/%m/%d %H:%M:%S")
     assert (data["system_date_format"], data["system_time_format"]) == ("YYYY/MM/DD", "HH:mm:ss")
     assert data["sn"] == sim.sn and {"model_name", "firmware_version", "up_time"} <= set(data)
-    sim.advance_clock(3600)
-    moved = api(sim, "system/information", login(sim))["data"]
-    assert moved["timestamp"] >= data["timestamp"] + 3600
     assert api(sim, "system/information")["errcode"] == 20004
+
+
+def test_the_pbx_clock_skews_times_names_and_the_date_header(make_sim):
+    sim = make_sim(tz=IST)
+    sim.clock_offset_s = 420
+    token = login(sim)
+    reply = request(sim, "GET", f"/openapi/v1.0/recording/list?access_token={token}")
+    date = datetime.datetime.strptime(reply.headers["Date"], "%a, %d %b %Y %H:%M:%S GMT")
+    skew_s = date.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()
+    assert 418 <= skew_s <= 422
+    assert abs((sim.now_local() - datetime.datetime.now(IST).replace(tzinfo=None))
+               .total_seconds() - 420) <= 2
+    # An aware start is a true instant: the PBX stamps it with its fast clock.
+    true_start = datetime.datetime(2024, 3, 10, 9, 0, 0, tzinfo=datetime.timezone.utc)
+    rec = add(sim, start=true_start, ring_s=0)
+    assert rec.name.startswith("20240310143700-") and rec.callid.startswith(
+        f"{int(true_start.timestamp())}.")
+    # A naive start is the PBX's own wall time, taken as is.
+    assert add(sim, start=START, ring_s=0, callto="2009").name.startswith("20240310143000-")
+    sim.advance_clock(3600)  # the simulator clock, not the wall clock
+    data = api(sim, "system/information", login(sim))["data"]
+    assert abs(data["timestamp"] - (time.time() + 420)) <= 2
 
 
 def test_a_call_without_start_has_just_ended_on_the_pbx_clock(sim):
@@ -443,8 +490,8 @@ def test_populate_makes_the_s_series_calls(make_sim):
     now = datetime.datetime(2024, 3, 10, 12, 0, 0)
     sim = make_sim(tz=datetime.timezone.utc)
     recs = sim.populate(20, days=3, now=now, seed=7)
-    assert [r.name for r in recs] == [r.name for r in Simulator().populate(20, days=3, now=now,
-                                                                           seed=7)]
+    twin = Simulator(tz=datetime.timezone.utc)
+    assert [r.name for r in recs] == [r.name for r in twin.populate(20, days=3, now=now, seed=7)]
     assert len(sim.recordings) == 20 and [r.id for r in recs] == list(range(1, 21))
     assert sim.counters["ws_push"] == 0 and sim.counters["event_push"] == 0
 
@@ -520,23 +567,102 @@ def test_range_is_ignored_by_default(sim):
     assert "Content-Range" not in got.headers
 
 
-def test_range_is_honoured_when_switched_on(sim):
+@pytest.mark.parametrize("mode, served_from", [("honour", 1000), ("wrong_offset", 500)])
+def test_range_when_switched_on(sim, mode, served_from):
     rec = add(sim)
     data = sim.recording_bytes(rec.name)
     token = login(sim)
-    sim.range_mode = "honour"
+    sim.range_mode = mode
     assert sim.honour_range
     got = download(sim, token, rec, headers={"Range": "bytes=1000-"})
-    assert got.status == 206 and got.body == data[1000:]
-    assert got.headers["Content-Range"] == f"bytes 1000-{rec.size_bytes - 1}/{rec.size_bytes}"
+    assert got.status == 206 and got.body == data[served_from:]
+    assert got.headers["Content-Range"] == (
+        f"bytes {served_from}-{rec.size_bytes - 1}/{rec.size_bytes}")
     assert got.headers["Content-Type"] == "audio/x-wav"
-    middle = download(sim, token, rec, headers={"Range": "bytes=10-19"})
-    assert middle.status == 206 and middle.body == data[10:20]
     beyond = download(sim, token, rec, headers={"Range": f"bytes={rec.size_bytes}-"})
     assert beyond.status == 416 and beyond.headers["Content-Range"] == f"bytes */{rec.size_bytes}"
     assert download(sim, token, rec).status == 200
+
+
+def test_a_closed_range_and_the_s_series_alias(sim):
+    rec = add(sim)
+    token = login(sim)
+    sim.honour_range = True
+    assert sim.range_mode == "honour"
+    middle = download(sim, token, rec, headers={"Range": "bytes=10-19"})
+    assert middle.status == 206 and middle.body == sim.recording_bytes(rec.name)[10:20]
     sim.honour_range = False
     assert sim.range_mode == "ignore"
+
+
+def test_announced_size_exceeds_the_bytes_sent(sim):
+    rec = add(sim)
+    data = sim.recording_bytes(rec.name)
+    token = login(sim)
+    sim.announce_size_bytes = 5 * 2**30
+    with exchange(sim, "GET", f"{link_for(sim, token, id=rec.id)}?access_token={token}") as got:
+        assert got.getheader("Content-Length") == str(5 * 2**30)
+        with pytest.raises(http.client.IncompleteRead) as short:
+            got.read()
+    assert short.value.partial == data
+
+
+def test_bytes_change_after_n_downloads(sim):
+    rec = add(sim)
+    token = login(sim)
+    link = link_for(sim, token, id=rec.id)
+    original = sim.recording_bytes(rec.name)
+    sim.mutate_bytes_after_downloads = 1
+    assert fetch(sim, link, token).body == original
+    changed = fetch(sim, link, token).body
+    assert changed != original and len(changed) == len(original) and changed[:44] == original[:44]
+    assert sim.recording_bytes(rec.name) == changed and rec.sha256 == hashlib.sha256(
+        original).hexdigest()
+    sim.reset()  # the counts restart; changed bytes stay changed
+    assert fetch(sim, link, token).body == changed
+
+
+def test_chaos_fails_some_downloads_repeatably(sim):
+    rec = add(sim, size_bytes=300_044)
+    token = login(sim)
+    link = link_for(sim, token, id=rec.id)
+    sim.chaos = 0.5
+
+    def outcomes():
+        seen = []
+        for _ in range(12):
+            try:
+                got = fetch(sim, link, token)
+                seen.append(got.body == sim.recording_bytes(rec.name))
+            except (OSError, http.client.HTTPException):
+                seen.append(False)
+        return seen
+
+    first = outcomes()
+    assert any(first) and not all(first)
+    sim.reset()
+    sim.chaos = 0.5
+    assert outcomes() == first
+
+
+def test_raw_replies_latencies_and_first_byte_delay(sim):
+    token = login(sim)
+    sim.api_raw_reply = {"recording/list": b'{"errcode":0,"data":[{"id":'}
+    assert request(sim, "GET", f"/openapi/v1.0/recording/list?access_token={token}",
+                   user_agent=None).body == b'{"errcode":0,"data":[{"id":'
+    sim.api_raw_reply = {}
+    sim.cdr_latency_s = 0.3
+    began = time.monotonic()
+    api(sim, "system/information", token)
+    assert time.monotonic() - began < 0.25
+    api(sim, "recording/search", token)
+    assert time.monotonic() - began >= 0.3
+    sim.cdr_latency_s, sim.first_byte_delay_s = 0, 0.3
+    began = time.monotonic()
+    with exchange(sim, "GET", f"/openapi/v1.0/recording/list?access_token={token}") as got:
+        headers_after = time.monotonic() - began
+        assert json.loads(got.read())["errcode"] == 0
+    assert headers_after < 0.25 <= time.monotonic() - began
 
 
 def _slow_fetch(sim, link, token, results):
@@ -574,17 +700,14 @@ def test_reset_after_bytes_breaks_the_connection_mid_body(sim):
     token = login(sim)
     link = link_for(sim, token, id=rec.id)
     sim.reset_after_bytes, sim.reset_downloads = 50_000, 1
-    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=10)
-    conn.request("GET", f"{link}?access_token={token}", headers={"User-Agent": UA})
-    response = conn.getresponse()
     received = bytearray()
-    with pytest.raises((OSError, http.client.HTTPException)):
-        while True:
-            chunk = response.read(8192)
-            if not chunk:
-                raise http.client.IncompleteRead(bytes(received))
-            received += chunk
-    conn.close()
+    with exchange(sim, "GET", f"{link}?access_token={token}") as got:
+        with pytest.raises((OSError, http.client.HTTPException)):
+            while True:
+                chunk = got.read(8192)
+                if not chunk:
+                    raise http.client.IncompleteRead(bytes(received))
+                received += chunk
     assert 0 < len(received) <= 50_000 < rec.size_bytes
     assert sim.reset_after_bytes is None  # the counted reset is used up
     assert len(fetch(sim, link, token).body) == rec.size_bytes
@@ -827,50 +950,9 @@ def test_client_close_is_echoed_and_stop_says_going_away(sim, ws_clients):
 # --- webhook ---------------------------------------------------------------------------------
 
 
-class WebhookReceiver:
-    """A local HTTP server that records event POSTs and answers scripted statuses."""
-
-    def __init__(self, statuses=()):
-        self.statuses, self.received = list(statuses), []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append((self.path, dict(self.headers), json.loads(body)))
-                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/yeastar/events"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    made = []
-
-    def make(statuses=()):
-        made.append(WebhookReceiver(statuses))
-        return made[-1]
-
-    yield make
-    for item in made:
-        item.close()
-
-
 def test_webhook_receives_each_event_until_it_answers_2xx(make_sim, receiver):
     app = receiver(statuses=[500, 204])
-    sim = make_sim(webhook_url=app.url, event_retry_s=0.05)
+    sim = make_sim(webhook_url=f"http://127.0.0.1:{app.port}/yeastar/events", event_retry_s=0.05)
     rec = add(sim, announce=True)  # no token needed: the webhook is configured on the PBX
     assert wait_until(lambda: len(app.received) == 2)
     time.sleep(0.2)
@@ -884,7 +966,7 @@ def test_webhook_receives_each_event_until_it_answers_2xx(make_sim, receiver):
 
 def test_webhook_gives_up_after_three_resends(make_sim, receiver):
     app = receiver(statuses=[500] * 10)
-    sim = make_sim(webhook_url=app.url, event_retry_s=0.05)
+    sim = make_sim(webhook_url=f"http://127.0.0.1:{app.port}/", event_retry_s=0.05)
     add(sim, announce=True)
     assert wait_until(lambda: len(app.received) == 4)
     time.sleep(0.3)
@@ -929,11 +1011,13 @@ def test_counters_log_and_reset(sim):
     assert sim.requests_log[0]["body"]["username"] == "api"
     sim.latency_s, sim.fail_downloads, sim.range_mode = 1.0, 3, "honour"
     sim.resource_single_use = sim.mp3_single_download = True
+    sim.chaos, sim.clock_offset_s, sim.api_raw_reply = 1.0, 60, {"get_token": b"{}"}
     sim.lock_ip()
     sim.reset()
     assert not sim.counters and not sim.requests_log and sim.downloaded_bytes() == 0
     assert (sim.latency_s, sim.fail_downloads, sim.range_mode) == (0, 0, "ignore")
     assert not sim.resource_single_use and not sim.mp3_single_download
+    assert (sim.chaos, sim.clock_offset_s, sim.api_raw_reply) == (0, 0, {})
     assert api(sim, "recording/list", token)["errcode"] == 0  # tokens survive
     login(sim)  # and the lockout is gone
     assert rec.name in sim.recordings

@@ -65,9 +65,9 @@ SECRET_PARAM_RE = re.compile(r"(token|random|password|secret)=[^&\s'\"]*", re.IG
 class SimClock:
     """The simulator's clock: real monotonic time plus whatever a test has advanced it by.
 
-    Token lifetimes, lockouts, download links and idle timers read ``now()``; a test moves
-    them all at once with ``advance(seconds)`` instead of sleeping. ``wall()`` is the
-    matching Unix time (for what the PBX reports as its current time).
+    Token lifetimes, lockouts, download links, idle timers and not-written-yet periods read
+    ``now()``; a test moves them all at once with ``advance(seconds)`` instead of sleeping.
+    The PBX's wall clock is another matter (its owner adds an offset to ``time.time()``).
     """
 
     def __init__(self) -> None:
@@ -87,9 +87,6 @@ class SimClock:
 
     def now(self) -> float:
         return time.monotonic() + self.advanced_s
-
-    def wall(self) -> float:
-        return time.time() + self.advanced_s
 
 
 class LoginGuard:
@@ -145,28 +142,22 @@ class AudioCache:
         self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._bytes = 0
 
-    def get(self, name: str, build: Callable[[], bytes]) -> bytes:
-        """The bytes of *name*, built with *build* (outside the lock) when not cached."""
+    def get(self, key: str, build: Callable[[], bytes]) -> bytes:
+        """The bytes cached under *key*, built with *build* (outside the lock) when missing."""
         with self._lock:
-            data = self._items.get(name)
+            data = self._items.get(key)
             if data is not None:
-                self._items.move_to_end(name)
+                self._items.move_to_end(key)
                 return data
         data = build()
         with self._lock:
-            if name not in self._items:
-                self._items[name] = data
+            if key not in self._items:
+                self._items[key] = data
                 self._bytes += len(data)
             while self._bytes > self._limit_bytes and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= len(old)
         return data
-
-    def discard(self, name: str) -> None:
-        with self._lock:
-            data = self._items.pop(name, None)
-            if data is not None:
-                self._bytes -= len(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,20 +215,38 @@ def parse_range(header: str, size: int) -> Optional[tuple[int, int]]:
     return None if last < first else (first, min(last, size - 1))
 
 
-def audio_reply(data: memoryview, range_header: Optional[str], *, honour_range: bool,
-                content_type: str, omit_length: bool) -> Reply:
-    """The recording body: whole (200), or the asked range (206) when *honour_range*."""
+RANGE_MODES = ("ignore", "honour", "wrong_offset")
+
+
+def audio_reply(data: memoryview, range_header: Optional[str], *, range_mode: str,
+                announced_size: Optional[int], content_type: str, omit_length: bool) -> Reply:
+    """The recording body as the Range switches say.
+
+    *range_mode*: "ignore" (200, whole file) | "honour" (206 + Content-Range for
+    ``bytes=N-[M]``, 416 past the end) | "wrong_offset" (206 starting elsewhere: at N // 2,
+    or at 1 when N is 0, its Content-Range saying so truthfully). *announced_size*: announce
+    this size (Content-Length, Content-Range total) while sending the real bytes.
+    """
+    size, total = len(data), len(data) if announced_size is None else announced_size
     audio = {"content_type": content_type, "omit_length": omit_length}
-    wanted = parse_range(range_header, len(data)) if honour_range and range_header else None
+    if range_mode not in RANGE_MODES:
+        log.warning("simulator: unknown range_mode %r, ignoring Range", range_mode)
+    wanted = None
+    if range_mode in ("honour", "wrong_offset") and range_header:
+        wanted = parse_range(range_header, size)
     if wanted is None:
-        return Reply(stream=data, **audio)
+        return Reply(stream=data, content_length=announced_size, **audio)
     first, last = wanted
     if first < 0:
         reply = html_reply(416, "416 Requested Range Not Satisfiable")
-        reply.headers["Content-Range"] = f"bytes */{len(data)}"
+        reply.headers["Content-Range"] = f"bytes */{total}"
         return reply
-    return Reply(status=206, stream=data[first:last + 1],
-                 headers={"Content-Range": f"bytes {first}-{last}/{len(data)}"}, **audio)
+    if range_mode == "wrong_offset":
+        first = first // 2 if first else min(1, last)
+    # An announced size stretches the range to its end; the real bytes still stop at last.
+    shown_last, length = (last, None) if announced_size is None else (total - 1, total - first)
+    return Reply(status=206, stream=data[first:last + 1], content_length=length,
+                 headers={"Content-Range": f"bytes {first}-{shown_last}/{total}"}, **audio)
 
 
 class SimHttpServer(ThreadingHTTPServer):
@@ -284,12 +293,21 @@ class StreamingHandler(BaseHTTPRequestHandler):
     """Sends ``Reply`` objects; stream bodies are paced by ``bandwidth_bps`` and may be cut.
 
     Subclasses add ``do_GET``/``do_POST`` and set ``common_headers`` (sent on every reply).
+    From ``server.simulator`` it reads ``bandwidth_bps`` (per chunk), ``first_byte_delay_s``,
+    ``pbx_time()`` (the Date header: the PBX's own clock), ``_stopping`` and
+    ``_count_downloaded``.
     """
 
     protocol_version = "HTTP/1.1"
     timeout = 30  # a stuck client must not hold a thread forever
     common_headers: tuple[tuple[str, str], ...] = (("Connection", "close"),)
     server: SimHttpServer
+
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        # send_response's Date header: the PBX's own (possibly skewed) clock, in GMT.
+        if timestamp is None:
+            timestamp = self.server.simulator.pbx_time()
+        return super().date_time_string(timestamp)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         # The query string carries tokens: log the path only.
@@ -326,7 +344,10 @@ class StreamingHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(length))
         for name, value in self.common_headers + tuple(reply.headers.items()):
             self.send_header(name, value)
-        self.end_headers()
+        self.end_headers()  # writes the headers out: wfile is unbuffered
+        delay = self.server.simulator.first_byte_delay_s
+        if delay > 0:
+            self.server.simulator._stopping.wait(delay)
         if reply.stream is None:
             self.wfile.write(reply.body)
         else:

@@ -26,34 +26,74 @@ Threading contract:
 - Fault switches are plain attributes: a test thread may set them at any time. Each
   download reads them once when it starts (the bandwidth cap is re-read for every chunk).
 
-Fault switches (``reset()`` puts them back to these defaults and unlocks every IP):
+Clocks (the same rules as the S-Series simulator's):
 
-- ``latency_s = 0.0``          sleep this long before answering every HTTP request (handshakes too)
+- True time is this machine's ``time.time()``. The PBX's wall clock runs ``clock_offset_s``
+  ahead of it and shows its zone ``tz`` (None: this machine's). Everything the PBX says in
+  local time or Unix seconds uses that clock: ``time`` in lists, ``time_start`` in events,
+  names' leading timestamps, search windows, system/information, ``now_local()``,
+  ``pbx_time()`` and the ``Date`` header (GMT). A recording's ``start_epoch`` and
+  ``record_epoch`` are Unix seconds on the PBX's clock, fixed when it is added.
+- Times given to ``add_recording``/``populate``: a naive datetime is a PBX-local wall time;
+  an aware one is a true instant (shown on the skewed clock); none means now. Callids are
+  Unix seconds of the true instant.
+- The simulator clock is ``time.monotonic()`` plus every ``advance_clock(s)``: it times token
+  and link lifetimes, lockouts, WebSocket idleness and not-written-yet periods, so tests move
+  it instead of sleeping. ``reset()`` does not undo it; it does not move the wall clock.
+
+Constructor options (``reset()`` leaves them): ``username``/``password`` (the API
+application's Client ID and Client Secret), ``access_token_ttl_s = 1800``,
+``refresh_token_ttl_s = 86400``, ``resource_ttl_s = 1800``, ``max_valid_tokens = 8`` (None:
+no limit), ``lockout_failures = 5``, ``lockout_s = 600``, ``lockout_window_s = 600``,
+``ws_idle_timeout_s = 60``, ``time_format = "%d/%m/%Y %H:%M:%S"``, ``tz = None``,
+``webhook_url = None``, ``event_retry_s = 5``, ``sn``, ``certfile``/``keyfile`` (HTTPS and wss).
+
+Fault switches (``reset()`` puts them back to these defaults and unlocks every IP; the names
+are the S-Series simulator's wherever the meaning carries over):
+
+- ``latency_s = 0.0``          sleep this long before answering every HTTP request (upgrades too)
+- ``cdr_latency_s = 0.0``      ...and this much longer before the catalogue (recording/list,
+                               recording/search: the P-Series counterpart of the CDR endpoints)
+- ``first_byte_delay_s = 0.0`` every reply sends its headers at once and its body this much later
 - ``bandwidth_bps = None``     cap the audio body rate, sleep-paced per chunk
-- ``range_mode = "ignore"``    "ignore": Range gets the whole file (200); "honour": 206 +
-                               Content-Range (``honour_range`` is the same switch as a bool)
+- ``range_mode = "ignore"``    "ignore" (200, whole file) | "honour" (206 + Content-Range, 416
+                               past the end) | "wrong_offset" (206 starting elsewhere, truthfully
+                               labelled). ``honour_range`` (bool) is the S-Series alias.
+- ``announce_size_bytes = None`` audio downloads announce this size while sending the real bytes
+- ``mutate_bytes_after_downloads = None`` after N audio downloads of a recording its bytes change
+                               once (same size and header, other audio); sticky
 - ``reset_after_bytes = None`` audio downloads send this many body bytes, then a TCP RST
 - ``reset_downloads = 0``      ...for the next N downloads only (0 = every download)
 - ``fail_downloads = 0``       the next N audio downloads fail in the shape of ``fail_mode``
 - ``fail_mode = "json"``       "json" (errcode 30004) | "http500" | "html" | "truncate" | "overlong"
-- ``fail_download_urls = 0``   the next N recording/download calls answer 30004
+- ``fail_download_urls = 0``   the next N recording/download calls answer 30004 (the S-Series
+                               ``fail_get_random``: the first of the two steps fails)
 - ``fail_logins = 0``          the next N get_token calls answer 20001 (not counted towards lockout)
 - ``refuse_connections = False`` accepted connections are closed unanswered
-- ``clock_offset_s = 0.0``     the PBX's clock runs this far ahead of ours (negative: behind)
-- ``not_ready_s = 0.0``        a recording added from now on is "not found" (and unlisted) for
-                               this long after it is added (``add_recording(not_ready_s=...)``)
+- ``api_raw_reply = {}``       ``{endpoint: bytes}``: that endpoint answers HTTP 200 JSON with these
+                               bytes before any check (``"download"``: the audio links)
+- ``chaos = 0.0``              each audio download fails at random with this probability (reset
+                               part-way, HTTP 500, JSON 30004, truncated, or 0.3 s late; seeded)
 
 Variant switches (also reset): what a real PBX may do differently.
 
+- ``clock_offset_s = 0.0``     the PBX's clock runs this far ahead of true time (negative: behind)
+- ``not_ready_s = 0.0``        a recording added from now on is not written yet: unlisted and
+                               "not found" until this long after it is added (simulator clock);
+                               ``add_recording(ready_after_s=...)`` overrides it per recording
 - ``resource_single_use = False``  a download link works once (default: any number of times
-                                   within its lifetime)
-- ``mp3_single_download = False``  the PBX stores mp3: a second audio download while one is
-                                   running answers 30003
-- ``refresh_revokes_access = True``  refresh_token revokes the access token issued with the
-                                   refresh token it consumed
+                               within its lifetime)
+- ``mp3_single_download = False``  the PBX stores mp3: an audio download while another is
+                               running answers 30003
+- ``refresh_revokes_access = True``  refresh_token revokes the access token of the pair whose
+                               refresh token it consumed
 - ``audio_content_type = "audio/x-wav"``, ``omit_content_length = False``
 
-Methods: ``advance_clock(s)``, ``delete_recording(name)``, ``make_ready(name)``,
+Methods that change the PBX (``reset()`` does not undo them): ``advance_clock(s)``,
+``publish_cdr(name, announce=False)`` (a recording added with ``in_cdr=False`` is listed from
+now on), ``delete_recording(name, keep_cdr=True)`` (the audio is gone: recording/download
+answers 30001, its links 30002; it stays listed unless ``keep_cdr=False``, as a row whose
+file has gone; the name stays in ``recordings`` with ``stored=False``), ``make_ready(name)``,
 ``expire_all_tokens()``, ``lock_ip(ip)``, ``unlock_all()``, ``drop_websockets()``.
 
 Contract: what this simulator does where the P-Series guides are silent. Every point marked
@@ -118,12 +158,12 @@ say (``yeastar-p-series-api.md``), and should fail loudly where these differ.
    the end has an empty ``data`` and the true ``total_number``. search also takes
    ``start_time``/``end_time`` (Unix seconds, both ends inclusive, either may be left out),
    ``caller``/``callee`` (exact numbers) and ``ids`` (comma-separated), and filters on the
-   recording's ``time``. Recordings not yet ready, added with ``in_cdr=False``, or deleted
-   are not listed.
+   recording's ``time`` (PBX clock). Recordings not yet written, added with
+   ``in_cdr=False``, or deleted with ``keep_cdr=False`` are not listed.
 6. Times. ``time`` in lists and ``time_start`` in events are written with the PBX's display
    format (``time_format``, a strftime pattern "<date> <time>", default
-   ``%d/%m/%Y %H:%M:%S``) in the PBX's zone (``tz``; default this machine's), on the PBX's
-   clock. File names lead with the recording's start in the PBX's zone,
+   ``%d/%m/%Y %H:%M:%S``) in the PBX's zone, on the PBX's clock (see Clocks). File names
+   lead with the recording's start in the PBX's zone,
    ``YYYYMMDDhhmmss-<callid>-<from>-<to>-<Type>.wav`` (S-Series shape).
    system/information answers ``{"errcode":0,"errmsg":"SUCCESS","data":{...}}`` with
    ``device_name``, ``model_name``, ``sn``, ``firmware_version``, ``system_time`` (now, in
@@ -178,6 +218,7 @@ import hashlib
 import json
 import logging
 import queue
+import random
 import re
 import secrets
 import socket
@@ -213,6 +254,8 @@ TOKEN_CHARS = 32
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 10000
 TOPIC_NEW_CDR = 30012
+CATALOGUE_ENDPOINTS = ("recording/list", "recording/search")
+CHAOS_LATENCY_S = 0.3
 WEBHOOK_USER_AGENT = "Yeastar-PBX-Webhook"
 # Expired tokens are still recognised as expired (not unknown) for this long.
 GRANT_MEMORY_S = 86400.0
@@ -250,14 +293,16 @@ class PSeriesRecording:
         id: the list endpoint's id (1, 2, ... in the order recordings were added).
         name: the file name (``file`` in the API).
         callid: the call id (``uid`` in lists, ``call_id`` in events).
-        start_epoch, record_epoch: Unix seconds when the call started / was answered
-            (the recording's ``time``).
+        start_epoch, record_epoch: Unix seconds on the PBX's clock when the call started /
+            was answered (the recording's ``time``).
         timestart: the call's start, PBX-local ``yyyy-mm-dd hh:mm:ss`` (as S-Series).
         callfrom, callto, call_type, status, did_number: its CDR fields.
         call_s, talk_s: call and talk durations in whole seconds.
         size_bytes: exact WAV size (header + data), the list's ``size``.
-        stored: False when recording/download answers 30001 although lists show it.
-        in_cdr: whether recording/list and recording/search show it.
+        stored: False when recording/download answers 30001 although lists show it
+            (also what ``delete_recording`` sets).
+        in_cdr: whether recording/list and recording/search show it (``publish_cdr`` sets it).
+        sha256: hex digest of the original WAV bytes (computed on first use).
     """
 
     id: int
@@ -281,9 +326,15 @@ class PSeriesRecording:
     def sha256(self) -> str:
         return hashlib.sha256(self.wav_bytes()).hexdigest()
 
-    def wav_bytes(self) -> bytes:
-        """Build the WAV bytes afresh (``PSeriesSimulator.recording_bytes`` caches them)."""
-        return wav_bytes(self.name, self.size_bytes)
+    def wav_bytes(self, generation: int = 0) -> bytes:
+        """Build the WAV bytes afresh (``PSeriesSimulator.recording_bytes`` caches them).
+
+        *generation* 0 is the original; a later one is what the PBX holds after the bytes
+        changed (``mutate_bytes_after_downloads``). The S-Series simulator's seeds: both
+        families serve the same bytes for the same name.
+        """
+        seed = self.name if generation == 0 else f"{self.name}\0generation {generation}"
+        return wav_bytes(seed, self.size_bytes)
 
 
 def display_tokens(time_format: str) -> tuple[str, str]:
@@ -437,7 +488,9 @@ class PSeriesSimulator:
         self._audio = AudioCache(AUDIO_CACHE_BYTES)
         self._next_id = 1
         self._by_id: dict[int, str] = {}
-        self._ready_at: dict[str, float] = {}
+        self._ready_at: dict[str, float] = {}  # not written until then (simulator clock)
+        self._download_counts: collections.Counter = collections.Counter()
+        self._generations: dict[str, int] = {}  # names whose bytes changed
         self._grant_sequence = 0
         self._by_access: dict[str, _Grant] = {}
         self._by_refresh: dict[str, _Grant] = {}
@@ -453,8 +506,12 @@ class PSeriesSimulator:
 
     def _set_default_faults(self) -> None:
         self.latency_s: float = 0.0
+        self.cdr_latency_s: float = 0.0
+        self.first_byte_delay_s: float = 0.0
         self.bandwidth_bps: Optional[int] = None
         self.range_mode = "ignore"
+        self.announce_size_bytes: Optional[int] = None
+        self.mutate_bytes_after_downloads: Optional[int] = None
         self.reset_after_bytes: Optional[int] = None
         self.reset_downloads = 0
         self.fail_downloads = 0
@@ -462,6 +519,9 @@ class PSeriesSimulator:
         self.fail_download_urls = 0
         self.fail_logins = 0
         self.refuse_connections = False
+        self.api_raw_reply: dict[str, bytes] = {}
+        self.chaos = 0.0
+        self._chaos_rng = random.Random(1)
         self.clock_offset_s = 0.0
         self.not_ready_s = 0.0
         self.resource_single_use = False
@@ -472,8 +532,8 @@ class PSeriesSimulator:
 
     @property
     def honour_range(self) -> bool:
-        """The S-Series simulator's name for ``range_mode == "honour"``."""
-        return self.range_mode == "honour"
+        """The S-Series alias: reading says ``range_mode != "ignore"``; True sets "honour"."""
+        return self.range_mode != "ignore"
 
     @honour_range.setter
     def honour_range(self, value: bool) -> None:
@@ -525,31 +585,39 @@ class PSeriesSimulator:
         scheme = "wss" if self.certfile else "ws"
         return f"{scheme}://{self.host}:{self.port}/openapi/v1.0/subscribe?access_token={access_token}"
 
-    # -- time -----------------------------------------------------------------------------
-
-    def pbx_time(self) -> float:
-        """The PBX's clock now, Unix seconds (moved by ``clock_offset_s`` and ``advance_clock``)."""
-        return self._clock.wall() + self.clock_offset_s
+    # -- clocks (see "Clocks" in the module docstring) -------------------------------------
 
     def advance_clock(self, seconds: float) -> None:
-        """Move the simulator's clock forward: tokens, lockouts, links, idle timers, readiness."""
+        """Move the simulator clock *seconds* forward: tokens, links, lockouts, WebSocket
+        idleness and not-written-yet periods age at once. Raises ValueError if negative."""
         self._clock.advance(seconds)
 
+    def pbx_time(self) -> float:
+        """The PBX clock as Unix seconds: true time plus ``clock_offset_s``."""
+        return time.time() + self.clock_offset_s
+
+    def now_local(self) -> datetime.datetime:
+        """The PBX's current local wall time, naive, to the second."""
+        return self.local_time(int(self.pbx_time()))
+
     def local_time(self, epoch: float) -> datetime.datetime:
-        """*epoch* as a naive datetime on the PBX's wall clock (its zone)."""
+        """PBX-clock Unix seconds *epoch* as a naive wall time in the PBX's zone."""
         if self.tz is None:
             return datetime.datetime.fromtimestamp(epoch)
         return datetime.datetime.fromtimestamp(epoch, self.tz).replace(tzinfo=None)
 
     def display_time(self, epoch: float) -> str:
-        """*epoch* written as the PBX displays times (``time_format``, its zone)."""
+        """PBX-clock Unix seconds *epoch* as the PBX displays times (``time_format``)."""
         return self.local_time(epoch).strftime(self.time_format)
 
-    def _epoch_of(self, moment: datetime.datetime) -> float:
-        """Unix seconds of *moment*; a naive one is read in the PBX's zone."""
-        if moment.tzinfo is None and self.tz is not None:
+    def _pbx_epoch(self, moment: datetime.datetime) -> float:
+        """PBX-clock Unix seconds of *moment*: a naive one is a wall time in the PBX's zone
+        (this machine's when ``tz`` is None), an aware one a true instant."""
+        if moment.tzinfo is not None and moment.utcoffset() is not None:
+            return moment.timestamp() + self.clock_offset_s
+        if self.tz is not None:
             moment = moment.replace(tzinfo=self.tz)
-        return moment.timestamp()  # naive and tz None: this machine's zone, as documented
+        return moment.timestamp()
 
     # -- content --------------------------------------------------------------------------
 
@@ -558,28 +626,28 @@ class PSeriesSimulator:
                       callid: Optional[str] = None, status: str = "ANSWERED", ring_s: float = 5,
                       name: Optional[str] = None, size_bytes: Optional[int] = None,
                       in_cdr: bool = True, announce: bool = True, stored: bool = True,
-                      did_number: str = "",
-                      not_ready_s: Optional[float] = None) -> PSeriesRecording:
+                      ready_after_s: Optional[float] = None,
+                      did_number: str = "") -> PSeriesRecording:
         """Add one recorded call; with *announce*, push its New CDR to subscribers and the webhook.
 
-        *start* is when the call began (naive: in the PBX's zone); None means a call that
-        has just ended on the PBX's clock. The recording is answered as "not found" for
-        *not_ready_s* (default: the ``not_ready_s`` switch) after it is added. Raises
-        ValueError if a recording of that name exists already.
+        *start*: naive = PBX-local wall time, aware = true instant, None = the call ends now
+        (see Clocks). *ready_after_s*: the audio is not written (unlisted, "not found") until
+        this long from now (simulator clock); None takes ``not_ready_s``.
+        Raises ValueError if a recording of that name exists already.
         """
         if start is None:
             start_epoch = float(int(self.pbx_time() - ring_s - duration_s))
         else:
-            start_epoch = self._epoch_of(start)
+            start_epoch = self._pbx_epoch(start)
         if size_bytes is None:
             size_bytes = WAV_HEADER_BYTES + wav_data_bytes(duration_s)
         if size_bytes < WAV_HEADER_BYTES:
             raise ValueError(f"size_bytes must be at least {WAV_HEADER_BYTES}")
-        ready_in_s = self.not_ready_s if not_ready_s is None else not_ready_s
         with self._lock:
             rec_id, self._next_id = self._next_id, self._next_id + 1
         if callid is None:
-            callid = f"{int(start_epoch)}.{rec_id}"
+            callid = f"{int(start_epoch - self.clock_offset_s)}.{rec_id}"
+        # The recording begins when the call is answered, ring_s after it started.
         record_epoch = start_epoch + ring_s
         if name is None:
             stamp = self.local_time(record_epoch).strftime(NAME_STAMP_FORMAT)
@@ -592,49 +660,76 @@ class PSeriesSimulator:
             callfrom=callfrom, callto=callto, call_type=call_type, status=status,
             call_s=talk_s + round(ring_s), talk_s=talk_s, size_bytes=size_bytes,
             did_number=did_number, stored=stored, in_cdr=in_cdr)
+        not_ready_s = self.not_ready_s if ready_after_s is None else ready_after_s
         with self._lock:
             if name in self.recordings:
                 raise ValueError(f"recording {name!r} exists already")
             self.recordings[name] = rec
             self._by_id[rec_id] = name
-            self._ready_at[name] = self._clock.now() + ready_in_s
+            if not_ready_s > 0:
+                self._ready_at[name] = self._clock.now() + not_ready_s
         if announce:
             self._announce(rec)
         return rec
 
     def populate(self, count: int, *, days: float = 7, now: Optional[datetime.datetime] = None,
                  seed: int = 1, min_s: int = 5, max_s: int = 120) -> list[PSeriesRecording]:
-        """Add *count* deterministic, unannounced recordings spread over the last *days* days.
+        """Add *count* deterministic, unannounced, ready recordings spread over the last *days*
+        days before *now* (naive = PBX-local, aware = true instant, None = the PBX's now).
 
-        The calls are the S-Series simulator's for the same seed (it calls back into
-        ``add_recording``), so the benchmark and the demo compare the families on the same
-        data; *now* defaults to the PBX's clock.
+        The calls are the S-Series simulator's for the same seed (its populate calls back
+        into this ``add_recording``), so the benchmark and the demo compare the two families
+        on the same data.
         """
         if now is None:
-            now = self.local_time(int(self.pbx_time()))
-        return Simulator.populate(self, count, days=days, now=now, seed=seed,  # type: ignore[arg-type]
-                                  min_s=min_s, max_s=max_s)
+            now = self.now_local()
+        elif now.tzinfo is not None:
+            now = self.local_time(self._pbx_epoch(now))
+        return Simulator.populate(self, count, days=days, now=now,  # type: ignore[arg-type]
+                                  seed=seed, min_s=min_s, max_s=max_s)
 
-    def recording_bytes(self, name: str) -> bytes:
-        """The WAV bytes of recording *name*. Raises KeyError for an unknown name."""
-        with self._lock:
-            rec = self.recordings[name]
-        return self._audio.get(name, rec.wav_bytes)
+    def publish_cdr(self, name: str, *, announce: bool = False) -> PSeriesRecording:
+        """List recording *name* from now on (added with ``in_cdr=False``: a late row); with
+        *announce*, push its New CDR too. Raises KeyError for an unknown name."""
+        rec = self._replace_recording(name, in_cdr=True)
+        if announce:
+            self._announce(rec)
+        return rec
 
-    def delete_recording(self, name: str) -> None:
-        """Remove *name* from the PBX: unlisted, and "not found" (links to it too). KeyError if unknown."""
-        with self._lock:
-            rec = self.recordings.pop(name)
-            self._by_id.pop(rec.id, None)
-            self._ready_at.pop(name, None)
-        self._audio.discard(name)
+    def delete_recording(self, name: str, *, keep_cdr: bool = True) -> PSeriesRecording:
+        """The PBX's auto-cleanup deletes *name*'s audio: recording/download answers 30001 and
+        its links 30002; it stays listed unless *keep_cdr* is False. Returns the updated
+        recording; raises KeyError for an unknown name."""
+        with self._lock:  # one critical section: a concurrent publish_cdr is not lost
+            old = self.recordings[name]
+            rec = dataclasses.replace(old, stored=False, in_cdr=old.in_cdr and keep_cdr)
+            self.recordings[name] = rec
+        return rec
 
     def make_ready(self, name: str) -> None:
-        """End the "not ready" period of *name* now. KeyError if unknown."""
+        """End *name*'s not-written-yet period now. Raises KeyError for an unknown name."""
         with self._lock:
             if name not in self.recordings:
                 raise KeyError(name)
-            self._ready_at[name] = self._clock.now()
+            self._ready_at.pop(name, None)
+
+    def _replace_recording(self, name: str, **changes: Any) -> PSeriesRecording:
+        with self._lock:
+            rec = dataclasses.replace(self.recordings[name], **changes)
+            self.recordings[name] = rec
+        return rec
+
+    def recording_bytes(self, name: str) -> bytes:
+        """The WAV bytes recording *name* has now (the next download sends them, unless
+        ``mutate_bytes_after_downloads`` changes them first). KeyError for an unknown name."""
+        with self._lock:
+            generation = self._generations.get(name, 0)
+        return self._audio_of(name, generation)
+
+    def _audio_of(self, name: str, generation: int) -> bytes:
+        with self._lock:
+            rec = self.recordings[name]
+        return self._audio.get(f"{generation}:{name}", lambda: rec.wav_bytes(generation))
 
     # -- observation and faults ------------------------------------------------------------
 
@@ -649,6 +744,7 @@ class PSeriesSimulator:
             self.counters.clear()
             self.requests_log.clear()
             self._downloaded = 0
+            self._download_counts.clear()
             self._guard.clear()
             self._set_default_faults()
 
@@ -684,10 +780,14 @@ class PSeriesSimulator:
 
     # -- request dispatch (called on handler threads) ------------------------------------
 
-    def _pause(self) -> None:
-        """Apply ``latency_s``; wakes early when the simulator stops."""
-        if self.latency_s > 0:
-            self._stopping.wait(self.latency_s)
+    def _pause(self, req: _Request) -> None:
+        """Apply ``latency_s`` (plus ``cdr_latency_s`` for the catalogue) before answering
+        *req*; wakes early when the simulator stops."""
+        delay = self.latency_s
+        if req.endpoint in CATALOGUE_ENDPOINTS:
+            delay += self.cdr_latency_s
+        if delay > 0:
+            self._stopping.wait(delay)
 
     def _request(self, method: str, target: str, raw_body: bytes, client_ip: str,
                  headers: Any) -> _Request:
@@ -708,6 +808,9 @@ class PSeriesSimulator:
     def _dispatch(self, req: _Request) -> Reply:
         if not req.known:
             return html_reply(404, "404 Not Found")
+        raw = self.api_raw_reply.get(req.endpoint)
+        if raw is not None:
+            return Reply(body=bytes(raw))
         if not req.user_agent:
             return _error_reply(E_USER_AGENT)
         route = _ROUTES.get(req.endpoint)
@@ -970,16 +1073,30 @@ class PSeriesSimulator:
             self._active_downloads -= 1
 
     def _audio_or_fault(self, rec: PSeriesRecording, range_header: Optional[str]) -> Reply:
+        data = memoryview(self._audio_of(rec.name, self._count_download(rec.name)))
         failure_mode, reset_at = self._download_faults()
-        data = memoryview(self.recording_bytes(rec.name))
+        if failure_mode == "latency":
+            self._stopping.wait(CHAOS_LATENCY_S)
+            failure_mode = None
         if failure_mode is not None:
             return _failed_download(failure_mode, data)
-        reply = audio_reply(data, range_header, honour_range=self.range_mode == "honour",
+        reply = audio_reply(data, range_header, range_mode=self.range_mode,
+                            announced_size=self.announce_size_bytes,
                             content_type=self.audio_content_type,
                             omit_length=self.omit_content_length)
         if reset_at is not None:
             reply.cut_after, reply.cut_with_rst = reset_at, True
         return reply
+
+    def _count_download(self, name: str) -> int:
+        """Count a download of *name*; the generation of bytes it gets (0 = the original)."""
+        with self._lock:
+            done = self._download_counts[name]
+            self._download_counts[name] = done + 1
+            after = self.mutate_bytes_after_downloads
+            if after is not None and done >= after:
+                self._generations[name] = max(1, self._generations.get(name, 0))
+            return self._generations.get(name, 0)
 
     def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
         """Consume the download fault switches: (fail_mode or None, reset_after_bytes or None)."""
@@ -987,6 +1104,11 @@ class PSeriesSimulator:
             if self.fail_downloads > 0:
                 self.fail_downloads -= 1
                 return self.fail_mode, None
+            if self.chaos and self._chaos_rng.random() < self.chaos:
+                shape = self._chaos_rng.choice(("reset", "http500", "json", "truncate", "latency"))
+                if shape == "reset":
+                    return None, self._chaos_rng.randint(1, 200_000)
+                return shape, None
             reset_at = self.reset_after_bytes
             if reset_at is not None and self.reset_downloads > 0:
                 self.reset_downloads -= 1
@@ -1094,8 +1216,8 @@ class _Handler(StreamingHandler):
     def _serve(self, method: str) -> None:
         sim = self.server.simulator
         raw_body = self.read_body(MAX_BODY_BYTES)
-        sim._pause()
         req = sim._request(method, self.path, raw_body, self.client_address[0], self.headers)
+        sim._pause(req)
         reply = sim._dispatch(req)
         if reply.status != 101:
             self.send_reply(reply)
