@@ -29,8 +29,9 @@ from yeastarfs.sim.common import (
     WebSocketHandshakeError, parse_close)
 from yeastarfs.sim.sseries import Simulator
 
-# The S-Series tests' event receiver (a local HTTP server) and its fixture serve the webhook too.
-from test_simulator import receiver  # noqa: F401  (a fixture)
+# From the S-Series tests: a condition wait, and the event receiver (a local HTTP server)
+# whose fixture serves the webhook too.
+from test_simulator import receiver, wait_until  # noqa: F401  (receiver is a fixture)
 
 UA = "OpenAPI"
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
@@ -139,15 +140,6 @@ def add(sim, seconds=2.0, **kwargs):
 
 def error(code, message):
     return {"errcode": code, "errmsg": message}
-
-
-def wait_until(predicate, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # --- transport conventions --------------------------------------------------------------
@@ -354,7 +346,8 @@ def test_list_paging_and_sorting(sim):
         add(sim, start=START - datetime.timedelta(minutes=i), callto=str(2000 + i))
     token = login(sim)
     first = api(sim, "recording/list", token)
-    assert first["total_number"] == 25 and [e["id"] for e in first["data"]] == list(range(25, 5, -1))
+    assert first["total_number"] == 25
+    assert [e["id"] for e in first["data"]] == list(range(25, 5, -1))
     second = api(sim, "recording/list", token, page=2)
     assert [e["id"] for e in second["data"]] == [5, 4, 3, 2, 1]
     beyond = api(sim, "recording/list", token, page=3)
@@ -711,6 +704,10 @@ def test_reset_after_bytes_breaks_the_connection_mid_body(sim):
     assert 0 < len(received) <= 50_000 < rec.size_bytes
     assert sim.reset_after_bytes is None  # the counted reset is used up
     assert len(fetch(sim, link, token).body) == rec.size_bytes
+    sim.reset_after_bytes = 1000  # and without a count, every download is cut
+    for _ in range(2):
+        with pytest.raises((OSError, http.client.HTTPException)):
+            fetch(sim, link, token)
 
 
 @pytest.mark.parametrize("mode", ["json", "http500", "html", "truncate", "overlong"])

@@ -1,5 +1,6 @@
-"""Pieces any PBX simulator can share: HTTP serving with paced audio, a clock tests can move,
-the failed-login lockout rule, a retrying event pusher, an audio cache, and WebSocket framing.
+"""Pieces any PBX simulator can share: observation and download-fault bookkeeping, HTTP
+serving with paced audio, a clock tests can move, the failed-login lockout rule, a retrying
+event pusher, an audio cache, and WebSocket framing.
 
 What it owns: transport mechanics that are the same whatever the PBX family (how a reply is
 sent, paced, cut or reset; how an IP is locked; how an event is re-sent; how a WebSocket frame
@@ -14,6 +15,8 @@ Threading contract:
   private lock, taken last (after the owning simulator's lock, if any) and never held while
   sleeping or doing I/O.
 - ``LoginGuard`` has no lock: its owner calls it under the owner's lock.
+- ``SimulatorBase`` creates the simulator's one ``_lock``; its methods take it briefly and
+  never hold it during I/O.
 - ``StreamingHandler`` runs on the HTTP server's per-connection threads; it reads
   ``bandwidth_bps`` (per chunk), ``_stopping`` and ``_count_downloaded`` from
   ``server.simulator`` and touches nothing else of it.
@@ -90,7 +93,8 @@ class SimClock:
 
 
 class LoginGuard:
-    """The failed-login rule: *failures* failures from one IP within *window_s* lock it for *lockout_s*.
+    """The failed-login rule: *failures* failures from one IP within *window_s* lock it for
+    *lockout_s*.
 
     Not thread-safe: its owner calls it under the owner's lock, passing the owner's clock time.
     """
@@ -123,6 +127,114 @@ class LoginGuard:
     def clear(self) -> None:
         self._recent.clear()
         self._locked_until.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# What every simulator keeps
+
+
+LOG_LIMIT = 10000
+CHAOS_SHAPES = ("reset", "http500", "json", "truncate", "latency")
+
+
+class SimulatorBase:
+    """Observation and download-fault bookkeeping shared by the PBX simulators.
+
+    Owns, under the one ``_lock`` its subclass uses for everything: ``counters``,
+    ``requests_log``, the audio bytes sent, per-recording download counts and byte
+    generations, and the consumption of the download fault switches (``fail_downloads``,
+    ``fail_mode``, ``chaos``, ``reset_after_bytes``/``reset_downloads``,
+    ``mutate_bytes_after_downloads``, ``range_mode``), which the subclass's
+    ``_set_default_faults`` sets. A subclass provides ``start``, ``stop``, ``host``, ``port``
+    and ``certfile``.
+    """
+
+    def __init__(self) -> None:
+        self.counters: collections.Counter = collections.Counter()
+        self.requests_log: list[dict] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._downloaded = 0
+        self._download_counts: collections.Counter = collections.Counter()
+        self._generations: dict[str, int] = {}  # names whose bytes changed
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.certfile else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def honour_range(self) -> bool:
+        """Alias of ``range_mode`` for older tests: reading says ``range_mode != "ignore"``,
+        True sets "honour", False "ignore"."""
+        return self.range_mode != "ignore"
+
+    @honour_range.setter
+    def honour_range(self, value: bool) -> None:
+        self.range_mode = "honour" if value else "ignore"
+
+    def downloaded_bytes(self) -> int:
+        """Total recording body bytes sent since start (or the last ``reset``)."""
+        with self._lock:
+            return self._downloaded
+
+    def _clear_observations_locked(self) -> None:
+        """What ``reset`` clears besides the switches: counters, log, bytes, download counts."""
+        self.counters.clear()
+        self.requests_log.clear()
+        self._downloaded = 0
+        self._download_counts.clear()
+
+    def _log_request(self, endpoint: str, entry: dict) -> None:
+        """Count a request to *endpoint* and keep *entry* in the (bounded) request log."""
+        with self._lock:
+            self.counters[endpoint] += 1
+            self.requests_log.append(entry)
+            if len(self.requests_log) > LOG_LIMIT:
+                del self.requests_log[: len(self.requests_log) - LOG_LIMIT]
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+
+    def _count_downloaded(self, n: int) -> None:
+        with self._lock:
+            self._downloaded += n
+
+    def _count_download(self, name: str) -> int:
+        """Count a download of *name*; the generation of bytes it gets (0 = the original)."""
+        with self._lock:
+            done = self._download_counts[name]
+            self._download_counts[name] = done + 1
+            after = self.mutate_bytes_after_downloads
+            if after is not None and done >= after:
+                self._generations[name] = max(1, self._generations.get(name, 0))
+            return self._generations.get(name, 0)
+
+    def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
+        """Consume the download fault switches: (fail_mode, a chaos shape or None;
+        reset_after_bytes or None)."""
+        with self._lock:
+            if self.fail_downloads > 0:
+                self.fail_downloads -= 1
+                return self.fail_mode, None
+            if self.chaos and self._chaos_rng.random() < self.chaos:
+                shape = self._chaos_rng.choice(CHAOS_SHAPES)
+                if shape == "reset":
+                    return None, self._chaos_rng.randint(1, 200_000)
+                return shape, None
+            reset_at = self.reset_after_bytes
+            if reset_at is not None and self.reset_downloads > 0:
+                self.reset_downloads -= 1
+                if self.reset_downloads == 0:
+                    # The counted resets are used up; 0 must not now mean "every download".
+                    self.reset_after_bytes = None
+            return None, reset_at
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,7 +649,8 @@ def decode_frame(buffer: bytes) -> Optional[tuple[Frame, int]]:
     if len(buffer) < 2:
         return None
     first, second = buffer[0], buffer[1]
-    fin, opcode, masked, length = bool(first & 0x80), first & 0x0F, bool(second & 0x80), second & 0x7F
+    fin, opcode = bool(first & 0x80), first & 0x0F
+    masked, length = bool(second & 0x80), second & 0x7F
     if first & 0x70:
         raise WebSocketError("reserved bits set")
     if opcode not in KNOWN_OPCODES:

@@ -20,9 +20,9 @@ Threading contract:
   writes to its socket (events are queued to it). One webhook-pusher thread delivers events
   in announcement order when ``webhook_url`` is set.
 - All shared state (tokens, download links, lockouts, recordings, subscriptions, counters,
-  log) is guarded by the single ``PSeriesSimulator._lock``. It is never held while sleeping,
-  building audio or doing network I/O. The clock and the audio cache have their own leaf
-  locks (common.py), taken after ``_lock`` when both are needed.
+  log) is guarded by the single ``_lock`` (made by ``SimulatorBase``). It is never held
+  while sleeping, building audio or doing network I/O. The clock and the audio cache have
+  their own leaf locks (common.py), taken after ``_lock`` when both are needed.
 - Fault switches are plain attributes: a test thread may set them at any time. Each
   download reads them once when it starts (the bandwidth cap is re-read for every chunk).
 
@@ -114,7 +114,7 @@ say (``yeastar-p-series-api.md``), and should fail loudly where these differ.
    10002   PARAMETER ERROR         missing or invalid parameter; body not a JSON object;
                                    subscribe without a WebSocket upgrade; bad WS message
    10003   METHOD NOT ALLOWED      get_token/refresh_token need POST, the rest GET
-                                   (del_token takes both: the guide shows GET, the brief POST)
+                                   (del_token takes both: the guide shows GET)
    10004   USER AGENT REQUIRED     a request (any, the upgrade too) without a User-Agent
    20001   AUTHENTICATION FAILED   wrong username (Client ID) or password (Client Secret)
    20002   IP BLOCKED              get_token from a locked IP
@@ -178,9 +178,9 @@ say (``yeastar-p-series-api.md``), and should fail loudly where these differ.
    (assumption: not bound to the token that asked), reusable unless
    ``resource_single_use``. ``GET {base}{link}?access_token=T`` answers 200,
    ``Content-Type: audio/x-wav``, ``Content-Length`` and the bytes; a bad token is checked
-   before the link (it does not use up a single-use link). Range is ignored by default;
-   ``range_mode="honour"`` gives 206 + ``Content-Range`` for ``bytes=N-[M]`` and 416 past
-   the end. Errors on the link are JSON bodies as everywhere (HTTP 200).
+   before the link (it does not use up a single-use link). Range is ignored by default
+   (assumption: undocumented); ``range_mode`` switches it (see the fault switches). Errors
+   on the link are JSON bodies as everywhere (HTTP 200).
 8. WebSocket. ``GET /openapi/v1.0/subscribe?access_token=T`` with a valid RFC 6455 upgrade
    (and a User-Agent) switches protocols (101); a refused upgrade is an ordinary HTTP 200
    JSON error (assumption). Then the client sends ``{"topic_list":[...]}`` and gets the
@@ -210,7 +210,6 @@ say (``yeastar-p-series-api.md``), and should fail loudly where these differ.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import functools
@@ -231,11 +230,11 @@ from urllib.parse import parse_qsl, urlsplit
 from yeastarfs.sim.common import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR, OP_BINARY, OP_CLOSE,
     OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, POLL_S, AudioCache, Frame, LoginGuard, Reply,
-    RetryingPusher, SimClock, StreamingHandler, WebSocketError, audio_reply, close_payload,
-    decode_frame, encode_frame, html_reply, json_reply, parse_close, parse_json_object,
-    post_json, serve_http, ws_accept, ws_key_is_valid)
+    RetryingPusher, SimClock, SimulatorBase, StreamingHandler, WebSocketError, audio_reply,
+    close_payload, decode_frame, encode_frame, html_reply, json_reply, parse_close,
+    parse_json_object, post_json, serve_http, ws_accept, ws_key_is_valid)
 from yeastarfs.sim.sseries import (
-    AUDIO_CACHE_BYTES, EVENT_RESENDS, LOG_LIMIT, MAX_BODY_BYTES, TCP_SEND_TIMEOUT_S,
+    AUDIO_CACHE_BYTES, EVENT_RESENDS, MAX_BODY_BYTES, TCP_SEND_TIMEOUT_S,
     WAV_HEADER_BYTES, Simulator, wav_bytes, wav_data_bytes)
 
 log = logging.getLogger(__name__)
@@ -440,7 +439,7 @@ def _int_param(query: dict[str, str], key: str, default: Optional[int], low: int
 # The simulator
 
 
-class PSeriesSimulator:
+class PSeriesSimulator(SimulatorBase):
     """A Yeastar P-Series PBX on localhost.
 
     Attributes:
@@ -466,6 +465,7 @@ class PSeriesSimulator:
                  tz: Optional[datetime.tzinfo] = None, webhook_url: Optional[str] = None,
                  event_retry_s: float = 5.0, sn: str = SERIAL_NUMBER,
                  certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
+        super().__init__()
         self.host, self.port = host, port
         # The API application's Client ID and Client Secret: get_token's username/password.
         self.username, self.password = username, password
@@ -479,24 +479,17 @@ class PSeriesSimulator:
         self.sn = sn
         self.certfile, self.keyfile = certfile, keyfile
         self.recordings: dict[str, PSeriesRecording] = {}
-        self.counters: collections.Counter = collections.Counter()
-        self.requests_log: list[dict] = []
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
         self._clock = SimClock()
         self._guard = LoginGuard(lockout_failures, lockout_window_s, lockout_s)
         self._audio = AudioCache(AUDIO_CACHE_BYTES)
         self._next_id = 1
         self._by_id: dict[int, str] = {}
         self._ready_at: dict[str, float] = {}  # not written until then (simulator clock)
-        self._download_counts: collections.Counter = collections.Counter()
-        self._generations: dict[str, int] = {}  # names whose bytes changed
         self._grant_sequence = 0
         self._by_access: dict[str, _Grant] = {}
         self._by_refresh: dict[str, _Grant] = {}
         self._resources: dict[str, _Resource] = {}
         self._active_downloads = 0
-        self._downloaded = 0
         self._ws_clients: list[_WsClient] = []
         self._started_at = 0.0
         self._http: Any = None
@@ -530,15 +523,6 @@ class PSeriesSimulator:
         self.audio_content_type = "audio/x-wav"
         self.omit_content_length = False
 
-    @property
-    def honour_range(self) -> bool:
-        """The S-Series alias: reading says ``range_mode != "ignore"``; True sets "honour"."""
-        return self.range_mode != "ignore"
-
-    @honour_range.setter
-    def honour_range(self, value: bool) -> None:
-        self.range_mode = "honour" if value else "ignore"
-
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> "PSeriesSimulator":
@@ -570,20 +554,11 @@ class PSeriesSimulator:
         self._http = self._http_thread = self._pusher = None
         log.info("simulator: P-Series stopped")
 
-    def __enter__(self) -> "PSeriesSimulator":
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        return f"{'https' if self.certfile else 'http'}://{self.host}:{self.port}"
-
     def subscribe_url(self, access_token: str) -> str:
         """The WebSocket URL for *access_token* (wss under TLS)."""
         scheme = "wss" if self.certfile else "ws"
-        return f"{scheme}://{self.host}:{self.port}/openapi/v1.0/subscribe?access_token={access_token}"
+        return (f"{scheme}://{self.host}:{self.port}/openapi/v1.0/subscribe"
+                f"?access_token={access_token}")
 
     # -- clocks (see "Clocks" in the module docstring) -------------------------------------
 
@@ -733,18 +708,11 @@ class PSeriesSimulator:
 
     # -- observation and faults ------------------------------------------------------------
 
-    def downloaded_bytes(self) -> int:
-        """Total audio body bytes sent since start (or the last ``reset``)."""
-        with self._lock:
-            return self._downloaded
-
     def reset(self) -> None:
-        """Clear counters, the log and every fault (lockouts included); keep content, tokens and clock."""
+        """Clear counters, the log and every switch (lockouts included); keep content, tokens,
+        subscriptions and the clocks."""
         with self._lock:
-            self.counters.clear()
-            self.requests_log.clear()
-            self._downloaded = 0
-            self._download_counts.clear()
+            self._clear_observations_locked()
             self._guard.clear()
             self._set_default_faults()
 
@@ -832,19 +800,7 @@ class PSeriesSimulator:
             "query": dict(req.query), "body": req.body if has_body else None,
             "user_agent": req.headers.get("User-Agent"), "time": time.time(),
         }
-        with self._lock:
-            self.counters[req.endpoint] += 1
-            self.requests_log.append(entry)
-            if len(self.requests_log) > LOG_LIMIT:
-                del self.requests_log[: len(self.requests_log) - LOG_LIMIT]
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[key] += n
-
-    def _count_downloaded(self, n: int) -> None:
-        with self._lock:
-            self._downloaded += n
+        self._log_request(req.endpoint, entry)
 
     @staticmethod
     def _json_body(req: _Request) -> dict:
@@ -1087,35 +1043,6 @@ class PSeriesSimulator:
         if reset_at is not None:
             reply.cut_after, reply.cut_with_rst = reset_at, True
         return reply
-
-    def _count_download(self, name: str) -> int:
-        """Count a download of *name*; the generation of bytes it gets (0 = the original)."""
-        with self._lock:
-            done = self._download_counts[name]
-            self._download_counts[name] = done + 1
-            after = self.mutate_bytes_after_downloads
-            if after is not None and done >= after:
-                self._generations[name] = max(1, self._generations.get(name, 0))
-            return self._generations.get(name, 0)
-
-    def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
-        """Consume the download fault switches: (fail_mode or None, reset_after_bytes or None)."""
-        with self._lock:
-            if self.fail_downloads > 0:
-                self.fail_downloads -= 1
-                return self.fail_mode, None
-            if self.chaos and self._chaos_rng.random() < self.chaos:
-                shape = self._chaos_rng.choice(("reset", "http500", "json", "truncate", "latency"))
-                if shape == "reset":
-                    return None, self._chaos_rng.randint(1, 200_000)
-                return shape, None
-            reset_at = self.reset_after_bytes
-            if reset_at is not None and self.reset_downloads > 0:
-                self.reset_downloads -= 1
-                if self.reset_downloads == 0:
-                    # The counted resets are used up; 0 must not now mean "every download".
-                    self.reset_after_bytes = None
-            return None, reset_at
 
     # -- events ---------------------------------------------------------------------------
 
