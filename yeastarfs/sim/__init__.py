@@ -5,6 +5,7 @@ Nothing here imports anything from yeastarfs outside ``yeastarfs.sim``: a misrea
 the PBX's API must never be shared by the client and the simulator.
 """
 
+from yeastarfs.sim.pseries import PSeriesSimulator
 from yeastarfs.sim.sseries import Simulator
 
-__all__ = ["Simulator"]
+__all__ = ["PSeriesSimulator", "Simulator"]
