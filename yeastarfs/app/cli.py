@@ -5,7 +5,7 @@
 
 Daemonising: ``mount`` without ``--foreground`` starts a *fresh* child process (not a fork
 of this one, which may already run threads) with ``--foreground`` and a pipe, and returns
-when the child writes "ready" (the kernel has mounted) or prints the child's error line.
+when the child writes "ready" (the mount answers a stat) or prints the child's error line.
 Secrets never travel in argv: the child reads the same password file or environment.
 """
 
@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from yeastarfs import __version__, errors
 from yeastarfs.app import options
+from yeastarfs.app.notify import WATCHDOG_PID_ENV, Notifier
 from yeastarfs.app.tools import CALL_COLUMNS
 from yeastarfs.config import (OPTIONS, PASSWORD_ENV, Config, Option, check_pbx_url, default_cache_root, parse_duration,
                               plain, read_password)
@@ -302,10 +303,16 @@ def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.log_file:
         child_argv += ["--log-file", log_file]
     _create_private_file(log_file)
+    # Under a Type=notify service the child is the daemon: systemd hears its pid (MAINPID=)
+    # now, and READY=1, STATUS= and the watchdog from the child itself (WATCHDOG_PID names
+    # this process, so the child gets the watchdog without it).
+    notifier = Notifier.from_environment()
+    child_env = {key: value for key, value in os.environ.items() if key != WATCHDOG_PID_ENV}
     with open(log_file, "ab") as child_stderr:  # tracebacks of a child that dies early land here
-        child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True,
+        child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True, env=child_env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child_stderr)
     os.close(write_fd)
+    notifier.send(f"MAINPID={child.pid}")
     with os.fdopen(read_fd, "rb") as pipe:
         # The child is ready within --start-timeout plus a login; a hung one must not hang
         # mount(8) (and boot) with it.
