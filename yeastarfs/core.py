@@ -21,7 +21,8 @@ Owns the policies the adapter must not hold:
   better; and a size learned mid-download reaches the index and the kernel (through the
   adapter's invalidation callback) at once;
 - the extended attributes: ``user.yeastar.*`` from the index, the root's
-  ``user.yeastarfs.status`` (the daemon's statistics) and ``user.yeastarfs.cached``.
+  ``user.yeastarfs.status`` (the daemon's statistics), and each file's
+  ``user.yeastarfs.cached`` and ``user.yeastarfs.cache`` (complete, partial, none).
 
 Errors: raises ``errors.TreeError`` types (no such path, no such attribute, bad handle,
 is a folder, read-only) and lets the components' errors through; the adapter maps both.
@@ -67,6 +68,9 @@ XATTR_FIELDS = {
 # The root carries the daemon's statistics (JSON) for `yeastarfs status`.
 STATUS_XATTR = "user.yeastarfs.status"
 CACHED_XATTR = "user.yeastarfs.cached"
+# Per file: "complete", "partial <bytes held> of <total bytes or ?>" or "none"; not listed
+# (a copy with its xattrs, rsync -X, must not carry a state that is only true here).
+CACHE_XATTR = "user.yeastarfs.cache"
 # Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
 # FUSE reads of up to 128 KiB, so that is the useful block size.
 BLOCK_SIZE_BYTES = 128 * 1024
@@ -261,6 +265,8 @@ class Core:
         entry = self._entry(path)
         if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
             return b"1" if self.cache.contains(entry.name) else b"0"
+        if name == CACHE_XATTR and entry.kind == "file":  # for `yeastarfs status PATH`
+            return self._cache_state(entry.name).encode()
         if entry.kind == "dir":
             if path == "/" and name == STATUS_XATTR and self._status is not None:
                 return json.dumps(self._status(), default=str).encode()
@@ -302,6 +308,17 @@ class Core:
         if rate:
             self.index.set_estimate_rate(rate)
         return rate
+
+    def _cache_state(self, name: str) -> str:
+        """What this machine holds of recording *name*, from the cache and the downloads alone."""
+        if self.cache.contains(name):
+            return "complete"
+        for download in self.downloads.running():
+            if download.name == name:
+                held_bytes, total_bytes = download.progress()
+                if held_bytes:
+                    return f"partial {held_bytes} of {'?' if total_bytes is None else total_bytes}"
+        return "none"
 
     # -- helpers -------------------------------------------------------------------------------
 

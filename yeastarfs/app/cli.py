@@ -163,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="where to mount (default: a temporary dir)")
     demo.add_argument("--recordings", type=int, default=60, help="sample recordings to create (default 60)")
     status = commands.add_parser(
-        "status", help="show the state of a running mount",
-        description="Show a running mount's state: PBX reachable, token age, last event and poll, "
-                    "recordings indexed, cache use and hit rate, downloads in flight. Asks the daemon "
-                    "through an extended attribute of the mount's root; never contacts the PBX.")
-    status.epilog = ("example:\n  yeastarfs status /mnt/recordings\n  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
-                     "exit status: 0, or 1 when MOUNTPOINT is not a running yeastarfs mount.")
-    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+        "status", help="show the state of a running mount, or what is cached of a file or folder",
+        description="For a mount's root: PBX reachable, token age, last event and poll, recordings "
+                    "indexed, cache use and hit rate, downloads in flight. For a recording: complete, "
+                    "partial (bytes held) or not cached; for a folder: how many of its recordings are "
+                    "each, and the bytes held. Asks the daemon through extended attributes; never "
+                    "contacts the PBX or downloads anything.")
+    status.epilog = ("examples:\n  yeastarfs status /mnt/recordings\n"
+                     "  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
+                     "  yeastarfs status /mnt/recordings/2026/11/27\n"
+                     "exit status: 0, or 1 when PATH is not in a running yeastarfs mount.")
+    status.add_argument("path", metavar="PATH", help="the mount's root, or a file or folder in it")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     pre = commands.add_parser(
         "prefetch", help="download recordings into the cache, with progress",
@@ -332,7 +336,7 @@ def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from yeastarfs.app.tools import print_status
-    return print_status(args.mountpoint, as_json=args.json)
+    return print_status(args.path, as_json=args.json)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:

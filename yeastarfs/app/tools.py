@@ -52,7 +52,20 @@ def _bytes(count) -> str:
     return f"{value:.1f} TiB"
 
 
-def print_status(mountpoint: str, as_json: bool = False) -> int:
+def print_status(path: str, as_json: bool = False) -> int:
+    """The daemon's state for a mount's root; what is cached of a file or a folder's files."""
+    root = mount_root(path)
+    if os.path.samefile(root, path):
+        return _print_daemon_status(path, as_json)
+    summary = cache_summary(path)
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(_summary_line(summary))
+    return 0
+
+
+def _print_daemon_status(mountpoint: str, as_json: bool) -> int:
     status = read_status(mountpoint)
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -77,6 +90,66 @@ def print_status(mountpoint: str, as_json: bool = False) -> int:
         lines.append(f"  {item['recording']}: {_bytes(item['received_bytes'])} of {_bytes(total)} ({share})")
     print("\n".join(lines))
     return 0
+
+
+# -- what is cached of files and folders ---------------------------------------------------
+
+CACHE_XATTR = "user.yeastarfs.cache"
+
+
+def mount_root(path: str) -> str:
+    """The root of the yeastarfs mount holding *path*. Raises ConfigError if none does."""
+    try:
+        current = os.path.realpath(path)
+        device = os.stat(current).st_dev
+        while current != "/" and os.stat(os.path.dirname(current)).st_dev == device:
+            current = os.path.dirname(current)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    read_status(current)  # raises unless it is a running yeastarfs mount
+    return current
+
+
+def cache_state(path: str) -> tuple[str, int, Optional[int]]:
+    """(state, bytes held, total bytes or None) of one recording, from its cache xattr."""
+    try:
+        words = os.getxattr(path, CACHE_XATTR).decode().split()
+    except OSError as exc:
+        raise ConfigError(f"{path}: no cache state ({exc.strerror})") from None
+    if words[0] == "partial":  # "partial <held> of <total or ?>"
+        return "partial", int(words[1]), None if words[3] == "?" else int(words[3])
+    size_bytes = os.stat(path).st_size  # complete: exact; none: maybe the index's estimate
+    return words[0], size_bytes if words[0] == "complete" else 0, size_bytes
+
+
+def cache_summary(path: str) -> dict:
+    """How much of the recordings under *path* (a file or a folder) this machine holds.
+
+    Asks the daemon only (listings and extended attributes): never downloads anything.
+    """
+    counts = {"complete": 0, "partial": 0, "none": 0}
+    held_bytes = total_bytes = 0
+    files = collect_files([path])
+    for file_path in files:
+        state, held, total = cache_state(file_path)
+        counts[state] = counts.get(state, 0) + 1
+        held_bytes += held
+        total_bytes += total if total is not None else held
+    summary = {"path": path, "recordings": len(files), **counts, "held_bytes": held_bytes,
+               "total_bytes": total_bytes}
+    if not os.path.isdir(path):
+        summary["state"] = cache_state(path)[0]
+    return summary
+
+
+def _summary_line(summary: dict) -> str:
+    held, total = summary["held_bytes"], summary["total_bytes"]
+    share = f" ({held / total:.0%})" if total else ""
+    amounts = f"{_bytes(held)} of ~{_bytes(total)} held{share}"
+    if "state" in summary:
+        return f"{summary['path']}: {summary['state']}, {amounts}"
+    return (f"{summary['path']}: {summary['recordings']} recordings: {summary['complete']} complete, "
+            f"{summary['partial']} partial, {summary['none']} not cached; {amounts}")
 
 
 # -- prefetch ----------------------------------------------------------------------------
