@@ -24,6 +24,8 @@ import time
 import urllib.parse
 from typing import Optional
 
+from tqdm import tqdm
+
 from yeastarfs.errors import ConfigError
 
 STATUS_XATTR = "user.yeastarfs.status"
@@ -156,7 +158,6 @@ def _summary_line(summary: dict) -> str:
 
 CACHED_XATTR = "user.yeastarfs.cached"
 READ_BLOCK_BYTES = 1 << 20
-PROGRESS_INTERVAL_S = 0.5
 
 
 def _is_cached(path: str) -> bool:
@@ -191,48 +192,88 @@ def _within(name: str, start: Optional[dt.date], end: Optional[dt.date]) -> bool
     return (start is None or day >= start) and (end is None or day <= end)
 
 
-class _Progress:
-    """Bytes, rate and ETA on one line (a terminal) or a line every few seconds (a log)."""
+# A log or the journal has no carriage return: there, one line every PLAIN_INTERVAL_S.
+PLAIN_INTERVAL_S = 5.0
+PLAIN_FORMAT = "{desc}: {n_fmt}B of ~{total_fmt}B ({percentage:.0f}%), {rate_fmt}, ETA {remaining}{postfix}"
 
-    def __init__(self, total_bytes: int, files: int) -> None:
+
+class Progress:
+    """Bytes done of an (estimated) total with rate and ETA, drawn by tqdm: a redrawn bar on
+    a terminal; on anything else (a log, the journal) a plain line every ``PLAIN_INTERVAL_S``.
+
+    For prefetch and for any command that moves many recordings (watch's non-follow runs):
+    `add` bytes as they arrive, `file_done` per recording, `message` for a line that must not
+    garble the bar, `close` at the end (it draws the final state). Thread-safe.
+    """
+
+    def __init__(self, total_bytes: int, files: int, desc: str = "prefetch", stream=None) -> None:
+        stream = sys.stderr if stream is None else stream
         self.total_bytes, self.files = total_bytes, files
         self.done_bytes = self.done_files = self.failed = self.skipped = 0
         self.started = time.monotonic()
-        self._last_print = 0.0
         self._lock = threading.Lock()
-        self._tty = sys.stderr.isatty()
+        terminal = stream.isatty()
+        # A terminal that reports no size (a bare pty) would get no bar at all: assume 80x24.
+        sized = terminal and _columns(stream) > 0
+        self._stream = stream
+        # unit_divisor 1000: tqdm labels its multiples kB, MB, GB (a divisor of 1024 would mislabel them).
+        self._bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                         file=stream if terminal else _Lines(stream), dynamic_ncols=sized,
+                         ncols=None if sized or not terminal else 80, nrows=None if sized or not terminal else 24,
+                         mininterval=0.5 if terminal else PLAIN_INTERVAL_S,
+                         maxinterval=PLAIN_INTERVAL_S, bar_format=None if terminal else PLAIN_FORMAT)
+        self._bar.set_postfix_str(f"0/{files} files", refresh=False)
 
     def add(self, nbytes: int) -> None:
         with self._lock:
             self.done_bytes += nbytes
-        self.show()
+            self._bar.update(nbytes)
 
     def file_done(self, ok: bool, skipped: bool = False) -> None:
         with self._lock:
             self.done_files += 1
             self.failed += 0 if ok else 1
             self.skipped += 1 if skipped else 0
-        self.show()
+            self._bar.set_postfix_str(f"{self.done_files}/{self.files} files", refresh=False)
 
-    def show(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last_print < (PROGRESS_INTERVAL_S if self._tty else 5.0):
-            return
-        self._last_print = now
-        elapsed_s = max(now - self.started, 1e-6)
-        rate = self.done_bytes / elapsed_s
-        left = max(0, self.total_bytes - self.done_bytes)
-        eta = f"{left / rate:.0f} s" if rate > 0 and not final else "-"
-        line = (f"prefetch: {self.done_files}/{self.files} files, {_bytes(self.done_bytes)} of ~{_bytes(self.total_bytes)}"
-                f", {_bytes(rate)}/s, ETA {eta}")
-        print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty and not final else "\n",
-              file=sys.stderr, flush=True)
+    def message(self, text: str) -> None:
+        with self._lock:
+            self._bar.write(text, file=self._stream)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.done_bytes > self.total_bytes:  # the total was partly estimated
+                self._bar.total = self.done_bytes
+            self._bar.close()
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class _Lines:
+    """What tqdm draws, as lines: it redraws in place with a carriage return and trailing
+    spaces, which a log would keep as one ever longer line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def prefetch(paths: list[str], jobs: int = 4, start: Optional[dt.date] = None, end: Optional[dt.date] = None) -> int:
     """Read recordings through the mount so the daemon caches them. Ctrl-C stops cleanly."""
     files = collect_files(paths, start, end)
-    progress = _Progress(sum(os.stat(f).st_size for f in files), len(files))
+    progress = Progress(sum(os.stat(f).st_size for f in files), len(files))
     stop = threading.Event()
     pending = iter(files)
     lock = threading.Lock()
@@ -254,17 +295,17 @@ def prefetch(paths: list[str], jobs: int = 4, start: Optional[dt.date] = None, e
                 thread.join(0.2)
     except KeyboardInterrupt:
         stop.set()
-        progress.show(final=True)
+        progress.close()
         print("prefetch: interrupted; recordings read to the end are cached", file=sys.stderr)
         return 130
-    progress.show(final=True)
+    progress.close()
     fetched = progress.done_files - progress.failed - progress.skipped
     print(f"prefetch: {fetched} fetched, {progress.skipped} already cached, {progress.failed} failed, "
           f"{_bytes(progress.done_bytes)} in {time.monotonic() - progress.started:.1f} s", file=sys.stderr)
     return 1 if progress.failed else 0
 
 
-def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None:
+def _prefetch_one(path: str, progress: Progress, stop: threading.Event) -> None:
     if _is_cached(path):
         progress.add(os.stat(path).st_size)
         progress.file_done(True, skipped=True)
@@ -277,7 +318,7 @@ def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None
                     break
                 progress.add(len(block))
     except OSError as exc:
-        print(f"\nprefetch: {path}: {exc.strerror}", file=sys.stderr)
+        progress.message(f"prefetch: {path}: {exc.strerror}")
         progress.file_done(False)
         return
     progress.file_done(True)
