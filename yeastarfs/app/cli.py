@@ -232,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
         "man", help="print the man page (roff)",
         description="Print yeastarfs(1) in roff, built from the same option declarations as --help.",
         epilog="example:\n  yeastarfs man > yeastarfs.1 && man ./yeastarfs.1")
+    install = commands.add_parser(
+        "install-system", help="put yeastarfs where mount(8), systemd and man find it",
+        description="Link this installation's yeastarfs command into PREFIX/bin (where mount -t "
+                    "fuse.yeastarfs and fstab find it), write the man page to PREFIX/share/man/man1, "
+                    "the README and the example .mount/.automount units to PREFIX/share/doc/yeastarfs, "
+                    "and the service template yeastarfs@.service to UNIT_DIR. Safe to run again: "
+                    "prints what it wrote, linked or left unchanged.",
+        epilog="examples:\n  sudo yeastarfs install-system\n"
+               "  yeastarfs install-system --dest /tmp/stage     # a staging root, as for a package")
+    install.add_argument("--prefix", default="/usr/local", metavar="DIR",
+                         help="where bin/ and share/ go (default /usr/local)")
+    install.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR",
+                         help="where the service template goes (default /etc/systemd/system)")
+    install.add_argument("--dest", default="/", metavar="DIR",
+                         help="staging root every path is written under (default /)")
     completion = commands.add_parser(
         "completion", help="print a shell completion script",
         description="Print a completion script for SHELL, made from these parsers by the shtab "
@@ -399,10 +414,20 @@ def cmd_simulator(args: argparse.Namespace) -> int:
 
 
 def cmd_man() -> int:
-    from yeastarfs.app.manpage import render
-    parser = build_parser()
-    sys.stdout.write(render(parser, parser.commands))
+    sys.stdout.write(render_man_page(build_parser()))
     return 0
+
+
+def cmd_install_system(args: argparse.Namespace) -> int:
+    from yeastarfs.app.install import install_system
+    parser = build_parser()
+    return install_system(args.prefix, args.dest, args.unit_dir,
+                          man_page=lambda: render_man_page(parser), out=sys.stdout)
+
+
+def render_man_page(parser: argparse.ArgumentParser) -> str:
+    from yeastarfs.app.manpage import render
+    return render(parser, parser.commands)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -444,7 +469,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "status": lambda: cmd_status(args), "prefetch": lambda: cmd_prefetch(args),
                 "calls": lambda: cmd_calls(args), "cache": lambda: cmd_cache(args),
                 "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args),
-                "man": cmd_man, "completion": lambda: cmd_completion(args)}
+                "man": cmd_man, "completion": lambda: cmd_completion(args),
+                "install-system": lambda: cmd_install_system(args)}
     try:
         return commands[args.command]()
     except errors.YeastarfsError as exc:
