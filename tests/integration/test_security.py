@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
 import pytest
@@ -113,3 +114,43 @@ def test_names_that_spoof_terminals_never_appear(pbx, mounted, spoof):
     folder = mount.path(*date_path(good.name)[:3])
     assert os.listdir(folder) == [good.name]
     assert "invisible" in mount.log()  # said once, in the log
+
+
+def _prebuilt_index(mount_cache_root: str, pbx_url: str, day: str, count: int) -> list[str]:
+    from harness import pbx_cache_dir
+    from yeastarfs.index import RecordingIndex
+    from yeastarfs.models import Recording
+
+    names = [f"{day}{i // 3600 % 24:02d}{i // 60 % 60:02d}{i % 60:02d}-{i}.{i}-1001-2002-Inbound.wav"
+             for i in range(count)]
+    with RecordingIndex(os.path.join(pbx_cache_dir(mount_cache_root, pbx_url), "index.sqlite3")) as index:
+        index.add(Recording(name=name, talk_s=10) for name in names)
+    return sorted(names)
+
+
+def test_a_huge_day_folder_is_listed_completely_in_bounded_memory(pbx, mounted, tmp_path):
+    # Issue 9: a day of 1,000,000 recordings took the daemon to 830 MB. 200,000 in one day here
+    # (the same code path, pages of a few thousand): every name once, the daemon grows by little.
+    names = _prebuilt_index(str(tmp_path / "cache"), pbx.base_url, "20261127", 200_000)
+    mount = mounted("--no-events", "--since", "1h")
+    rss_before_kib = mount.rss_kib()
+    peak_kib = [rss_before_kib]
+    output = tmp_path / "listing.txt"
+    with open(output, "w") as sink:  # a file, not a pipe: 200,000 lines would fill a pipe and stall ls
+        listing = subprocess.Popen(["ls", "-f", mount.path("2026", "11", "27")], stdout=sink)
+        while listing.poll() is None:
+            peak_kib.append(mount.rss_kib())
+            time.sleep(0.05)
+    assert listing.returncode == 0
+    listed = [line for line in output.read_text().splitlines() if line not in (".", "..")]
+    assert len(listed) == len(names) and sorted(listed) == names  # complete, no name twice
+    assert max(peak_kib) - rss_before_kib < 40 * 1024, f"the daemon grew {max(peak_kib) - rss_before_kib} KiB"
+
+
+def test_a_listing_read_in_many_chunks_is_exactly_the_folder(pbx, mounted, tmp_path):
+    names = _prebuilt_index(str(tmp_path / "cache"), pbx.base_url, "20261128", 5_003)
+    mount = mounted("--no-events", "--since", "1h")
+    folder = mount.path("2026", "11", "28")
+    assert sorted(os.listdir(folder)) == names
+    long_listing = subprocess.run(["ls", "-l", folder], capture_output=True, text=True, check=True).stdout
+    assert sorted(line.split()[-1] for line in long_listing.splitlines()[1:]) == names
