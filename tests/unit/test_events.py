@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from yeastarfs.errors import ConfigError
+from yeastarfs.pbx.sseries import events
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.models import Recording
 
@@ -702,8 +703,29 @@ def test_memory_stays_flat_while_32_connections_send_6_mb_of_headers(make_receiv
         for thread in attackers:
             thread.join(10)
 
-    assert [reply[:13] for reply in replies] == [b"HTTP/1.1 431 "] * 32
     assert rss.growth_bytes < 4 << 20, f"RSS grew by {rss.growth_bytes >> 10} KiB"
+    assert [reply[:13] for reply in replies] == [b"HTTP/1.1 431 "] * 32
+
+
+def test_a_stuck_callback_queues_events_within_a_byte_budget(make_receiver, monkeypatch):
+    monkeypatch.setattr(events, "MAX_QUEUED_BYTES", 64 * 1024)
+    gate = threading.Event()
+    delivered = Calls()
+
+    def stuck(recording: Recording) -> None:
+        gate.wait(5)
+        delivered(recording)
+
+    receiver = make_receiver(stuck).start()
+    padding = "1" * 20_000  # each recording keeps about 20 KiB of text: 3 fit in 64 KiB
+    for n in range(10):
+        assert post_json(receiver.port, new_cdr(callid=f"8.{n}", callfrom=padding)) == 200
+
+    assert wait_for(lambda: receiver.stats["dropped"] == 7)  # queued after each reply
+    gate.set()
+    assert wait_for(lambda: len(delivered) == 3)
+    assert post_json(receiver.port, new_cdr(callid="8.9", callfrom=padding)) == 200  # re-sent
+    assert wait_for(lambda: len(delivered) == 4)  # the budget was given back
 
 
 def test_stop_closes_connections_still_being_received(make_receiver):

@@ -77,9 +77,12 @@ MAX_HANDLER_THREADS = 32
 # one when all are taken (see _ConnectionTable). The PBX sends an event in one go, within
 # milliseconds on a LAN.
 SLOW_CONNECTION_S = 1.0
-# Events waiting for the dispatch thread. Past this (a stuck callback) events are dropped
-# and counted rather than growing memory; CDR polling can still find their recordings.
+# Events waiting for the dispatch thread, by count and by the text of their recordings.
+# Past either (a stuck callback) events are dropped and counted rather than growing memory;
+# CDR polling can still find their recordings. A real NewCdr gives under 1 KiB of text, so
+# the byte cap only bites on events padded by a hostile sender (each up to 64 KiB).
 MAX_QUEUED_EVENTS = 10_000
+MAX_QUEUED_BYTES = 8 << 20
 # NewCdr identities remembered for deduplication. The PBX re-sends within seconds
 # (§12.6), so the last 10,000 calls are far more than enough.
 DEDUP_MAX_KEYS = 10_000
@@ -196,7 +199,9 @@ class EventSink:
     """What both transports do with a usable event: note it, drop NewCdr repeats, and run
     the callbacks on one dispatch thread (started at once), in arrival order.
 
-    `accept` never blocks: when the queue is full the event is dropped and counted.
+    `accept` never blocks: when the queue is full (MAX_QUEUED_EVENTS, MAX_QUEUED_BYTES) the
+    event is dropped and counted. A payload is kept only when ``on_event`` wants it; those
+    (tests and tools use on_event) count against MAX_QUEUED_EVENTS only.
     """
 
     def __init__(
@@ -210,9 +215,10 @@ class EventSink:
         self._on_event = on_event
         self._stats = stats
         self._recent = _RecentKeys(DEDUP_MAX_KEYS)
-        self._queue: queue.Queue[Optional[tuple[dict, Optional[Recording]]]] = queue.Queue(
-            MAX_QUEUED_EVENTS
-        )
+        self._queue: queue.Queue[Optional[tuple[Optional[dict], Optional[Recording], int]]] = \
+            queue.Queue(MAX_QUEUED_EVENTS)
+        self._budget_lock = threading.Lock()
+        self._queued_bytes = 0
         self._stopping = threading.Event()
         self._drop_throttle = Throttle()
         self._error_throttle = Throttle()
@@ -234,15 +240,33 @@ class EventSink:
         key, recording = self._new_cdr(payload)
         if recording is None and self._on_event is None:
             return
+        kept = payload if self._on_event is not None else None
+        size_bytes = len(repr(recording)) if recording is not None else 0  # about its text
+        if not self._reserve(size_bytes):
+            self._drop(key)
+            return
         try:
-            self._queue.put_nowait((payload, recording))
+            self._queue.put_nowait((kept, recording, size_bytes))
         except queue.Full:
-            self._stats.add("dropped")
-            if key is not None:
-                self._recent.discard(key)  # so that a re-send is not taken for a repeat
-            self._drop_throttle.emit(
-                log, logging.WARNING, "event dispatch: queue full (%d events), callbacks too"
-                " slow; event dropped (%d more dropped since the last warning)", MAX_QUEUED_EVENTS)
+            self._reserve(-size_bytes)
+            self._drop(key)
+
+    def _reserve(self, size_bytes: int) -> bool:
+        """Count *size_bytes* more as queued (negative: fewer); False if over the budget."""
+        with self._budget_lock:
+            if size_bytes > 0 and self._queued_bytes + size_bytes > MAX_QUEUED_BYTES:
+                return False
+            self._queued_bytes += size_bytes
+            return True
+
+    def _drop(self, key: Optional[tuple[str, str]]) -> None:
+        self._stats.add("dropped")
+        if key is not None:
+            self._recent.discard(key)  # so that a re-send is not taken for a repeat
+        self._drop_throttle.emit(
+            log, logging.WARNING, "event dispatch: queue full (%d events or %d bytes), callbacks"
+            " too slow; event dropped (%d more dropped since the last warning)",
+            MAX_QUEUED_EVENTS, MAX_QUEUED_BYTES)
 
     def _new_cdr(self, payload: dict) -> tuple[Optional[tuple[str, str]], Optional[Recording]]:
         """The dedup key and recording of a first-seen NewCdr; (None, None) for anything else."""
@@ -261,9 +285,11 @@ class EventSink:
             item = self._queue.get()
             if item is None:
                 break
-            self._deliver(*item)
+            payload, recording, size_bytes = item
+            self._deliver(payload, recording)
+            self._reserve(-size_bytes)
 
-    def _deliver(self, payload: dict, recording: Optional[Recording]) -> None:
+    def _deliver(self, payload: Optional[dict], recording: Optional[Recording]) -> None:
         calls = ((self._on_event, payload), (self._on_recording, recording))
         for callback, argument in calls:
             if callback is None or argument is None:
@@ -385,13 +411,13 @@ class _ConnectionTable:
     At most *max_active* connections hold a slot. When they all do, a new connection takes
     the slot of one still receiving its request: first one of the source holding the most
     slots, if that source would still hold more than the newcomer's; else the oldest that
-    has been receiving for over *slow_s*. Failing both, the newcomer is turned away. So a
-    flood, even from an allowed source, cannot keep a slot from a source that holds fewer
-    (the PBX, which opens one connection per event), and slow clients, even at the PBX's
-    own address, yield to whoever comes next; a burst of quick requests is never cut
-    short. An evicted connection is shut down at once and its thread ends as soon as its
-    read returns; until then it still counts, so handler threads never exceed 2 x
-    max_active.
+    has been receiving for over *slow_s*. Failing both, the newcomer is turned away (503).
+    So a flood, even from an allowed source, cannot keep a slot from a source that holds
+    fewer (the PBX, which opens one connection per event), and slow clients, even at the
+    PBX's own address, yield to whoever comes next; a quick request loses its slot only to
+    a source holding fewer, and its sender re-sends (the PBX does, §12.6). An evicted
+    connection is shut down at once and its thread ends as soon as its read returns; until
+    then it still counts, so handler threads never exceed 2 x max_active.
 
     Thread-safe. One lock, held for bookkeeping and non-blocking shutdown() calls only; a
     connection leaves the table (`release`) before its socket is closed, so a shutdown()
