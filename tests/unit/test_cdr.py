@@ -265,6 +265,41 @@ def test_a_configured_zone_is_kept_and_told_at_start(make_sim):
         pbx.stop()
 
 
+# -- replies the client must survive --------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("cdr/get_random", b"[" * 100_000), ("cdr/download", b'{"a":' + b"[" * 100_000),
+    ("recording/get_random", b"[" * 100_000), ("recording/download", b"[" * 100_000),
+    ("login", b"[" * 100_000),
+])
+def test_json_nested_too_deep_is_a_pbx_error_wherever_it_comes(pbx, make_client, endpoint, body):
+    """The json module raises RecursionError for deep nesting; every decoding in the client
+    turns it into a PbxError (issue 9 item 3)."""
+    client = make_client(pbx)
+    rec = pbx.add_recording(duration_s=2, announce=False)
+    if endpoint != "login":
+        client.login()
+    pbx.api_raw_reply[endpoint] = body
+    calls = {"login": client.login, "recording/get_random": lambda: client.recording_random(rec.name),
+             "recording/download": lambda: client.open_recording(rec.name).close()}
+    with pytest.raises(errors.PbxError):
+        calls.get(endpoint, lambda: client.fetch_cdr(dt.datetime(2020, 1, 1), dt.datetime(2030, 1, 1)))()
+
+
+def test_a_replaced_token_is_no_longer_kept_for_redaction(pbx, make_client):
+    client = make_client(pbx)
+    before = errors.known_secret_count()
+    first = client.login()
+    assert errors.redact(f"token {first}") == "token ***"
+    pbx.expire_all_tokens()
+    client.heartbeat()  # logs in again
+    assert errors.redact(f"seen {first}") == f"seen {first}"
+    assert errors.known_secret_count() == before + 1
+    client.logout()
+    assert errors.known_secret_count() == before
+
+
 # -- bounded secrets -----------------------------------------------------------------------
 
 
