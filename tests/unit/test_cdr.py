@@ -269,13 +269,14 @@ def test_a_configured_zone_is_kept_and_told_at_start(make_sim):
 
 
 @pytest.mark.parametrize("endpoint, body", [
-    ("cdr/get_random", b"[" * 100_000), ("cdr/download", b'{"a":' + b"[" * 100_000),
-    ("recording/get_random", b"[" * 100_000), ("recording/download", b"[" * 100_000),
-    ("login", b"[" * 100_000),
+    ("cdr/get_random", b"[" * 60_000), ("cdr/download", b'{"a":' + b"[" * 60_000),
+    ("recording/get_random", b"[" * 60_000), ("recording/download", b"[" * 60_000),
+    ("login", b"[" * 60_000),
 ])
 def test_json_nested_too_deep_is_a_pbx_error_wherever_it_comes(pbx, make_client, endpoint, body):
     """The json module raises RecursionError for deep nesting; every decoding in the client
-    turns it into a PbxError (issue 9 item 3)."""
+    turns it into a PbxError (issue 9 item 3). 60,000 levels fit under the reply size cap,
+    so they reach the decoder."""
     client = make_client(pbx)
     rec = pbx.add_recording(duration_s=2, announce=False)
     if endpoint != "login":

@@ -80,7 +80,7 @@ class SSeriesPbx:
         self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                                 events_port=self._receiver.port if self._receiver else None,
                                 heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256,
-                                clock=self.clock)
+                                proxy=config.proxy, clock=self.clock)
         self.catalogue = CdrCatalogue(self.client, self.clock)
         try:
             self.client.login()
