@@ -188,7 +188,7 @@ class Mount:
         clean = os.path.exists(marker)
         if clean:
             os.unlink(marker)
-        else:
+        elif self.index.count():  # an index with nothing in it: no run ever got far, nothing to check
             log.info("cache: the last run did not stop cleanly; checking cached sizes against the index")
         cache = DiskCache(self.config.cache_dir, self.config.cache_max_bytes, self.config.cache_min_free_bytes,
                           expected_size=None if clean else self._exact_size)

@@ -109,9 +109,16 @@ def _last_resync(discovery: dict) -> str:
         return "never"
     new = discovery.get("last_resync_new")
     interval_s = discovery.get("resync_interval_s")
-    every = f"; every {interval_s / 3600:g} h" if interval_s else "; only on SIGHUP"
+    every = f"; every {_duration(interval_s)}" if interval_s else "; only on SIGHUP"
     return (f"{_ago(when)}, {discovery.get('last_resync_found')} recordings"
             f"{'' if new is None else f' ({new} new)'}{every}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 # -- prefetch ----------------------------------------------------------------------------
