@@ -1,7 +1,8 @@
 """The ``yeastarfs`` command: argument parsing, logging, daemonising, and the subcommands.
 
 ``main(argv) -> int`` never lets a traceback reach the user for an expected failure: a
-``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors).
+``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors). Output
+cut short by a closed pipe (``yeastarfs calls MNT | head``) ends quietly with status 0.
 
 Daemonising: ``mount`` without ``--foreground`` starts a *fresh* child process (not a fork
 of this one, which may already run threads) with ``--foreground`` and a pipe, and returns
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      -o username=api,password_file=/etc/yeastarfs/password,cache_size=20G\n"
                "  fstab: https://192.168.5.150:8088 /mnt/recordings fuse.yeastarfs "
                "_netdev,username=api,password_file=/etc/yeastarfs/password 0 0\n\n"
-               "signals: SIGHUP polls the CDR now, SIGUSR1 logs statistics, SIGTERM/SIGINT unmount.\n"
+               "signals: SIGHUP re-reads the CDR of the whole --since window now, SIGUSR1 logs statistics,\n"
+               "SIGTERM/SIGINT unmount.\n"
                "exit status: 0 mounted (or unmounted cleanly), 1 start-up failure, 2 usage error.")
     mountpoint = mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     parser.path_actions = [(mountpoint, True), *_add_mount_options(mount)]  # type: ignore[attr-defined]
@@ -472,10 +474,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "man": cmd_man, "completion": lambda: cmd_completion(args),
                 "install-system": lambda: cmd_install_system(args)}
     try:
-        return commands[args.command]()
+        code = commands[args.command]()
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _output_closed() -> int:
+    """Whoever read our output has gone (``| head``): stop quietly with status 0, as other
+    tools do. stdout is pointed at /dev/null so that the interpreter's last flush of what
+    is still buffered does not fail again on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor
+        pass
+    return 0
 
