@@ -312,6 +312,8 @@ class Watcher:
         previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
             self._requeue_failed()
+            if self.options.follow:  # also tells a supervisor (or a test) that the watch is on
+                self._note(f"following {self.mountpoint} after cursor {self.cursor.low}")
             while not self._turn():
                 self._wait(wake_r)
         finally:
@@ -615,7 +617,7 @@ def make_link(folder: str, name: str, target: str) -> None:
     temporary = os.path.join(folder, LINK_TMP_DIR, f"{name}.{os.getpid()}")
     try:
         os.symlink(target, temporary)
-    except FileNotFoundError:
+    except FileNotFoundError:  # someone removed the folder `watch` made at its start
         os.makedirs(os.path.dirname(temporary), mode=0o700, exist_ok=True)
         os.symlink(target, temporary)
     except FileExistsError:  # left by a watch of the same pid that died
@@ -656,8 +658,10 @@ def starting_cursor(index, state: Optional[StateFile], since_s: Optional[float])
 def watch(mountpoint: str, options: WatchOptions, out: TextIO = sys.stdout) -> int:
     """``yeastarfs watch``: the exit status. Raises ConfigError for a bad mount or state file."""
     if options.link_dir:
-        os.makedirs(options.link_dir, exist_ok=True)
         options.link_dir = os.path.abspath(options.link_dir)
+        # Made now, not with the first link: a watcher of the folder sees it appear (one
+        # IN_CREATE|IN_ISDIR, the first time only) before any recording does.
+        os.makedirs(os.path.join(options.link_dir, LINK_TMP_DIR), mode=0o700, exist_ok=True)
     index = open_mount_index(mountpoint)
     state = StateFile(options.state_path) if options.state_path else None
     try:
