@@ -205,3 +205,12 @@ def test_command_environment_names_every_field():
                    "YEASTAR_CALLEE": "2002", "YEASTAR_CALLID": "1.2", "YEASTAR_START_TIME": "2026-11-27 10:00:00",
                    "YEASTAR_TYPE": "Inbound", "YEASTAR_STATUS": "ANSWERED", "YEASTAR_CALL_SECONDS": "9",
                    "YEASTAR_TALK_SECONDS": "", "YEASTAR_CURSOR": "42"}
+
+
+def test_only_a_real_yeastarfs_mount_is_opened(tmp_path):
+    from yeastarfs.app.tools import mount_fstype, open_mount_index
+    assert mount_fstype("/proc") == "proc" and mount_fstype(str(tmp_path)) is None
+    for place, why in (("/proc", "proc"), (str(tmp_path), "not a mountpoint")):
+        with pytest.raises(ConfigError, match=rf"not a yeastarfs mount \({why}\)"):
+            open_mount_index(place)
+    assert os.listdir(tmp_path) == []  # nothing created
