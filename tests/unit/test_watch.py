@@ -197,14 +197,20 @@ def test_links_are_renamed_into_place(tmp_path):
     assert os.listdir(folder / watch_module.LINK_TMP_DIR) == []
 
 
-def test_command_environment_names_every_field():
-    rec = Recording(name="n.wav", callid="1.2", timestart="2026-11-27 10:00:00", callfrom="1001", callto="2002",
-                    call_s=9, talk_s=None, status="ANSWERED", call_type="Inbound")
-    env = command_environment(Job(42, rec, "/mnt/2026/11/27/n.wav"))
-    assert env == {"YEASTAR_PATH": "/mnt/2026/11/27/n.wav", "YEASTAR_RECORDING": "n.wav", "YEASTAR_CALLER": "1001",
-                   "YEASTAR_CALLEE": "2002", "YEASTAR_CALLID": "1.2", "YEASTAR_START_TIME": "2026-11-27 10:00:00",
-                   "YEASTAR_TYPE": "Inbound", "YEASTAR_STATUS": "ANSWERED", "YEASTAR_CALL_SECONDS": "9",
-                   "YEASTAR_TALK_SECONDS": "", "YEASTAR_CURSOR": "42"}
+def test_command_environment_carries_the_json_columns_with_the_pbx_offset(tmp_path, writer):
+    name = "20261127100005-1764237605.3-1001-2002-Inbound.wav"
+    writer.add([Recording(name=name, callid="1764237605.3", timestart="2026-11-27 10:00:00", callfrom="1001",
+                          callto="2002", call_s=9, talk_s=None, status="ANSWERED", call_type="Inbound")])
+    zone = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    with RecordingIndex(writer.db_path, read_only=True, tz=zone) as index:
+        watcher = Watcher(str(tmp_path / "mnt"), index, WatchOptions(), Cursor(0), zone=zone)
+        seq, rec, _ = index.recordings_after(0)[0]
+        env = command_environment(watcher._row(Job(seq, rec, "unused")))
+    assert env == {"YEASTAR_PATH": str(tmp_path / "mnt" / "2026" / "11" / "27" / name), "YEASTAR_RECORDING": name,
+                   "YEASTAR_CALLER": "1001", "YEASTAR_CALLEE": "2002", "YEASTAR_CALLID": "1764237605.3",
+                   "YEASTAR_START_TIME": "2026-11-27T10:00:00+05:30", "YEASTAR_TYPE": "Inbound",
+                   "YEASTAR_STATUS": "ANSWERED", "YEASTAR_CALL_SECONDS": "9", "YEASTAR_TALK_SECONDS": "",
+                   "YEASTAR_CURSOR": "1"}
 
 
 def test_only_a_real_yeastarfs_mount_is_opened(tmp_path):

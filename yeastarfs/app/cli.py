@@ -1,7 +1,8 @@
 """The ``yeastarfs`` command: argument parsing, logging, daemonising, and the subcommands.
 
 ``main(argv) -> int`` never lets a traceback reach the user for an expected failure: a
-``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors).
+``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors). Output
+cut short by a closed pipe (``yeastarfs calls MNT | head``) ends quietly with status 0.
 
 Daemonising: ``mount`` without ``--foreground`` starts a *fresh* child process (not a fork
 of this one, which may already run threads) with ``--foreground`` and a pipe, and returns
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      -o username=api,password_file=/etc/yeastarfs/password,cache_size=20G\n"
                "  fstab: https://192.168.5.150:8088 /mnt/recordings fuse.yeastarfs "
                "_netdev,username=api,password_file=/etc/yeastarfs/password 0 0\n\n"
-               "signals: SIGHUP polls the CDR now, SIGUSR1 logs statistics, SIGTERM/SIGINT unmount.\n"
+               "signals: SIGHUP re-reads the CDR of the whole --since window now, SIGUSR1 logs statistics,\n"
+               "SIGTERM/SIGINT unmount.\n"
                "exit status: 0 mounted (or unmounted cleanly), 1 start-up failure, 2 usage error.")
     mountpoint = mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     parser.path_actions = [(mountpoint, True), *_add_mount_options(mount)]  # type: ignore[attr-defined]
@@ -347,12 +349,26 @@ def _report_failure(ready_fd: Optional[int], message: str) -> None:
             pass
 
 
+# The daemon is started as ``python -I -c`` with this code, not ``python -m yeastarfs``: -m
+# puts the current directory first on the module path, so a `yeastarfs/` folder planted in
+# a shared directory (mount -a, sudo mount from /tmp) would run as root. -I also ignores
+# PYTHONPATH and the user's site-packages; the code drops '' and the current directory from
+# sys.path for Pythons whose -I does not already do so.
+_DAEMON_CODE = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.', os.getcwd())]; "
+                "from yeastarfs.app.cli import main; sys.exit(main())")
+
+
+def _isolated_python() -> list[str]:
+    """The command that runs ``yeastarfs`` in a fresh, isolated interpreter."""
+    return [sys.executable, "-I", "-c", _DAEMON_CODE]
+
+
 def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
     config = config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
     log_file = args.log_file or os.path.join(config.cache_root, "yeastarfs.log")
     read_fd, write_fd = os.pipe()
-    child_argv = [sys.executable, "-m", "yeastarfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    child_argv = [*_isolated_python(), *argv, "--foreground", "--ready-fd", str(write_fd)]
     if not args.log_file:
         child_argv += ["--log-file", log_file]
     _create_private_file(log_file)
@@ -493,10 +509,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args),
                 "man": cmd_man, "completion": lambda: cmd_completion(args)}
     try:
-        return commands[args.command]()
+        code = commands[args.command]()
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _output_closed() -> int:
+    """Whoever read our output has gone (``| head``): stop quietly with status 0, as other
+    tools do. stdout is pointed at /dev/null so that the interpreter's last flush of what
+    is still buffered does not fail again on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor
+        pass
+    return 0
 

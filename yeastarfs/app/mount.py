@@ -153,7 +153,7 @@ class Mount:
         session keeps retrying in the background)."""
         stack.callback(self.pbx.stop)
         try:
-            self.pbx.start(self._add_one)
+            self.pbx.start(self._add_one, on_timezone=self.index.set_timezone)
         except errors.AuthError:
             raise
         except errors.PbxError as exc:
@@ -166,7 +166,8 @@ class Mount:
         """Backfill on the discovery thread; wait for it up to --start-timeout, so that a first
         mount shows the PBX's recordings but a slow PBX never holds up the mount (or boot)."""
         discovery = Discovery(self.pbx.catalogue, self._add_many, since_s=self.config.since_s,
-                              poll_interval_s=self.config.poll_interval_s)
+                              poll_interval_s=self.config.poll_interval_s,
+                              resync_interval_s=self.config.resync_interval_s)
         discovery.start()
         stack.callback(discovery.stop)
         if not discovery.wait_first_pass(self.config.start_timeout_s):
@@ -187,7 +188,7 @@ class Mount:
         clean = os.path.exists(marker)
         if clean:
             os.unlink(marker)
-        else:
+        elif self.index.count():  # an index with nothing in it: no run ever got far, nothing to check
             log.info("cache: the last run did not stop cleanly; checking cached sizes against the index")
         cache = DiskCache(self.config.cache_dir, self.config.cache_max_bytes, self.config.cache_min_free_bytes,
                           expected_size=None if clean else self._exact_size)
@@ -200,7 +201,7 @@ class Mount:
 
     # -- callbacks ---------------------------------------------------------------------------
 
-    def _add_many(self, recordings: list[Recording], kind: str = "event") -> None:
+    def _add_many(self, recordings: list[Recording], kind: str = "event") -> int:
         # Only the catalogue is authoritative: an event may add a call, never rewrite one.
         new = self.index.add(recordings, authoritative=kind != "event")
         if new:
@@ -209,6 +210,7 @@ class Mount:
         if new and self.config.prefetch_new and kind in ("event", "poll"):
             for recording in new:  # the reservation grows to the real size once it is announced
                 self.downloads.prefetch(recording.name)
+        return len(new)
 
     def _add_one(self, recording: Recording) -> None:
         self._add_many([recording], "event")

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zoneinfo
 from typing import Optional
 
 from yeastarfs.errors import ConfigError
@@ -63,10 +64,12 @@ def print_status(mountpoint: str, as_json: bool = False) -> int:
     lines = [
         f"mountpoint:        {status['mountpoint']} (pid {status['pid']}, up {status['uptime_s']:.0f} s)",
         f"PBX:               {status['pbx']} ({'reachable' if status['pbx_reachable'] else 'NOT reachable'})",
+        f"PBX time:          {_pbx_time(status)}",
         f"token age:         {'no token' if token_age_s is None else f'{token_age_s:.0f} s'}",
         f"last event:        {_ago(status.get('last_event_time'))}",
-        f"last CDR poll:     {_ago(status.get('last_poll_time'))}"
-        + (f"  last error: {status['last_poll_error']}" if status.get("last_poll_error") else ""),
+        f"discovery:         {_discovery_state(status.get('discovery') or {})}",
+        f"last CDR poll:     {_ago(status.get('last_poll_time'))}",
+        f"last resync:       {_last_resync(status.get('discovery') or {})}",
         f"recordings:        {status['recordings_indexed']}",
         f"cache:             {_bytes(status['cache_used_bytes'])} of {_bytes(status['cache_limit_bytes'])}, "
         f"{status['cache_files']} files, hit rate {'n/a' if hit_rate is None else f'{hit_rate:.0%}'}",
@@ -78,6 +81,45 @@ def print_status(mountpoint: str, as_json: bool = False) -> int:
         lines.append(f"  {item['recording']}: {_bytes(item['received_bytes'])} of {_bytes(total)} ({share})")
     print("\n".join(lines))
     return 0
+
+
+def _pbx_time(status: dict) -> str:
+    """``Asia/Kolkata (configured, UTC+05:30), clock 420 s ahead of ours``."""
+    zone = status.get("pbx_timezone") or "?"
+    details = [status.get("pbx_timezone_source") or "?"]
+    offset_s = status.get("pbx_utc_offset_s")
+    if offset_s is not None and not zone.startswith("UTC"):
+        minutes = abs(offset_s) // 60
+        details.append(f"UTC{'-' if offset_s < 0 else '+'}{minutes // 60:02d}:{minutes % 60:02d}")
+    skew_s = status.get("pbx_clock_skew_s")
+    clock = "unknown" if skew_s is None else f"{abs(skew_s):.0f} s {'ahead of' if skew_s >= 0 else 'behind'} ours"
+    return f"{zone} ({', '.join(details)}), clock {clock}"
+
+
+def _discovery_state(discovery: dict) -> str:
+    failures = discovery.get("consecutive_failures")
+    if not failures:
+        return "ok"
+    return (f"FAILING since {_ago(discovery.get('failing_since'))}, {failures} attempts; "
+            f"last error: {discovery.get('last_error')}")
+
+
+def _last_resync(discovery: dict) -> str:
+    when = discovery.get("last_resync_time")
+    if not when:
+        return "never"
+    new = discovery.get("last_resync_new")
+    interval_s = discovery.get("resync_interval_s")
+    every = f"; every {_duration(interval_s)}" if interval_s else "; only on SIGHUP"
+    return (f"{_ago(when)}, {discovery.get('last_resync_found')} recordings"
+            f"{'' if new is None else f' ({new} new)'}{every}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 # -- prefetch ----------------------------------------------------------------------------
@@ -235,7 +277,8 @@ def mount_fstype(mountpoint: str) -> Optional[str]:
 
 
 def open_mount_index(mountpoint: str):
-    """The index of the yeastarfs mount at *mountpoint*, opened read-only (it creates nothing).
+    """(index, zone): the index of the yeastarfs mount at *mountpoint*, opened read-only (it
+    creates nothing) in the zone the daemon reads the PBX's times in (`_pbx_zone`).
 
     Raises ConfigError unless *mountpoint* itself is a yeastarfs mount: the cache folder is
     taken from its status attribute, which any other filesystem could forge.
@@ -246,23 +289,48 @@ def open_mount_index(mountpoint: str):
     if fstype != MOUNT_FSTYPE:
         raise ConfigError(f"{mountpoint} is not a yeastarfs mount ({fstype or 'not a mountpoint'})")
     status = read_status(mountpoint)
-    return RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"), read_only=True)
+    zone = _pbx_zone(status)
+    return RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"), tz=zone, read_only=True), zone
 
 
 def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
-    """Print the indexed calls with recordings since *since_s* ago, with their paths."""
-    index = open_mount_index(mountpoint)
+    """Print the indexed calls with recordings since *since_s* ago, with their paths; start
+    times carry the PBX's offset (the zone the daemon uses: configured, detected or assumed)."""
+    index, zone = open_mount_index(mountpoint)
     try:
-        start = dt.datetime.now() - dt.timedelta(seconds=since_s)
-        rows = (_call_row(mountpoint, index.path_of(rec.name), rec) for rec in index.recordings_since(start))
+        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=since_s)
+        rows = (_call_row(mountpoint, index.path_of(rec.name), rec, zone) for rec in index.recordings_since(start))
         _write_rows(rows, output_format)
     finally:
         index.close()
     return 0
 
 
-def _call_row(mountpoint: str, path: str, rec) -> dict:
-    return {"path": os.path.join(mountpoint, path.lstrip("/")), "start_time": rec.timestart,
+def _pbx_zone(status: dict) -> Optional[dt.tzinfo]:
+    """The zone the daemon reads the PBX's times in: its IANA name, else its offset; None
+    (this machine's) for a daemon that does not say."""
+    name = status.get("pbx_timezone")
+    if name and not name.startswith("UTC"):
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    offset_s = status.get("pbx_utc_offset_s")
+    return None if offset_s is None else dt.timezone(dt.timedelta(seconds=offset_s))
+
+
+def _instant(pbx_time: str, zone: Optional[dt.tzinfo]) -> str:
+    """``2026-11-27 09:29:50`` (PBX wall time) as ``2026-11-27T09:29:50+05:30``; text that
+    is not such a time is returned as it is."""
+    try:
+        naive = dt.datetime.strptime(pbx_time, "%Y-%m-%d %H:%M:%S")
+        return (naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return pbx_time
+
+
+def _call_row(mountpoint: str, path: str, rec, zone: Optional[dt.tzinfo]) -> dict:
+    return {"path": os.path.join(mountpoint, path.lstrip("/")), "start_time": _instant(rec.timestart, zone),
             "caller": rec.callfrom, "callee": rec.callto, "type": rec.call_type, "status": rec.status,
             "call_seconds": rec.call_s, "talk_seconds": rec.talk_s, "src_trunk": rec.src_trunk,
             "dst_trunk": rec.dst_trunk, "did": rec.did, "callid": rec.callid, "recording": rec.name}

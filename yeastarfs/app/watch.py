@@ -281,12 +281,14 @@ class Watcher:
     def __init__(self, mountpoint: str, index, options: WatchOptions, cursor: Cursor,
                  state: Optional[StateFile] = None, out: TextIO = sys.stdout,
                  since_start: Optional[dt.datetime] = None, horizon_seq: int = 0,
-                 mount_alive: Optional[Callable[[], bool]] = None) -> None:
+                 zone: Optional[dt.tzinfo] = None, mount_alive: Optional[Callable[[], bool]] = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self._mount_alive = mount_alive or (lambda: mount_fstype(self.mountpoint) == MOUNT_FSTYPE)
         self.index, self.options, self.cursor, self.state, self.out = index, options, cursor, state, out
+        self.zone = zone  # the PBX's, for times with their offset (None: this machine's)
         # --since: recordings up to horizon_seq (the end when watch started) whose calls
-        # started before since_start are not wanted; anything discovered later is.
+        # started before since_start (naive, PBX local) are not wanted; anything discovered
+        # later is.
         self._since_start, self._horizon_seq = since_start, horizon_seq
         self._waiting: list[Job] = []                # --cached: not cached yet, in seq order
         self._ready: list[Job] = []                  # heap by seq
@@ -462,13 +464,13 @@ class Watcher:
             if not self.options.command:
                 self._succeeded(job)
                 return
-            job.process = self._spawn(job)
+            job.process = self._spawn(job, self._row(job))
         except OSError as exc:
             self._attempt_failed(job, exc.strerror or str(exc))
             return
         self._running[job.process.pid] = job
 
-    def _spawn(self, job: Job) -> subprocess.Popen:
+    def _spawn(self, job: Job, row: dict) -> subprocess.Popen:
         command = self.options.command
         if self.options.shell:
             argv = ["/bin/sh", "-c", " ".join(command), "yeastarfs-watch", job.path]  # the path is "$1"
@@ -483,7 +485,7 @@ class Watcher:
 
         # The command's stdout goes to our stderr: stdout carries only watch's own lines.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=_stderr_fd(),
-                                env={**os.environ, **command_environment(job)},
+                                env={**os.environ, **command_environment(row)},
                                 start_new_session=True, preexec_fn=die_with_watch)
 
     def _reap(self) -> None:
@@ -531,8 +533,7 @@ class Watcher:
         if error and self.options.output_format != "json":
             return True
         if self.options.output_format == "json":
-            row = _call_row(self.mountpoint, self.index.path_of(job.recording.name), job.recording)
-            row["cursor"] = job.seq
+            row = self._row(job)
             if error:
                 row["error"] = error
             line = json.dumps(row)
@@ -546,6 +547,12 @@ class Watcher:
             _quiet(self.out)
             return False
         return True
+
+    def _row(self, job: Job) -> dict:
+        """The recording's columns as `calls` shows them (times with the PBX's offset), and its cursor."""
+        row = _call_row(self.mountpoint, self.index.path_of(job.recording.name), job.recording, self.zone)
+        row["cursor"] = job.seq
+        return row
 
     # -- stopping, saving, reporting ---------------------------------------------------------
 
@@ -626,21 +633,25 @@ def make_link(folder: str, name: str, target: str) -> None:
     os.rename(temporary, os.path.join(folder, name))
 
 
-def command_environment(job: Job) -> dict[str, str]:
-    """The recording's fields for its command, as YEASTAR_* variables ("" when unknown)."""
-    rec = job.recording
-    fields = {"PATH": job.path, "RECORDING": rec.name, "CALLER": rec.callfrom, "CALLEE": rec.callto,
-              "CALLID": rec.callid, "START_TIME": rec.timestart, "TYPE": rec.call_type, "STATUS": rec.status,
-              "CALL_SECONDS": rec.call_s, "TALK_SECONDS": rec.talk_s, "CURSOR": job.seq}
-    return {f"YEASTAR_{key}": "" if value is None else str(value) for key, value in fields.items()}
+# YEASTAR_<name> -> the column of a JSON line it carries.
+ENVIRONMENT = {"PATH": "path", "RECORDING": "recording", "CALLER": "caller", "CALLEE": "callee",
+               "CALLID": "callid", "START_TIME": "start_time", "TYPE": "type", "STATUS": "status",
+               "CALL_SECONDS": "call_seconds", "TALK_SECONDS": "talk_seconds", "CURSOR": "cursor"}
 
 
-def starting_cursor(index, state: Optional[StateFile], since_s: Optional[float]) -> tuple[Cursor, Optional[dt.datetime], int]:
+def command_environment(row: dict) -> dict[str, str]:
+    """A recording's JSON-line columns for its command, as YEASTAR_* variables ("" when unknown)."""
+    return {f"YEASTAR_{name}": "" if row[column] is None else str(row[column]) for name, column in ENVIRONMENT.items()}
+
+
+def starting_cursor(index, state: Optional[StateFile], since_s: Optional[float],
+                    zone: Optional[dt.tzinfo] = None) -> tuple[Cursor, Optional[dt.datetime], int]:
     """(cursor, since_start, horizon_seq): where this watch begins.
 
     A state file wins (its cursor must belong to this index). Without one: the current end
     (only new recordings), or with *since_s* the first recording whose call started within
     that time (up to the end, older calls are skipped; recordings found later are all new).
+    *since_start* is that moment as the PBX's wall clock in *zone* shows it.
     """
     cursor = state.load() if state is not None else None
     if cursor is not None:
@@ -649,7 +660,8 @@ def starting_cursor(index, state: Optional[StateFile], since_s: Optional[float])
     end_seq, last = end_of(index)
     if since_s is None:
         return Cursor(end_seq, last=last), None, 0
-    since_start = dt.datetime.now() - dt.timedelta(seconds=since_s)
+    since_start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=since_s)).astimezone(zone)
+    since_start = since_start.replace(tzinfo=None)
     first = first_seq_since(index, since_start)
     low = end_seq if first is None else first - 1
     return Cursor(low, last=last), since_start, end_seq
@@ -662,11 +674,11 @@ def watch(mountpoint: str, options: WatchOptions, out: TextIO = sys.stdout) -> i
         # Made now, not with the first link: a watcher of the folder sees it appear (one
         # IN_CREATE|IN_ISDIR, the first time only) before any recording does.
         os.makedirs(os.path.join(options.link_dir, LINK_TMP_DIR), mode=0o700, exist_ok=True)
-    index = open_mount_index(mountpoint)
+    index, zone = open_mount_index(mountpoint)
     state = StateFile(options.state_path) if options.state_path else None
     try:
-        cursor, since_start, horizon_seq = starting_cursor(index, state, options.since_s)
-        watcher = Watcher(mountpoint, index, options, cursor, state, out, since_start, horizon_seq)
+        cursor, since_start, horizon_seq = starting_cursor(index, state, options.since_s, zone)
+        watcher = Watcher(mountpoint, index, options, cursor, state, out, since_start, horizon_seq, zone)
         status = watcher.run()
         summary = None if options.follow else watcher.summary()
         if summary:

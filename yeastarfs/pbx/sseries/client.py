@@ -2,11 +2,18 @@
 
 Owns the session (MD5 login, token, heartbeat, one re-login on a token failure), the
 single-use ``random`` per download, streaming recording downloads and the CDR CSV. It is
-the only module that imports ``requests``; every failure leaves it as an ``errors`` type,
+the only module that imports ``requests``; every failure leaves it as an ``errors`` type
+(a reply that is not decodable JSON, however deeply nested, is a PbxUnavailableError),
 with tokens and randoms redacted, and it scrubs them from urllib3's own log lines too. A
 download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
-It knows nothing of paths, the cache or FUSE, and it never retries a download by itself:
-a retry needs a fresh random, which the caller asks for.
+Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew). It knows
+nothing of paths, the cache or FUSE, and it never retries a download by itself: a retry
+needs a fresh random, which the caller asks for.
+
+Secrets registered for redaction by value: the password, its MD5 and the live token (the
+one it replaces is dropped). Randoms are single-use and never registered: the ``random=``
+pattern of `errors.redact` masks them wherever they are quoted, and registering one per
+download and per CDR poll would grow memory and the cost of every log line for ever.
 
 Threading: all methods may be called from any thread. ``_state_lock`` guards the token and
 timestamps and is never held during I/O. ``_login_lock`` serialises logins *on purpose*
@@ -35,6 +42,7 @@ import urllib3
 
 from yeastarfs import errors
 from yeastarfs.errors import redact
+from yeastarfs.pbx.sseries.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
 
@@ -58,8 +66,12 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 # Bytes asked of the socket per read: large for throughput, but `read1` returns whatever
 # has arrived, so a slow PBX's first bytes reach readers at once.
 DOWNLOAD_READ_BYTES = 1 << 20
-# A JSON error reply is tiny; read at most this much of a body that is not audio.
+# A JSON reply (and an error reply instead of audio) is tiny: read at most this much of it.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# One CDR request covers at most a day; even 100,000 calls a day are ~20 MB of CSV.
+MAX_CDR_BYTES = 32 << 20
+# Bytes asked of urllib3 per read of a capped reply (after decompression, if any).
+READ_CHUNK_BYTES = 64 * 1024
 # Connections kept per PBX: at least --max-downloads plus the CDR poll and the heartbeat.
 POOL_CONNECTIONS = 128
 # No call recording is this large (a 24-hour PCM call is 1.4 GB): a longer or endless body
@@ -166,6 +178,7 @@ class PbxClient:
         base_url: ``scheme://host:port`` of the PBX's web/API server.
         transport: ``"HTTP"`` or ``"TCP"``, how the PBX reports events (from login).
         stats: counters of what this client did.
+        clock: the `PbxClock` that every reply's Date header feeds.
 
     Multithreading: see the module docstring.
     """
@@ -174,8 +187,10 @@ class PbxClient:
                  verify: Union[bool, str] = True, events_port: Optional[int] = DEFAULT_HTTP_PORT,
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 pin_sha256: Optional[str] = None) -> None:
+                 pin_sha256: Optional[str] = None, proxy: Optional[str] = None,
+                 clock: Optional[PbxClock] = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.clock = clock if clock is not None else PbxClock()
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
         errors.register_secret(password)
@@ -187,6 +202,13 @@ class PbxClient:
         self._session = requests.Session()
         self._session.verify = verify
         self._session.headers["User-Agent"] = "yeastarfs"
+        # Every body is counted as sent: compressed replies could expand without bound.
+        self._session.headers["Accept-Encoding"] = "identity"
+        # HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE and .netrc from the environment do not
+        # decide where PBX traffic (token, randoms) goes or whom it trusts; --proxy does.
+        self._session.trust_env = proxy == "environment"
+        if proxy and proxy != "environment":
+            self._session.proxies = {"http": proxy, "https": proxy}
         self._pinned = bool(pin_sha256)
         # One pooled connection per concurrent request (downloads, CDR, heartbeat): urllib3's
         # default of 10 logs "pool is full" warnings with --max-downloads above it.
@@ -202,6 +224,7 @@ class PbxClient:
         self._login_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._token: Optional[str] = None
+        self._redacted_token: Optional[str] = None  # the token registered with errors
         self._last_call_time = 0.0
         self._refuse_login_until = 0.0
         self._last_auth_error: Optional[errors.AuthError] = None
@@ -235,11 +258,14 @@ class PbxClient:
         token = reply.get("token")
         if not isinstance(token, str) or not token:
             raise errors.PbxUnavailableError("login reply carries no token")
-        errors.register_secret(token)
+        errors.register_secret(token)  # before anything can quote it
         with self._state_lock:
             self._token = token
+            replaced, self._redacted_token = self._redacted_token, token
             self._last_call_time = time.monotonic()
             self._last_auth_error = None
+        if replaced is not None and replaced != token:
+            errors.forget_secret(replaced)  # dead or dying: the live tokens only
         self.transport = str(reply.get("transport") or "HTTP").upper()
         self.stats.logins += 1
         self.stats.last_login_time = time.time()
@@ -292,12 +318,15 @@ class PbxClient:
         """End the session; failures are only logged (the token dies by itself anyway)."""
         with self._state_lock:
             token, self._token = self._token, None
-        if token is None:
-            return
+            redacted, self._redacted_token = self._redacted_token, None
         try:
-            self._post("logout", None, token=token)
+            if token is not None:
+                self._post("logout", None, token=token)
         except errors.PbxError as exc:
             log.debug("pbx: logout failed: %s", exc)
+        finally:
+            if redacted is not None:
+                errors.forget_secret(redacted)
 
     # -- authenticated calls -----------------------------------------------------------------
 
@@ -337,7 +366,6 @@ class PbxClient:
         random = reply.get("random")
         if not isinstance(random, str) or not random:
             raise errors.PbxUnavailableError("get_random reply carries no random")
-        errors.register_secret(random)
         return random
 
     def open_recording(self, name: str, offset: int = 0) -> RecordingStream:
@@ -392,7 +420,7 @@ class PbxClient:
                 raise _stream_error(exc) from None
         try:
             reply = json.loads(body.decode("utf-8", "replace"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
             return errors.DownloadError(f"{endpoint} returned malformed JSON instead of a recording")
         api_errno = str(reply.get("errno", "")) if isinstance(reply, dict) else ""
         if api_errno in TOKEN_ERRNOS:
@@ -408,14 +436,15 @@ class PbxClient:
         random = reply.get("random")
         if not isinstance(random, str) or not random:
             raise errors.PbxUnavailableError("cdr/get_random reply carries no random")
-        errors.register_secret(random)
         token = self._current_token()
         query = urllib.parse.urlencode({"number": "all", **times, "token": token,
                                         "random": random}, quote_via=urllib.parse.quote)
-        response = self._request("GET", f"cdr/download?{query}")
-        text = response.content.decode("utf-8", "replace")
-        if text.lstrip("\ufeff \r\n").startswith("{"):
-            raise self._json_failure(response.content, response, "cdr/download", token)
+        response = self._request("GET", f"cdr/download?{query}", stream=True)
+        with response:
+            content = _read_capped(response, MAX_CDR_BYTES, "cdr/download")
+            text = content.decode("utf-8", "replace")
+            if text.lstrip("\ufeff \r\n").startswith("{"):
+                raise self._json_failure(content, response, "cdr/download", token)
         try:
             return parse_cdr_csv(text)
         except ValueError as exc:
@@ -454,14 +483,16 @@ class PbxClient:
     def _post(self, endpoint: str, body: Optional[dict], *, token: Optional[str]) -> dict:
         path = endpoint if token is None else f"{endpoint}?token={token}"
         data = json.dumps(body).encode() if body is not None else b""
-        response = self._request("POST", path, data=data,
+        response = self._request("POST", path, data=data, stream=True,
                                  headers={"Content-Type": "application/json; charset=utf-8"})
         self.stats.api_calls += 1
-        if response.status_code != 200:
-            raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
+        with response:
+            if response.status_code != 200:
+                raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
+            content = _read_capped(response, MAX_ERROR_BODY_BYTES, endpoint)
         try:
-            reply = response.json()
-        except ValueError:
+            reply = json.loads(content.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
             raise errors.PbxUnavailableError(f"{endpoint} did not answer JSON (is {self.base_url} a Yeastar PBX?)") from None
         if not isinstance(reply, dict):
             raise errors.PbxUnavailableError(f"{endpoint} answered JSON that is not an object")
@@ -473,11 +504,14 @@ class PbxClient:
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = f"{self.base_url}/{API_PATH}/{path}"
+        sent_s = time.time()
         try:
             # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            return self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
-                                         verify=self._session.verify, **kwargs)
+            response = self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
+                                             verify=self._session.verify, **kwargs)
+            self.clock.note_date(response.headers.get("Date"), sent_s, time.time())
+            return response
         except requests.exceptions.SSLError as exc:
             if self._pinned:
                 raise errors.PbxUnavailableError(
@@ -557,6 +591,25 @@ def _read_to_close(response: requests.Response) -> bool:
     fp.length = None
     raw.length_remaining = None
     return True
+
+
+def _read_capped(response: requests.Response, cap_bytes: int, endpoint: str) -> bytes:
+    """The whole body of *response*, decoded as the server says, but at most *cap_bytes*:
+    a reply that would be longer (a gzip bomb included) is refused, never held."""
+    parts, held = [], 0
+    try:
+        while True:
+            chunk = response.raw.read(READ_CHUNK_BYTES, decode_content=True)
+            if not chunk:
+                return b"".join(parts)
+            held += len(chunk)
+            if held > cap_bytes:
+                raise errors.PbxUnavailableError(f"{endpoint}: reply is larger than {cap_bytes} bytes; refused")
+            parts.append(chunk)
+    except errors.PbxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - urllib3 wraps resets and decoding errors in many types
+        raise _stream_error(exc) from None
 
 
 def _int_header(response: requests.Response, name: str) -> Optional[int]:
