@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -347,3 +348,16 @@ def test_a_real_transcriber_fed_by_watch_hears_what_the_pbx_recorded(pbx, mounte
     assert heard == (reference / f"{rec.name}.txt").read_text()
     assert hashlib.sha256(audio).hexdigest() == rec.sha256 == sha256_of(mount.recording_path(rec.name))
     assert watcher.texts() == [mount.recording_path(rec.name)]
+
+
+def test_a_closed_pipe_ends_the_watch_quietly_with_status_0(pbx, mounted, tmp_path):
+    pbx.populate(1500, days=2)  # more lines than a pipe holds, so watch meets the closed end
+    mount = mounted("--poll-interval", "3600")
+    wait_until(lambda: json.loads(os.getxattr(mount.mountpoint, "user.yeastarfs.status"))["recordings_indexed"]
+               == 1500, 30, message="the backfill")
+    command = " ".join(map(shlex.quote, yeastarfs_command("watch", mount.mountpoint, "--since", "3d")))
+    result = subprocess.run(["bash", "-c", f'{command} 2>"$1" | head -1; echo "${{PIPESTATUS[0]}}"', "bash",
+                             str(tmp_path / "err")], capture_output=True, text=True, timeout=60)
+    first, status = result.stdout.splitlines()
+    assert first.startswith(mount.mountpoint + "/") and status == "0"
+    assert (tmp_path / "err").read_text() == ""
