@@ -108,7 +108,6 @@ class Job:
     seq: int
     recording: Recording
     path: str                          # absolute, in the mount
-    first_seen: Optional[float] = None
     attempts: int = 0
     process: Optional[subprocess.Popen] = None
 
@@ -218,18 +217,24 @@ class StateFile:
             raise ConfigError(f"state file {self.path} is unusable ({exc}); move it away to start afresh") from None
 
     def save(self, cursor: Cursor) -> None:
-        """Write *cursor* so that a crash at any moment leaves the old file or the new one."""
+        """Write *cursor* so that a crash at any moment leaves the old file or the new one.
+
+        Raises ConfigError when it cannot (a full disk): progress that is not saved is lost.
+        """
         temporary = f"{self.path}.tmp-{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(cursor.to_json(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, self.path)
-        folder_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(folder_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(folder_fd)
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(cursor.to_json(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temporary, self.path)
+            folder_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder_fd)  # the rename itself survives a power cut
+            finally:
+                os.close(folder_fd)
+        except OSError as exc:
+            raise ConfigError(f"state file {self.path}: cannot write: {exc.strerror}") from None
 
     def close(self) -> None:
         os.close(self._lock_fd)
@@ -388,9 +393,9 @@ class Watcher:
         self._backlog = True
         while len(self._ready) < MAX_QUEUED_JOBS:
             page = self.index.recordings_after(self.cursor.position, PAGE_ROWS)
-            for seq, recording, first_seen in page:
+            for seq, recording, _ in page:
                 if self.cursor.take(seq, recording.name):
-                    self._queue(Job(seq, recording, self._path_of(recording), first_seen))
+                    self._queue(Job(seq, recording, self._path_of(recording)))
             if len(page) < PAGE_ROWS:
                 self._backlog = False
                 self._fetched_all = not self.options.follow
@@ -409,8 +414,7 @@ class Watcher:
         for seq in sorted(self.cursor.failed):
             page = self.index.recordings_after(seq - 1, 1)
             if page and page[0][0] == seq:
-                _, recording, first_seen = page[0]
-                self._queue(Job(seq, recording, self._path_of(recording), first_seen))
+                self._queue(Job(seq, page[0][1], self._path_of(page[0][1])))
             else:
                 self.cursor.failed.discard(seq)  # gone from the PBX meanwhile: nothing left to do
                 self._dirty = True
@@ -675,8 +679,9 @@ def watch(mountpoint: str, options: WatchOptions, out: TextIO = sys.stdout) -> i
         # IN_CREATE|IN_ISDIR, the first time only) before any recording does.
         os.makedirs(os.path.join(options.link_dir, LINK_TMP_DIR), mode=0o700, exist_ok=True)
     index, zone = open_mount_index(mountpoint)
-    state = StateFile(options.state_path) if options.state_path else None
+    state = None
     try:
+        state = StateFile(options.state_path) if options.state_path else None
         cursor, since_start, horizon_seq = starting_cursor(index, state, options.since_s, zone)
         watcher = Watcher(mountpoint, index, options, cursor, state, out, since_start, horizon_seq, zone)
         status = watcher.run()
