@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("mountpoint", metavar="MOUNTPOINT")
     calls.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
     calls.add_argument("--format", choices=["csv", "json"], default="csv")
+    _add_watch_parser(commands)
     cache = commands.add_parser(
         "cache", help="inspect, verify or clear a cache directory",
         description="stats: cached recordings and bytes per PBX. verify: every cached file is complete "
@@ -257,6 +258,59 @@ def build_parser() -> argparse.ArgumentParser:
     completion.add_argument("shell", choices=["bash", "zsh"])
     parser.commands = dict(commands.choices)  # type: ignore[attr-defined]  # by name, for the man page
     return parser
+
+
+def _add_watch_parser(commands) -> None:
+    watch = commands.add_parser(
+        "watch", help="print or process each new recording once, as the mount learns of it",
+        description="Print each recording a running mount discovers, one line each, in discovery order; "
+                    "with --follow keep going as calls end (a NewCdr event shows within a second). With "
+                    "--exec run a command per recording, with --link-into make a symlink to it. Reads the "
+                    "mount's index read-only and asks the mount itself; no PBX request, no credentials. "
+                    "--state FILE makes it resumable: after a crash, a reboot or a remount it continues "
+                    "exactly where it stopped, never repeating a recorded success, never losing one.")
+    watch.epilog = (
+        "examples:\n"
+        "  yeastarfs watch /mnt/recordings --follow\n"
+        "  yeastarfs watch /mnt/recordings --since 1d --format json | jq -r .caller\n"
+        "  yeastarfs watch /mnt/recordings --follow --cached --state ~/.watch.json \\\n"
+        "      --jobs 2 --exec /usr/local/bin/transcribe\n"
+        "  yeastarfs watch /mnt/recordings --follow --link-into ~/incoming\n\n"
+        "The command gets the path as its last argument (\"$1\" with --shell) and YEASTAR_PATH,\n"
+        "YEASTAR_RECORDING, YEASTAR_CALLER, YEASTAR_CALLEE, YEASTAR_CALLID, YEASTAR_START_TIME,\n"
+        "YEASTAR_TYPE, YEASTAR_STATUS, YEASTAR_CALL_SECONDS, YEASTAR_TALK_SECONDS and YEASTAR_CURSOR;\n"
+        "its stdout goes to watch's stderr. Done only when it exits 0; else retried after 1, 2, 4...\n"
+        "s, then reported.\n"
+        "JSON lines: " + ", ".join(CALL_COLUMNS[:7]) + ",\n  " + ", ".join(CALL_COLUMNS[7:])
+        + ", cursor (and error).\n\n"
+        "signals: SIGINT/SIGTERM start nothing new and wait --grace for running commands, then kill\n"
+        "them; a second signal kills them at once.\n"
+        "exit status: 0 done (with --follow: stopped by a signal, every command finished; or stdout\n"
+        "closed), 1 some recordings failed (without --follow) or an error, 2 usage error,\n"
+        "128+N stopped by signal N before the work was done (without --follow, or commands killed).")
+    watch.add_argument("mountpoint", metavar="MOUNTPOINT")
+    watch.add_argument("-f", "--follow", action="store_true",
+                       help="keep watching (default: deliver what is there, then exit)")
+    watch.add_argument("--format", choices=["paths", "json"], default="paths",
+                       help="a path per line (default), or JSON lines with the call's fields")
+    watch.add_argument("--since", metavar="DURATION",
+                       help="also deliver the recordings of calls started within DURATION (e.g. 1d); "
+                            "default: only recordings discovered from now on. Ignored once --state exists")
+    watch.add_argument("--cached", action="store_true",
+                       help="deliver a recording only once it is fully in the mount's cache "
+                            "(use with the mount's --prefetch new)")
+    watch.add_argument("--state", metavar="FILE",
+                       help="resume from and record progress in FILE (JSON, replaced atomically)")
+    watch.add_argument("--link-into", metavar="DIR",
+                       help="make DIR/<recording> a symlink to each recording (atomically: IN_MOVED_TO)")
+    watch.add_argument("--jobs", type=int, default=1, metavar="N", help="commands run at once (default 1)")
+    watch.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of a failed command before it is reported (default 3)")
+    watch.add_argument("--grace", default="30s", metavar="DURATION",
+                       help="on SIGINT/SIGTERM, how long running commands may finish (default 30s)")
+    watch.add_argument("--shell", action="store_true", help="run the --exec command with /bin/sh -c")
+    watch.add_argument("--exec", dest="exec_command", nargs=argparse.REMAINDER, metavar="CMD [ARG...]",
+                       help="run CMD ARG... PATH for each recording; everything after --exec is the command")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -389,6 +443,23 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return list_calls(args.mountpoint, parse_duration(args.since), args.format)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from yeastarfs.app.watch import WatchOptions, watch
+    problem = ("--exec needs a command" if args.exec_command == [] else
+               "--shell needs --exec" if args.shell and not args.exec_command else
+               "--jobs must be at least 1" if args.jobs < 1 else
+               "--retries must be at least 0" if args.retries < 0 else None)
+    if problem:
+        print(f"yeastarfs watch: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    options = WatchOptions(
+        follow=args.follow, output_format=args.format, cached=args.cached, state_path=args.state,
+        since_s=parse_duration(args.since) if args.since else None, link_dir=args.link_into,
+        command=args.exec_command, shell=args.shell, jobs=args.jobs, retries=args.retries,
+        grace_s=parse_duration(args.grace))
+    return watch(args.mountpoint, options)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from yeastarfs.app import tools
     root = _cache_root(args)
@@ -469,7 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None) if foreground else None)
     commands = {"mount": lambda: cmd_mount(args, argv), "demo": lambda: cmd_demo(args),
                 "status": lambda: cmd_status(args), "prefetch": lambda: cmd_prefetch(args),
-                "calls": lambda: cmd_calls(args), "cache": lambda: cmd_cache(args),
+                "calls": lambda: cmd_calls(args), "watch": lambda: cmd_watch(args),
+                "cache": lambda: cmd_cache(args),
                 "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args),
                 "man": cmd_man, "completion": lambda: cmd_completion(args),
                 "install-system": lambda: cmd_install_system(args)}

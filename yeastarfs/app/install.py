@@ -35,6 +35,8 @@ DEFAULT_UNIT_DIR = "/etc/systemd/system"
 SHIPPED_PREFIX = "/usr/local/"
 UNITS_DIR = os.path.join(os.path.dirname(__file__), "systemd")
 SERVICE_TEMPLATE = "yeastarfs@.service"
+# Installed beside it, but its ExecStart names a command of yours: edit it before enabling.
+WATCH_TEMPLATE = "yeastarfs-watch@.service"
 EXAMPLE_UNITS = ("mnt-recordings.mount", "mnt-recordings.automount")
 
 
@@ -57,9 +59,10 @@ def install_system(prefix: str = DEFAULT_PREFIX, dest: str = "/", unit_dir: str 
     for name in EXAMPLE_UNITS:
         path = os.path.join(doc_dir, name)
         report(_write(_staged(dest, path), _unit_text(name, prefix)), path)
-    path = os.path.join(unit_dir, SERVICE_TEMPLATE)
-    action = _write(_staged(dest, path), _unit_text(SERVICE_TEMPLATE, prefix))
-    report(action, path)
+    for name in (WATCH_TEMPLATE, SERVICE_TEMPLATE):  # the mount's template last: its action decides the hint
+        path = os.path.join(unit_dir, name)
+        action = _write(_staged(dest, path), _unit_text(name, prefix))
+        report(action, path)
     if action != "unchanged" and os.path.abspath(dest) == "/":
         print("next: systemctl daemon-reload, then systemctl enable --now yeastarfs@mnt-recordings.service "
               "(for /mnt/recordings; see yeastarfs(1))", file=out)

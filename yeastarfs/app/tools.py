@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import sys
@@ -372,14 +373,44 @@ CALL_COLUMNS = ("path", "start_time", "caller", "callee", "type", "status", "cal
                 "src_trunk", "dst_trunk", "did", "callid", "recording")
 
 
+MOUNT_FSTYPE = "fuse.yeastarfs"  # what /proc/self/mountinfo says of a yeastarfs mount
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # the kernel writes " " as \040, and so on
+
+
+def mount_fstype(mountpoint: str) -> Optional[str]:
+    """The filesystem type mounted at exactly *mountpoint* (the topmost, if stacked); None if none."""
+    target = os.path.realpath(mountpoint)
+    fstype = None
+    with open("/proc/self/mountinfo", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as table:
+        for line in table:
+            fields, _, rest = line.partition(" - ")
+            parts = fields.split()
+            if len(parts) > 4 and _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), parts[4]) == target:
+                fstype = rest.split()[0] if rest else None  # later lines are mounted on top
+    return fstype
+
+
+def open_mount_index(mountpoint: str):
+    """(index, zone): the index of the yeastarfs mount at *mountpoint*, opened read-only (it
+    creates nothing) in the zone the daemon reads the PBX's times in (`_pbx_zone`).
+
+    Raises ConfigError unless *mountpoint* itself is a yeastarfs mount: the cache folder is
+    taken from its status attribute, which any other filesystem could forge.
+    """
+    from yeastarfs.index import RecordingIndex  # only the commands that read the index need sqlite3
+
+    fstype = mount_fstype(mountpoint)
+    if fstype != MOUNT_FSTYPE:
+        raise ConfigError(f"{mountpoint} is not a yeastarfs mount ({fstype or 'not a mountpoint'})")
+    status = read_status(mountpoint)
+    zone = _pbx_zone(status)
+    return RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"), tz=zone, read_only=True), zone
+
+
 def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
     """Print the indexed calls with recordings since *since_s* ago, with their paths; start
     times carry the PBX's offset (the zone the daemon uses: configured, detected or assumed)."""
-    from yeastarfs.index import RecordingIndex  # only this command needs the database
-
-    status = read_status(mountpoint)
-    zone = _pbx_zone(status)
-    index = RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"), tz=zone)
+    index, zone = open_mount_index(mountpoint)
     try:
         start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=since_s)
         rows = (_call_row(mountpoint, index.path_of(rec.name), rec, zone) for rec in index.recordings_since(start))
