@@ -9,7 +9,8 @@ Listings: ``FusePlus`` (a small subclass of mfusepy's ``FUSE``) answers the kern
 READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup,
 and refuses the ``security.*``/``system.*`` extended attributes ``ls -l`` asks of every
 file before they reach Python. ``YeastarFS.invalidate`` makes the kernel forget a path's
-cached attributes (libfuse 3), which lets the mount use long attribute timeouts.
+cached attributes (libfuse 3), which lets the mount use long attribute timeouts. All of this
+needs libfuse 3, which is loaded even where libfuse 2 is installed too (`_prefer_libfuse3`).
 
 Threading: mfusepy calls back on many threads; the adapter has no state of its own but the
 libfuse pointer, set once in ``init``. The core is thread-safe.
@@ -19,14 +20,45 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import ctypes.util
 import errno
 import functools
 import logging
 import os
 import stat
-from typing import Callable, Optional
+import sys
+from typing import Callable, MutableMapping, Optional
 
-import mfusepy
+
+def _prefer_libfuse3(environ: MutableMapping[str, str], find_library: Callable[[str], Optional[str]],
+                     platform: str) -> Optional[str]:
+    """The FUSE_LIBRARY_NAME to give mfusepy for this import, or None to leave its choice.
+
+    mfusepy loads libfuse 2 whenever it is installed (it asks for "fuse" before "fuse3"), and
+    many machines have both (Debian's httpdirfs depends on libfuse2, AppImages need it). Under
+    libfuse 2 a listing has no READDIRPLUS and attributes cannot be invalidated (1 s
+    timeouts): every `ls -l` of 1,000 recordings made 1,003 LOOKUPs, each a round trip into
+    Python. So libfuse 3 when it is there, unless the user chose a library with mfusepy's
+    own variables.
+    """
+    if not platform.startswith("linux") or environ.get("FUSE_LIBRARY_PATH") or environ.get("FUSE_LIBRARY_NAME"):
+        return None
+    return "fuse3" if find_library("fuse3") else None
+
+
+def _import_mfusepy():
+    library = _prefer_libfuse3(os.environ, ctypes.util.find_library, sys.platform)
+    if library is not None:
+        os.environ["FUSE_LIBRARY_NAME"] = library  # read once, at mfusepy's import; not left for children
+    try:
+        import mfusepy as binding
+    finally:
+        if library is not None:
+            os.environ.pop("FUSE_LIBRARY_NAME", None)
+    return binding
+
+
+mfusepy = _import_mfusepy()
 
 from yeastarfs import errors
 from yeastarfs.core import BLOCK_SIZE_BYTES

@@ -6,13 +6,12 @@ from __future__ import annotations
 import errno
 import stat
 
-import mfusepy
 import pytest
 
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
 from yeastarfs.core import Core
-from yeastarfs.fs import YeastarFS, _errno_for
+from yeastarfs.fs import YeastarFS, _errno_for, mfusepy  # the binding as loaded by fs (libfuse 3 if both)
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
 

@@ -1,0 +1,28 @@
+"""What the adapter's fast paths rely on, without a kernel: libfuse 3 is loaded where both
+libfuse 2 and 3 are installed."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+
+import pytest
+
+from yeastarfs.fs import FusePlus, _prefer_libfuse3
+
+
+def test_libfuse3_is_preferred_when_both_are_installed():
+    both = {"fuse": "libfuse.so.2", "fuse3": "libfuse3.so.3"}.get
+    assert _prefer_libfuse3({}, both, "linux") == "fuse3"
+    assert _prefer_libfuse3({}, {"fuse": "libfuse.so.2"}.get, "linux") is None  # libfuse 2 alone: mfusepy's choice
+    # The user's own choice, with mfusepy's variables, stands; other systems are left alone.
+    assert _prefer_libfuse3({"FUSE_LIBRARY_PATH": "/opt/libfuse.so.2"}, both, "linux") is None
+    assert _prefer_libfuse3({"FUSE_LIBRARY_NAME": "fuse"}, both, "linux") is None
+    assert _prefer_libfuse3({}, both, "darwin") is None
+
+
+def test_the_loaded_binding_is_libfuse3_where_installed_and_the_environment_is_left_clean(require):
+    require(ctypes.util.find_library("fuse3"), "libfuse 3 is not installed (scripts/setup installs libfuse3-3)")
+    assert FusePlus.is_libfuse3()
+    assert FusePlus.can_invalidate()
+    assert "FUSE_LIBRARY_NAME" not in os.environ
