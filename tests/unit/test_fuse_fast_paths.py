@@ -1,13 +1,17 @@
 """What the adapter's fast paths rely on, without a kernel: libfuse 3 is loaded where both
-libfuse 2 and 3 are installed."""
+libfuse 2 and 3 are installed, and extended attributes outside ``user.*`` are refused as
+unsupported (EOPNOTSUPP, which `ls` caches per device), never as absent (ENODATA, which it
+asks again for every file) nor as ENOSYS (which would turn getxattr off for the whole mount)."""
 
 from __future__ import annotations
 
 import ctypes.util
+import errno
 import os
 
 import pytest
 
+from yeastarfs import fs
 from yeastarfs.fs import FusePlus, _prefer_libfuse3
 
 
@@ -26,3 +30,11 @@ def test_the_loaded_binding_is_libfuse3_where_installed_and_the_environment_is_l
     assert FusePlus.is_libfuse3()
     assert FusePlus.can_invalidate()
     assert "FUSE_LIBRARY_NAME" not in os.environ
+
+
+@pytest.mark.parametrize("name", [b"security.selinux", b"system.posix_acl_access", b"system.posix_acl_default",
+                                  b"trusted.overlay.opaque", b"security.capability"])
+def test_other_namespaces_are_unsupported_before_python(name):
+    # self is never touched on this path: nothing is decoded, raised or logged.
+    assert FusePlus.getxattr(None, b"/2026/11/27/x.wav", name, None, 0) == -errno.EOPNOTSUPP
+    assert fs.XATTR_NAMESPACE_UNSUPPORTED not in (errno.ENODATA, errno.ENOSYS)
