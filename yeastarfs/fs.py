@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from typing import Callable, MutableMapping, Optional
 
 
@@ -144,6 +145,8 @@ LISTING_PLUS_MAX_ENTRIES = 50_000
 # Listings in progress whose rest of a page is kept for the kernel's next call; bounded (the
 # oldest is forgotten, and found again by counting if its reader comes back).
 LISTINGS_PENDING_MAX = 32
+# Whether this libfuse worker's Python thread state is kept (FusePlus._wrapper).
+_KEPT_THREAD_STATE = threading.local()
 
 
 class FusePlus(mfusepy.FUSE):
@@ -216,6 +219,18 @@ class FusePlus(mfusepy.FUSE):
         pending[(path, position)] = (entries, more)
         while len(pending) > LISTINGS_PENDING_MAX:
             pending.popitem(last=False)
+
+    def _wrapper(self, func, *args, **kwargs):
+        # ctypes runs a callback on a libfuse worker (not a Python thread) in a Python thread
+        # state made for that one call and destroyed after it: about 30 us of every request
+        # (allocations, an mmap and munmap of its frame stack, the thread-id lookups). One
+        # PyGILState_Ensure never released keeps the worker's state for all its later calls.
+        # Workers live until the unmount (app/mount.py keeps idle ones), so at most
+        # max_threads states are kept.
+        if not getattr(_KEPT_THREAD_STATE, "kept", False):
+            ctypes.pythonapi.PyGILState_Ensure()
+            _KEPT_THREAD_STATE.kept = True
+        return super()._wrapper(func, *args, **kwargs)
 
     def getxattr(self, path: bytes, name: bytes, value, size: int, *args) -> int:
         # Only user.* names exist here; any other namespace is refused as not supported, here,

@@ -3,7 +3,7 @@
 ``ls -l`` asks every file for ``security.selinux`` and ``system.posix_acl_access``; the mount
 answers EOPNOTSUPP (not supported here) so that coreutils stops asking after the first file,
 while ``user.*`` attributes keep working (the kernel would turn getxattr off for good only on
-ENOSYS).
+ENOSYS). libfuse's worker threads are kept between bursts (each keeps its Python thread state).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import date_path
+from harness import date_path, holds_for
 from test_streaming import add
 
 pytestmark = pytest.mark.fuse
@@ -59,3 +61,25 @@ def test_ls_l_asks_a_folder_for_xattrs_once_not_per_file(pbx, mounted, require):
                 if line.strip().endswith(("getxattr", "lgetxattr")) and len(line.split()) >= 5)
     # Two per folder (label and ACL of the first file), where ENODATA made it two per file (80).
     assert 0 < calls <= 4, traced.stderr
+
+
+def test_fuse_worker_threads_are_kept_after_a_burst(pbx, mounted):
+    recordings = [add(pbx, size_bytes=100_044, minutes_ago=30 + i) for i in range(24)]
+    mount = mounted()
+    tasks = lambda: len(os.listdir(f"/proc/{mount.process.pid}/task"))  # noqa: E731
+    before = tasks()
+    pbx.latency_s = 0.5  # every open waits for the PBX: each holds a FUSE worker meanwhile
+    barrier = threading.Barrier(len(recordings))
+
+    def head(rec) -> bytes:
+        barrier.wait()
+        with open(mount.path(*date_path(rec.name)), "rb") as handle:
+            return handle.read(4096)
+
+    with ThreadPoolExecutor(len(recordings)) as pool:
+        heads = list(pool.map(head, recordings, timeout=60))
+    pbx.latency_s = 0.0
+    assert heads == [pbx.recording_bytes(rec.name)[:4096] for rec in recordings]
+    # libfuse lets a surplus idle worker exit right after its request; none may (each would
+    # leave its kept Python thread state behind).
+    holds_for(lambda: tasks() >= before + len(recordings) - 2, 1.0, message="the burst's FUSE workers")

@@ -57,8 +57,10 @@ CLEAN_STOP_MARKER = "clean-stop"
 # FUSE worker threads; readers blocked on a download each hold one, so allow many.
 # (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
 MAX_FUSE_THREADS = 64
-# Idle FUSE threads kept for the next burst (libfuse 3.14 warns when this is left unset).
-MAX_IDLE_FUSE_THREADS = 16
+# Idle FUSE threads kept for the next burst: all of them. Each keeps its Python thread
+# state between callbacks (fs.FusePlus), which a thread that exited would leak; threads
+# are cheap to keep and costly to remake. (libfuse 3.14 warns when this is left unset.)
+MAX_IDLE_FUSE_THREADS = MAX_FUSE_THREADS
 
 
 def prepare_mountpoint(path: str) -> str:
