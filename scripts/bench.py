@@ -22,9 +22,10 @@ Cases and their baselines:
 cold_seq       Sequential read of an uncached ``--cold-mb`` recording through the mount
                (MB/s). Baseline: the same recording downloaded directly with ``requests``
                (POST recording/get_random, then GET recording/download). Goal >= 0.9x.
-first_64k      Open + first 64 KiB of an uncached recording while every PBX request takes
-               ``--latency-ms`` (ms). Baseline: get_random + GET + 64 KiB of the body
-               directly. Goal <= baseline + 10 ms.
+first_64k      Open + first 64 KiB of an uncached recording (ms), two rows: a ``--head-mb``
+               recording at zero PBX latency (goal <= baseline + 3 ms, issue 16), and a
+               2 MB one while every PBX request takes ``--latency-ms`` (goal <= baseline
+               + 10 ms). Baseline: get_random + GET + 64 KiB of the body directly.
 parallel32     ``--parallel-readers`` threads each read a distinct uncached
                ``--parallel-mb`` recording (mount started with ``--max-downloads 32``);
                aggregate MB/s. Baseline: as many parallel direct downloads. Goal >= 0.8x.
@@ -33,6 +34,14 @@ cached_first   First read of a cached recording after its pages were dropped fro
                Baseline: the cache file itself read the same way. Goal >= 0.3x.
 cached_repeat  Second of two reads of a cached recording (kernel page cache). Baseline:
                second of two reads of the cache file. Goal >= 0.9x.
+reread         An uncached ``--cold-mb`` recording read whole, then at once again: the
+               second read (MB/s), which should come from the kernel's page cache.
+               Baseline: the second of two reads of the cache file. Goal >= 0.3x (a read
+               through FUSE instead of the page cache is ~0.05x).
+sniff          ``--sniff-files`` times open, read 4 KiB, close of uncached ``--sniff-mb``
+               recordings with the PBX sending at ``--lan-mbps``: body bytes the PBX sent
+               per sniff once every transfer stopped (KB). Goal: at most 4 flow-control
+               windows; the note gives the socket buffer sizes (what may be in flight).
 ls_day         ``ls -l`` of a day folder with ``--ls-recordings`` recordings, two rows:
                the first listing on a fresh mount (nothing of the mount is in the kernel's
                caches yet; goal <= 4x), and the same folder listed again right after (names
@@ -54,6 +63,16 @@ pbx_requests   Simulator counters around one cold read of a whole recording, whi
                also checked byte for byte. Goal: exactly 1 get_random, 1 download and
                0 logins (the token is alive).
 
+Peers (``--peers``): first_64k (zero latency), reread, sniff and ls_day also run against
+rclone (``mount :http: --vfs-cache-mode full``) and httpdirfs (``--cache``) where installed
+(``apt-get install rclone httpdirfs``, or ``--rclone PATH``/``--httpdirfs PATH``), each
+mounting an HTTP server with Range requests (scripts/bench_peers.py, in its own process)
+that serves the same kind of files: the ls day's names at a typical recording's size, and
+fresh WAV files of the same sizes for the reads, each new to every peer. Their medians are
+extra columns; ls_day_again must also beat rclone's, reread both peers'. Each peer mount
+is fresh (empty cache) for every first listing. The sniff's peer figure is the bytes their
+HTTP server sent, at the same rate.
+
 The listing cases use a mount of their own, restarted for every first listing or walk,
 whose index holds the day folder and the 3-year tree; the other cases share one mount.
 Mounts are started by tests/harness.py's MountProcess, the runner the integration tests use.
@@ -70,7 +89,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import secrets
@@ -88,10 +106,14 @@ from typing import Callable, Iterator, Optional
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from harness import MountProcess, wait_stable, write_password_file  # noqa: E402 - after the path
+from bench_peers import (INSTALL_HINT, PEER_NAMES, FileServer, PeerMount, RemoteService,  # noqa: E402
+                         find_peers)
+from harness import MountProcess, date_path, wait_stable, write_password_file  # noqa: E402 - after the path
 
+from yeastarfs.downloads import INITIAL_WINDOW_BYTES  # noqa: E402
 from yeastarfs.index import RecordingIndex  # noqa: E402
 from yeastarfs.models import Recording  # noqa: E402
+from yeastarfs.sim.sseries import wav_bytes  # noqa: E402
 
 MB = 1_000_000
 BLOCK_BYTES = 1 << 20
@@ -111,8 +133,12 @@ INDEX_BATCH = 50_000
 TREE_FIRST_DAY = dt.datetime(2020, 1, 1)
 TREE_DAYS = 3 * 365 + 1  # 2020-01-01 .. 2022-12-31
 LS_DAY = dt.datetime(2023, 6, 15)
+PEER_DAY = dt.datetime(2023, 6, 16)  # the peers' recordings, beside the ls day
 MAIN_CASES = ("pbx_requests", "cold_seq", "cold_seq_lan", "first_64k", "parallel32", "cached_first",
-              "cached_repeat", "ls_day", "walk")
+              "cached_repeat", "reread", "sniff", "ls_day", "walk")
+# Cases that also run against the peers with --peers.
+PEER_CASES = ("first_64k", "reread", "sniff", "ls_day")
+SNIFF_BYTES = 4096
 BIG_CASES = ("mount_start", "memory")
 ALL_CASES = MAIN_CASES + BIG_CASES
 C_LOCALE = {**os.environ, "LC_ALL": "C"}
@@ -141,6 +167,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=20, help="PBX latency in first_64k (default 20)")
     parser.add_argument("--lan-mbps", type=float, default=1000,
                         help="PBX send rate in cold_seq_lan, Mbit/s (default 1000: a gigabit LAN)")
+    parser.add_argument("--head-mb", type=float, default=16,
+                        help="recording whose first 64 KiB are read at zero latency, MB (default 16)")
+    parser.add_argument("--sniff-files", type=int, default=20, help="files sniffed per run (default 20)")
+    parser.add_argument("--sniff-mb", type=float, default=2, help="each sniffed recording, MB (default 2)")
+    parser.add_argument("--peers", action="store_true",
+                        help=f"also run {', '.join(PEER_CASES)} against rclone and httpdirfs where installed, "
+                             f"serving the same recordings over HTTP ({INSTALL_HINT})")
+    for peer in PEER_NAMES:
+        parser.add_argument(f"--{peer}", metavar="PATH", help=f"the {peer} executable (default: from PATH)")
     parser.add_argument("--tmp-dir", default=None, help="where mounts, caches and trees go (default: system temp)")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON result to PATH")
     args = parser.parse_args(argv)
@@ -187,9 +222,8 @@ def _command_line(argv: list[str]) -> str:
 # The simulator, in a child process driven over a pipe
 
 
-def _serve_simulator(conn, password: str) -> None:
-    """Child process: run a Simulator and answer RPCs until the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
+    """In the child process: a started Simulator and the operations the benchmark calls."""
     from yeastarfs.sim.sseries import Simulator
     sim = Simulator(username=USER, password=password).start()
     ops: dict[str, Callable] = {
@@ -199,49 +233,18 @@ def _serve_simulator(conn, password: str) -> None:
         "latency": lambda seconds: setattr(sim, "latency_s", seconds),
         "bandwidth": lambda bps: setattr(sim, "bandwidth_bps", bps),
         "counters": lambda: dict(sim.counters),
+        "downloaded": sim.downloaded_bytes,
         "sha256": lambda name: sim.recordings[name].sha256,
     }
-    try:
-        while True:
-            try:
-                op, args = conn.recv()
-            except (EOFError, OSError):
-                return
-            try:
-                conn.send((True, ops[op](*args)))
-            except Exception as exc:  # noqa: BLE001 - reported to the parent
-                conn.send((False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        sim.stop()
+    return ops, sim.stop
 
 
-class RemoteSimulator:
-    """The PBX simulator in a child process; `call` runs one operation of `_serve_simulator`."""
+class RemoteSimulator(RemoteService):
+    """The PBX simulator in a child process; `call` runs one operation of `_build_simulator`."""
 
     def __init__(self, password: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_serve_simulator, args=(child_conn, password),
-                                        name="pbx-simulator", daemon=True)
-        self._process.start()
-        child_conn.close()
-        self._lock = threading.Lock()
+        super().__init__(_build_simulator, password, name="pbx-simulator")
         self.base_url: str = self.call("base_url")
-
-    def call(self, op: str, *args):
-        with self._lock:
-            self._conn.send((op, args))
-            ok, value = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"simulator {op}: {value}")
-        return value
-
-    def close(self) -> None:
-        self._conn.close()
-        self._process.join(timeout=5)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout=5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +295,11 @@ def plan_recordings(pool: Pool, args: argparse.Namespace) -> None:
         pool.plan("cold_seq_lan", runs, recording_bytes(args.cold_mb))
     if "first_64k" in cases:
         pool.plan("first_64k", runs, recording_bytes(2))
+        pool.plan("first_64k_0ms", runs, recording_bytes(args.head_mb))
+    if "reread" in cases:
+        pool.plan("reread", runs, recording_bytes(args.cold_mb))
+    if "sniff" in cases:
+        pool.plan("sniff", runs * args.sniff_files, recording_bytes(args.sniff_mb))
     if "parallel32" in cases:
         pool.plan("parallel32", runs * args.parallel_readers, recording_bytes(args.parallel_mb))
     if cases & {"cached_first", "cached_repeat"}:
@@ -550,6 +558,9 @@ class Result:
     goal: str
     check: Callable[[float, Optional[float], Optional[float]], bool]
     note: str = ""
+    # The peers' samples (--peers), by name, and the peers whose median must be beaten too.
+    peers: dict = dataclasses.field(default_factory=dict)
+    beat: tuple = ()
     met: bool = dataclasses.field(init=False)
     ratio: Optional[float] = dataclasses.field(init=False)
 
@@ -557,6 +568,11 @@ class Result:
         mine, base = median(self.mine), median(self.base) if self.base else None
         self.ratio = mine / base if isinstance(mine, float) and base else None
         self.met = bool(self.check(mine, base, self.ratio))
+        higher_is_better = self.unit == "MB/s"
+        for peer in self.beat:
+            if self.peers.get(peer):
+                theirs = median(self.peers[peer])
+                self.met = self.met and (mine > theirs if higher_is_better else mine < theirs)
 
     def as_json(self) -> dict:
         def side(values):
@@ -567,7 +583,7 @@ class Result:
                     "max": max(values) if numeric else None, "samples": values}
         return {"case": self.key, "label": self.label, "unit": self.unit, "yeastarfs": side(self.mine),
                 "baseline": side(self.base), "ratio": self.ratio, "goal": self.goal, "met": self.met,
-                "note": self.note}
+                "note": self.note, "peers": {name: side(values) for name, values in self.peers.items()}}
 
 
 def median(values: list):
@@ -587,13 +603,17 @@ def fmt(value) -> str:
 
 
 def table(results: list[Result]) -> str:
-    header = ["case", "yeastarfs (median)", "min", "max", "baseline (median)", "ratio", "goal", "met?"]
+    peers = [name for name in PEER_NAMES if any(name in r.peers for r in results)]
+    header = ["case", "yeastarfs (median)", "min", "max", "baseline (median)", "ratio",
+              *(f"{name} (median)" for name in peers), "goal", "met?"]
     rows = [header]
     for r in results:
         numeric = not isinstance(r.mine[0], str)
         rows.append([r.label, fmt(median(r.mine)), fmt(min(r.mine)) if numeric else "-",
                      fmt(max(r.mine)) if numeric else "-", fmt(median(r.base)) if r.base else "-",
-                     f"{r.ratio:.2f}x" if r.ratio else "-", r.goal, "yes" if r.met else "NO"])
+                     f"{r.ratio:.2f}x" if r.ratio else "-",
+                     *(fmt(median(r.peers[name])) if r.peers.get(name) else "-" for name in peers),
+                     r.goal, "yes" if r.met else "NO"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * width for width in widths))
@@ -620,6 +640,8 @@ class Bench:
     main: Optional[MountProcess] = None
     lister: Optional[MountProcess] = None
     info: dict = dataclasses.field(default_factory=dict)
+    peers: list = dataclasses.field(default_factory=list)   # PeerMount, with --peers
+    peer_files: Optional["PeerFiles"] = None
 
     def client(self) -> DirectClient:
         return DirectClient(self.sim.base_url, self.token)
@@ -711,23 +733,40 @@ def throughput(timing: tuple[float, int], rec: Rec) -> float:
 
 
 def case_first_64k(b: Bench) -> list[Result]:
-    """Open + first 64 KiB of an uncached recording with PBX latency, vs direct API calls."""
+    """Open + first 64 KiB of an uncached recording vs direct API calls: at zero PBX latency
+    (a ``--head-mb`` recording; the peers read a file as large), and with ``--latency-ms``."""
+    fast = first_64k_runs(b, "first_64k_0ms", 0.0)
+    slow = first_64k_runs(b, "first_64k", b.args.latency_ms)
+    return [Result("first_64k_0ms", f"first 64 KiB of an uncached {b.args.head_mb:g} MB recording, PBX latency 0 (ms)",
+                   "ms", *fast[:2], "<= base + 3 ms", lambda m, d, _r: m <= d + 3, peers=fast[2]),
+            Result("first_64k", f"first 64 KiB, uncached, PBX latency {b.args.latency_ms:g} ms (ms)", "ms",
+                   *slow[:2], "<= base + 10 ms", lambda m, d, _r: m <= d + 10)]
+
+
+def first_64k_runs(b: Bench, group: str, latency_ms: float) -> tuple[list, list, dict]:
+    """(mount ms, direct ms, {peer: ms}) per run; peers only at zero latency (their server has none)."""
     client, mine, base = b.client(), [], []
-    b.sim.call("latency", b.args.latency_ms / 1000)
+    peers = collections.defaultdict(list)
+    b.sim.call("latency", latency_ms / 1000)
     try:
         for run in range(b.args.runs):
-            (rec,) = b.pool.take("first_64k")
+            (rec,) = b.pool.take(group)
             b.sim.call("warm", [rec.name])
             m, d = alternate(run, lambda: head_ms(b.main.recording_path(rec.name)),
                              lambda: client.head(rec.name, HEAD_BYTES) * 1000)
             mine.append(m)
             base.append(d)
-            say("first_64k", run, f"mount {m:.1f} ms, direct {d:.1f} ms")
+            text = f"mount {m:.1f} ms, direct {d:.1f} ms"
+            if latency_ms == 0 and b.peers:
+                (peer_file,) = b.peer_files.take(group)
+                for peer in b.peers:
+                    peers[peer.name].append(head_ms(peer.path(peer_file)))
+                    text += f", {peer.name} {peers[peer.name][-1]:.1f} ms"
+            say(group, run, text)
+            settle(group, b.main.wait_settled)  # the early leaver's transfer stops before the next run
     finally:
         b.sim.call("latency", 0.0)
-    settle("first_64k", b.main.wait_settled)  # the early leavers' transfers stop (cancelled or suspended)
-    return [Result("first_64k", f"first 64 KiB, uncached, PBX latency {b.args.latency_ms:g} ms (ms)", "ms",
-                   mine, base, "<= base + 10 ms", lambda m, d, _r: m <= d + 10)]
+    return mine, base, dict(peers)
 
 
 def head_ms(path: str) -> float:
@@ -799,6 +838,88 @@ def case_cached_repeat(b: Bench) -> list[Result]:
                         0.9, twice)
 
 
+def case_reread(b: Bench) -> list[Result]:
+    """An uncached recording read whole, then at once again: the second read (MB/s), which
+    should come from the kernel's page cache. Baseline: the second of two reads of the local
+    cache file. The peers read a file as large twice."""
+    mine, base, peers = [], [], collections.defaultdict(list)
+    for run in range(b.args.runs):
+        (rec,) = b.pool.take("reread")
+        b.sim.call("warm", [rec.name])
+        path = b.main.recording_path(rec.name)
+        timed_read(path)  # the download (its last bytes come once it is in the cache)
+        mine.append(throughput(timed_read(path), rec))
+        timed_read(b.main.cache_file(rec.name))
+        base.append(throughput(timed_read(b.main.cache_file(rec.name)), rec))
+        text = f"mount {mine[-1]:.0f} MB/s, local file {base[-1]:.0f} MB/s"
+        (peer_file,) = b.peer_files.take("reread") if b.peers else ("",)
+        for peer in b.peers:
+            timed_read(peer.path(peer_file))
+            peers[peer.name].append(throughput(timed_read(peer.path(peer_file)), rec))
+            text += f", {peer.name} {peers[peer.name][-1]:.0f} MB/s"
+        say("reread", run, text)
+    label = f"read right after its download, {b.args.cold_mb:g} MB (MB/s)"
+    return [Result("reread", label, "MB/s", mine, base, "page cache: >= 0.3x", lambda _m, _b, r: r >= 0.3,
+                   peers=dict(peers), beat=tuple(peers))]
+
+
+def case_sniff(b: Bench) -> list[Result]:
+    """``--sniff-files`` × (open, read 4 KiB, close) of uncached ``--sniff-mb`` recordings with
+    the PBX sending at ``--lan-mbps``: body bytes the PBX (the peers: their HTTP server) sent,
+    per sniff, once every transfer stopped. Goal: within 4 flow-control windows."""
+    count, window = b.args.sniff_files, INITIAL_WINDOW_BYTES
+    bps = int(b.args.lan_mbps * 1_000_000 / 8)
+    mine, peers = [], collections.defaultdict(list)
+    b.sim.call("bandwidth", bps)
+    if b.peer_files:
+        b.peer_files.server.call("bandwidth", bps)
+    try:
+        for run in range(b.args.runs):
+            recs = b.pool.take("sniff", count)
+            b.sim.call("warm", [rec.name for rec in recs])
+            before = b.sim.call("downloaded")
+            for rec in recs:
+                sniff(b.main.recording_path(rec.name))
+            settle("sniff", b.main.wait_settled)
+            sent = wait_stable(lambda: b.sim.call("downloaded"), quiet_s=0.3, timeout_s=15) - before
+            mine.append(sent / count / 1000)
+            text = f"mount {mine[-1]:.0f} KB per sniff"
+            peer_files = b.peer_files.take("sniff", count) if b.peers else []
+            for peer in b.peers:
+                before = b.peer_files.server.body_bytes()
+                for peer_file in peer_files:
+                    sniff(peer.path(peer_file))
+                sent = wait_stable(b.peer_files.server.body_bytes, quiet_s=0.5, timeout_s=30) - before
+                peers[peer.name].append(sent / count / 1000)
+                text += f", {peer.name} {peers[peer.name][-1]:.0f} KB"
+            say("sniff", run, text)
+    finally:
+        b.sim.call("bandwidth", None)
+        if b.peer_files:
+            b.peer_files.server.call("bandwidth", None)
+    label = (f"sniff: open, {SNIFF_BYTES // 1024} KiB, close of a {b.args.sniff_mb:g} MB recording, "
+             f"PBX at {b.args.lan_mbps:g} Mbit/s: KB sent per sniff")
+    note = (f"needed {SNIFF_BYTES / 1000:g} KB per sniff; flow-control window {window // 1024} KiB; "
+            f"socket buffers (tcp_rmem / tcp_wmem min default max): {_sysctl('net/ipv4/tcp_rmem')} / "
+            f"{_sysctl('net/ipv4/tcp_wmem')}")
+    return [Result("sniff", label, "KB", mine, None, f"<= {4 * window / 1000:.0f} KB (4 windows)",
+                   lambda m, _b, _r: m <= 4 * window / 1000, note, peers=dict(peers))]
+
+
+def sniff(path: str) -> None:
+    with open(path, "rb", buffering=0) as handle:
+        if len(handle.read(SNIFF_BYTES)) != SNIFF_BYTES:
+            raise RuntimeError(f"{path}: short sniff")
+
+
+def _sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/{name}", encoding="ascii") as handle:
+            return " ".join(handle.read().split())
+    except OSError:
+        return "?"
+
+
 def case_ls_day(b: Bench) -> list[Result]:
     """``ls -l`` of a day folder: the first listing on a fresh mount, then the same folder again,
     each against ``ls -l`` of the local folder of empty files."""
@@ -812,6 +933,7 @@ def case_ls_day(b: Bench) -> list[Result]:
             raise RuntimeError(f"ls -l {root}/{day} listed {lines - 1} entries, not {count}")
         return seconds * 1000
 
+    peers_first, peers_again = collections.defaultdict(list), collections.defaultdict(list)
     for run in range(b.args.runs):
         mount = b.lister.start()  # fresh: the kernel holds nothing of this mount yet
         try:
@@ -823,13 +945,20 @@ def case_ls_day(b: Bench) -> list[Result]:
         first_base.append(d)
         again.append(m2)
         again_base.append(d2)
-        say("ls_day", run, f"first listing: mount {m:.1f} ms, local {d:.1f} ms; "
-                           f"again: mount {m2:.1f} ms, local {d2:.1f} ms")
+        text = f"first listing: mount {m:.1f} ms, local {d:.1f} ms; again: mount {m2:.1f} ms, local {d2:.1f} ms"
+        for peer in b.peers:
+            peer.stop()
+            peer.start()  # fresh, with an empty cache, as the lister is
+            peers_first[peer.name].append(ls_ms(peer.mountpoint))
+            peers_again[peer.name].append(ls_ms(peer.mountpoint))
+            text += f"; {peer.name} {peers_first[peer.name][-1]:.1f}, again {peers_again[peer.name][-1]:.1f} ms"
+        say("ls_day", run, text)
     label = f"ls -l of a day with {count:,} recordings"
     return [Result("ls_day_first", f"{label}, first listing (ms)", "ms", first, first_base, "<= 4x",
-                   lambda _m, _b, r: r <= 4),
-            Result("ls_day_again", f"{label}, listed again (ms)", "ms", again, again_base, "<= 2x",
-                   lambda _m, _b, r: r <= 2)]
+                   lambda _m, _b, r: r <= 4, peers=dict(peers_first)),
+            Result("ls_day_again", f"{label}, listed again (ms)", "ms", again, again_base,
+                   "<= 2x" + (", < rclone" if "rclone" in peers_again else ""), lambda _m, _b, r: r <= 2,
+                   peers=dict(peers_again), beat=tuple(name for name in peers_again if name == "rclone"))]
 
 
 WALK_VARIANTS = (
@@ -872,8 +1001,75 @@ MAIN_CASE_FUNCTIONS = {
     "pbx_requests": case_pbx_requests, "cold_seq": case_cold_seq, "cold_seq_lan": case_cold_seq_lan,
     "first_64k": case_first_64k,
     "parallel32": case_parallel32, "cached_first": case_cached_first, "cached_repeat": case_cached_repeat,
-    "ls_day": case_ls_day, "walk": case_walk,
+    "reread": case_reread, "sniff": case_sniff, "ls_day": case_ls_day, "walk": case_walk,
 }
+
+
+class PeerFiles:
+    """The folder the peers' HTTP server serves: the ls day (files of a typical recording's
+    size, sparse) and the recordings the read cases take, each read once by each peer. All
+    are made before the peers mount: rclone keeps a folder's listing for 5 minutes."""
+
+    def __init__(self, root: str, ls_recordings: int) -> None:
+        self.root = root
+        self._made = 0
+        self._free: dict[str, list[str]] = collections.defaultdict(list)
+        for name in ls_names(ls_recordings):
+            folder = os.path.join(root, *date_path(name)[:3])
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.truncate(recording_bytes(60 * BYTES_PER_S / MB))  # sparse: sizes are what the peers list
+        self.server = FileServer(root)
+
+    def plan(self, group: str, count: int, size_bytes: int) -> None:
+        """*count* new recordings of *size_bytes* (the simulator's WAV bytes) for *group*."""
+        for _ in range(count):
+            moment = PEER_DAY + dt.timedelta(seconds=7 * self._made)
+            name = f"{moment:%Y%m%d%H%M%S}-{1_600_000_000 + self._made}.{self._made}-1001-2002-Inbound.wav"
+            self._made += 1
+            relative = os.path.join(*date_path(name))
+            os.makedirs(os.path.join(self.root, os.path.dirname(relative)), exist_ok=True)
+            with open(os.path.join(self.root, relative), "wb") as handle:
+                handle.write(wav_bytes(name, size_bytes))
+            self._free[group].append(relative)
+
+    def take(self, group: str, count: int = 1) -> list[str]:
+        """Paths relative to a mount of recordings planned for *group*, not taken before."""
+        taken, self._free[group] = self._free[group][:count], self._free[group][count:]
+        if len(taken) < count:
+            raise RuntimeError(f"not enough peer recordings planned for {group}")
+        return taken
+
+
+def plan_peer_files(files: PeerFiles, args: argparse.Namespace) -> None:
+    cases, runs = set(args.case_list), args.runs
+    if "first_64k" in cases:
+        files.plan("first_64k_0ms", runs, recording_bytes(args.head_mb))
+    if "reread" in cases:
+        files.plan("reread", runs, recording_bytes(args.cold_mb))
+    if "sniff" in cases:
+        files.plan("sniff", runs * args.sniff_files, recording_bytes(args.sniff_mb))
+
+
+def prepare_peers(b: Bench, stack: contextlib.ExitStack) -> None:
+    """With --peers: the HTTP server of the same recordings and every peer found, mounted."""
+    if not b.args.peers or not set(PEER_CASES) & set(b.args.case_list):
+        return
+    tools, missing = find_peers(PEER_NAMES, {name: getattr(b.args, name) for name in PEER_NAMES})
+    if missing:
+        print(f"peers: {', '.join(missing)} not found; to compare with them: {INSTALL_HINT}", flush=True)
+    if not tools:
+        return
+    b.peer_files = PeerFiles(os.path.join(b.tmp, "peer-files"), b.args.ls_recordings)
+    stack.callback(b.peer_files.server.close)
+    plan_peer_files(b.peer_files, b.args)
+    for tool in tools:
+        peer = PeerMount(tool, b.peer_files.server.base_url, os.path.join(b.tmp, f"mnt-{tool.name}"),
+                         os.path.join(b.tmp, f"cache-{tool.name}"), os.path.join(b.tmp, f"{tool.name}.log"))
+        stack.callback(peer.stop)
+        b.peers.append(peer.start())
+    b.info["peers"] = [f"{tool.name} {_command_line([tool.binary, '--version'])}" for tool in tools]
+    print("peers: " + "; ".join(b.info["peers"]), flush=True)
 
 
 def prepare_main(b: Bench, stack: contextlib.ExitStack) -> None:
@@ -893,6 +1089,7 @@ def prepare_main(b: Bench, stack: contextlib.ExitStack) -> None:
     b.info["main_mount_ready_s"] = round(main.start().ready_s, 3)
     b.main = main
     print(f"main mount ready in {b.info['main_mount_ready_s']:.2f} s", flush=True)
+    prepare_peers(b, stack)
     warm_up(b)
 
 

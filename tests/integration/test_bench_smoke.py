@@ -15,9 +15,10 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 TINY = ["--runs", "1", "--walk-recordings", "300", "--index-recordings", "300", "--stream-mb", "1",
-        "--cold-mb", "1", "--parallel-mb", "0.5", "--parallel-readers", "3", "--ls-recordings", "20"]
-EXPECTED_ROWS = {"pbx_requests", "cold_seq", "cold_seq_lan", "first_64k", "parallel32", "cached_first", "cached_repeat",
-                 "ls_day_first", "ls_day_again", "walk_names", "walk_stat", "mount_start", "memory_idle", "memory_stream",
+        "--cold-mb", "1", "--parallel-mb", "0.5", "--parallel-readers", "3", "--ls-recordings", "20",
+        "--head-mb", "1", "--sniff-files", "3", "--sniff-mb", "0.5"]
+EXPECTED_ROWS = {"pbx_requests", "cold_seq", "cold_seq_lan", "first_64k_0ms", "first_64k", "parallel32", "cached_first",
+                 "cached_repeat", "reread", "sniff", "ls_day_first", "ls_day_again", "walk_names", "walk_stat", "mount_start", "memory_idle", "memory_stream",
                  "memory_growth"}
 
 
@@ -39,3 +40,32 @@ def test_bench_runs_every_case_with_tiny_sizes(tmp_path):
     assert all(case["yeastarfs"]["samples"] for case in data["cases"])
     assert "| yeastarfs (median) |" in result.stdout
     assert [entry.name for entry in tmp_path.iterdir()] == ["bench.json"]  # everything else cleaned up
+
+
+def test_the_peers_file_server_answers_ranges_as_a_web_server_does(tmp_path):
+    """rclone and httpdirfs read the benchmark's recordings through this server: its ranges
+    and byte counts are what the peers' columns rest on."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_peers import FileServer
+    import requests
+
+    (tmp_path / "2023" / "06").mkdir(parents=True)
+    data = bytes(range(256)) * 1000
+    (tmp_path / "2023" / "06" / "a.wav").write_bytes(data)
+    server = FileServer(str(tmp_path))
+    try:
+        url = server.base_url + "2023/06/a.wav"
+        with requests.Session() as session:  # one kept-alive connection for all of them
+            assert session.get(url).content == data
+            part = session.get(url, headers={"Range": "bytes=1000-1999"})
+            assert (part.status_code, part.headers["Content-Range"], part.content) == (
+                206, f"bytes 1000-1999/{len(data)}", data[1000:2000])
+            assert session.get(url, headers={"Range": "bytes=255000-"}).content == data[255000:]
+            assert session.get(url, headers={"Range": "bytes=-10"}).content == data[-10:]
+            assert session.get(url, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+            head = session.head(url)
+            assert (head.headers["Content-Length"], head.headers["Accept-Ranges"]) == (str(len(data)), "bytes")
+            assert 'href="a.wav"' in session.get(server.base_url + "2023/06/").text
+        assert server.body_bytes() == len(data) + 1000 + 1000 + 10
+    finally:
+        server.close()
