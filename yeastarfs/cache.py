@@ -131,7 +131,7 @@ def _check_ancestors(path: str) -> None:
             break  # created below, by us
         if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
             raise _refusal(path, f"is reached through {current}, a symlink of uid {st.st_uid}",
-                           "use a --cache-dir whose path only root or this user controls")
+                           "use another --cache-dir, one in folders only root or this user can change")
     current = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     while True:
         try:
@@ -141,7 +141,7 @@ def _check_ancestors(path: str) -> None:
         if st is not None:
             if st.st_uid not in trusted:
                 raise _refusal(path, f"lies in {current}, which belongs to uid {st.st_uid}",
-                               "use a --cache-dir whose path only root or this user controls")
+                               "use another --cache-dir, one in folders only root or this user can change")
             if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
                 raise _refusal(path, f"lies in {current}, which other users may write to",
                                f"run chmod go-w {current}, or use another --cache-dir")
