@@ -469,9 +469,11 @@ class Download:
                 break
             if chunk:
                 self._pending = chunk
-                self._wait_for_demand()  # may park: the chunk waits in _pending
-                self._pending = None
-                self._append(chunk)
+                allowed = self._wait_for_demand()  # may park: the chunk waits in _pending
+                # A socket read may return far more than the window: the rest waits in memory,
+                # so a sniffed file holds (and counts against the cache) only what was wanted.
+                self._pending = chunk[allowed:] if allowed is not None and allowed < len(chunk) else None
+                self._append(chunk if self._pending is None else chunk[:allowed])
             if self._believed is None:
                 self._believed = self._header_agrees(self._announced)
                 if self._believed:
@@ -575,22 +577,25 @@ class Download:
             self._progress_time = time.monotonic()
             self._cond.notify_all()
 
-    def _wait_for_demand(self) -> None:
-        """Pause while far enough ahead of the readers; give the slot back when nobody wants more."""
+    def _wait_for_demand(self) -> Optional[int]:
+        """Pause while far enough ahead of the readers; give the slot back when nobody wants
+        more. Returns how many more bytes may be written now (None: any number)."""
         with self._cond:
             while True:
                 self._check_wanted_locked()
                 if self._keep_going:
-                    break
+                    self._paused_since = None
+                    return None
                 window_bytes = max(INITIAL_WINDOW_BYTES, 2 * self._want_bytes)
-                if self.received_bytes < self._want_bytes + window_bytes:
-                    break
+                allowed = self._want_bytes + window_bytes - self.received_bytes
+                if allowed > 0:
+                    self._paused_since = None
+                    return allowed
                 now = time.monotonic()
                 self._paused_since = self._paused_since or now
                 if now - self._paused_since >= PAUSE_SUSPEND_S:
                     raise _Idle()
                 self._cond.wait(0.25)
-            self._paused_since = None
 
     def _check_wanted(self) -> None:
         """Before each attempt: no PBX request (and no random) for a download nobody wants."""
