@@ -109,6 +109,17 @@ def _address_list(text: str) -> Optional[tuple[str, ...]]:
     return tuple(part.strip() for part in str(text).split(",") if part.strip())
 
 
+def _proxy(text: str) -> str:
+    """A proxy URL (``http://proxy:3128``) or ``environment``."""
+    text = str(text).strip()
+    if text.lower() == "environment":
+        return "environment"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.hostname:
+        raise ConfigError(f"invalid proxy {text!r}: expected http://HOST:PORT or 'environment'")
+    return text
+
+
 def _is_new(text: str) -> bool:
     return text == "new"
 
@@ -319,6 +330,10 @@ OPTIONS: tuple[Option, ...] = (
                valid=lambda hex_digits: _SHA256_HEX.fullmatch(hex_digits) is not None,
                invalid="must be the certificate's SHA-256 as 64 hex digits (colons allowed); "
                        "get it with: yeastarfs fingerprint URL"),
+        Option("proxy", metavar="URL|environment", field="proxy", parse=_proxy,
+               default_doc="none: connect directly",
+               help="reach the PBX through this HTTP proxy; `environment` honours `HTTPS_PROXY`, "
+                    "`HTTP_PROXY` and `NO_PROXY` (ignored otherwise, like `REQUESTS_CA_BUNDLE`)"),
         Option("pbx_timezone", metavar="ZONE", field="pbx_timezone", parse=_time_zone,
                default_doc="detected from the PBX, else this machine's zone",
                help="the PBX's time zone, an IANA name such as `Europe/Berlin`"),
@@ -503,6 +518,9 @@ class Config:
             option = field.metadata.get("option")
             if option is not None:
                 option.check(getattr(self, field.name))
+        if self.pbx_url.startswith("http://") and (self.pin_sha256 or isinstance(self.verify, str)):
+            raise ConfigError("--pin-sha256 and --ca-file secure https:// only; the PBX address "
+                              f"{self.pbx_url} is plain http (use https://HOST:8088)")
         if isinstance(self.verify, str) and not os.path.isfile(self.verify):
             raise ConfigError(f"--ca-file {self.verify}: no such file")
         return self

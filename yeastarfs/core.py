@@ -209,13 +209,16 @@ class Core:
         self._remember_size(entry.name, size_bytes)
         return Attributes(False, size_bytes, entry.mtime_ns)
 
-    def list(self, path: str) -> list[tuple[str, bool, int, int]]:
-        """``(name, is_dir, size_bytes, mtime_ns)`` of each entry of folder *path*, by name.
+    def list(self, path: str, after: str = "", skip: int = 0, limit: int = -1) -> list[tuple[str, bool, int, int]]:
+        """``(name, is_dir, size_bytes, mtime_ns)`` of the entries of folder *path*, by name.
 
-        Raises NoSuchPathError. Sizes are what `stat` would say, and are remembered as told.
+        All of them, or a page: those named after *after*, *skip* more left out, at most
+        *limit* (the adapter pages through a day of a million recordings this way, in
+        bounded memory). Raises NoSuchPathError. Sizes are what `stat` would say, and are
+        remembered as told.
         """
         self.counters["readdir"] += 1
-        entries = self.index.list_dir_sizes(path)
+        entries = self.index.list_dir_sizes(path, after, skip, limit)
         if entries is None:
             raise errors.NoSuchPathError(path)
         listing = []

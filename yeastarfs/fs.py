@@ -18,13 +18,13 @@ libfuse pointer, set once in ``init``. The core is thread-safe.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
 import logging
 import os
 import stat
-import time
 from typing import Callable, Optional
 
 import mfusepy
@@ -104,7 +104,12 @@ FUSE_READDIR_PLUS = 1       # enum fuse_readdir_flags: the kernel asked for READ
 FUSE_FILL_DIR_PLUS = 2      # enum fuse_fill_dir_flags: this entry carries full attributes
 
 
-LISTING_REUSE_S = 2.0  # a listing fetched for offset 0 serves the continuation calls
+# Entries read from the index per page of a listing: large enough that a page costs one
+# query, small enough that a folder of any size needs little memory.
+LISTING_PAGE_ENTRIES = 1024
+# Listings in progress whose rest of a page is kept for the kernel's next call; bounded (the
+# oldest is forgotten, and found again by counting if its reader comes back).
+LISTINGS_PENDING_MAX = 32
 
 
 class FusePlus(mfusepy.FUSE):
@@ -130,20 +135,52 @@ class FusePlus(mfusepy.FUSE):
         plus = getattr(self.operations, "readdir_plus", None)
         if plus is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        entries = self._listing(path, offset, plus)
         # Offsets, not one unbounded batch: libfuse attaches the attributes (and creates the
-        # kernel's entries) only for entries filled with a non-zero offset.
+        # kernel's entries) only for entries filled with a non-zero offset. The kernel asks for
+        # a large folder in many calls (a few dozen entries each), each starting at the offset
+        # after the last entry it took. The folder is read from the index a page at a time, and
+        # the rest of the page in use waits for the next call (`_pending`), so a day of a
+        # million recordings costs one query per page and bounded memory.
         st = mfusepy.c_stat()
         uid, gid = self.operations.stat_fields()
-        for position in range(offset, len(entries)):
-            name, mode, size_bytes, mtime_ns = entries[position]
-            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-            _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid)
-            # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
-            fill_flags = FUSE_FILL_DIR_PLUS if position >= 2 and flags & FUSE_READDIR_PLUS else 0
-            if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
-                break
+        position = offset
+        for name in (".", "..")[offset:]:
+            if filler(buf, name.encode(), None, position + 1, 0) != 0:
+                return 0
+            position += 1
+        decoded = path.decode(self.encoding, self.errors)
+        entries, more = self._page_at(path, decoded, position, plus)
+        while entries:
+            for index, (name, mode, size_bytes, mtime_ns) in enumerate(entries):
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid)
+                # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
+                fill_flags = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+                if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
+                    self._keep_pending(path, position, entries[index:], more)
+                    return 0
+                position += 1
+            if not more:
+                return 0
+            entries = plus(decoded, entries[-1][0], 0, LISTING_PAGE_ENTRIES)
+            more = len(entries) == LISTING_PAGE_ENTRIES
         return 0
+
+    def _page_at(self, path: bytes, decoded: str, position: int, plus) -> tuple[list, bool]:
+        """The entries from *position* on (up to a page), and whether more pages follow."""
+        pending = self.__dict__.setdefault("_pending", collections.OrderedDict()).pop((path, position), None)
+        if pending is not None:
+            return pending
+        # A listing starts at position 2, after "." and ".."; without a pending page (a seekdir,
+        # or one forgotten) the place is found by counting.
+        entries = plus(decoded, "", position - 2, LISTING_PAGE_ENTRIES)
+        return entries, len(entries) == LISTING_PAGE_ENTRIES
+
+    def _keep_pending(self, path: bytes, position: int, entries: list, more: bool) -> None:
+        pending = self.__dict__.setdefault("_pending", collections.OrderedDict())
+        pending[(path, position)] = (entries, more)
+        while len(pending) > LISTINGS_PENDING_MAX:
+            pending.popitem(last=False)
 
     def getxattr(self, path: bytes, name: bytes, value, size: int, *args) -> int:
         # ls -l asks every file for security.selinux and system.posix_acl_access and the
@@ -152,20 +189,6 @@ class FusePlus(mfusepy.FUSE):
         if not name.startswith(b"user."):
             return -ENOATTR
         return super().getxattr(path, name, value, size, *args)
-
-    def _listing(self, path: bytes, offset: int, plus) -> list:
-        """The entries of *path*, built once per listing: a large folder is read by the
-        kernel in several calls (offsets), each of which would otherwise rebuild it."""
-        cache = self.__dict__.setdefault("_listings", {})
-        cached = cache.get(path)
-        if offset > 0 and cached is not None and time.monotonic() - cached[0] < LISTING_REUSE_S:
-            return cached[1]
-        entries = [(".", stat.S_IFDIR, 0, 0), ("..", stat.S_IFDIR, 0, 0)]
-        entries += plus(path.decode(self.encoding, self.errors))
-        if len(cache) > 64:
-            cache.clear()
-        cache[path] = (time.monotonic(), entries)
-        return entries
 
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
@@ -271,10 +294,10 @@ class YeastarFS(mfusepy.Operations):
         return listing
 
     @_translated
-    def readdir_plus(self, path: str) -> list:
-        """``(name, mode, size_bytes, mtime_ns)`` per entry, for READDIRPLUS (see `FusePlus`)."""
+    def readdir_plus(self, path: str, after: str = "", skip: int = 0, limit: int = -1) -> list:
+        """``(name, mode, size_bytes, mtime_ns)`` per entry of a page, for READDIRPLUS (see `FusePlus`)."""
         return [(name, self.core.mode_of(is_dir), size_bytes, mtime_ns)
-                for name, is_dir, size_bytes, mtime_ns in self.core.list(path)]
+                for name, is_dir, size_bytes, mtime_ns in self.core.list(path, after, skip, limit)]
 
     @_translated
     def open(self, path: str, fi) -> int:

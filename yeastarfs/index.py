@@ -125,7 +125,7 @@ _SELECT_RECORDING = f"SELECT {', '.join(_RECORDING_COLUMNS + _STATE_COLUMNS)} FR
 _FILE_SQL = _SELECT_RECORDING + " WHERE day = ? AND name = ?"
 _DAY_FILES_SQL = _SELECT_RECORDING + " WHERE day = ? ORDER BY name"
 _DAY_SIZES_SQL = ("SELECT name, exact_size_bytes, talk_s, call_s, gone_at IS NOT NULL FROM recordings"
-                  " WHERE day = ? ORDER BY name")
+                  " WHERE day = ? AND name > ? ORDER BY name LIMIT ? OFFSET ?")
 _SINCE_SQL = _SELECT_RECORDING + " WHERE (day, name) {op} (?, ?) ORDER BY day, name LIMIT ?"
 _INSERT_SQL = (
     f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)}, first_seen, seq, cdr_seen)"
@@ -354,8 +354,13 @@ class RecordingIndex:
             return None
         return entries
 
-    def list_dir_sizes(self, path: str) -> Optional[list[tuple[str, bool, int, int, bool]]]:
+    def list_dir_sizes(self, path: str, after: str = "", skip: int = 0,
+                       limit: int = -1) -> Optional[list[tuple[str, bool, int, int, bool]]]:
         """``(name, is_dir, size_bytes, mtime_ns, gone)`` of each entry of the folder at *path*.
+
+        A page of a large folder: the entries named after *after*, *skip* of them left out,
+        at most *limit* (-1: all), so that a day of a million recordings is listed in bounded
+        memory. A day folder whose page is empty gives [] (None only when it does not exist).
 
         What a listing with attributes needs, and nothing else: a walk lists every folder,
         and building full entries (with their Recording) costs most of its time.
@@ -364,14 +369,17 @@ class RecordingIndex:
         if parts is None or parts[3] is not None:
             return None
         year, month, day, _ = parts
-        if day is None:
+        if day is None:  # at most a few dozen years, months or days: paged in memory
             entries = self.list_dir(path)
-            return None if entries is None else [(e.name, True, 0, e.mtime_ns, False) for e in entries]
+            if entries is None:
+                return None
+            page = [(e.name, True, 0, e.mtime_ns, False) for e in entries if e.name > after][skip:]
+            return page if limit < 0 else page[:limit]
         with self._lock:
-            rows = self._conn.execute(_DAY_SIZES_SQL, (year + month + day,)).fetchall()
+            rows = self._conn.execute(_DAY_SIZES_SQL, (year + month + day, after, limit, skip)).fetchall()
             rate, tz = self._estimate_bytes_per_s, self._tz
-        if not rows:
-            return None
+        if not rows:  # a day folder exists only with recordings: an empty first page means none
+            return [] if (after or skip) and self.lookup(path) is not None else None
         mtimes_ns = _mtimes_in_day_ns(year + month + day, [row[0] for row in rows], tz)
         return [(name, False, exact if exact is not None else self._estimate_from(talk_s, call_s, rate), mtime_ns,
                  bool(gone))

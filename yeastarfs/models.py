@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import unicodedata
 from typing import Any, Optional
 
 # Longest name Linux accepts for one path component (NAME_MAX), in UTF-8 bytes.
 NAME_MAX_BYTES = 255
 # The leading "YYYYMMDDhhmmss" of every recording name (yeastar-api.md §8.1).
 TIMESTAMP_CHARS = 14
+# Unicode format characters (Cf: U+202E right-to-left override, U+200B zero-width space…)
+# and line/paragraph separators (Zl, Zp) display a name as something it is not in terminals
+# and file managers: refused like control characters.
+_SPOOFING_CATEGORIES = ("Cf", "Zl", "Zp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,8 @@ def name_problem(name: Any) -> Optional[str]:
         return "contains a slash or backslash"
     if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
         return "contains NUL or a control character"
+    if any(unicodedata.category(ch) in _SPOOFING_CATEGORIES for ch in name if ord(ch) >= 160):
+        return "contains an invisible format or line/paragraph separator character"
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:

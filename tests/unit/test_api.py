@@ -554,3 +554,53 @@ def test_an_endless_body_is_refused_not_stored(pbx, monkeypatch):
                     pass
     finally:
         client.stop()
+
+
+# -- what the environment and hostile replies may not do (issue 9) ------------------------------
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"])
+def test_proxy_variables_from_the_environment_are_ignored(pbx, make_client, monkeypatch, variable):
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")  # nothing listens: a proxy would fail
+    assert make_client(pbx, events_port=None).login()
+
+
+def test_proxy_environment_opts_in_to_the_proxy_variables(pbx, make_client, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(errors.PbxUnavailableError):
+        make_client(pbx, events_port=None, proxy="environment").login()
+    assert pbx.counters["login"] == 0
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_a_gzip_bomb_instead_of_the_cdr_is_refused_without_expanding_it(pbx, make_client):
+    import gzip
+    row = "1.1,2026-11-27 09:00:00,1001,1002,10,8,,,ANSWERED,Internal,,,,369\n"
+    header = "callid,timestart,callfrom,callto,callduraction,talkduraction,srctrunkname,dsttrunkname," \
+             "status,type,pincode,recording,didnumber,sn\n"
+    bomb = gzip.compress((header + row * (200_000_000 // len(row))).encode(), compresslevel=9)
+    assert len(bomb) < 2_000_000  # a small body that expands to 200 MB
+    pbx.cdr_gzip, pbx.cdr_raw_body = True, bomb
+    client = make_client(pbx, events_port=None)
+    before_kib = _rss_kib()
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    assert _rss_kib() - before_kib < 80 * 1024  # the cap (32 MB) and its copies, never 200 MB
+
+
+def test_a_deeply_nested_json_reply_is_an_unavailable_pbx_not_a_crash(pbx, make_client):
+    pbx.api_raw_reply = {"cdr/get_random": b"[" * 60_000}  # under the size cap, over any recursion limit
+    with pytest.raises(errors.PbxUnavailableError, match="JSON"):
+        make_client(pbx, events_port=None).fetch_cdr(START, START + datetime.timedelta(days=1))
+
+
+def test_an_overlong_api_reply_is_refused(pbx, make_client):
+    pbx.api_raw_reply = {"cdr/get_random": b'{"status": "Success", "pad": "' + b"x" * 200_000 + b'"}'}
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        make_client(pbx, events_port=None).fetch_cdr(START, START + datetime.timedelta(days=1))

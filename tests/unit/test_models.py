@@ -442,3 +442,12 @@ def test_parsed_names_keep_the_pbx_spelling_exactly():
     odd = "20261127101500-1764236100.1-+31 6,12-1001-Inbound.wav"
     text = HEADER + "\n" + csv_row(recording='"' + odd + '"') + "\n"
     assert names(parse_cdr_csv(text)) == [odd]
+
+
+@pytest.mark.parametrize("spoof", ["\u202e", "\u2028", "\u2029", "\u200b", "\ufeff", "\u2066", "\u00ad"])
+def test_invisible_format_and_separator_characters_are_refused(spoof):
+    # Issue 9: U+202E (right-to-left override) shows "...-Inbound\u202evaw.exe" as something else
+    # in terminals and file managers; line/paragraph separators break listings.
+    name = f"20261127093012-1795400714.1-1001-2002-Inb{spoof}ound.wav"
+    assert "invisible" in name_problem(name)
+    assert name_problem("20261127093012-1795400714.1-Müller-2002-Inbound.wav") is None  # letters are fine

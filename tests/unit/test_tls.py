@@ -75,3 +75,19 @@ def test_fingerprint_command_prints_what_to_pin(https_pbx, certificate):
     assert result.returncode == 0
     assert result.stdout.strip().replace(":", "").lower() == certificate[2]
     assert f"--pin-sha256 {certificate[2]}" in result.stderr
+
+
+def test_requests_ca_bundle_from_the_environment_never_widens_trust(https_pbx, certificate, monkeypatch):
+    # Issue 9: with neither --ca-file nor --pin-sha256, REQUESTS_CA_BUNDLE used to make requests
+    # trust whatever it names. The environment does not decide whom the PBX client trusts.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certificate[0])
+    monkeypatch.setenv("CURL_CA_BUNDLE", certificate[0])
+    with pytest.raises(errors.PbxUnavailableError, match="TLS verification"):
+        login(https_pbx)
+
+
+def test_tls_options_with_a_plain_http_pbx_are_an_error():
+    from yeastarfs.config import Config
+    for extra in ({"pin_sha256": "ab" * 32}, {"verify": __file__}):
+        with pytest.raises(errors.ConfigError, match="https://"):
+            Config(mountpoint="/mnt", pbx_url="http://192.0.2.1:80", username="api", password="x", **extra).validate()

@@ -294,12 +294,26 @@ def _report_failure(ready_fd: Optional[int], message: str) -> None:
             pass
 
 
+# The daemon is started as ``python -I -c`` with this code, not ``python -m yeastarfs``: -m
+# puts the current directory first on the module path, so a `yeastarfs/` folder planted in
+# a shared directory (mount -a, sudo mount from /tmp) would run as root. -I also ignores
+# PYTHONPATH and the user's site-packages; the code drops '' and the current directory from
+# sys.path for Pythons whose -I does not already do so.
+_DAEMON_CODE = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.', os.getcwd())]; "
+                "from yeastarfs.app.cli import main; sys.exit(main())")
+
+
+def _isolated_python() -> list[str]:
+    """The command that runs ``yeastarfs`` in a fresh, isolated interpreter."""
+    return [sys.executable, "-I", "-c", _DAEMON_CODE]
+
+
 def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
     config = config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
     log_file = args.log_file or daemon_log_path(config.cache_root)  # in a cache root nobody else controls
     read_fd, write_fd = os.pipe()
-    child_argv = [sys.executable, "-m", "yeastarfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    child_argv = [*_isolated_python(), *argv, "--foreground", "--ready-fd", str(write_fd)]
     if not args.log_file:
         child_argv += ["--log-file", log_file]
     _create_private_file(log_file)

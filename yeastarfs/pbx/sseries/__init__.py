@@ -65,7 +65,8 @@ class SSeriesPbx:
                                            allowed_ips=self._event_sources()).start()
         self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                                 events_port=self._receiver.port if self._receiver else None,
-                                heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256)
+                                heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256,
+                                proxy=config.proxy)
         self.catalogue = CdrCatalogue(self.client)
         try:
             self.client.login()

@@ -58,8 +58,12 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 # Bytes asked of the socket per read: large for throughput, but `read1` returns whatever
 # has arrived, so a slow PBX's first bytes reach readers at once.
 DOWNLOAD_READ_BYTES = 1 << 20
-# A JSON error reply is tiny; read at most this much of a body that is not audio.
+# A JSON reply (and an error reply instead of audio) is tiny: read at most this much of it.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# One CDR request covers at most a day; even 100,000 calls a day are ~20 MB of CSV.
+MAX_CDR_BYTES = 32 << 20
+# Bytes asked of urllib3 per read of a capped reply (after decompression, if any).
+READ_CHUNK_BYTES = 64 * 1024
 # Connections kept per PBX: at least --max-downloads plus the CDR poll and the heartbeat.
 POOL_CONNECTIONS = 128
 # No call recording is this large (a 24-hour PCM call is 1.4 GB): a longer or endless body
@@ -174,7 +178,7 @@ class PbxClient:
                  verify: Union[bool, str] = True, events_port: Optional[int] = DEFAULT_HTTP_PORT,
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 pin_sha256: Optional[str] = None) -> None:
+                 pin_sha256: Optional[str] = None, proxy: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
@@ -187,6 +191,13 @@ class PbxClient:
         self._session = requests.Session()
         self._session.verify = verify
         self._session.headers["User-Agent"] = "yeastarfs"
+        # Every body is counted as sent: compressed replies could expand without bound.
+        self._session.headers["Accept-Encoding"] = "identity"
+        # HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE and .netrc from the environment do not
+        # decide where PBX traffic (token, randoms) goes or whom it trusts; --proxy does.
+        self._session.trust_env = proxy == "environment"
+        if proxy and proxy != "environment":
+            self._session.proxies = {"http": proxy, "https": proxy}
         self._pinned = bool(pin_sha256)
         # One pooled connection per concurrent request (downloads, CDR, heartbeat): urllib3's
         # default of 10 logs "pool is full" warnings with --max-downloads above it.
@@ -412,10 +423,12 @@ class PbxClient:
         token = self._current_token()
         query = urllib.parse.urlencode({"number": "all", **times, "token": token,
                                         "random": random}, quote_via=urllib.parse.quote)
-        response = self._request("GET", f"cdr/download?{query}")
-        text = response.content.decode("utf-8", "replace")
-        if text.lstrip("\ufeff \r\n").startswith("{"):
-            raise self._json_failure(response.content, response, "cdr/download", token)
+        response = self._request("GET", f"cdr/download?{query}", stream=True)
+        with response:
+            content = _read_capped(response, MAX_CDR_BYTES, "cdr/download")
+            text = content.decode("utf-8", "replace")
+            if text.lstrip("\ufeff \r\n").startswith("{"):
+                raise self._json_failure(content, response, "cdr/download", token)
         try:
             return parse_cdr_csv(text)
         except ValueError as exc:
@@ -454,14 +467,16 @@ class PbxClient:
     def _post(self, endpoint: str, body: Optional[dict], *, token: Optional[str]) -> dict:
         path = endpoint if token is None else f"{endpoint}?token={token}"
         data = json.dumps(body).encode() if body is not None else b""
-        response = self._request("POST", path, data=data,
+        response = self._request("POST", path, data=data, stream=True,
                                  headers={"Content-Type": "application/json; charset=utf-8"})
         self.stats.api_calls += 1
-        if response.status_code != 200:
-            raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
+        with response:
+            if response.status_code != 200:
+                raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
+            content = _read_capped(response, MAX_ERROR_BODY_BYTES, endpoint)
         try:
-            reply = response.json()
-        except ValueError:
+            reply = json.loads(content.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
             raise errors.PbxUnavailableError(f"{endpoint} did not answer JSON (is {self.base_url} a Yeastar PBX?)") from None
         if not isinstance(reply, dict):
             raise errors.PbxUnavailableError(f"{endpoint} answered JSON that is not an object")
@@ -557,6 +572,25 @@ def _read_to_close(response: requests.Response) -> bool:
     fp.length = None
     raw.length_remaining = None
     return True
+
+
+def _read_capped(response: requests.Response, cap_bytes: int, endpoint: str) -> bytes:
+    """The whole body of *response*, decoded as the server says, but at most *cap_bytes*:
+    a reply that would be longer (a gzip bomb included) is refused, never held."""
+    parts, held = [], 0
+    try:
+        while True:
+            chunk = response.raw.read(READ_CHUNK_BYTES, decode_content=True)
+            if not chunk:
+                return b"".join(parts)
+            held += len(chunk)
+            if held > cap_bytes:
+                raise errors.PbxUnavailableError(f"{endpoint}: reply is larger than {cap_bytes} bytes; refused")
+            parts.append(chunk)
+    except errors.PbxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - urllib3 wraps resets and decoding errors in many types
+        raise _stream_error(exc) from None
 
 
 def _int_header(response: requests.Response, name: str) -> Optional[int]:
