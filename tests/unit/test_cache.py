@@ -1,6 +1,7 @@
-"""DiskCache with real files under tmp_path: the byte-bounded LRU, pins, partial files that
-grow, commits, restarts, the free-space floor, and many threads at once. (CacheDir, the
-folder's trust checks and lock: test_cache_dir.py and tests/integration/test_cache_security.py.)"""
+"""The cache with real files under tmp_path: DiskCache's byte-bounded LRU, pins, partial
+files that grow, commits, restarts, the free-space floor, many threads at once; CacheDir's
+lock, clean-stop marker and refusals (the attacks themselves, as another user, are in
+tests/integration/test_cache_security.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 
 from yeastarfs import cache as cache_module
 from yeastarfs import errors
-from yeastarfs.cache import DiskCache, PartialFile
+from yeastarfs.cache import CacheDir, DiskCache, PartialFile, file_problem, riff_size
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
@@ -714,3 +715,77 @@ def test_start_up_deletes_files_shorter_than_announced(tmp_path):
     assert not cache.contains("20261127093013-1.2-1-2-Inbound.wav")
     assert not (root / "complete" / "20261127093013-1.2-1-2-Inbound.wav").exists()
     assert cache.contains("20261127093014-1.3-1-2-Inbound.wav")
+
+
+# -- the folder: CacheDir ----------------------------------------------------------------------
+
+
+def test_the_folder_is_locked_by_one_daemon_at_a_time(tmp_path):
+    first = CacheDir(str(tmp_path / "cache"), "pbx")
+    try:
+        assert (tmp_path / "cache" / "pbx" / "lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(errors.ConfigError, match=f"in use by a running yeastarfs \\(pid {os.getpid()}\\)"):
+            CacheDir(str(tmp_path / "cache"), "pbx")
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as reader:   # the cache commands may look
+            assert reader.holder_pid() == str(os.getpid())
+    finally:
+        first.close()
+    CacheDir(str(tmp_path / "cache"), "pbx").close()
+
+
+def test_a_clean_stop_is_remembered_and_a_first_start_counts_as_clean(tmp_path):
+    root = str(tmp_path / "cache")
+    first = CacheDir(root, "pbx")
+    assert first.clean_start                                  # never ran: nothing to check
+    open(first.index_path, "wb").close()                      # it ran (it has an index) ...
+    first.close(clean_stop=False)                             # ... and was killed
+    crashed = CacheDir(root, "pbx")
+    assert not crashed.clean_start
+    crashed.close()                                           # a clean stop writes the marker
+    assert (tmp_path / "cache" / "pbx" / "clean-stop").exists()
+    again = CacheDir(root, "pbx")
+    assert again.clean_start and not (tmp_path / "cache" / "pbx" / "clean-stop").exists()
+    again.close()
+
+
+def test_a_symlinked_or_foreign_folder_is_refused_and_left_alone(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(errors.ConfigError, match="is a symlink or not a folder"):
+        CacheDir(str(tmp_path / "link"), "pbx")
+    assert os.listdir(real) == []
+    os.chown(real, 65534, 65534)
+    with pytest.raises(errors.ConfigError, match="belongs to uid 65534"):
+        CacheDir(str(real), "pbx")
+    assert os.listdir(real) == []
+
+
+def test_links_planted_in_the_folder_are_removed_not_followed(tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"keep me")
+    pbx = tmp_path / "cache" / "pbx"
+    (pbx / "complete").mkdir(parents=True, mode=0o700)
+    (pbx / "partial").mkdir(mode=0o700)
+    (pbx / "complete" / A).symlink_to(target)
+    (pbx / "partial" / "x.part").symlink_to(target)
+    (pbx / "index.sqlite3-wal").symlink_to(target)
+    (pbx / "lock").symlink_to(target)
+    with pytest.raises(errors.ConfigError, match="lock is a symlink"):
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    os.unlink(pbx / "lock")
+    with CacheDir(str(tmp_path / "cache"), "pbx") as folder:
+        assert folder.index_path == str(pbx / "index.sqlite3")
+        assert not os.path.lexists(pbx / "index.sqlite3-wal")
+        cache = DiskCache(folder.path, 1000)
+        assert not cache.contains(A) and os.listdir(pbx / "complete") == os.listdir(pbx / "partial") == []
+    assert target.read_bytes() == b"keep me"
+
+
+def test_riff_sizes_and_file_problems():
+    header = b"RIFF" + (1000 - 8).to_bytes(4, "little") + b"WAVE"
+    assert riff_size(header) == 1000 and riff_size(b"ID3\x03" + bytes(8)) is None and riff_size(b"RIFF") is None
+    assert file_problem(1000, header, 1000) is None
+    assert file_problem(999, header, 1000) == "999 bytes, the PBX announced 1000"
+    assert file_problem(999, header, None) == "999 bytes, its RIFF header says 1000"
+    assert file_problem(5, b"plain", None) is None
