@@ -171,7 +171,7 @@ def test_a_thumbnailer_gets_cached_recordings_only_and_a_person_gets_everything(
     read_all(mount, [cached])
     pbx.reset()
     refused, seconds = read_as("tumblerd", mount.recording_path(uncached.name))
-    assert refused == "EACCES" and seconds < 0.5
+    assert refused == "EACCES" and seconds < 0.5, seconds
     assert read_as("tumblerd", mount.recording_path(cached.name))[0] == str(cached.size_bytes)
     assert download_requests(pbx) == (0, 0) and pbx.downloaded_bytes() == 0
     assert read_as("", mount.recording_path(uncached.name))[0] == str(uncached.size_bytes)  # an ordinary reader
