@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import stat
 import subprocess
-import tempfile
 
 import pytest
 
 from harness import mount_command, pbx_cache_dir, wait_until
+from test_security import as_nobody, shared_dir  # noqa: F401 - the attacker's steps and playground
 
 NOBODY = "nobody"
 PRECIOUS = b"precious: root's file\n"
@@ -27,27 +26,18 @@ PRECIOUS = b"precious: root's file\n"
 
 @pytest.fixture
 def nobody(require):
+    """The attacker: runs a command as the unprivileged user ``nobody``."""
     try:
-        entry = pwd.getpwnam(NOBODY)
+        pwd.getpwnam(NOBODY)
     except KeyError:
-        entry = None
-    require(entry is not None, "no user 'nobody' to play the attacker")
-
-    def run(*argv: str) -> None:
-        subprocess.run(argv, user=entry.pw_uid, group=entry.pw_gid, extra_groups=[], check=True,
-                       capture_output=True)
-
-    run.uid = entry.pw_uid
-    return run
+        require(False, "no user 'nobody' to play the attacker")
+    return as_nobody
 
 
 @pytest.fixture
-def shared():
+def shared(shared_dir):
     """A folder every user may create things in (sticky, like /tmp itself)."""
-    path = tempfile.mkdtemp(prefix="yeastarfs-shared-", dir="/tmp")
-    os.chmod(path, 0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return shared_dir
 
 
 @pytest.fixture

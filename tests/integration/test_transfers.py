@@ -4,9 +4,7 @@ or deleted, and what ``df`` and ``status`` say."""
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
-import errno
 import json
 import os
 import subprocess
@@ -16,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import date_path, download_requests, sha256_of, wait_until
+from harness import download_requests, sha256_of, wait_until
 from test_streaming import ONE_MB, add
 
 pytestmark = pytest.mark.fuse

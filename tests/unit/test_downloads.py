@@ -239,18 +239,6 @@ def test_more_failures_than_the_limit_fail_the_readers(pbx, manager, cache, mode
         manager.release(again)
 
 
-def test_missing_recording_fails_at_once(pbx, manager, cache):
-    rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
-    download = manager.acquire(rec.name)
-    try:
-        with pytest.raises(errors.RecordingNotFoundError):
-            download.read(0, 4096)
-    finally:
-        manager.release(download)
-    assert pbx.counters["recording/get_random"] == 1
-    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
-
-
 def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
     rec = add(pbx, 500_000)
     pbx.omit_content_length = True
@@ -265,16 +253,22 @@ def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
 # -- early leavers ------------------------------------------------------------------------------
 
 
+def sniff_and_leave(pbx, manager, rec):
+    """What a file manager does: open, read 4 KiB, close. The download, and when it was left."""
+    download = manager.acquire(rec.name)
+    assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
+    released = time.monotonic()
+    manager.release(download)
+    return download, released
+
+
 def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, make_manager, cache):
     # A PBX known to honour Range: the bytes held are worth keeping for a resume at their end.
     pbx.honour_range = True
     manager = make_manager(range_honoured=True)
     rec = add(pbx, 4_000_000)
     pbx.bandwidth_bps = 200_000
-    download = manager.acquire(rec.name)
-    assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
-    released = time.monotonic()
-    manager.release(download)
+    download, released = sniff_and_leave(pbx, manager, rec)
     wait_until(lambda: download.suspended, WAIT_S, message="the download to be suspended")
     assert time.monotonic() - released < downloads_module.REOPEN_LINGER_S + 1.0
     assert cache.usage()["pinned_bytes"] == download.progress()[0] > 0   # it counts what it holds
@@ -296,10 +290,7 @@ def test_an_early_leaver_without_range_is_dropped_with_its_bytes(pbx, manager, c
     # download is dropped (a later open is a new transfer, never a restart of a held one).
     rec = add(pbx, 4_000_000)
     pbx.bandwidth_bps = 200_000
-    download = manager.acquire(rec.name)
-    assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
-    released = time.monotonic()
-    manager.release(download)
+    download, released = sniff_and_leave(pbx, manager, rec)
     wait_until(lambda: download.done, WAIT_S, message="the download to be dropped")
     assert time.monotonic() - released < downloads_module.REOPEN_LINGER_S + 1.0
     assert download.cancelled and not download.complete
@@ -567,14 +558,10 @@ def test_repeated_opens_cost_one_download_and_cache_it(pbx, manager, cache):
 def test_a_recording_opened_again_after_its_download_ended_is_fetched_to_the_end(pbx, manager, cache):
     rec = add(pbx, 2_000_000)
     pbx.bandwidth_bps = 2_000_000
-    first = manager.acquire(rec.name)
-    first.read(0, 4 * KIB)
-    manager.release(first)
+    first, _ = sniff_and_leave(pbx, manager, rec)
     wait_until(lambda: first.done, WAIT_S, message="the sniffed download to be dropped")
-    second = manager.acquire(rec.name)                     # a player opening what was sniffed
-    assert second is not first
-    second.read(0, 4 * KIB)
-    manager.release(second)                                # and closing at once: reopened, so kept going
+    second, _ = sniff_and_leave(pbx, manager, rec)          # a player opening what was sniffed, and leaving
+    assert second is not first                              # at once: opened again, so it goes on to the end
     wait_until(lambda: cache.contains(rec.name), WAIT_S, message="the reopened recording to be cached")
     assert pbx.counters["recording/get_random"] == 2
 
@@ -608,30 +595,20 @@ def test_a_young_recording_not_there_yet_is_waited_for(pbx, make_manager, cache)
     assert pbx.counters["recording/get_random"] >= 2 and gone == []
 
 
-def test_a_recording_still_missing_after_its_grace_is_gone(pbx, make_manager, cache):
+@pytest.mark.parametrize("grace_s", [0.0, 1.0])
+def test_a_missing_recording_fails_after_its_grace_and_is_reported_gone(pbx, make_manager, cache, grace_s):
     gone = []
     manager = make_manager(on_gone=gone.append)
     rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
     began = time.monotonic()
-    download = manager.acquire(rec.name, not_found_grace_s=1.0)
+    download = manager.acquire(rec.name, not_found_grace_s=grace_s)
     try:
         with pytest.raises(errors.RecordingNotFoundError):
             download.read(0, 4096)
     finally:
         manager.release(download)
-    assert 1.0 <= time.monotonic() - began < 3.0
+    assert grace_s <= time.monotonic() - began < grace_s + 2.0
     assert gone == [rec.name]
+    randoms = pbx.counters["recording/get_random"]
+    assert randoms == 1 if not grace_s else randoms >= 2      # without grace: at once, asked once
     wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
-
-
-def test_a_missing_recording_without_grace_is_gone_at_once(pbx, make_manager, cache):
-    gone = []
-    manager = make_manager(on_gone=gone.append)
-    rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
-    download = manager.acquire(rec.name)
-    try:
-        with pytest.raises(errors.RecordingNotFoundError):
-            download.read(0, 4096)
-    finally:
-        manager.release(download)
-    assert gone == [rec.name] and pbx.counters["recording/get_random"] == 1
