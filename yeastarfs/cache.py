@@ -53,10 +53,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import grp
 import hashlib
 import itertools
 import logging
 import os
+import pwd
 import shutil
 import stat
 import struct
@@ -142,13 +144,26 @@ def _check_ancestors(path: str) -> None:
             if st.st_uid not in trusted:
                 raise _refusal(path, f"lies in {current}, which belongs to uid {st.st_uid}",
                                "use another --cache-dir, one in folders only root or this user can change")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st.st_gid))
+            if others_write and not st.st_mode & stat.S_ISVTX:
                 raise _refusal(path, f"lies in {current}, which other users may write to",
                                f"run chmod go-w {current}, or use another --cache-dir")
         parent = os.path.dirname(current)
         if parent == current:
             return
         current = parent
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group *gid* is this user's own (its primary group, no other member): a folder
+    above the cache that only it can write to, as umask 002 with user private groups makes
+    ``~/.cache``, is harmless."""
+    try:
+        user = pwd.getpwuid(os.geteuid())
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    return gid == user.pw_gid and all(member == user.pw_name for member in members)
 
 
 def _open_dir(name: str, dir_fd: Optional[int], shown: str, *, create: bool = True,
@@ -634,6 +649,11 @@ class DiskCache:
         if not folder.clean_start:
             log.info("cache: the last run did not stop cleanly; checking cached sizes against the index")
         return cls(folder.path, max_bytes, min_free_bytes, expected_size=None if folder.clean_start else expected_size)
+
+    def close(self) -> None:
+        """Close the folders' descriptors (the mount stops; the files stay)."""
+        for fd in (self._complete_fd, self._partial_fd):
+            os.close(fd)
 
     # -- start-up ----------------------------------------------------------------------------
 

@@ -789,3 +789,18 @@ def test_riff_sizes_and_file_problems():
     assert file_problem(999, header, 1000) == "999 bytes, the PBX announced 1000"
     assert file_problem(999, header, None) == "999 bytes, its RIFF header says 1000"
     assert file_problem(5, b"plain", None) is None
+
+
+@pytest.mark.parametrize("mode, accepted", [(0o755, True), (0o775, True), (0o1777, True), (0o777, False)])
+def test_folders_above_the_root_that_another_user_could_change_are_refused(tmp_path, mode, accepted):
+    # Group-writable is harmless when the group is this user's own (umask 002 makes ~/.cache
+    # 0775); writable by others is not, unless sticky (like /tmp: nobody can swap our entries).
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chmod(above, mode)
+    if accepted:
+        CacheDir(str(above / "cache"), "pbx").close()
+    else:
+        with pytest.raises(errors.ConfigError, match="which other users may write to"):
+            CacheDir(str(above / "cache"), "pbx")
+        assert os.listdir(above) == []

@@ -119,6 +119,7 @@ class Mount:
         stack.callback(self.index.close)
         self.cache = DiskCache.open(self.folder, config.cache_max_bytes, config.cache_min_free_bytes,
                                     expected_size=self._exact_size)
+        stack.callback(self.cache.close)
         self.pbx = open_pbx(config)
         self.downloads = DownloadManager(self.pbx.open_stream, self.cache, max_downloads=config.max_downloads,
                                          stall_timeout_s=config.stall_timeout_s,
