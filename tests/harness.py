@@ -228,13 +228,14 @@ class MountProcess:
 
     ``cache_root`` is what ``--cache-dir`` names; ``pbx_dir`` the per-PBX folder inside it.
     `start` may be called again after `unmount` (the benchmark restarts one mount).
-    Set ``errors_expected`` when the test provokes ERROR lines in the daemon log.
+    Set ``errors_expected`` when the test provokes ERROR lines in the daemon log. *env* adds
+    to (or replaces in) the daemon's environment, e.g. ``{"TZ": "America/Bogota"}``.
     """
 
     def __init__(self, pbx_url: str, mountpoint: Union[str, os.PathLike], cache_root: Union[str, os.PathLike],
                  password_file: str, log_path: Union[str, os.PathLike], extra_args: tuple = (), *,
                  log_level: str = "DEBUG", ready_timeout_s: float = MOUNT_TIMEOUT_S,
-                 ready_interval_s: float = 0.05) -> None:
+                 ready_interval_s: float = 0.05, env: Optional[dict] = None) -> None:
         self.pbx_url = pbx_url
         self.mountpoint = os.fspath(mountpoint)
         self.cache_root = os.fspath(cache_root)
@@ -246,6 +247,7 @@ class MountProcess:
                                   events_port=self.events_port)
         self.ready_timeout_s = ready_timeout_s
         self.ready_interval_s = ready_interval_s
+        self.env = None if env is None else {**os.environ, **env}
         self.process: Optional[subprocess.Popen] = None
         self.ready_s: Optional[float] = None
         self.errors_expected = False
@@ -285,7 +287,7 @@ class MountProcess:
         self.ready_s = None
         # Own session: a Ctrl-C reaches only the test runner or the benchmark, which then unmount in order.
         self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                        start_new_session=True)
+                                        start_new_session=True, env=self.env)
         if wait:
             self.wait_mounted()
         return self

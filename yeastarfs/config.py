@@ -358,6 +358,10 @@ OPTIONS: tuple[Option, ...] = (
         Option("poll_interval", metavar="SECONDS", field="poll_interval_s", parse=_seconds, default="60",
                help="how often the recent CDR is polled for recordings no event announced",
                valid=lambda seconds: seconds > 0, invalid="must be positive"),  # > 0 is also false for NaN
+        # Finds what polls cannot: rows the PBX exported late, calls longer than a poll's lookback.
+        Option("resync_interval", metavar="DURATION", field="resync_interval_s", parse=parse_duration,
+               default="6h", help="how often the whole `--since` window is read again for recordings the "
+                                  "polls missed (`0`: only on `kill -HUP`)"),
     ),
     *_group(
         "events and downloads",

@@ -33,7 +33,8 @@ Owns the policies the adapter must not hold:
 - **statfs and the open counters** ``status`` shows: the cache budget, what is held, and
   how opens were served (from the cache, by joining a running download, by a new one);
 - the extended attributes: ``user.yeastar.*`` from the index, the root's
-  ``user.yeastarfs.status`` (the daemon's statistics) and ``user.yeastarfs.cached``.
+  ``user.yeastarfs.status`` (the daemon's statistics), and each file's
+  ``user.yeastarfs.cached`` and ``user.yeastarfs.cache`` (complete, partial, none).
 
 Errors: raises ``errors.TreeError`` types (no such path, no such attribute, bad handle,
 is a folder, read-only) and lets the components' errors through; the adapter maps both.
@@ -89,6 +90,9 @@ XATTR_FIELDS = {
 # The root carries the daemon's statistics (JSON) for `yeastarfs status`.
 STATUS_XATTR = "user.yeastarfs.status"
 CACHED_XATTR = "user.yeastarfs.cached"
+# Per file: "complete", "partial <bytes held> of <total bytes or ?>" or "none"; not listed
+# (a copy with its xattrs, rsync -X, must not carry a state that is only true here).
+CACHE_XATTR = "user.yeastarfs.cache"
 # Python's buffered I/O and many tools size their reads from st_blksize; the kernel sends
 # FUSE reads of up to 128 KiB, so that is the useful block size.
 BLOCK_SIZE_BYTES = 128 * 1024
@@ -301,6 +305,8 @@ class Core:
         entry = self._entry(path)
         if name == CACHED_XATTR and entry.kind == "file":  # for `yeastarfs prefetch`; not listed
             return b"1" if self.cache.contains(entry.name) else b"0"
+        if name == CACHE_XATTR and entry.kind == "file":  # for `yeastarfs status PATH`
+            return self._cache_state(entry.name).encode()
         if entry.kind == "dir":
             if path == "/" and name == STATUS_XATTR and self._status is not None:
                 return json.dumps(self._status(), default=str).encode()
@@ -373,6 +379,17 @@ class Core:
         if rate:
             self.index.set_estimate_rate(rate)
         return rate
+
+    def _cache_state(self, name: str) -> str:
+        """What this machine holds of recording *name*, from the cache and the downloads alone."""
+        if self.cache.contains(name):
+            return "complete"
+        for download in self.downloads.running():
+            if download.name == name:
+                held_bytes, total_bytes = download.progress()
+                if held_bytes:
+                    return f"partial {held_bytes} of {'?' if total_bytes is None else total_bytes}"
+        return "none"
 
     # -- helpers -------------------------------------------------------------------------------
 

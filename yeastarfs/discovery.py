@@ -1,7 +1,9 @@
 """Discovery: the loop that keeps the index complete from a PBX's catalogue.
 
 It hands every batch to ``on_recordings(batch, kind)``, *kind* being "backfill", "poll"
-or "resync" (the mount prefetches only what polls and events announce, never a backfill).
+or "resync" (the mount prefetches only what polls and events announce, never a backfill);
+the callback may return how many of the batch were new, which `status` reports for the last
+backfill or resync.
 
 At start it runs the catalogue's backfill of the last ``since_s`` seconds; then it polls
 every ``poll_interval_s`` for recordings no event announced, and every
@@ -44,7 +46,7 @@ class Discovery:
     Multithreading: see the module docstring.
     """
 
-    def __init__(self, catalogue, on_recordings: Callable[[list[Recording], str], None], *,
+    def __init__(self, catalogue, on_recordings: Callable[[list[Recording], str], Optional[int]], *,
                  since_s: float, poll_interval_s: float, resync_interval_s: float = 0.0) -> None:
         self._catalogue = catalogue
         self._on_recordings = on_recordings
@@ -61,6 +63,7 @@ class Discovery:
         self._next_resync = 0.0
         self._stats: dict = {
             "polls": 0, "last_poll_time": None, "last_resync_time": None, "last_resync_found": None,
+            "last_resync_new": None, "resync_interval_s": resync_interval_s,
             "failures": 0, "consecutive_failures": 0, "failing_since": None, "last_error": None,
             "last_error_time": None,
         }
@@ -110,13 +113,13 @@ class Discovery:
         """One backfill, resync or poll; returns how long to wait before the next pass."""
         kind = self._next_kind()
         try:
-            found = self._backfill() if kind in ("backfill", "resync") else self._poll()
+            found, new = self._backfill() if kind in ("backfill", "resync") else self._poll()
         except Exception as exc:  # noqa: BLE001 - nothing from the PBX may end discovery
             self._note_failure(kind, exc)
             if kind == "resync":
                 self._resync_wanted.set()  # try the resync again, after the backoff
             return min(self.poll_interval_s, max(RETRY_MIN_S, previous_delay_s * 2))
-        self._note_success(kind, found)
+        self._note_success(kind, found, new)
         return self.poll_interval_s
 
     def _next_kind(self) -> str:
@@ -129,35 +132,41 @@ class Discovery:
             return "resync"
         return "poll"
 
-    def _backfill(self) -> int:
-        found = 0
+    def _backfill(self) -> tuple[int, Optional[int]]:
+        """(recordings found, how many were new or None when the callback does not say)."""
+        found, new = 0, 0
         kind = "resync" if self._backfilled else "backfill"
         for batch in self._catalogue.backfill(self.since_s):
-            if batch:
-                self._on_recordings(batch, kind)
-                found += len(batch)
-        return found
+            added = self._deliver(batch, kind)
+            found += len(batch)
+            new = None if new is None or added is None else new + added
+        return found, new
 
-    def _poll(self) -> int:
+    def _poll(self) -> tuple[int, Optional[int]]:
         batch = self._catalogue.poll()
-        if batch:
-            self._on_recordings(batch, "poll")
-        return len(batch)
+        return len(batch), self._deliver(batch, "poll")
+
+    def _deliver(self, batch: list[Recording], kind: str) -> Optional[int]:
+        if not batch:
+            return 0
+        added = self._on_recordings(batch, kind)
+        return added if isinstance(added, int) else None
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def _note_success(self, kind: str, found: int) -> None:
+    def _note_success(self, kind: str, found: int, new: Optional[int]) -> None:
         now = time.time()
         with self._lock:
             recovered = self._stats["consecutive_failures"]
             self._stats.update(consecutive_failures=0, failing_since=None, last_poll_time=now)
             self._stats["polls"] += 1
             if kind in ("backfill", "resync"):
-                self._stats.update(last_resync_time=now, last_resync_found=found)
+                self._stats.update(last_resync_time=now, last_resync_found=found, last_resync_new=new)
         if kind in ("backfill", "resync"):
             self._backfilled = True
             self._next_resync = time.monotonic() + self.resync_interval_s
-            log.info("discovery: %s of the last %.0f h found %d recordings", kind, self.since_s / 3600, found)
+            log.info("discovery: %s of the last %.0f h found %d recordings (%s new)", kind, self.since_s / 3600,
+                     found, "?" if new is None else new)
         if recovered:
             log.info("discovery: %s succeeded after %d failures", kind, recovered)
 

@@ -42,19 +42,37 @@ _SECRET_PARAM = re.compile(
     r"""(?P<value>[^&\s"',;)}\]]+)""",
     re.IGNORECASE,
 )
+# The secrets `redact` removes by value: the password, its MD5 and the live session tokens,
+# a handful at any time. Randoms are single-use and never registered (the pattern above masks
+# them where they are quoted), so that the set, and the cost of every log line, stays flat
+# however long the daemon runs. A plain set: add, discard and copy are atomic under the GIL.
 _known_secrets: set[str] = set()
 
 
 def register_secret(value: str) -> None:
-    """Remember *value* so that `redact` removes it wherever it appears."""
+    """Remember *value* so that `redact` removes it wherever it appears, until `forget_secret`.
+
+    For long-lived secrets only (password, password hash, session token): every log line
+    scans them all.
+    """
     if value and len(value) >= 6:
         _known_secrets.add(value)
+
+
+def forget_secret(value: str) -> None:
+    """Stop redacting *value* by value (a token that was replaced); unknown values are ignored."""
+    _known_secrets.discard(value)
+
+
+def known_secret_count() -> int:
+    """How many secrets `redact` scans for (for tests and statistics)."""
+    return len(_known_secrets)
 
 
 def redact(text: str) -> str:
     """Return *text* with tokens, randoms and passwords replaced by ``***``."""
     text = _SECRET_PARAM.sub(lambda m: m.group("key") + "***", text)
-    for secret in list(_known_secrets):
+    for secret in tuple(_known_secrets):
         if secret in text:
             text = text.replace(secret, "***")
     return text

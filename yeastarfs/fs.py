@@ -107,6 +107,11 @@ FUSE_FILL_DIR_PLUS = 2      # enum fuse_fill_dir_flags: this entry carries full 
 # Entries read from the index per page of a listing: large enough that a page costs one
 # query, small enough that a folder of any size needs little memory.
 LISTING_PAGE_ENTRIES = 1024
+# Entries of one folder that carry their attributes (READDIRPLUS). libfuse keeps a node (about
+# 250 bytes) for each entry it hands out with attributes, until the kernel forgets it: past this
+# many (a day busier than any PBX's), entries go without, and a folder of a million
+# recordings costs at most this many nodes (~12 MB); `ls -l` then looks the rest up one by one.
+LISTING_PLUS_MAX_ENTRIES = 50_000
 # Listings in progress whose rest of a page is kept for the kernel's next call; bounded (the
 # oldest is forgotten, and found again by counting if its reader comes back).
 LISTINGS_PENDING_MAX = 32
@@ -155,7 +160,8 @@ class FusePlus(mfusepy.FUSE):
                 ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
                 _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid)
                 # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
-                fill_flags = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+                plus_wanted = flags & FUSE_READDIR_PLUS and position < LISTING_PLUS_MAX_ENTRIES
+                fill_flags = FUSE_FILL_DIR_PLUS if plus_wanted else 0
                 if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill_flags) != 0:
                     self._keep_pending(path, position, entries[index:], more)
                     return 0

@@ -127,6 +127,9 @@ _DAY_FILES_SQL = _SELECT_RECORDING + " WHERE day = ? ORDER BY name"
 _DAY_SIZES_SQL = ("SELECT name, exact_size_bytes, talk_s, call_s, gone_at IS NOT NULL FROM recordings"
                   " WHERE day = ? AND name > ? ORDER BY name LIMIT ? OFFSET ?")
 _SINCE_SQL = _SELECT_RECORDING + " WHERE (day, name) {op} (?, ?) ORDER BY day, name LIMIT ?"
+# Keyset by discovery order through the unique seq index: one short range scan per page.
+_AFTER_SQL = (f"SELECT seq, {', '.join(_RECORDING_COLUMNS)}, first_seen FROM recordings"
+              " WHERE seq > ? AND gone_at IS NULL ORDER BY seq LIMIT ?")
 _INSERT_SQL = (
     f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)}, first_seen, seq, cdr_seen)"
     f" VALUES ({', '.join('?' * (len(_RECORDING_COLUMNS) + 4))})"
@@ -441,6 +444,18 @@ class RecordingIndex:
             if len(rows) < SINCE_PAGE_ROWS:
                 return
             sql, key = _SINCE_SQL.format(op=">"), (rows[-1][0][:DAY_CHARS], rows[-1][0])
+
+    def recordings_after(self, seq: int,
+                         limit: int = SINCE_PAGE_ROWS) -> list[tuple[int, Recording, Optional[float]]]:
+        """``(seq, recording, first_seen)`` of up to *limit* recordings discovered after *seq*, in
+        discovery order; recordings marked gone are left out.
+
+        The cursor of `yeastarfs watch`: `add` hands out seqs in commit order, so a reader
+        that has seen seq N will never later find a recording below N (gaps may exist).
+        """
+        with self._lock:
+            rows = self._conn.execute(_AFTER_SQL, (seq, limit)).fetchall()
+        return [(row[0], Recording(*row[1:-1]), row[-1]) for row in rows]
 
     # -- helpers ---------------------------------------------------------------------------
 

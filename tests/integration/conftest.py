@@ -41,15 +41,16 @@ def _fuse_required(require):
 def mount_factory(pbx, password_file, tmp_path):
     """Start mounts against the test's simulator; unmounts and checks them at the end.
 
-    ``mounted(*extra_args, cache_root=None, mountpoint=None, wait=True, name="mnt")``; every
-    mount of a test shares ``tmp_path/cache`` unless told otherwise.
+    ``mounted(*extra_args, cache_root=None, mountpoint=None, wait=True, name="mnt", env=None)``;
+    every mount of a test shares ``tmp_path/cache`` unless told otherwise; *env* adds to the
+    daemon's environment (`MountProcess`).
     """
     mounts: list[MountProcess] = []
 
-    def start(*extra_args: str, cache_root=None, mountpoint=None, wait=True, name="mnt") -> MountProcess:
+    def start(*extra_args: str, cache_root=None, mountpoint=None, wait=True, name="mnt", env=None) -> MountProcess:
         index = len(mounts)
         mount = MountProcess(pbx.base_url, mountpoint or tmp_path / f"{name}{index}", cache_root or tmp_path / "cache",
-                             password_file, tmp_path / f"daemon{index}.log", extra_args)
+                             password_file, tmp_path / f"daemon{index}.log", extra_args, env=env)
         mounts.append(mount)
         return mount.start(wait=wait)
 

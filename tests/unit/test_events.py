@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from yeastarfs.errors import ConfigError
+from yeastarfs.pbx.sseries import events
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.models import Recording
 
@@ -112,6 +114,178 @@ def raw_post(body: bytes, path: str = "/", host: str = "192.168.5.150: 8260") ->
             f"User-Agent: WebAPI\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
+
+
+def connect_from(source: str, port: int, timeout_s: float = 5.0) -> socket.socket:
+    """A connection to 127.0.0.1:*port* from *source* (any 127/8 address works on Linux)."""
+    sock = socket.socket()
+    try:
+        sock.settimeout(timeout_s)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes; a reset counts as closing (the server
+    closes with our unread bytes pending when it refuses without reading them)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def post_from(source: str, port: int, payload: Any) -> int:
+    """The status a NewCdr POST from *source* gets; the server may refuse before reading it."""
+    with connect_from(source, port) as sock:
+        try:
+            sock.sendall(raw_post(json.dumps(payload).encode()))
+        except OSError:
+            pass  # refused and closed already: the reply is still there to read
+        reply = read_until_closed(sock)
+    return int(reply.split(b" ", 2)[1])
+
+
+def trickle_until_closed(sock: socket.socket, interval_s: float, give_up_s: float) -> bytes:
+    """Send one byte every *interval_s* until the server closes; return what it sent."""
+    deadline_s = time.monotonic() + give_up_s
+    while time.monotonic() < deadline_s:
+        readable, _, _ = select.select([sock], [], [], interval_s)
+        if readable:
+            return read_until_closed(sock)
+        sock.send(b"a")
+    raise AssertionError(f"still open after {give_up_s} s")
+
+
+class SlowLoris:
+    """*count* connections from *source* that each send a request line, then one header byte
+    every *interval_s*, until the server closes them; one thread drives them all.
+
+    ``closed_after_s[i]``: how long connection i stayed open; ``replies[i]``: what it got.
+    """
+
+    def __init__(self, port: int, source: str, count: int = 32, interval_s: float = 0.1):
+        self.opened_s: list[float] = []
+        self.closed_after_s: list[float] = []
+        self.replies = [b""] * count
+        self._socks: list[socket.socket] = []
+        self._open: set[int] = set()
+        self._lock = threading.Lock()
+        self._interval_s = interval_s
+        self._stopping = threading.Event()
+        for i in range(count):
+            sock = connect_from(source, port)
+            self.opened_s.append(time.monotonic())
+            self._socks.append(sock)
+            self._open.add(i)
+            self._send(i, b"POST / HTTP/1.1\r\nX-Slow: ")
+        self.closed_after_s = [float("inf")] * count
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SlowLoris:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        for sock in self._socks:
+            sock.close()
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                still_open = list(self._open)
+            if not still_open:
+                return
+            readable, _, _ = select.select([self._socks[i] for i in still_open], [], [],
+                                           self._interval_s)
+            for i in still_open:
+                if self._socks[i] in readable:
+                    self._receive(i)
+                else:
+                    self._send(i, b"a")
+
+    def _receive(self, i: int) -> None:
+        try:
+            data = self._socks[i].recv(65536)
+        except OSError:
+            data = b""
+        self.replies[i] += data
+        if not data:
+            self._closed(i)
+
+    def _send(self, i: int, data: bytes) -> None:
+        try:
+            self._socks[i].send(data)
+        except OSError:  # closed by the server: what it said before is still to be read
+            self.replies[i] += read_until_closed(self._socks[i])
+            self._closed(i)
+
+    def _closed(self, i: int) -> None:
+        with self._lock:
+            if i in self._open:
+                self._open.discard(i)
+                self.closed_after_s[i] = time.monotonic() - self.opened_s[i]
+
+
+class _Sampler:
+    """Samples *measure()* every few milliseconds on a thread while in a with block."""
+
+    def __init__(self, measure: Callable[[], int]) -> None:
+        self._measure = measure
+        self.first = self.peak = measure()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, self._measure())
+
+    def _run(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, self._measure())
+
+
+def rss_bytes(pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+class ThreadPeak(_Sampler):
+    """The most threads alive at once in this process (the sampler's own included)."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.active_count)
+
+
+class RssPeak(_Sampler):
+    """How far this process's resident memory rose above its level at the start."""
+
+    def __init__(self) -> None:
+        super().__init__(rss_bytes)
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak - self.first
 
 
 @pytest.fixture
@@ -277,7 +451,7 @@ def test_allowed_ips_refuse_other_sources_with_403(make_receiver):
     calls = Calls()
     receiver = make_receiver(calls, allowed_ips=["192.0.2.10"]).start()
 
-    assert post_json(receiver.port, new_cdr()) == 403
+    assert post_from("127.0.0.1", receiver.port, new_cdr()) == 403
     assert receiver.stats["rejected"] == 1
 
     receiver.set_allowed_ips(["192.0.2.10", "::ffff:127.0.0.1"])  # mapped form matches too
@@ -364,44 +538,208 @@ def test_a_flood_is_answered_with_bounded_threads(make_receiver):
 @pytest.mark.parametrize("partial", [
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le",
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"event\": \"New",
-], ids=["stalled-headers", "stalled-body"])
-def test_a_stalled_client_blocks_no_one_and_is_dropped(make_receiver, partial):
+], ids=["trickled-headers", "trickled-body"])
+def test_a_trickling_client_is_cut_off_at_the_connection_deadline(make_receiver, partial):
     calls = Calls()
     receiver = make_receiver(calls)
-    receiver.socket_timeout_s = 0.5
+    receiver.connection_deadline_s = 1.0
     receiver.start()
 
-    with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as stalled:
-        stalled.sendall(partial)
-        started_s = time.monotonic()
-        assert post_json(receiver.port, new_cdr()) == 200
-        assert time.monotonic() - started_s < 0.5
+    with connect_from("127.0.0.1", receiver.port) as slow:
+        opened_s = time.monotonic()
+        slow.sendall(partial)
+        assert post_json(receiver.port, new_cdr()) == 200  # it blocks no one meanwhile
+        # One byte every 0.2 s: a per-read timeout alone would never fire.
+        reply = trickle_until_closed(slow, interval_s=0.2, give_up_s=4.0)
+        closed_after_s = time.monotonic() - opened_s
 
-        stalled.settimeout(3)
-        leftover = b""
-        while chunk := stalled.recv(4096):  # ends when the server drops us
-            leftover += chunk
-        assert time.monotonic() - started_s < 3
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert 0.9 < closed_after_s < 1.5
+    assert receiver.stats["timed_out"] == 1
     assert wait_for(lambda: len(calls) == 1)
 
 
-def test_connections_beyond_the_thread_cap_get_503(make_receiver):
+def test_connections_beyond_the_cap_get_503_while_none_is_slow(make_receiver):
     receiver = make_receiver()
     receiver.max_handler_threads = 2
-    receiver.socket_timeout_s = 2.0
     receiver.start()
-    stalled = [socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
-               for _ in range(2)]
+    stalled = [connect_from("127.0.0.1", receiver.port) for _ in range(2)]
     try:
         for sock in stalled:
             sock.sendall(b"POST / HTTP/1.1\r\n")
-        # Accepted in order, so both stalled connections hold their slots by now.
-        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as third:
+        # Accepted in order, so both stalled connections hold their slots by now, and
+        # neither has been receiving for slow_connection_s (1 s): no one yields.
+        with connect_from("127.0.0.1", receiver.port) as third:
             assert third.recv(4096).startswith(b"HTTP/1.1 503 ")
     finally:
         for sock in stalled:
             sock.close()
     assert wait_for(lambda: status_or_none(receiver.port) == 200)
+
+
+def test_a_slow_connection_yields_its_slot_to_a_new_one(make_receiver):
+    calls = Calls()
+    receiver = make_receiver(calls)
+    receiver.max_handler_threads = 2
+    receiver.slow_connection_s = 0.2
+    receiver.start()
+    with connect_from("127.0.0.1", receiver.port) as oldest, \
+            connect_from("127.0.0.1", receiver.port) as newer:
+        opened_s = time.monotonic()
+        for sock in (oldest, newer):
+            sock.sendall(b"POST / HTTP/1.1\r\n")
+        assert wait_for(lambda: time.monotonic() - opened_s > 0.3)  # both slow by now
+
+        assert post_json(receiver.port, new_cdr()) == 200
+
+        assert read_until_closed(oldest) == b""  # evicted: closed without a reply
+        newer.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            newer.recv(1)  # still held
+    assert receiver.stats["evicted"] == 1
+    assert wait_for(lambda: len(calls) == 1)
+
+
+def test_a_forbidden_source_is_refused_at_accept_before_it_sends_anything(make_receiver):
+    calls = Calls()
+    receiver = make_receiver(calls, allowed_ips=["127.0.0.1"]).start()
+    baseline_threads = threading.active_count()
+
+    with connect_from("127.0.0.2", receiver.port, timeout_s=2.0) as foreign:
+        started_s = time.monotonic()
+        reply = read_until_closed(foreign)  # sends nothing, reads at once
+        took_s = time.monotonic() - started_s
+        assert threading.active_count() == baseline_threads  # no handler thread for it
+
+    assert reply.startswith(b"HTTP/1.1 403 ")
+    assert took_s < 0.5
+    assert receiver.stats["forbidden"] == 1
+    assert receiver.stats["received"] == 0
+
+    receiver.set_allowed_ips(["127.0.0.2"])  # at runtime, for the next connection
+    assert post_from("127.0.0.2", receiver.port, new_cdr()) == 200
+    assert wait_for(lambda: len(calls) == 1)
+
+
+@pytest.mark.parametrize("source, allowed", [
+    ("127.0.0.2", ["127.0.0.1"]),  # a foreign address: refused at accept
+    ("127.0.0.2", ["127.0.0.1", "127.0.0.2"]),  # another allowed source: yields to the PBX
+    ("127.0.0.1", ["127.0.0.1"]),  # the PBX's own address: its slow connections yield
+], ids=["foreign", "allowed-other", "allowed-same"])
+def test_32_slow_loris_connections_cannot_keep_an_event_out(make_receiver, source, allowed):
+    calls = Calls()
+    receiver = make_receiver(calls, allowed_ips=allowed)
+    receiver.connection_deadline_s = 2.0
+    receiver.slow_connection_s = 0.3
+    receiver.start()
+    baseline_threads = threading.active_count()
+
+    with ThreadPeak() as threads, SlowLoris(receiver.port, source, count=32) as flood:
+        assert wait_for(lambda: time.monotonic() - flood.opened_s[-1] > 0.5)  # flood settled
+        if source in allowed:
+            assert flood.open_count() == 32  # each holds a slot, trickling a byte at a time
+        started_s = time.monotonic()
+
+        assert post_json(receiver.port, new_cdr()) == 200
+
+        assert time.monotonic() - started_s < 0.5
+        assert wait_for(lambda: len(calls) == 1)
+        assert calls.items == [expected_recording()]
+        assert wait_for(lambda: flood.open_count() == 0, timeout_s=3.0)
+
+    bound_s = 0.3 if source not in allowed else receiver.connection_deadline_s + 0.5
+    assert max(flood.closed_after_s) < bound_s
+    # SlowLoris and ThreadPeak themselves, plus at most 32 handlers and 32 being evicted.
+    assert threads.peak <= baseline_threads + 2 + 2 * 32
+    if source not in allowed:
+        assert receiver.stats["forbidden"] == 32
+        assert all(reply.startswith(b"HTTP/1.1 403 ") for reply in flood.replies)
+        assert threads.peak <= baseline_threads + 2 + 1  # the event's handler only
+
+
+@pytest.mark.parametrize("head", [
+    b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n",
+    b"POST / HTTP/1.1\r\n" + b"X-Many: a\r\n" * 40,
+], ids=["too-many-bytes", "too-many-lines"])
+def test_headers_over_the_cap_get_431_without_waiting_for_the_rest(served, head):
+    receiver, calls = served
+
+    with connect_from("127.0.0.1", receiver.port, timeout_s=2.0) as sock:
+        sock.sendall(head)  # the headers never end: only the cap can answer this
+        started_s = time.monotonic()
+        reply = read_until_closed(sock)
+
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert time.monotonic() - started_s < 0.5
+    assert receiver.stats["rejected"] == 1
+    assert post_json(receiver.port, new_cdr()) == 200
+    assert wait_for(lambda: len(calls) == 1)
+
+
+def test_memory_stays_flat_while_32_connections_send_6_mb_of_headers(make_receiver):
+    receiver = make_receiver().start()  # any source: these headers are read, not refused
+    line = b"X-Pad: " + b"a" * 65000 + b"\r\n"  # the security review's request
+    request = b"POST / HTTP/1.1\r\nHost: x\r\n" + line * 98
+    replies: list[bytes] = []
+    go = threading.Event()
+
+    def attack() -> None:
+        with connect_from("127.0.0.1", receiver.port) as sock:
+            go.wait()
+            try:
+                sock.sendall(request)
+            except OSError:
+                pass  # refused before the end: expected
+            replies.append(read_until_closed(sock))
+
+    baseline_threads = threading.active_count()
+    assert post_json(receiver.port, new_cdr()) == 200  # warm: one handler has run
+    assert wait_for(lambda: threading.active_count() == baseline_threads)
+    attackers = [threading.Thread(target=attack) for _ in range(32)]
+    for thread in attackers:
+        thread.start()
+    with RssPeak() as rss:
+        go.set()
+        for thread in attackers:
+            thread.join(10)
+
+    assert rss.growth_bytes < 4 << 20, f"RSS grew by {rss.growth_bytes >> 10} KiB"
+    assert [reply[:13] for reply in replies] == [b"HTTP/1.1 431 "] * 32
+
+
+def test_a_stuck_callback_queues_events_within_a_byte_budget(make_receiver, monkeypatch):
+    monkeypatch.setattr(events, "MAX_QUEUED_BYTES", 64 * 1024)
+    gate = threading.Event()
+    delivered = Calls()
+
+    def stuck(recording: Recording) -> None:
+        gate.wait(5)
+        delivered(recording)
+
+    receiver = make_receiver(stuck).start()
+    padding = "1" * 20_000  # each recording keeps about 20 KiB of text: 3 fit in 64 KiB
+    for n in range(10):
+        assert post_json(receiver.port, new_cdr(callid=f"8.{n}", callfrom=padding)) == 200
+
+    assert wait_for(lambda: receiver.stats["dropped"] == 7)  # queued after each reply
+    gate.set()
+    assert wait_for(lambda: len(delivered) == 3)
+    assert post_json(receiver.port, new_cdr(callid="8.9", callfrom=padding)) == 200  # re-sent
+    assert wait_for(lambda: len(delivered) == 4)  # the budget was given back
+
+
+def test_stop_closes_connections_still_being_received(make_receiver):
+    receiver = make_receiver().start()
+    baseline_threads = threading.active_count()
+    with connect_from("127.0.0.1", receiver.port) as slow:
+        slow.sendall(b"POST / HTTP/1.1\r\n")
+        assert wait_for(lambda: threading.active_count() == baseline_threads + 1)
+
+        started_s = time.monotonic()
+        receiver.stop()
+
+        assert read_until_closed(slow) == b""
+        assert time.monotonic() - started_s < 1.0
 
 
 def test_a_busy_port_raises_config_error(make_receiver):

@@ -654,3 +654,17 @@ def test_times_are_read_in_the_pbx_zone(db_path):
         index.set_timezone(dt.timezone.utc)
         assert index.get(NOV27_B).mtime_ns == int(dt.datetime(2026, 11, 27, 9, 30, tzinfo=dt.timezone.utc)
                                                   .timestamp()) * 1_000_000_000
+
+
+def test_recordings_after_pages_in_discovery_order_and_skips_gone(db_path):
+    with RecordingIndex(db_path) as index:
+        index.add([Recording(name=NOV27_A), Recording(name=DEC31)])
+        index.add([Recording(name=JAN05), Recording(name=NOV27_B)])  # found later, older calls
+        index.mark_gone(DEC31)
+    with RecordingIndex(db_path, read_only=True) as reader:
+        first = reader.recordings_after(0, limit=2)
+        assert [(seq, rec.name) for seq, rec, _ in first] == [(1, NOV27_A), (3, JAN05)]
+        rest = reader.recordings_after(first[-1][0], limit=2)
+        assert [(seq, rec.name) for seq, rec, _ in rest] == [(4, NOV27_B)]
+        assert all(first_seen is not None for _, _, first_seen in first + rest)
+        assert reader.recordings_after(4) == []

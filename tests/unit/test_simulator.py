@@ -1056,3 +1056,17 @@ def test_reset_restores_every_new_switch(make_sim):
     sim.reset()
     assert {name: getattr(sim, name) for name in changed} == defaults
     assert sim.tz is KOLKATA
+
+
+def test_given_audio_is_served_as_it_is(sim):
+    speech = wav_bytes("any other sound", 44 + 16_000)  # stands for a WAV a test made
+    rec = sim.add_recording(start=START, duration_s=1, audio=speech)
+    assert rec.size_bytes == len(speech) and rec.sha256 == hashlib.sha256(speech).hexdigest()
+    assert rec.talk_s == 1 and rec.cdr_row()["talkduraction"] == "1"
+    token = login(sim)
+    assert download(sim, token, rec.name).content == speech == sim.recording_bytes(rec.name)
+    sim.mutate_bytes_after_downloads = 1  # changed bytes keep the given header and size
+    changed = download(sim, token, rec.name).content
+    assert len(changed) == len(speech) and changed[:44] == speech[:44] and changed != speech
+    with pytest.raises(ValueError):
+        sim.add_recording(start=START, duration_s=1, audio=speech, size_bytes=len(speech) + 2)

@@ -126,11 +126,13 @@ LOGIN = b"Action: login\r\nUsername: apiuser\r\nSecret: s3cret-Pa55\r\nVersion: 
 
 
 class FakePbx:
-    """The PBX's TCP event port (§12.7), scripted: read a login block, send `reply`, then
-    each of `chunks` as a separate write, then close (or, with `hold`, keep the line open)."""
+    """The PBX's TCP event port (§12.7), scripted: read a login block, send `reply` (with
+    `trickle_s`, one byte at a time, that far apart), then each of `chunks` as a separate
+    write, then close (or, with `hold`, keep the line open)."""
 
-    def __init__(self, reply: bytes = SUCCESS, chunks: tuple[bytes, ...] = (), hold: bool = False):
-        self.reply, self.chunks, self.hold = reply, chunks, hold
+    def __init__(self, reply: bytes = SUCCESS, chunks: tuple[bytes, ...] = (), hold: bool = False,
+                 trickle_s: float = 0.0):
+        self.reply, self.chunks, self.hold, self.trickle_s = reply, chunks, hold, trickle_s
         self.logins: list[tuple[float, bytes]] = []
         self._closing = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -163,14 +165,26 @@ class FakePbx:
                     return
                 block += chunk
             self.logins.append((time.monotonic(), block))
-            conn.sendall(self.reply)
-            if b"success" not in self.reply.lower():
-                return
-            for chunk in self.chunks:
-                time.sleep(0.02)  # separate writes, so separate reads on the other side
-                conn.sendall(chunk)
+            try:
+                self._send_reply(conn)
+                if b"success" not in self.reply.lower():
+                    return
+                for chunk in self.chunks:
+                    time.sleep(0.02)  # separate writes, so separate reads on the other side
+                    conn.sendall(chunk)
+            except OSError:
+                return  # the client hung up on us
             if self.hold:
                 self._closing.wait(10)
+
+    def _send_reply(self, conn: socket.socket) -> None:
+        if not self.trickle_s:
+            conn.sendall(self.reply)
+            return
+        for i in range(len(self.reply)):
+            if self._closing.wait(self.trickle_s):
+                return
+            conn.sendall(self.reply[i:i + 1])
 
 
 @pytest.fixture
@@ -294,3 +308,40 @@ def test_tcp_credentials_with_line_breaks_are_refused(field):
     credentials[field] += "\r\nAction: evil"
     with pytest.raises(ConfigError, match=field):
         TcpEventClient("127.0.0.1", 1, credentials["username"], credentials["password"], Calls())
+
+
+def test_tcp_events_over_the_http_body_cap_are_discarded(make_client, fake_pbx):
+    padded = json.dumps(new_cdr(callid="6.1", name="20240101000000-big.wav",
+                                pad="x" * 100_000)).encode()  # NewCdr, 100 KiB
+    normal = json.dumps(new_cdr(callid="6.2")).encode()
+    pbx = fake_pbx(chunks=(padded[:60_000], padded[60_000:] + b"\r\n" + normal + b"\r\n"),
+                   hold=True)
+    calls = Calls()
+
+    client = make_client(pbx.port, calls)
+
+    assert wait_for(lambda: len(calls) == 1)
+    assert calls.items == [expected_recording(callid="6.2")]
+    assert client.stats["rejected"] == 1  # the padded one, discarded unread
+    assert client.stats["new_cdr"] == 1
+
+
+@pytest.mark.parametrize("reply, trickle_s", [
+    (b"Response: Success\r\n", 0.3),  # never reaches its blank line, a byte at a time
+    (b"X-Junk: a\r\n" * 1000, 0.0),  # endless lines, all at once
+], ids=["trickled", "endless"])
+def test_tcp_login_replies_that_never_end_are_cut_off(make_client, fake_pbx, reply, trickle_s):
+    pbx = fake_pbx(reply=reply, trickle_s=trickle_s)
+    started_s = time.monotonic()
+
+    client = make_client(pbx.port, Calls(), connect_timeout_s=1.0)
+
+    # The login gives up at its deadline (or its size cap, at once) and starts over.
+    assert wait_for(lambda: len(pbx.logins) >= 2, timeout_s=3)
+    first_gap_s = pbx.logins[1][0] - pbx.logins[0][0]
+    if trickle_s:
+        assert 0.9 < first_gap_s < 1.5  # the deadline, not the 0.3 s between bytes
+    else:
+        assert first_gap_s < 0.5
+    assert pbx.logins[0][0] - started_s < 0.5
+    assert client.stats["logins"] == 0

@@ -1,11 +1,12 @@
 """The ``yeastarfs`` command: argument parsing, logging, daemonising, and the subcommands.
 
 ``main(argv) -> int`` never lets a traceback reach the user for an expected failure: a
-``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors).
+``YeastarfsError`` becomes one line on stderr and exit status 1 (2 for usage errors). Output
+cut short by a closed pipe (``yeastarfs calls MNT | head``) ends quietly with status 0.
 
 Daemonising: ``mount`` without ``--foreground`` starts a *fresh* child process (not a fork
 of this one, which may already run threads) with ``--foreground`` and a pipe, and returns
-when the child writes "ready" (the kernel has mounted) or prints the child's error line.
+when the child writes "ready" (the mount answers a stat) or prints the child's error line.
 Secrets never travel in argv: the child reads the same password file or environment.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 from yeastarfs import __version__, errors
 from yeastarfs.app import options
+from yeastarfs.app.notify import WATCHDOG_PID_ENV, Notifier
 from yeastarfs.app.tools import CALL_COLUMNS
 from yeastarfs.cache import daemon_log_path
 from yeastarfs.config import (OPTIONS, PASSWORD_ENV, Config, Option, check_pbx_url, default_cache_root, parse_duration,
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      -o username=api,password_file=/etc/yeastarfs/password,cache_size=20G\n"
                "  fstab: https://192.168.5.150:8088 /mnt/recordings fuse.yeastarfs "
                "_netdev,username=api,password_file=/etc/yeastarfs/password 0 0\n\n"
-               "signals: SIGHUP polls the CDR now, SIGUSR1 logs statistics, SIGTERM/SIGINT unmount.\n"
+               "signals: SIGHUP re-reads the CDR of the whole --since window now, SIGUSR1 logs statistics,\n"
+               "SIGTERM/SIGINT unmount.\n"
                "exit status: 0 mounted (or unmounted cleanly), 1 start-up failure, 2 usage error.")
     mountpoint = mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     parser.path_actions = [(mountpoint, True), *_add_mount_options(mount)]  # type: ignore[attr-defined]
@@ -163,13 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="where to mount (default: a temporary dir)")
     demo.add_argument("--recordings", type=int, default=60, help="sample recordings to create (default 60)")
     status = commands.add_parser(
-        "status", help="show the state of a running mount",
-        description="Show a running mount's state: PBX reachable, token age, last event and poll, "
-                    "recordings indexed, cache use and hit rate, downloads in flight. Asks the daemon "
-                    "through an extended attribute of the mount's root; never contacts the PBX.")
-    status.epilog = ("example:\n  yeastarfs status /mnt/recordings\n  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
-                     "exit status: 0, or 1 when MOUNTPOINT is not a running yeastarfs mount.")
-    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+        "status", help="show the state of a running mount, or what is cached of a file or folder",
+        description="For a mount's root: PBX reachable, token age, last event and poll, recordings "
+                    "indexed, cache use and hit rate, downloads in flight. For a recording: complete, "
+                    "partial (bytes held) or not cached; for a folder: how many of its recordings are "
+                    "each, and the bytes held. Asks the daemon through extended attributes; never "
+                    "contacts the PBX or downloads anything.")
+    status.epilog = ("examples:\n  yeastarfs status /mnt/recordings\n"
+                     "  yeastarfs status /mnt/recordings --json | jq .cache_hit_rate\n"
+                     "  yeastarfs status /mnt/recordings/2026/11/27\n"
+                     "exit status: 0, or 1 when PATH is not in a running yeastarfs mount.")
+    status.add_argument("path", metavar="PATH", help="the mount's root, or a file or folder in it")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     pre = commands.add_parser(
         "prefetch", help="download recordings into the cache, with progress",
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("mountpoint", metavar="MOUNTPOINT")
     calls.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
     calls.add_argument("--format", choices=["csv", "json"], default="csv")
+    _add_watch_parser(commands)
     cache = commands.add_parser(
         "cache", help="inspect, verify or clear a cache directory",
         description="stats: cached recordings and bytes per PBX. verify: every cached file is complete "
@@ -228,6 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
         "man", help="print the man page (roff)",
         description="Print yeastarfs(1) in roff, built from the same option declarations as --help.",
         epilog="example:\n  yeastarfs man > yeastarfs.1 && man ./yeastarfs.1")
+    install = commands.add_parser(
+        "install-system", help="put yeastarfs where mount(8), systemd and man find it",
+        description="Link this installation's yeastarfs command into PREFIX/bin (where mount -t "
+                    "fuse.yeastarfs and fstab find it), write the man page to PREFIX/share/man/man1, "
+                    "the README and the example .mount/.automount units to PREFIX/share/doc/yeastarfs, "
+                    "and the service template yeastarfs@.service to UNIT_DIR. Safe to run again: "
+                    "prints what it wrote, linked or left unchanged.",
+        epilog="examples:\n  sudo yeastarfs install-system\n"
+               "  yeastarfs install-system --dest /tmp/stage     # a staging root, as for a package")
+    install.add_argument("--prefix", default="/usr/local", metavar="DIR",
+                         help="where bin/ and share/ go (default /usr/local)")
+    install.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR",
+                         help="where the service template goes (default /etc/systemd/system)")
+    install.add_argument("--dest", default="/", metavar="DIR",
+                         help="staging root every path is written under (default /)")
     completion = commands.add_parser(
         "completion", help="print a shell completion script",
         description="Print a completion script for SHELL, made from these parsers by the shtab "
@@ -236,6 +259,59 @@ def build_parser() -> argparse.ArgumentParser:
     completion.add_argument("shell", choices=["bash", "zsh"])
     parser.commands = dict(commands.choices)  # type: ignore[attr-defined]  # by name, for the man page
     return parser
+
+
+def _add_watch_parser(commands) -> None:
+    watch = commands.add_parser(
+        "watch", help="print or process each new recording once, as the mount learns of it",
+        description="Print each recording a running mount discovers, one line each, in discovery order; "
+                    "with --follow keep going as calls end (a NewCdr event shows within a second). With "
+                    "--exec run a command per recording, with --link-into make a symlink to it. Reads the "
+                    "mount's index read-only and asks the mount itself; no PBX request, no credentials. "
+                    "--state FILE makes it resumable: after a crash, a reboot or a remount it continues "
+                    "exactly where it stopped, never repeating a recorded success, never losing one.")
+    watch.epilog = (
+        "examples:\n"
+        "  yeastarfs watch /mnt/recordings --follow\n"
+        "  yeastarfs watch /mnt/recordings --since 1d --format json | jq -r .caller\n"
+        "  yeastarfs watch /mnt/recordings --follow --cached --state ~/.watch.json \\\n"
+        "      --jobs 2 --exec /usr/local/bin/transcribe\n"
+        "  yeastarfs watch /mnt/recordings --follow --link-into ~/incoming\n\n"
+        "The command gets the path as its last argument (\"$1\" with --shell) and YEASTAR_PATH,\n"
+        "YEASTAR_RECORDING, YEASTAR_CALLER, YEASTAR_CALLEE, YEASTAR_CALLID, YEASTAR_START_TIME,\n"
+        "YEASTAR_TYPE, YEASTAR_STATUS, YEASTAR_CALL_SECONDS, YEASTAR_TALK_SECONDS and YEASTAR_CURSOR;\n"
+        "its stdout goes to watch's stderr. Done only when it exits 0; else retried after 1, 2, 4...\n"
+        "s, then reported.\n"
+        "JSON lines: " + ", ".join(CALL_COLUMNS[:7]) + ",\n  " + ", ".join(CALL_COLUMNS[7:])
+        + ", cursor (and error).\n\n"
+        "signals: SIGINT/SIGTERM start nothing new and wait --grace for running commands, then kill\n"
+        "them; a second signal kills them at once.\n"
+        "exit status: 0 done (with --follow: stopped by a signal, every command finished; or stdout\n"
+        "closed), 1 some recordings failed (without --follow) or an error, 2 usage error,\n"
+        "128+N stopped by signal N before the work was done (without --follow, or commands killed).")
+    watch.add_argument("mountpoint", metavar="MOUNTPOINT")
+    watch.add_argument("-f", "--follow", action="store_true",
+                       help="keep watching (default: deliver what is there, then exit)")
+    watch.add_argument("--format", choices=["paths", "json"], default="paths",
+                       help="a path per line (default), or JSON lines with the call's fields")
+    watch.add_argument("--since", metavar="DURATION",
+                       help="also deliver the recordings of calls started within DURATION (e.g. 1d); "
+                            "default: only recordings discovered from now on. Ignored once --state exists")
+    watch.add_argument("--cached", action="store_true",
+                       help="deliver a recording only once it is fully in the mount's cache "
+                            "(use with the mount's --prefetch new)")
+    watch.add_argument("--state", metavar="FILE",
+                       help="resume from and record progress in FILE (JSON, replaced atomically)")
+    watch.add_argument("--link-into", metavar="DIR",
+                       help="make DIR/<recording> a symlink to each recording (atomically: IN_MOVED_TO)")
+    watch.add_argument("--jobs", type=int, default=1, metavar="N", help="commands run at once (default 1)")
+    watch.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of a failed command before it is reported (default 3)")
+    watch.add_argument("--grace", default="30s", metavar="DURATION",
+                       help="on SIGINT/SIGTERM, how long running commands may finish (default 30s)")
+    watch.add_argument("--shell", action="store_true", help="run the --exec command with /bin/sh -c")
+    watch.add_argument("--exec", dest="exec_command", nargs=argparse.REMAINDER, metavar="CMD [ARG...]",
+                       help="run CMD ARG... PATH for each recording; everything after --exec is the command")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -317,10 +393,16 @@ def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.log_file:
         child_argv += ["--log-file", log_file]
     _create_private_file(log_file)
+    # Under a Type=notify service the child is the daemon: systemd hears its pid (MAINPID=)
+    # now, and READY=1, STATUS= and the watchdog from the child itself (WATCHDOG_PID names
+    # this process, so the child gets the watchdog without it).
+    notifier = Notifier.from_environment()
+    child_env = {key: value for key, value in os.environ.items() if key != WATCHDOG_PID_ENV}
     with open(log_file, "ab") as child_stderr:  # tracebacks of a child that dies early land here
-        child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True,
+        child = subprocess.Popen(child_argv, pass_fds=(write_fd,), start_new_session=True, env=child_env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child_stderr)
     os.close(write_fd)
+    notifier.send(f"MAINPID={child.pid}")
     with os.fdopen(read_fd, "rb") as pipe:
         # The child is ready within --start-timeout plus a login; a hung one must not hang
         # mount(8) (and boot) with it.
@@ -340,7 +422,7 @@ def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from yeastarfs.app.tools import print_status
-    return print_status(args.mountpoint, as_json=args.json)
+    return print_status(args.path, as_json=args.json)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -360,6 +442,23 @@ def _date(text: Optional[str]):
 def cmd_calls(args: argparse.Namespace) -> int:
     from yeastarfs.app.tools import list_calls
     return list_calls(args.mountpoint, parse_duration(args.since), args.format)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from yeastarfs.app.watch import WatchOptions, watch
+    problem = ("--exec needs a command" if args.exec_command == [] else
+               "--shell needs --exec" if args.shell and not args.exec_command else
+               "--jobs must be at least 1" if args.jobs < 1 else
+               "--retries must be at least 0" if args.retries < 0 else None)
+    if problem:
+        print(f"yeastarfs watch: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    options = WatchOptions(
+        follow=args.follow, output_format=args.format, cached=args.cached, state_path=args.state,
+        since_s=parse_duration(args.since) if args.since else None, link_dir=args.link_into,
+        command=args.exec_command, shell=args.shell, jobs=args.jobs, retries=args.retries,
+        grace_s=parse_duration(args.grace))
+    return watch(args.mountpoint, options)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -389,10 +488,20 @@ def cmd_simulator(args: argparse.Namespace) -> int:
 
 
 def cmd_man() -> int:
-    from yeastarfs.app.manpage import render
-    parser = build_parser()
-    sys.stdout.write(render(parser, parser.commands))
+    sys.stdout.write(render_man_page(build_parser()))
     return 0
+
+
+def cmd_install_system(args: argparse.Namespace) -> int:
+    from yeastarfs.app.install import install_system
+    parser = build_parser()
+    return install_system(args.prefix, args.dest, args.unit_dir,
+                          man_page=lambda: render_man_page(parser), out=sys.stdout)
+
+
+def render_man_page(parser: argparse.ArgumentParser) -> str:
+    from yeastarfs.app.manpage import render
+    return render(parser, parser.commands)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -432,14 +541,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None) if foreground else None)
     commands = {"mount": lambda: cmd_mount(args, argv), "demo": lambda: cmd_demo(args),
                 "status": lambda: cmd_status(args), "prefetch": lambda: cmd_prefetch(args),
-                "calls": lambda: cmd_calls(args), "cache": lambda: cmd_cache(args),
+                "calls": lambda: cmd_calls(args), "watch": lambda: cmd_watch(args),
+                "cache": lambda: cmd_cache(args),
                 "fingerprint": lambda: cmd_fingerprint(args), "simulator": lambda: cmd_simulator(args),
-                "man": cmd_man, "completion": lambda: cmd_completion(args)}
+                "man": cmd_man, "completion": lambda: cmd_completion(args),
+                "install-system": lambda: cmd_install_system(args)}
     try:
-        return commands[args.command]()
+        code = commands[args.command]()
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except errors.YeastarfsError as exc:
         print(f"yeastarfs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _output_closed() -> int:
+    """Whoever read our output has gone (``| head``): stop quietly with status 0, as other
+    tools do. stdout is pointed at /dev/null so that the interpreter's last flush of what
+    is still buffered does not fail again on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor
+        pass
+    return 0
 

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 
 from yeastarfs import errors
+from yeastarfs.app import notify
 from yeastarfs.cache import CacheDir, DiskCache
 from yeastarfs.config import Config
 from yeastarfs.core import Core
@@ -140,7 +141,7 @@ class Mount:
         session keeps retrying in the background)."""
         stack.callback(self.pbx.stop)
         try:
-            self.pbx.start(self._add_one)
+            self.pbx.start(self._add_one, on_timezone=self.index.set_timezone)
         except errors.AuthError:
             raise
         except errors.PbxError as exc:
@@ -153,7 +154,8 @@ class Mount:
         """Backfill on the discovery thread; wait for it up to --start-timeout, so that a first
         mount shows the PBX's recordings but a slow PBX never holds up the mount (or boot)."""
         discovery = Discovery(self.pbx.catalogue, self._add_many, since_s=self.config.since_s,
-                              poll_interval_s=self.config.poll_interval_s)
+                              poll_interval_s=self.config.poll_interval_s,
+                              resync_interval_s=self.config.resync_interval_s)
         discovery.start()
         stack.callback(discovery.stop)
         if not discovery.wait_first_pass(self.config.start_timeout_s):
@@ -167,7 +169,7 @@ class Mount:
 
     # -- callbacks ---------------------------------------------------------------------------
 
-    def _add_many(self, recordings: list[Recording], kind: str = "event") -> None:
+    def _add_many(self, recordings: list[Recording], kind: str = "event") -> int:
         # Only the catalogue is authoritative: an event may add a call, never rewrite one.
         new = self.index.add(recordings, authoritative=kind != "event")
         if new:
@@ -176,6 +178,7 @@ class Mount:
         if new and self.config.prefetch_new and kind in ("event", "poll"):
             for recording in new:  # the reservation grows to the real size once it is announced
                 self.downloads.prefetch(recording.name)
+        return len(new)
 
     def _add_one(self, recording: Recording) -> None:
         self._add_many([recording], "event")
@@ -249,10 +252,22 @@ class Mount:
 
     # -- serving -----------------------------------------------------------------------------
 
-    def serve(self, on_ready: Callable[[], None]) -> None:
-        """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM)."""
+    def serve(self, on_ready: Callable[[], None], notifier: Optional[notify.Notifier] = None) -> None:
+        """Mount and answer the kernel until unmounted (fusermount -u, SIGINT, SIGTERM).
+
+        *on_ready* runs once the mount answers a stat from outside libfuse's callbacks;
+        *notifier* then hears READY=1, STATUS= lines, WATCHDOG=1 and, at the end, STOPPING=1
+        (app/notify.py).
+        """
+        heartbeat = notify.Heartbeat(notifier or notify.Notifier(None), lambda: notify.mount_answers(self.mountpoint),
+                                     lambda: notify.describe(self.stats()))
+
+        def kernel_mounted() -> None:  # libfuse's init: nothing is answered until it returns
+            log.info("mount: the kernel mounted %s (FUSE init)", self.mountpoint)
+            heartbeat.start(on_ready)
+
         timeout_s = ATTR_TIMEOUT_S if FusePlus.can_invalidate() else ATTR_TIMEOUT_NO_INVALIDATE_S
-        self.fs = YeastarFS(self.core, on_ready=on_ready)
+        self.fs = YeastarFS(self.core, on_ready=kernel_mounted)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
                        attr_timeout=timeout_s, entry_timeout=timeout_s)
@@ -268,15 +283,19 @@ class Mount:
             if not self.fs.mounted:
                 raise errors.ConfigError(f"cannot mount {self.mountpoint} (libfuse error {exc})") from None
             log.info("mount: stopped by a signal")
+        finally:
+            heartbeat.stop()
 
 
 def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
     """Build, serve until unmounted, tear down. Raises YeastarfsError on start-up failure."""
     _limit_malloc_arenas()
+    notifier = notify.Notifier.from_environment()
+    notifier.status("starting: logging in to the PBX and reading its catalogue")
     with contextlib.ExitStack() as stack:
         mount = Mount(config, stack)
         mount.watch_signals(stack)
-        mount.serve(on_ready)
+        mount.serve(on_ready, notifier)
     log.info("mount: %s unmounted", config.mountpoint)
 
 

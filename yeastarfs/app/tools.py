@@ -15,15 +15,19 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import sys
 import threading
 import time
 import urllib.parse
+import zoneinfo
 from typing import Optional
 
-from yeastarfs.cache import COMPLETE_DIR, CacheDir
+from tqdm import tqdm
+
+from yeastarfs.cache import COMPLETE_DIR, INDEX_FILE, CacheDir
 from yeastarfs.errors import ConfigError
 
 STATUS_XATTR = "user.yeastarfs.status"
@@ -52,7 +56,20 @@ def _bytes(count) -> str:
     return f"{value:.1f} TiB"
 
 
-def print_status(mountpoint: str, as_json: bool = False) -> int:
+def print_status(path: str, as_json: bool = False) -> int:
+    """The daemon's state for a mount's root; what is cached of a file or a folder's files."""
+    root = mount_root(path)
+    if os.path.samefile(root, path):
+        return _print_daemon_status(path, as_json)
+    summary = cache_summary(path)
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(_summary_line(summary))
+    return 0
+
+
+def _print_daemon_status(mountpoint: str, as_json: bool) -> int:
     status = read_status(mountpoint)
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -62,10 +79,12 @@ def print_status(mountpoint: str, as_json: bool = False) -> int:
     lines = [
         f"mountpoint:        {status['mountpoint']} (pid {status['pid']}, up {status['uptime_s']:.0f} s)",
         f"PBX:               {status['pbx']} ({'reachable' if status['pbx_reachable'] else 'NOT reachable'})",
+        f"PBX time:          {_pbx_time(status)}",
         f"token age:         {'no token' if token_age_s is None else f'{token_age_s:.0f} s'}",
         f"last event:        {_ago(status.get('last_event_time'))}",
-        f"last CDR poll:     {_ago(status.get('last_poll_time'))}"
-        + (f"  last error: {status['last_poll_error']}" if status.get("last_poll_error") else ""),
+        f"discovery:         {_discovery_state(status.get('discovery') or {})}",
+        f"last CDR poll:     {_ago(status.get('last_poll_time'))}",
+        f"last resync:       {_last_resync(status.get('discovery') or {})}",
         f"recordings:        {status['recordings_indexed']}",
         f"cache:             {_bytes(status['cache_used_bytes'])} held of {_bytes(status['cache_limit_bytes'])}, "
         f"{status['cache_files']} idle files, hit rate {'n/a' if hit_rate is None else f'{hit_rate:.0%}'}",
@@ -95,11 +114,109 @@ def _download_states(downloads: list) -> str:
     return ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "none"
 
 
+def _pbx_time(status: dict) -> str:
+    """``Asia/Kolkata (configured, UTC+05:30), clock 420 s ahead of ours``."""
+    zone = status.get("pbx_timezone") or "?"
+    details = [status.get("pbx_timezone_source") or "?"]
+    offset_s = status.get("pbx_utc_offset_s")
+    if offset_s is not None and not zone.startswith("UTC"):
+        minutes = abs(offset_s) // 60
+        details.append(f"UTC{'-' if offset_s < 0 else '+'}{minutes // 60:02d}:{minutes % 60:02d}")
+    skew_s = status.get("pbx_clock_skew_s")
+    clock = "unknown" if skew_s is None else f"{abs(skew_s):.0f} s {'ahead of' if skew_s >= 0 else 'behind'} ours"
+    return f"{zone} ({', '.join(details)}), clock {clock}"
+
+
+def _discovery_state(discovery: dict) -> str:
+    failures = discovery.get("consecutive_failures")
+    if not failures:
+        return "ok"
+    return (f"FAILING since {_ago(discovery.get('failing_since'))}, {failures} attempts; "
+            f"last error: {discovery.get('last_error')}")
+
+
+def _last_resync(discovery: dict) -> str:
+    when = discovery.get("last_resync_time")
+    if not when:
+        return "never"
+    new = discovery.get("last_resync_new")
+    interval_s = discovery.get("resync_interval_s")
+    every = f"; every {_duration(interval_s)}" if interval_s else "; only on SIGHUP"
+    return (f"{_ago(when)}, {discovery.get('last_resync_found')} recordings"
+            f"{'' if new is None else f' ({new} new)'}{every}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+# -- what is cached of files and folders ---------------------------------------------------
+
+CACHE_XATTR = "user.yeastarfs.cache"
+
+
+def mount_root(path: str) -> str:
+    """The root of the yeastarfs mount holding *path*. Raises ConfigError if none does."""
+    try:
+        current = os.path.realpath(path)
+        device = os.stat(current).st_dev
+        while current != "/" and os.stat(os.path.dirname(current)).st_dev == device:
+            current = os.path.dirname(current)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    read_status(current)  # raises unless it is a running yeastarfs mount
+    return current
+
+
+def cache_state(path: str) -> tuple[str, int, Optional[int]]:
+    """(state, bytes held, total bytes or None) of one recording, from its cache xattr."""
+    try:
+        words = os.getxattr(path, CACHE_XATTR).decode().split()
+    except OSError as exc:
+        raise ConfigError(f"{path}: no cache state ({exc.strerror})") from None
+    if words[0] == "partial":  # "partial <held> of <total or ?>"
+        return "partial", int(words[1]), None if words[3] == "?" else int(words[3])
+    size_bytes = os.stat(path).st_size  # complete: exact; none: maybe the index's estimate
+    return words[0], size_bytes if words[0] == "complete" else 0, size_bytes
+
+
+def cache_summary(path: str) -> dict:
+    """How much of the recordings under *path* (a file or a folder) this machine holds.
+
+    Asks the daemon only (listings and extended attributes): never downloads anything.
+    """
+    counts = {"complete": 0, "partial": 0, "none": 0}
+    held_bytes = total_bytes = 0
+    files = collect_files([path])
+    for file_path in files:
+        state, held, total = cache_state(file_path)
+        counts[state] = counts.get(state, 0) + 1
+        held_bytes += held
+        total_bytes += total if total is not None else held
+    summary = {"path": path, "recordings": len(files), **counts, "held_bytes": held_bytes,
+               "total_bytes": total_bytes}
+    if not os.path.isdir(path):
+        summary["state"] = cache_state(path)[0]
+    return summary
+
+
+def _summary_line(summary: dict) -> str:
+    held, total = summary["held_bytes"], summary["total_bytes"]
+    share = f" ({held / total:.0%})" if total else ""
+    amounts = f"{_bytes(held)} of ~{_bytes(total)} held{share}"
+    if "state" in summary:
+        return f"{summary['path']}: {summary['state']}, {amounts}"
+    return (f"{summary['path']}: {summary['recordings']} recordings: {summary['complete']} complete, "
+            f"{summary['partial']} partial, {summary['none']} not cached; {amounts}")
+
+
 # -- prefetch ----------------------------------------------------------------------------
 
 CACHED_XATTR = "user.yeastarfs.cached"
 READ_BLOCK_BYTES = 1 << 20
-PROGRESS_INTERVAL_S = 0.5
 
 
 def _is_cached(path: str) -> bool:
@@ -134,48 +251,88 @@ def _within(name: str, start: Optional[dt.date], end: Optional[dt.date]) -> bool
     return (start is None or day >= start) and (end is None or day <= end)
 
 
-class _Progress:
-    """Bytes, rate and ETA on one line (a terminal) or a line every few seconds (a log)."""
+# A log or the journal has no carriage return: there, one line every PLAIN_INTERVAL_S.
+PLAIN_INTERVAL_S = 5.0
+PLAIN_FORMAT = "{desc}: {n_fmt}B of ~{total_fmt}B ({percentage:.0f}%), {rate_fmt}, ETA {remaining}{postfix}"
 
-    def __init__(self, total_bytes: int, files: int) -> None:
+
+class Progress:
+    """Bytes done of an (estimated) total with rate and ETA, drawn by tqdm: a redrawn bar on
+    a terminal; on anything else (a log, the journal) a plain line every ``PLAIN_INTERVAL_S``.
+
+    For prefetch and for any command that moves many recordings (watch's non-follow runs):
+    `add` bytes as they arrive, `file_done` per recording, `message` for a line that must not
+    garble the bar, `close` at the end (it draws the final state). Thread-safe.
+    """
+
+    def __init__(self, total_bytes: int, files: int, desc: str = "prefetch", stream=None) -> None:
+        stream = sys.stderr if stream is None else stream
         self.total_bytes, self.files = total_bytes, files
         self.done_bytes = self.done_files = self.failed = self.skipped = 0
         self.started = time.monotonic()
-        self._last_print = 0.0
         self._lock = threading.Lock()
-        self._tty = sys.stderr.isatty()
+        terminal = stream.isatty()
+        # A terminal that reports no size (a bare pty) would get no bar at all: assume 80x24.
+        sized = terminal and _columns(stream) > 0
+        self._stream = stream
+        # unit_divisor 1000: tqdm labels its multiples kB, MB, GB (a divisor of 1024 would mislabel them).
+        self._bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                         file=stream if terminal else _Lines(stream), dynamic_ncols=sized,
+                         ncols=None if sized or not terminal else 80, nrows=None if sized or not terminal else 24,
+                         mininterval=0.5 if terminal else PLAIN_INTERVAL_S,
+                         maxinterval=PLAIN_INTERVAL_S, bar_format=None if terminal else PLAIN_FORMAT)
+        self._bar.set_postfix_str(f"0/{files} files", refresh=False)
 
     def add(self, nbytes: int) -> None:
         with self._lock:
             self.done_bytes += nbytes
-        self.show()
+            self._bar.update(nbytes)
 
     def file_done(self, ok: bool, skipped: bool = False) -> None:
         with self._lock:
             self.done_files += 1
             self.failed += 0 if ok else 1
             self.skipped += 1 if skipped else 0
-        self.show()
+            self._bar.set_postfix_str(f"{self.done_files}/{self.files} files", refresh=False)
 
-    def show(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last_print < (PROGRESS_INTERVAL_S if self._tty else 5.0):
-            return
-        self._last_print = now
-        elapsed_s = max(now - self.started, 1e-6)
-        rate = self.done_bytes / elapsed_s
-        left = max(0, self.total_bytes - self.done_bytes)
-        eta = f"{left / rate:.0f} s" if rate > 0 and not final else "-"
-        line = (f"prefetch: {self.done_files}/{self.files} files, {_bytes(self.done_bytes)} of ~{_bytes(self.total_bytes)}"
-                f", {_bytes(rate)}/s, ETA {eta}")
-        print(("\r" + line + "\033[K") if self._tty else line, end="" if self._tty and not final else "\n",
-              file=sys.stderr, flush=True)
+    def message(self, text: str) -> None:
+        with self._lock:
+            self._bar.write(text, file=self._stream)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.done_bytes > self.total_bytes:  # the total was partly estimated
+                self._bar.total = self.done_bytes
+            self._bar.close()
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class _Lines:
+    """What tqdm draws, as lines: it redraws in place with a carriage return and trailing
+    spaces, which a log would keep as one ever longer line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def prefetch(paths: list[str], jobs: int = 4, start: Optional[dt.date] = None, end: Optional[dt.date] = None) -> int:
     """Read recordings through the mount so the daemon caches them. Ctrl-C stops cleanly."""
     files = collect_files(paths, start, end)
-    progress = _Progress(sum(os.stat(f).st_size for f in files), len(files))
+    progress = Progress(sum(os.stat(f).st_size for f in files), len(files))
     stop = threading.Event()
     pending = iter(files)
     lock = threading.Lock()
@@ -197,17 +354,17 @@ def prefetch(paths: list[str], jobs: int = 4, start: Optional[dt.date] = None, e
                 thread.join(0.2)
     except KeyboardInterrupt:
         stop.set()
-        progress.show(final=True)
+        progress.close()
         print("prefetch: interrupted; recordings read to the end are cached", file=sys.stderr)
         return 130
-    progress.show(final=True)
+    progress.close()
     fetched = progress.done_files - progress.failed - progress.skipped
     print(f"prefetch: {fetched} fetched, {progress.skipped} already cached, {progress.failed} failed, "
           f"{_bytes(progress.done_bytes)} in {time.monotonic() - progress.started:.1f} s", file=sys.stderr)
     return 1 if progress.failed else 0
 
 
-def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None:
+def _prefetch_one(path: str, progress: Progress, stop: threading.Event) -> None:
     if _is_cached(path):
         progress.add(os.stat(path).st_size)
         progress.file_done(True, skipped=True)
@@ -220,7 +377,7 @@ def _prefetch_one(path: str, progress: _Progress, stop: threading.Event) -> None
                     break
                 progress.add(len(block))
     except OSError as exc:
-        print(f"\nprefetch: {path}: {exc.strerror}", file=sys.stderr)
+        progress.message(f"prefetch: {path}: {exc.strerror}")
         progress.file_done(False)
         return
     progress.file_done(True)
@@ -232,23 +389,78 @@ CALL_COLUMNS = ("path", "start_time", "caller", "callee", "type", "status", "cal
                 "src_trunk", "dst_trunk", "did", "callid", "recording")
 
 
-def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
-    """Print the indexed calls with recordings since *since_s* ago, with their paths."""
-    from yeastarfs.index import RecordingIndex  # only this command needs the database
+MOUNT_FSTYPE = "fuse.yeastarfs"  # what /proc/self/mountinfo says of a yeastarfs mount
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # the kernel writes " " as \040, and so on
 
+
+def mount_fstype(mountpoint: str) -> Optional[str]:
+    """The filesystem type mounted at exactly *mountpoint* (the topmost, if stacked); None if none."""
+    target = os.path.realpath(mountpoint)
+    fstype = None
+    with open("/proc/self/mountinfo", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as table:
+        for line in table:
+            fields, _, rest = line.partition(" - ")
+            parts = fields.split()
+            if len(parts) > 4 and _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), parts[4]) == target:
+                fstype = rest.split()[0] if rest else None  # later lines are mounted on top
+    return fstype
+
+
+def open_mount_index(mountpoint: str):
+    """(index, zone): the index of the yeastarfs mount at *mountpoint*, opened read-only (it
+    creates nothing) in the zone the daemon reads the PBX's times in (`_pbx_zone`).
+
+    Raises ConfigError unless *mountpoint* itself is a yeastarfs mount: the cache folder is
+    taken from its status attribute, which any other filesystem could forge.
+    """
+    from yeastarfs.index import RecordingIndex  # only the commands that read the index need sqlite3
+
+    fstype = mount_fstype(mountpoint)
+    if fstype != MOUNT_FSTYPE:
+        raise ConfigError(f"{mountpoint} is not a yeastarfs mount ({fstype or 'not a mountpoint'})")
     status = read_status(mountpoint)
-    index = RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"))
+    zone = _pbx_zone(status)
+    return RecordingIndex(os.path.join(status["cache_dir"], INDEX_FILE), tz=zone, read_only=True), zone
+
+
+def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
+    """Print the indexed calls with recordings since *since_s* ago, with their paths; start
+    times carry the PBX's offset (the zone the daemon uses: configured, detected or assumed)."""
+    index, zone = open_mount_index(mountpoint)
     try:
-        start = dt.datetime.now() - dt.timedelta(seconds=since_s)
-        rows = (_call_row(mountpoint, index.path_of(rec.name), rec) for rec in index.recordings_since(start))
+        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=since_s)
+        rows = (_call_row(mountpoint, index.path_of(rec.name), rec, zone) for rec in index.recordings_since(start))
         _write_rows(rows, output_format)
     finally:
         index.close()
     return 0
 
 
-def _call_row(mountpoint: str, path: str, rec) -> dict:
-    return {"path": os.path.join(mountpoint, path.lstrip("/")), "start_time": rec.timestart,
+def _pbx_zone(status: dict) -> Optional[dt.tzinfo]:
+    """The zone the daemon reads the PBX's times in: its IANA name, else its offset; None
+    (this machine's) for a daemon that does not say."""
+    name = status.get("pbx_timezone")
+    if name and not name.startswith("UTC"):
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    offset_s = status.get("pbx_utc_offset_s")
+    return None if offset_s is None else dt.timezone(dt.timedelta(seconds=offset_s))
+
+
+def _instant(pbx_time: str, zone: Optional[dt.tzinfo]) -> str:
+    """``2026-11-27 09:29:50`` (PBX wall time) as ``2026-11-27T09:29:50+05:30``; text that
+    is not such a time is returned as it is."""
+    try:
+        naive = dt.datetime.strptime(pbx_time, "%Y-%m-%d %H:%M:%S")
+        return (naive.replace(tzinfo=zone) if zone is not None else naive.astimezone()).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return pbx_time
+
+
+def _call_row(mountpoint: str, path: str, rec, zone: Optional[dt.tzinfo]) -> dict:
+    return {"path": os.path.join(mountpoint, path.lstrip("/")), "start_time": _instant(rec.timestart, zone),
             "caller": rec.callfrom, "callee": rec.callto, "type": rec.call_type, "status": rec.status,
             "call_seconds": rec.call_s, "talk_seconds": rec.talk_s, "src_trunk": rec.src_trunk,
             "dst_trunk": rec.dst_trunk, "did": rec.did, "callid": rec.callid, "recording": rec.name}

@@ -8,7 +8,11 @@ family it talks to, which endpoints it calls or how that family spells its error
     session     `Pbx.start` logs in (and keeps the session alive), `Pbx.stop` ends it;
     catalogue   `Pbx.catalogue`: which recordings exist, in batches, for the discovery loop
                 (backfill of the last ``since_s`` seconds, poll for new ones, full resync);
+                its windows are the family's business, in the PBX's own time;
     events      `Pbx.start` also starts whatever pushes new recordings (``on_recording``);
+    time zone   `Pbx.start` tells ``on_timezone`` the zone in which recording names'
+                timestamps are written (configured, detected or assumed), and again
+                whenever it changes, so the index reads file times as real instants;
     bytes       `Pbx.open_stream(name, offset)`: one recording's bytes from an offset.
 
 Every failure leaves a family as an ``errors`` type: ``AuthError``/``LockedOutError`` for a
@@ -22,6 +26,7 @@ so a layer that only needs the interface never loads ``requests``.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
 
 from yeastarfs.models import Recording
@@ -58,13 +63,15 @@ class Catalogue(Protocol):
     thread of its own (`discovery.Discovery` schedules them)."""
 
     def backfill(self, since_s: float) -> Iterable[list[Recording]]:
-        """The recordings of the last *since_s* seconds, in batches of bounded size."""
+        """The recordings of the last *since_s* seconds, in batches of bounded size (a
+        resync calls this again: it must find rows the PBX added late)."""
 
     def poll(self) -> list[Recording]:
-        """The recordings that may have appeared since the last successful poll."""
+        """The recordings that may have appeared since the last successful poll (the first
+        poll that succeeds after failures covers everything since the last good one)."""
 
     def status(self) -> dict:
-        """What the catalogue knows about the PBX's clock and its own progress (JSON-able)."""
+        """What the catalogue knows about its own progress (JSON-able, no I/O)."""
 
 
 class Pbx(Protocol):
@@ -73,9 +80,14 @@ class Pbx(Protocol):
     family: str
     catalogue: Catalogue
 
-    def start(self, on_recording: Callable[[Recording], None]) -> None:
+    def start(self, on_recording: Callable[[Recording], None],
+              on_timezone: Optional[Callable[[Optional[dt.tzinfo]], None]] = None) -> None:
         """Log in, keep the session alive, and start the event sources, which call
         *on_recording* (on their own threads) for each recording they announce.
+
+        *on_timezone* is called at once with the zone recording names' timestamps are
+        written in (None: this machine's), and again from any thread when that changes
+        (a zone detected from the PBX's answers). It must be quick and thread-safe.
 
         Raises AuthError/LockedOutError for a rejected login (never retried at once: PBXs
         lock an IP out after a few failures), PbxUnavailableError when the PBX cannot be
@@ -87,7 +99,11 @@ class Pbx(Protocol):
         """Start a transfer of recording *name* from *offset*. Raises a PbxError."""
 
     def status(self) -> dict:
-        """Session and event statistics for ``yeastarfs status`` (JSON-able, no I/O)."""
+        """Session and event statistics for ``yeastarfs status`` (JSON-able, no I/O),
+        among them ``pbx_timezone`` (an IANA name, or ``UTC+05:30``),
+        ``pbx_timezone_source`` ("configured", "detected" or "assumed"),
+        ``pbx_utc_offset_s`` (that zone's offset now) and ``pbx_clock_skew_s`` (how far the
+        PBX's clock runs ahead of ours; None when unknown), and the catalogue's status."""
 
     def stop(self) -> None:
         """End the session and stop every thread; safe to call more than once."""

@@ -3,7 +3,8 @@
 What it owns: an HTTP server that answers login, heartbeat, logout, recording/get_random,
 recording/download, cdr/get_random and cdr/download exactly as yeastar-api.md §12 fixes them;
 the HTTP event pusher and the TCP event listener (§12.6, §12.7); deterministic WAV bytes for
-every recording (§12.8); per-endpoint counters, a request log, and fault switches.
+every recording (§12.8), or the bytes a test gives (``add_recording(audio=...)``, e.g. speech);
+per-endpoint counters, a request log, and fault switches.
 
 What it leaves to others: everything about the client. It imports nothing from yeastarfs
 (and nothing outside the standard library), so that a misreading of the API is never shared
@@ -260,6 +261,8 @@ class SimRecording:
         stored: False when get_random answers 10023 although CDR and events list it
             (also what ``delete_recording`` sets).
         in_cdr: whether cdr/download lists it (``publish_cdr`` sets it later).
+        audio: the bytes served, as given to ``add_recording(audio=...)``; None: the
+            deterministic tone WAV of the name (§12.8).
         sha256: hex digest of the original WAV bytes (computed on first use).
     """
 
@@ -275,6 +278,7 @@ class SimRecording:
     size_bytes: int
     stored: bool = True
     in_cdr: bool = True
+    audio: Optional[bytes] = dataclasses.field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -285,9 +289,15 @@ class SimRecording:
 
         *generation* 0 is the original; a later one is what the PBX holds after the bytes
         changed (``mutate_bytes_after_downloads``): same size and header, other audio.
+        Given *audio* is served as it is; a later generation keeps its first 44 bytes.
         """
+        if self.audio is not None and generation == 0:
+            return self.audio
         seed = self.name if generation == 0 else f"{self.name}\0generation {generation}"
-        return wav_bytes(seed, self.size_bytes)
+        tone = wav_bytes(seed, max(self.size_bytes, WAV_HEADER_BYTES))
+        if self.audio is None:
+            return tone
+        return self.audio[:WAV_HEADER_BYTES] + tone[WAV_HEADER_BYTES:self.size_bytes]
 
     def cdr_row(self, sn: str = SERIAL_NUMBER) -> dict[str, str]:
         """The 14 CSV columns of this call (yeastar-api.md §5.3)."""
@@ -658,13 +668,17 @@ class Simulator:
                       name: Optional[str] = None, size_bytes: Optional[int] = None,
                       in_cdr: bool = True, announce: bool = True,
                       stored: bool = True,
-                      ready_after_s: Optional[float] = None) -> SimRecording:
+                      ready_after_s: Optional[float] = None,
+                      audio: Optional[bytes] = None) -> SimRecording:
         """Add one recorded call; with *announce*, push its NewCdr to every event listener.
 
         *start*: naive = PBX-local wall time, aware = true instant, None = the call ends now
         (see Clocks in the module docstring). *ready_after_s*: the audio does not exist until
-        this long from now (simulator clock); None takes ``not_ready_s``.
-        Raises ValueError if a recording of that name exists already.
+        this long from now (simulator clock); None takes ``not_ready_s``. *audio*: serve
+        these bytes (e.g. speech, 8 kHz 16-bit mono WAV as a PBX writes it) instead of the
+        name's tone; its length is the size, and *duration_s* still gives the CDR durations.
+        Raises ValueError if a recording of that name exists already, or if *size_bytes*
+        disagrees with *audio*.
         """
         with self._lock:
             sequence = next(self._sequence)
@@ -681,15 +695,20 @@ class Simulator:
             # The name's timestamp is when recording began: at answer, ring_s after timestart.
             stamp = (start + datetime.timedelta(seconds=ring_s)).strftime("%Y%m%d%H%M%S")
             name = f"{stamp}-{callid}-{callfrom}-{callto}-{call_type}.wav"
-        if size_bytes is None:
+        if audio is not None:
+            audio = bytes(audio)
+            if size_bytes not in (None, len(audio)):
+                raise ValueError(f"size_bytes {size_bytes} but audio has {len(audio)} bytes")
+            size_bytes = len(audio)
+        elif size_bytes is None:
             size_bytes = WAV_HEADER_BYTES + wav_data_bytes(duration_s)
-        if size_bytes < WAV_HEADER_BYTES:
+        if size_bytes < WAV_HEADER_BYTES and audio is None:
             raise ValueError(f"size_bytes must be at least {WAV_HEADER_BYTES}")
         talk_s = round(duration_s)
         rec = SimRecording(
             name=name, callid=callid, timestart=start.strftime(TIME_FORMAT), callfrom=callfrom,
             callto=callto, call_type=call_type, status=status, call_s=talk_s + round(ring_s),
-            talk_s=talk_s, size_bytes=size_bytes, stored=stored, in_cdr=in_cdr)
+            talk_s=talk_s, size_bytes=size_bytes, stored=stored, in_cdr=in_cdr, audio=audio)
         not_ready_s = self.not_ready_s if ready_after_s is None else ready_after_s
         with self._lock:
             if name in self.recordings:

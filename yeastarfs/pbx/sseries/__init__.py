@@ -2,12 +2,16 @@
 
     client.py     PbxClient: login, heartbeat, single-use randoms, downloads, the CDR CSV
     records.py    Recordings out of CDR CSV rows and NewCdr events (the PBX's spellings)
-    cdr.py        CdrCatalogue: backfill and poll as CDR time windows
+    clock.py      PbxClock: the PBX clock's skew (Date headers) and its zone (configured,
+                  detected from its call times, or assumed)
+    cdr.py        CdrCatalogue: backfill and poll as CDR time windows in the PBX's time
     events.py     EventReceiver: the HTTP server the PBX pushes NewCdr events to
     tcpevents.py  TcpEventClient: the PBX's TCP event port, when its report method is TCP
 
 `SSeriesPbx` puts them behind the seam in ``pbx/__init__.py``; it is the only class the
-rest of yeastarfs uses (through `pbx.open_pbx`).
+rest of yeastarfs uses (through `pbx.open_pbx`). It owns the one `PbxClock` the client,
+the catalogue and the events feed, and passes each NewCdr through it (a vote for the zone)
+before handing it on.
 
 Order at start: the event receiver binds first (login tells the PBX which port to push
 to, and port 0 picks one), then the login, the heartbeat, and, when the login reply says
@@ -19,6 +23,7 @@ download workers; `status` from any thread. The components own their threads and
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import socket
 import time
@@ -29,6 +34,7 @@ from yeastarfs.config import Config
 from yeastarfs.models import Recording
 from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
+from yeastarfs.pbx.sseries.clock import PbxClock
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
 
@@ -44,8 +50,9 @@ class SSeriesPbx:
 
     Attributes:
         family: "s-series".
-        client: the PbxClient (exists from construction; logged in by `start`).
+        client: the PbxClient (exists from `start`; logged in by it).
         catalogue: the CdrCatalogue.
+        clock: the PbxClock (skew and zone).
     """
 
     family = "s-series"
@@ -56,18 +63,25 @@ class SSeriesPbx:
         self._tcp_events: Optional[TcpEventClient] = None
         self.client: Optional[PbxClient] = None
         self.catalogue: Optional[CdrCatalogue] = None
+        self.clock = PbxClock(config.pbx_timezone)
 
-    def start(self, on_recording: Callable[[Recording], None]) -> None:
+    def start(self, on_recording: Callable[[Recording], None],
+              on_timezone: Optional[Callable[[Optional[dt.tzinfo]], None]] = None) -> None:
         """See `pbx.Pbx.start`."""
         config = self._config
+        self.clock.set_listener(on_timezone)
+        zone = self.clock.status()
+        log.info("pbx: the PBX's time zone is %s (%s)%s", zone["pbx_timezone"], zone["pbx_timezone_source"],
+                 ", until its call times show its own" if zone["pbx_timezone_source"] == "assumed" else "")
+        on_recording = self._voting(on_recording)
         if config.events_enabled:
             self._receiver = EventReceiver(on_recording, host=config.events_host, port=config.events_port,
                                            allowed_ips=self._event_sources()).start()
         self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                                 events_port=self._receiver.port if self._receiver else None,
                                 heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256,
-                                proxy=config.proxy)
-        self.catalogue = CdrCatalogue(self.client)
+                                proxy=config.proxy, clock=self.clock)
+        self.catalogue = CdrCatalogue(self.client, self.clock)
         try:
             self.client.login()
         except errors.AuthError:
@@ -99,6 +113,7 @@ class SSeriesPbx:
             else round(self.client.token_age_s, 1),
             "logins": stats.logins if stats else 0,
             "last_event_time": event_stats.get("last_event_time"),
+            **self.clock.status(),
             **(self.catalogue.status() if self.catalogue else {}),
         }
 
@@ -108,6 +123,15 @@ class SSeriesPbx:
             if stop:
                 stop()
         self._tcp_events = self._receiver = None
+
+    def _voting(self, on_recording: Callable[[Recording], None]) -> Callable[[Recording], None]:
+        """*on_recording*, after each announced call votes for the PBX's zone: an event
+        arrives when its call ends (see `clock.PbxClock.note_call_end`)."""
+        def deliver(recording: Recording) -> None:
+            self.clock.note_call_end(recording.timestart, recording.call_s, time.time())
+            on_recording(recording)
+
+        return deliver
 
     def _event_sources(self) -> Optional[set[str]]:
         """Who may push events: the PBX's addresses unless the user said otherwise."""

@@ -2,11 +2,18 @@
 
 Owns the session (MD5 login, token, heartbeat, one re-login on a token failure), the
 single-use ``random`` per download, streaming recording downloads and the CDR CSV. It is
-the only module that imports ``requests``; every failure leaves it as an ``errors`` type,
+the only module that imports ``requests``; every failure leaves it as an ``errors`` type
+(a reply that is not decodable JSON, however deeply nested, is a PbxUnavailableError),
 with tokens and randoms redacted, and it scrubs them from urllib3's own log lines too. A
 download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
-It knows nothing of paths, the cache or FUSE, and it never retries a download by itself:
-a retry needs a fresh random, which the caller asks for.
+Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew). It knows
+nothing of paths, the cache or FUSE, and it never retries a download by itself: a retry
+needs a fresh random, which the caller asks for.
+
+Secrets registered for redaction by value: the password, its MD5 and the live token (the
+one it replaces is dropped). Randoms are single-use and never registered: the ``random=``
+pattern of `errors.redact` masks them wherever they are quoted, and registering one per
+download and per CDR poll would grow memory and the cost of every log line for ever.
 
 Threading: all methods may be called from any thread. ``_state_lock`` guards the token and
 timestamps and is never held during I/O. ``_login_lock`` serialises logins *on purpose*
@@ -35,6 +42,7 @@ import urllib3
 
 from yeastarfs import errors
 from yeastarfs.errors import redact
+from yeastarfs.pbx.sseries.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
 
@@ -170,6 +178,7 @@ class PbxClient:
         base_url: ``scheme://host:port`` of the PBX's web/API server.
         transport: ``"HTTP"`` or ``"TCP"``, how the PBX reports events (from login).
         stats: counters of what this client did.
+        clock: the `PbxClock` that every reply's Date header feeds.
 
     Multithreading: see the module docstring.
     """
@@ -178,8 +187,10 @@ class PbxClient:
                  verify: Union[bool, str] = True, events_port: Optional[int] = DEFAULT_HTTP_PORT,
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 pin_sha256: Optional[str] = None, proxy: Optional[str] = None) -> None:
+                 pin_sha256: Optional[str] = None, proxy: Optional[str] = None,
+                 clock: Optional[PbxClock] = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.clock = clock if clock is not None else PbxClock()
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
         errors.register_secret(password)
@@ -213,6 +224,7 @@ class PbxClient:
         self._login_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._token: Optional[str] = None
+        self._redacted_token: Optional[str] = None  # the token registered with errors
         self._last_call_time = 0.0
         self._refuse_login_until = 0.0
         self._last_auth_error: Optional[errors.AuthError] = None
@@ -246,11 +258,14 @@ class PbxClient:
         token = reply.get("token")
         if not isinstance(token, str) or not token:
             raise errors.PbxUnavailableError("login reply carries no token")
-        errors.register_secret(token)
+        errors.register_secret(token)  # before anything can quote it
         with self._state_lock:
             self._token = token
+            replaced, self._redacted_token = self._redacted_token, token
             self._last_call_time = time.monotonic()
             self._last_auth_error = None
+        if replaced is not None and replaced != token:
+            errors.forget_secret(replaced)  # dead or dying: the live tokens only
         self.transport = str(reply.get("transport") or "HTTP").upper()
         self.stats.logins += 1
         self.stats.last_login_time = time.time()
@@ -303,12 +318,15 @@ class PbxClient:
         """End the session; failures are only logged (the token dies by itself anyway)."""
         with self._state_lock:
             token, self._token = self._token, None
-        if token is None:
-            return
+            redacted, self._redacted_token = self._redacted_token, None
         try:
-            self._post("logout", None, token=token)
+            if token is not None:
+                self._post("logout", None, token=token)
         except errors.PbxError as exc:
             log.debug("pbx: logout failed: %s", exc)
+        finally:
+            if redacted is not None:
+                errors.forget_secret(redacted)
 
     # -- authenticated calls -----------------------------------------------------------------
 
@@ -348,7 +366,6 @@ class PbxClient:
         random = reply.get("random")
         if not isinstance(random, str) or not random:
             raise errors.PbxUnavailableError("get_random reply carries no random")
-        errors.register_secret(random)
         return random
 
     def open_recording(self, name: str, offset: int = 0) -> RecordingStream:
@@ -403,7 +420,7 @@ class PbxClient:
                 raise _stream_error(exc) from None
         try:
             reply = json.loads(body.decode("utf-8", "replace"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
             return errors.DownloadError(f"{endpoint} returned malformed JSON instead of a recording")
         api_errno = str(reply.get("errno", "")) if isinstance(reply, dict) else ""
         if api_errno in TOKEN_ERRNOS:
@@ -419,7 +436,6 @@ class PbxClient:
         random = reply.get("random")
         if not isinstance(random, str) or not random:
             raise errors.PbxUnavailableError("cdr/get_random reply carries no random")
-        errors.register_secret(random)
         token = self._current_token()
         query = urllib.parse.urlencode({"number": "all", **times, "token": token,
                                         "random": random}, quote_via=urllib.parse.quote)
@@ -488,11 +504,14 @@ class PbxClient:
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = f"{self.base_url}/{API_PATH}/{path}"
+        sent_s = time.time()
         try:
             # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            return self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
-                                         verify=self._session.verify, **kwargs)
+            response = self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
+                                             verify=self._session.verify, **kwargs)
+            self.clock.note_date(response.headers.get("Date"), sent_s, time.time())
+            return response
         except requests.exceptions.SSLError as exc:
             if self._pinned:
                 raise errors.PbxUnavailableError(

@@ -34,15 +34,18 @@ import time
 from typing import Any, Callable, Optional
 
 from yeastarfs.errors import ConfigError, redact, register_secret
-from yeastarfs.pbx.sseries.events import Counters, EventSink, Throttle, payload_problem
+from yeastarfs.pbx.sseries.events import (MAX_BODY_BYTES, Counters, EventSink, Throttle,
+                                          payload_problem)
 from yeastarfs.models import Recording
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JsonObjectStream", "TcpEventClient"]
 
-# Largest TCP event kept; anything bigger is discarded while the stream resyncs.
-MAX_OBJECT_BYTES = 1 << 20
+# Largest TCP event kept; anything bigger is discarded while the stream resyncs. The same
+# cap as an HTTP event's body: a NewCdr is under 1 KiB, and a decoded object can take 20
+# times its JSON in memory.
+MAX_OBJECT_BYTES = MAX_BODY_BYTES
 # How far past max_object_bytes an oversized TCP event is followed to its closing brace
 # before the stream gives up on finding it.
 DISCARD_LIMIT_FACTOR = 16
