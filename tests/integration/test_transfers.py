@@ -229,10 +229,12 @@ def test_df_shows_the_budget_and_an_idle_mount_is_never_full(pbx, mounted):
     assert fresh.f_blocks * fresh.f_frsize == 2 * MIB
     assert fresh.f_bavail == fresh.f_bfree == fresh.f_blocks and df_use_percent(mount.mountpoint) == 0
     read_all(mount, recordings)                                 # the cache is now full, and idle
-    full = os.statvfs(mount.mountpoint)
+    # (once the kernel's asynchronous releases of the files have reached the daemon)
+    full = wait_until(lambda: (lambda st: st if st.f_bavail == st.f_blocks else None)(os.statvfs(mount.mountpoint)),
+                      5, message="the read files to be released")
     used = (full.f_blocks - full.f_bfree) * full.f_frsize
     assert abs(used - 2 * ONE_MB) < full.f_frsize               # what the cache holds
-    assert full.f_bavail == full.f_blocks                       # idle files make room on demand
+    assert full.f_bavail == full.f_blocks                      # idle files make room on demand
     assert df_use_percent(mount.mountpoint) < 100
     assert status(mount)["cache_used_bytes"] == bytes_on_disk(mount) == 2 * ONE_MB
 
