@@ -126,9 +126,8 @@ def _is_new(text: str) -> bool:
 
 # Thumbnailers and indexers (README "File managers"): by default served from the cache only.
 STANDARD_BACKGROUND_READERS = (
-    "tumblerd", "totem-video-thumbnailer", "ffmpegthumbnailer", "gst-thumbnailer", "gnome-thumbnail-factory",
-    "thumbnail", "tracker-extract", "tracker-extract-3", "localsearch-extractor-3", "baloo_file",
-    "baloo_file_extractor",
+    "tumblerd", "totem-video-thumbnailer", "ffmpegthumbnailer", "thumbnail", "tracker-extract",
+    "tracker-extract-3", "localsearch-extractor-3", "baloo_file", "baloo_file_extractor",
 )
 
 
