@@ -7,8 +7,8 @@ because each PBX ``random`` works once and two readers must never each ask for o
 returning short or zero-filled data before the real end), or fails with the download's
 error, or with ``DownloadStalledError`` when nothing arrived for ``stall_timeout_s``.
 
-A download's lifecycle is one `State`; `TRANSITIONS` lists every legal move, and
-`Download._to` (always under the download's condition) refuses any other:
+A download's lifecycle is one `State`; `TRANSITIONS` lists every legal move, `check_move`
+refuses any other, and every move is made by `Download._to` under the download's condition:
 
     QUEUED     waiting for a worker (a reader or a prefetch wants bytes)
     RUNNING    a worker transfers (or waits between attempts); holds a --max-downloads slot
@@ -145,6 +145,12 @@ IDLE_STATES = frozenset({State.PARKED, State.SUSPENDED})
 END_STATES = frozenset({State.COMPLETE, State.FAILED, State.CANCELLED})
 
 
+def check_move(name: str, old: State, new: State) -> None:
+    """Raise RuntimeError unless `TRANSITIONS` allows *old* → *new* (a refused move is a bug)."""
+    if new not in TRANSITIONS[old]:
+        raise RuntimeError(f"recording {name}: download cannot go from {old.value} to {new.value}")
+
+
 class _Cancelled(Exception):
     """Internal: the download was cancelled (shutdown)."""
 
@@ -202,9 +208,8 @@ class Download:
     # -- the lifecycle -----------------------------------------------------------------------
 
     def _to(self, new: State) -> None:
-        """Move to *new* (the caller holds ``_cond``); a move `TRANSITIONS` does not list is a bug."""
-        if new not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"recording {self.name}: download cannot go from {self.state.value} to {new.value}")
+        """Move to *new* (the caller holds ``_cond``); see `check_move`."""
+        check_move(self.name, self.state, new)
         if new in IDLE_STATES and self.state not in IDLE_STATES:
             self._idle_since = time.monotonic()
         self.state = new
@@ -323,6 +328,11 @@ class Download:
                 self._manager.enqueue(self, PRIORITY_READER)
             self._cond.notify_all()
             return True
+
+    def wake(self) -> None:
+        """Make the worker and the readers look at the state again (the manager is stopping)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def leave(self) -> None:
         """A reader closed its handle."""
@@ -741,8 +751,7 @@ class DownloadManager:
         """Cancel every download and stop the workers."""
         self.stopping = True
         for download in self.running():
-            with download._cond:
-                download._cond.notify_all()
+            download.wake()
         for _ in self._workers:
             self._queue.put((-1, next(self._sequence), None))
         for worker in self._workers:

@@ -21,7 +21,7 @@ from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.sim import sseries as simulator_module
 from yeastarfs.cache import DiskCache
-from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, TRANSITIONS, DownloadManager, State
+from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, TRANSITIONS, DownloadManager, State, check_move
 
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
 KIB = 1024
@@ -517,12 +517,13 @@ def test_every_state_can_end_and_ends_are_final():
 
 
 def test_an_illegal_move_is_refused(pbx, manager):
+    with pytest.raises(RuntimeError, match="cannot go from complete to running"):
+        check_move("x.wav", State.COMPLETE, State.RUNNING)
+    check_move("x.wav", State.PARKED, State.QUEUED)
     download = manager.acquire(add(pbx, 100_000).name)
     try:
         read_whole(download, 100_000)
-        with download._cond:
-            with pytest.raises(RuntimeError, match="cannot go from complete to running"):
-                download._to(State.RUNNING)
+        assert download.state is State.COMPLETE and not download.begin()   # a worker cannot take it again
     finally:
         manager.release(download)
 
