@@ -235,9 +235,10 @@ def _open_file(name: str, dir_fd: int, flags: int, shown: str) -> int:
             raise _refusal(shown, "is a symlink", f"remove it (rm {shown})") from None
         raise errors.ConfigError(f"cache file {shown}: {exc.strerror}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+    # A second hard link would let someone else's name reach what we write here.
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
-        raise _refusal(shown, "is not a regular file of this user", f"remove it (rm {shown})")
+        raise _refusal(shown, "is not a regular file of this user with one link", f"remove it (rm {shown})")
     return fd
 
 

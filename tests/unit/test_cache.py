@@ -774,6 +774,10 @@ def test_links_planted_in_the_folder_are_removed_not_followed(tmp_path):
     with pytest.raises(errors.ConfigError, match="lock is a symlink"):
         CacheDir(str(tmp_path / "cache"), "pbx")
     os.unlink(pbx / "lock")
+    os.link(target, pbx / "lock")                         # a hard link reaches the target too
+    with pytest.raises(errors.ConfigError, match="with one link"):
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    os.unlink(pbx / "lock")
     with CacheDir(str(tmp_path / "cache"), "pbx") as folder:
         assert folder.index_path == str(pbx / "index.sqlite3")
         assert not os.path.lexists(pbx / "index.sqlite3-wal")
