@@ -161,7 +161,8 @@ def _verify(analyze: str, unit_path: str, man_path: str) -> None:
 
 def test_systemd_units_verify(system_yeastarfs, analyze, man_path):
     units = sorted(os.listdir(UNITS))
-    assert units == ["mnt-recordings.automount", "mnt-recordings.mount", "yeastarfs@.service"]
+    assert units == ["mnt-recordings.automount", "mnt-recordings.mount", "yeastarfs-watch@.service",
+                     "yeastarfs@.service"]
     for unit in units:
         _verify(analyze, os.path.join(UNITS, unit), man_path)
 
@@ -188,6 +189,8 @@ def test_install_system_into_a_staging_root(tmp_path, analyze):
     assert f"ExecStart={prefix}/bin/yeastarfs mount /%I --foreground" in text
     assert f"Documentation=man:yeastarfs(1) file:{prefix}/share/doc/yeastarfs/README.md" in text
     assert "/usr/local" not in text and "Type=notify" in text
+    watch = (dest / "etc" / "systemd" / "system" / "yeastarfs-watch@.service").read_text()
+    assert f"ExecStart={prefix}/bin/yeastarfs watch /mnt/%i --follow" in watch
     assert {line.split()[0] for line in first.stdout.splitlines()} == {"linked", "wrote"}
     # The unit as installed verifies against the files installed with it (binary, man page).
     os.makedirs(prefix, exist_ok=True)
