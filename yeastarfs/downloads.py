@@ -112,9 +112,9 @@ FINISH_SHARE = 0.5
 MAX_FAILURES = 4
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 8.0
-# Retries of "does not exist" for a young recording: every 0.5, 1, 2, 2… s.
+# Retries of "does not exist" for a young recording: after 0.5 s, then every second.
 NOT_FOUND_BACKOFF_S = 0.5
-NOT_FOUND_BACKOFF_MAX_S = 2.0
+NOT_FOUND_BACKOFF_MAX_S = 1.0
 # Priorities in the worker queue: lower goes first.
 PRIORITY_READER = 0
 PRIORITY_PREFETCH = 1
