@@ -6,11 +6,12 @@ is a download. `BackgroundReaders` recognises them by process name (``--backgrou
 so that the core can serve them from the cache only (README "File managers").
 
 The FUSE adapter passes a `Reader` (the caller's pid and uid, from the FUSE request). The
-kernel reports the calling *thread*; its process (thread group) is found in
+kernel reports the calling *thread*, whose own name says nothing (GStreamer's
+``typefind:sink``, GLib's ``pool-tumblerd``); its process (thread group) is found in
 ``/proc/PID/status``. A configured name matches a process when it equals:
 
-- the process's or the thread's name (``/proc/PID/comm``; the kernel cuts names to 15
-  characters, so a longer configured name is compared by its first 15);
+- the process's name (``/proc/TGID/comm``; the kernel cuts names to 15 characters, so a
+  longer configured name is compared by its first 15);
 - the file name of its executable (``/proc/PID/exe``, readable for our own user's or, as
   root, any process);
 - the file name of its ``argv[0]``, or of its ``argv[1]`` without ``.so`` (KDE runs its
@@ -60,9 +61,6 @@ class BackgroundReaders:
         if not self.names or reader is None or reader.pid <= 0:
             return None
         thread_dir = os.path.join(self._proc, str(reader.pid))
-        thread_comm = _read_text(os.path.join(thread_dir, "comm"))
-        if thread_comm in self._comms:
-            return thread_comm
         process_dir = os.path.join(self._proc, _tgid(thread_dir) or str(reader.pid))
         process_comm = _read_text(os.path.join(process_dir, "comm"))
         if process_comm in self._comms:

@@ -4,11 +4,14 @@ and deleted recordings, statfs and the counters ``status`` shows."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import errno
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,21 +148,25 @@ def test_status_shows_downloads_by_state(pbx, make_core):
 # -- background readers ------------------------------------------------------------------------
 
 
-def _named_thread_call(name: bytes, call):
-    """Run *call(reader)* on a thread whose kernel name (comm) is *name*; its result or error."""
-    outcome: dict = {}
+@contextlib.contextmanager
+def process_named(name: str):
+    """A child process whose kernel name (comm) is *name*, as the Reader FUSE would report for
+    one of its threads (here its main thread)."""
+    child = subprocess.Popen([sys.executable, "-c", NAMED_CHILD, name], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        yield Reader(pid=child.pid, uid=os.getuid())
+    finally:
+        child.kill()
+        child.wait()
 
-    def body() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-        try:
-            outcome["result"] = call(Reader(pid=threading.get_native_id(), uid=os.getuid()))
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
 
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(timeout=WAIT_S)
-    return outcome
+NAMED_CHILD = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, ctypes.c_char_p(sys.argv[1].encode()), 0, 0, 0)  # PR_SET_NAME
+print("ready", flush=True)
+time.sleep(60)
+"""
 
 
 def test_a_background_reader_gets_only_cached_recordings(pbx, make_core):
@@ -170,27 +177,47 @@ def test_a_background_reader_gets_only_cached_recordings(pbx, make_core):
     core.release(opened.fh)
     wait_until(lambda: core.cache.contains(cached.name), WAIT_S, message="one recording to be cached")
     pbx.reset()
-    began = time.monotonic()
-    refused = _named_thread_call(b"tumblerd", lambda reader: core.open(path_of(uncached), reader=reader))
-    assert isinstance(refused.get("error"), errors.BackgroundReaderError)
-    assert time.monotonic() - began < 1.0
-    served = _named_thread_call(b"tumblerd", lambda reader: core.open(path_of(cached), reader=reader))
-    assert sha(read_all(core, served["result"].fh)) == cached.sha256
-    core.release(served["result"].fh)
+    with process_named("tumblerd") as thumbnailer:
+        began = time.monotonic()
+        with pytest.raises(errors.BackgroundReaderError):
+            core.open(path_of(uncached), reader=thumbnailer)
+        assert time.monotonic() - began < 1.0
+        served = core.open(path_of(cached), reader=thumbnailer)
+        assert sha(read_all(core, served.fh)) == cached.sha256
+        core.release(served.fh)
     assert pbx.counters["recording/get_random"] == 0
     # An ordinary process (a person's player) gets the uncached one.
-    ordinary = _named_thread_call(b"vlc", lambda reader: core.open(path_of(uncached), reader=reader))
-    assert sha(read_all(core, ordinary["result"].fh)) == uncached.sha256
-    core.release(ordinary["result"].fh)
+    with process_named("vlc") as player:
+        ordinary = core.open(path_of(uncached), reader=player)
+        assert sha(read_all(core, ordinary.fh)) == uncached.sha256
+        core.release(ordinary.fh)
     assert core.transfer_stats()["opens"]["refused"] == 1
+
+
+def test_a_thread_named_like_a_background_reader_is_not_one(pbx, make_core):
+    # The kernel reports the calling thread; a thread's name is not its program's.
+    rec = add(pbx, 100_000)
+    core = make_core(background_readers=("tumblerd",))
+    outcome = {}
+
+    def named_thread() -> None:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(b"tumblerd"), 0, 0, 0)
+        outcome["opened"] = core.open(path_of(rec), reader=Reader(pid=threading.get_native_id()))
+
+    thread = threading.Thread(target=named_thread)
+    thread.start()
+    thread.join(timeout=WAIT_S)
+    assert sha(read_all(core, outcome["opened"].fh)) == rec.sha256
+    core.release(outcome["opened"].fh)
 
 
 def test_no_background_readers_when_told_none(pbx, make_core):
     rec = add(pbx, 100_000)
     core = make_core(background_readers=())
-    served = _named_thread_call(b"tumblerd", lambda reader: core.open(path_of(rec), reader=reader))
-    assert sha(read_all(core, served["result"].fh)) == rec.sha256
-    core.release(served["result"].fh)
+    with process_named("tumblerd") as thumbnailer:
+        opened = core.open(path_of(rec), reader=thumbnailer)
+        assert sha(read_all(core, opened.fh)) == rec.sha256
+        core.release(opened.fh)
 
 
 # -- recordings not there yet, and gone ----------------------------------------------------------
