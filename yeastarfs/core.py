@@ -9,13 +9,17 @@ Owns the policies the adapter must not hold:
 
 - **which size is true.** A file's size is the exact size when anything knows it (the
   open handle's download, the cache, the index), else the index's estimate. Every size
-  handed to the kernel is remembered (bounded), because the kernel's page cache may be
-  trusted for a cached file only when the kernel was told that file's exact size;
-- **which kind of handle a file gets.** A cached recording is read from its cache file
-  (page cache allowed, ``keep_cache``); any other through its shared download with direct
-  I/O, so reads never depend on an estimated size. ``open`` waits up to
-  ``OPEN_SIZE_WAIT_S`` for the PBX's reply headers so that ``fstat`` right after ``open``
-  sees the exact size;
+  handed to the kernel is remembered (bounded), because the kernel's page cache may serve
+  a file only when the kernel's size of it is exact: told so, or made to forget what it
+  was told (the adapter's invalidation) so that it asks again before its next read;
+- **which kind of handle a file gets.** A cached recording is read from its cache file,
+  any other through its shared download; ``open`` waits up to ``OPEN_SIZE_WAIT_S`` for
+  the PBX's reply headers so that ``fstat`` right after ``open`` sees the exact size.
+  A download is read with direct I/O (a read asks exactly what its reader asked); once
+  committed, its bytes are put in the kernel's page cache when the kernel was told its
+  exact size (``download_committed``). A cached file goes through the page cache when
+  the kernel's size is exact (above), keeping the pages it has (``keep_cache``) when the
+  kernel was told that size; else direct I/O, so reads never depend on an estimate;
 - **who gets an uncached recording.** A background reader (`readers.BackgroundReaders`:
   thumbnailers, indexers) is served from the cache only; an uncached recording is refused
   at once (`errors.BackgroundReaderError`), so that browsing never makes the PBX send
@@ -63,7 +67,7 @@ from yeastarfs.readers import BackgroundReaders, Reader
 log = logging.getLogger(__name__)
 
 # How long open() waits for an uncached recording's exact size before returning anyway
-# (reads never depend on it: they use direct I/O).
+# (reads never depend on it: without it they use direct I/O).
 OPEN_SIZE_WAIT_S = 5.0
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
@@ -184,7 +188,10 @@ class Core:
         self._handles: dict[int, object] = {}
         self._next_fh = 1
         self._reported_sizes: dict[str, int] = {}
-        self._invalidate: Callable[[str], None] = lambda path: None
+        self._invalidate: Callable[[str], bool] = lambda path: False
+        self._inode_of: Callable[[str], Optional[int]] = lambda path: None
+        self._fill_pages: Callable[[int, int, Callable[[int, int], bytes]], bool] = lambda *args: False
+        self._inodes: dict[str, int] = {}   # name -> the kernel's inode, for downloads being read
         self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0, "open_cached": 0, "open_refused": 0}
         self._background = BackgroundReaders(background_readers)
         self._rate = self._stored_rate()
@@ -192,9 +199,17 @@ class Core:
         if downloads is not None and downloads.range_honoured is None and stored_range in ("0", "1"):
             downloads.range_honoured = stored_range == "1"
 
-    def set_invalidator(self, invalidate: Callable[[str], None]) -> None:
-        """Tell the core how to make the kernel forget a path's cached attributes."""
+    def set_invalidator(self, invalidate: Callable[[str], bool]) -> None:
+        """Tell the core how to make the kernel forget a path's cached attributes and pages;
+        *invalidate* returns True when the kernel then holds nothing stale of the path."""
         self._invalidate = invalidate
+
+    def set_page_filler(self, inode_of: Callable[[str], Optional[int]],
+                        fill: Callable[[int, int, Callable[[int, int], bytes]], bool]) -> None:
+        """Tell the core how to put a file's bytes in the kernel's page cache: *inode_of(path)*
+        is the kernel's inode of a path it holds (None if not), *fill(inode, size, pread)*
+        stores the bytes ``pread(n, offset)`` gives and answers whether it did."""
+        self._inode_of, self._fill_pages = inode_of, fill
 
     def mode_of(self, is_dir: bool) -> int:
         return self._dir_mode if is_dir else self._file_mode
@@ -257,9 +272,11 @@ class Core:
             size_bytes = os.fstat(fd).st_size
             handle = _CachedHandle(entry.name, fd, size_bytes)
             with self._lock:
-                trusted = self._reported_sizes.get(entry.name) == size_bytes
-            # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
-            return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted)
+                told = self._reported_sizes.get(entry.name) == size_bytes
+            # Keep the pages (a download's, an earlier open's) only when the kernel was told
+            # this size; page-cache reads at all only when its size is exact (`_kernel_size_exact`).
+            page_cache = told or self._kernel_size_exact(path, entry.name, size_bytes)
+            return OpenFile(self._add_handle(handle), keep_cache=told, direct_io=not page_cache)
         background = self._background.match(reader)
         if background is not None:
             self.counters["open_refused"] += 1
@@ -273,6 +290,15 @@ class Core:
         except BaseException:
             self.downloads.release(download)
             raise
+        # Direct I/O: each read asks exactly what the reader asked. Through the page cache,
+        # the kernel's read-ahead would ask more of a sniffed file, which the flow-control
+        # window then doubles. The pages come at commit instead (`download_committed`).
+        inode = self._inode_of(path)
+        if inode is not None:
+            with self._lock:
+                if len(self._inodes) >= REPORTED_SIZES_MAX:
+                    self._inodes.clear()
+                self._inodes[entry.name] = inode
         return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -349,6 +375,18 @@ class Core:
         self.index.set_size(name, size_bytes)
         self._invalidate(self.index.path_of(name))
 
+    def download_committed(self, name: str, size_bytes: int, pread: Callable[[int, int], bytes]) -> None:
+        """A download read through the mount is committed, its readers not told yet (download
+        thread): when the kernel was told its exact size, put its bytes in the kernel's page
+        cache, so that the next open (``keep_cache``) reads none of it through FUSE."""
+        with self._lock:
+            inode = self._inodes.pop(name, None)
+            told = self._reported_sizes.get(name) == size_bytes
+        if inode is None or not told:
+            return
+        if self._fill_pages(inode, size_bytes, pread):
+            log.debug("recording %s: %d bytes put in the page cache", name, size_bytes)
+
     def recording_gone(self, name: str) -> None:
         """The PBX says *name* does not exist (past any grace): the index marks it gone and
         the kernel forgets it, so it leaves its folder unless cached (called from download
@@ -415,6 +453,18 @@ class Core:
             if known is not None:
                 return known
         return entry.size_bytes
+
+    def _kernel_size_exact(self, path: str, name: str, size_bytes: int) -> bool:
+        """Whether the kernel's size of *path* is *size_bytes*, or will be asked again
+        before it is used: told so already, or made to forget what it was told.
+
+        Page-cache reads stop at the size the kernel believes, so they may serve a file
+        only when this holds. (A size the kernel holds too large is harmless: the short
+        read at the real end corrects it; one too small would cut the file.)
+        """
+        with self._lock:
+            told = self._reported_sizes.get(name) == size_bytes
+        return told or bool(self._invalidate(path))
 
     def _remember_size(self, name: str, size_bytes: int) -> None:
         with self._lock:

@@ -634,8 +634,12 @@ class Download:
         self._check_wanted()
 
     def _finish(self) -> None:
-        """Commit to the cache, hand the last bytes to the readers, then make them durable."""
+        """Commit to the cache, hand the last bytes to the readers, then make them durable.
+
+        Between the commit and the readers' last bytes, ``on_commit`` may put the verified
+        bytes in the kernel's page cache, so that a reader's next open finds them there."""
         self._partial.commit()
+        self._manager.committed(self.name, self.received_bytes, self._partial.pread)
         with self._cond:
             self._to(State.COMPLETE)
         self._partial.sync()
@@ -681,7 +685,8 @@ class DownloadManager:
                  on_size: Optional[Callable[[str, int], None]] = None,
                  on_complete: Optional[Callable[[str, int], None]] = None,
                  on_gone: Optional[Callable[[str], None]] = None,
-                 on_range: Optional[Callable[[bool], None]] = None) -> None:
+                 on_range: Optional[Callable[[bool], None]] = None,
+                 on_commit: Optional[Callable[[str, int, Callable[[int, int], bytes]], None]] = None) -> None:
         self.open_stream = open_stream
         self.cache = cache
         self.stall_timeout_s = stall_timeout_s
@@ -692,6 +697,7 @@ class DownloadManager:
         self._on_complete = on_complete
         self._on_gone = on_gone
         self._on_range = on_range
+        self._on_commit = on_commit
         self._lock = threading.Lock()
         self._downloads: dict[str, Download] = {}
         self._recent_opens: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -789,6 +795,16 @@ class DownloadManager:
         """The PBX says *name* does not exist (past any grace)."""
         if self._on_gone is not None:
             self._on_gone(name)
+
+    def committed(self, name: str, size_bytes: int, pread: Callable[[int, int], bytes]) -> None:
+        """A download is in the cache, its readers not yet told: ``on_commit(name, size,
+        pread)`` may read it (``pread(size, offset)``). Its failure costs only its purpose."""
+        if self._on_commit is None:
+            return
+        try:
+            self._on_commit(name, size_bytes, pread)
+        except Exception as exc:  # noqa: BLE001 - the download itself is complete and sound
+            log.warning("recording %s: after commit: %s", name, exc)
 
     def finished(self, download: Download) -> None:
         if download.complete and self._on_complete is not None:

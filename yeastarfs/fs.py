@@ -251,6 +251,44 @@ class FusePlus(mfusepy.FUSE):
         return super().getxattr(path, name, value, size, *args)
 
 
+# Putting a file's bytes in the kernel's page cache (FUSE_NOTIFY_STORE): libfuse's low-level
+# call, with its buffer structs (fuse_common.h, libfuse 3).
+class _FuseBuf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufvec(ctypes.Structure):
+    # Zeros after the one buffer: room for fields a later libfuse may add at its end.
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _FuseBuf), ("_room", ctypes.c_char * 64)]
+
+
+# Bytes per FUSE_NOTIFY_STORE (each is read from the cache file, then copied by the kernel).
+STORE_CHUNK_BYTES = 1 << 20
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_STATX_DONT_SYNC = 0x4000   # the kernel's cached attributes: no request to us
+STATX_INO = 0x100
+STATX_BUFFER_BYTES = 256
+STATX_INO_OFFSET = 32         # struct statx: mask, blksize, attributes, nlink, uid, gid, mode, pad, ino
+
+
+def _bind(library, name: str, restype, *argtypes):
+    """A private prototype of *name* in *library* (None if missing), leaving the binding's own alone."""
+    try:
+        return ctypes.CFUNCTYPE(restype, *argtypes)((name, library))
+    except (AttributeError, OSError):
+        return None
+
+
+_get_session = _bind(mfusepy._libfuse, "fuse_get_session", ctypes.c_void_p, ctypes.c_void_p)
+_notify_store = _bind(mfusepy._libfuse, "fuse_lowlevel_notify_store", ctypes.c_int, ctypes.c_void_p,
+                      ctypes.c_uint64, ctypes.c_int64, ctypes.POINTER(_FuseBufvec), ctypes.c_int)
+_statx = _bind(ctypes.CDLL(None, use_errno=True), "statx", ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+               ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+
+
 STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
 
 
@@ -296,27 +334,71 @@ class YeastarFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, core, *, on_ready: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, core, *, on_ready: Optional[Callable[[], None]] = None,
+                 mountpoint: Optional[str] = None) -> None:
         self.core = core
         self._on_ready = on_ready
+        self._mountpoint = mountpoint
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
         core.set_invalidator(self.invalidate)
+        core.set_page_filler(self.kernel_inode, self.fill_page_cache)
 
     def stat_fields(self) -> tuple[int, int]:
         return self.core.uid, self.core.gid
 
-    def invalidate(self, path: str) -> None:
-        """Make the kernel forget cached attributes of *path* (its size became exact).
+    def invalidate(self, path: str) -> bool:
+        """Make the kernel forget cached attributes and pages of *path* (its size became
+        exact); True when it holds nothing stale of it now (forgotten, or never looked up).
 
-        Called from download threads, never from a FUSE callback for the same path.
+        Called from download threads, and from ``open`` of that very path (libfuse releases
+        its tree lock before calling ``open``, and the kernel holds no page or inode lock
+        during FUSE_OPEN).
         """
         if self._fuse_ptr is None or not FusePlus.can_invalidate():
-            return  # libfuse 2: mount.py then keeps attribute timeouts at 1 s instead
+            return False  # libfuse 2: mount.py then keeps attribute timeouts at 1 s instead
         try:
-            mfusepy._libfuse.fuse_invalidate_path(self._fuse_ptr, path.encode("utf-8", "surrogateescape"))
-        except Exception as exc:  # noqa: BLE001 - -ENOENT when the kernel never looked the path up
+            result = mfusepy._libfuse.fuse_invalidate_path(self._fuse_ptr, path.encode("utf-8", "surrogateescape"))
+        except Exception as exc:  # noqa: BLE001 - a binding without the call: the kernel keeps what it has
             log.debug("fs: invalidate %s failed: %s", path, exc)
+            return False
+        # -ENOENT: libfuse has no node for the path, so the kernel has no inode (and no size) of it.
+        return result in (0, -errno.ENOENT)
+
+    def kernel_inode(self, path: str) -> Optional[int]:
+        """The kernel's inode number of *path* as it holds it now, asking us nothing (its
+        cached attributes; libfuse numbers inodes by its node ids); None if unknown. Safe
+        inside ``open`` of that path: the kernel has just looked the path up."""
+        if self._mountpoint is None or _statx is None:
+            return None
+        buffer = ctypes.create_string_buffer(STATX_BUFFER_BYTES)
+        full_path = os.path.join(self._mountpoint, path.lstrip("/")).encode("utf-8", "surrogateescape")
+        if _statx(AT_FDCWD, full_path, AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC, STATX_INO, buffer) != 0:
+            return None
+        mask = int.from_bytes(buffer.raw[:4], sys.byteorder)
+        return int.from_bytes(buffer.raw[STATX_INO_OFFSET:STATX_INO_OFFSET + 8], sys.byteorder) \
+            if mask & STATX_INO else None
+
+    def fill_page_cache(self, inode: int, size_bytes: int, pread: Callable[[int, int], bytes]) -> bool:
+        """Store a file's *size_bytes* (``pread(n, offset)``) in the kernel's page cache for
+        *inode* (FUSE_NOTIFY_STORE); True when all of it is there. The kernel keeps the pages
+        only for opens with ``keep_cache``; the core decides when that is right."""
+        if self._fuse_ptr is None or not FusePlus.is_libfuse3() or _get_session is None or _notify_store is None:
+            return False
+        session = _get_session(self._fuse_ptr)
+        offset = 0
+        while offset < size_bytes:
+            data = pread(min(STORE_CHUNK_BYTES, size_bytes - offset), offset)
+            if not data:
+                return False
+            vector = _FuseBufvec(count=1, buf=_FuseBuf(size=len(data), mem=ctypes.cast(ctypes.c_char_p(data),
+                                                                                        ctypes.c_void_p), fd=-1))
+            result = _notify_store(session, inode, offset, ctypes.byref(vector), 0)
+            if result != 0:  # -ENOENT: the kernel forgot the inode meanwhile
+                log.debug("fs: page cache store of inode %d at %d failed: %s", inode, offset, -result)
+                return False
+            offset += len(data)
+        return True
 
     # -- filesystem operations ---------------------------------------------------------------
 

@@ -49,7 +49,8 @@ def make_core(pbx, make_client, tmp_path):
         core = Core(index, cache, None, uid=0, gid=0, **core_options)
         core.downloads = DownloadManager(make_client(pbx).open_recording, cache, stall_timeout_s=10.0,
                                          on_size=core.size_learned, on_complete=core.download_complete,
-                                         on_gone=core.recording_gone, on_range=core.range_learned)
+                                         on_gone=core.recording_gone, on_range=core.range_learned,
+                                         on_commit=core.download_committed)
         return core
 
     def stop(core: Core) -> None:

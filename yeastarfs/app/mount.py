@@ -127,7 +127,8 @@ class Mount:
         self.downloads = DownloadManager(self.pbx.open_stream, self.cache, max_downloads=config.max_downloads,
                                          stall_timeout_s=config.stall_timeout_s,
                                          on_size=self._size_learned, on_complete=self._download_complete,
-                                         on_gone=self._recording_gone, on_range=self._range_learned)
+                                         on_gone=self._recording_gone, on_range=self._range_learned,
+                                         on_commit=self._download_committed)
         stack.callback(self.downloads.stop)
         self.core = Core(self.index, self.cache, self.downloads, status=self.stats,
                          uid=config.uid, gid=config.gid, umask=config.umask,
@@ -190,6 +191,9 @@ class Mount:
 
     def _download_complete(self, name: str, size_bytes: int) -> None:
         self.core.download_complete(name, size_bytes)
+
+    def _download_committed(self, name: str, size_bytes: int, pread) -> None:
+        self.core.download_committed(name, size_bytes, pread)
 
     def _recording_gone(self, name: str) -> None:
         self.core.recording_gone(name)
@@ -269,7 +273,7 @@ class Mount:
             heartbeat.start(on_ready)
 
         timeout_s = ATTR_TIMEOUT_S if FusePlus.can_invalidate() else ATTR_TIMEOUT_NO_INVALIDATE_S
-        self.fs = YeastarFS(self.core, on_ready=kernel_mounted)
+        self.fs = YeastarFS(self.core, on_ready=kernel_mounted, mountpoint=self.mountpoint)
         options = dict(foreground=True, ro=True, nosuid=True, nodev=True, default_permissions=True,
                        fsname=f"yeastarfs:{self.config.pbx_host}", subtype="yeastarfs",
                        attr_timeout=timeout_s, entry_timeout=timeout_s)
