@@ -105,11 +105,16 @@ NAME_MAX_BYTES = 255
 
 @dataclasses.dataclass(frozen=True)
 class Attributes:
-    """What ``stat`` says of an entry (owner and mode bits come from `Core.mode_of`)."""
+    """What ``stat`` says of an entry (owner and mode bits come from `Core.mode_of`).
+
+    ``stored_bytes`` is what this machine holds of it on disk: a cached recording's size, 0 for
+    one not cached (and for folders) — the adapter's ``st_blocks``, so ``du`` tells the truth.
+    """
 
     is_dir: bool
     size_bytes: int
     mtime_ns: int
+    stored_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +231,12 @@ class Core:
             handle = self._handles.get(fh) if fh is not None else None
         size_bytes = self._file_size(entry, handle)
         self._remember_size(entry.name, size_bytes)
-        return Attributes(False, size_bytes, entry.mtime_ns)
+        return Attributes(False, size_bytes, entry.mtime_ns, self.cache.size_of(entry.name) or 0)
 
-    def list(self, path: str, after: str = "", skip: int = 0, limit: int = -1) -> list[tuple[str, bool, int, int]]:
-        """``(name, is_dir, size_bytes, mtime_ns)`` of the entries of folder *path*, by name.
+    def list(self, path: str, after: str = "", skip: int = 0,
+             limit: int = -1) -> list[tuple[str, bool, int, int, int]]:
+        """``(name, is_dir, size_bytes, mtime_ns, stored_bytes)`` of the entries of folder *path*, by name
+        (`Attributes` says what each means).
 
         All of them, or a page: those named after *after*, *skip* more left out, at most
         *limit* (the adapter pages through a day of a million recordings this way, in
@@ -242,13 +249,14 @@ class Core:
             raise errors.NoSuchPathError(path)
         listing = []
         for name, is_dir, size_bytes, mtime_ns, gone in entries:
+            cached = None
             if not is_dir:
                 cached = self.cache.size_of(name)  # a cached file's size is exact even if not indexed so
                 if gone and cached is None:
                     continue  # deleted on the PBX and not kept here: it has left its folder
                 size_bytes = cached if cached is not None else size_bytes
                 self._reported_sizes[name] = size_bytes  # unlocked: a dict store is atomic
-            listing.append((name, is_dir, size_bytes, mtime_ns))
+            listing.append((name, is_dir, size_bytes, mtime_ns, cached or 0))
         if len(self._reported_sizes) >= REPORTED_SIZES_MAX:
             with self._lock:
                 self._reported_sizes.clear()
