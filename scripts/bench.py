@@ -107,7 +107,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_peers import (INSTALL_HINT, PEER_NAMES, FileServer, PeerMount, RemoteService,  # noqa: E402
-                         find_peers)
+                         count_acked_bytes, find_peers)
 from harness import MountProcess, date_path, wait_stable, write_password_file  # noqa: E402 - after the path
 
 from yeastarfs.downloads import INITIAL_WINDOW_BYTES  # noqa: E402
@@ -226,6 +226,7 @@ def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
     """In the child process: a started Simulator and the operations the benchmark calls."""
     from yeastarfs.sim.sseries import Simulator
     sim = Simulator(username=USER, password=password).start()
+    acked_bytes = count_acked_bytes(sim._http)  # the simulator's HTTP server (a socketserver)
     ops: dict[str, Callable] = {
         "base_url": lambda: sim.base_url,
         "add": lambda specs: [sim.add_recording(announce=False, **spec).name for spec in specs],
@@ -234,6 +235,7 @@ def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
         "bandwidth": lambda bps: setattr(sim, "bandwidth_bps", bps),
         "counters": lambda: dict(sim.counters),
         "downloaded": sim.downloaded_bytes,
+        "acked": acked_bytes,
         "sha256": lambda name: sim.recordings[name].sha256,
     }
     return ops, sim.stop
@@ -865,11 +867,13 @@ def case_reread(b: Bench) -> list[Result]:
 
 def case_sniff(b: Bench) -> list[Result]:
     """``--sniff-files`` × (open, read 4 KiB, close) of uncached ``--sniff-mb`` recordings with
-    the PBX sending at ``--lan-mbps``: body bytes the PBX (the peers: their HTTP server) sent,
-    per sniff, once every transfer stopped. Goal: within 4 flow-control windows."""
+    the PBX sending at ``--lan-mbps``, once every transfer stopped: the bytes that crossed the
+    network per sniff (what the reader's kernel acknowledged), and in the note what the PBX
+    wrote (that and its own send buffer, which an early close throws away unsent). The peers:
+    their HTTP server, at the same rate. Goal: within 4 flow-control windows."""
     count, window = b.args.sniff_files, INITIAL_WINDOW_BYTES
     bps = int(b.args.lan_mbps * 1_000_000 / 8)
-    mine, peers = [], collections.defaultdict(list)
+    mine, written, peers = [], [], collections.defaultdict(list)
     b.sim.call("bandwidth", bps)
     if b.peer_files:
         b.peer_files.server.call("bandwidth", bps)
@@ -877,20 +881,20 @@ def case_sniff(b: Bench) -> list[Result]:
         for run in range(b.args.runs):
             recs = b.pool.take("sniff", count)
             b.sim.call("warm", [rec.name for rec in recs])
-            before = b.sim.call("downloaded")
+            acked, sent = b.sim.call("acked"), b.sim.call("downloaded")
             for rec in recs:
                 sniff(b.main.recording_path(rec.name))
             settle("sniff", b.main.wait_settled)
-            sent = wait_stable(lambda: b.sim.call("downloaded"), quiet_s=0.3, timeout_s=15) - before
-            mine.append(sent / count / 1000)
-            text = f"mount {mine[-1]:.0f} KB per sniff"
+            mine.append((wait_stable(lambda: b.sim.call("acked"), quiet_s=0.3, timeout_s=15) - acked) / count / 1000)
+            written.append((b.sim.call("downloaded") - sent) / count / 1000)
+            text = f"mount {mine[-1]:.0f} KB crossed per sniff ({written[-1]:.0f} KB written by the PBX)"
             peer_files = b.peer_files.take("sniff", count) if b.peers else []
             for peer in b.peers:
-                before = b.peer_files.server.body_bytes()
+                acked = b.peer_files.server.acked_bytes()
                 for peer_file in peer_files:
                     sniff(peer.path(peer_file))
-                sent = wait_stable(b.peer_files.server.body_bytes, quiet_s=0.5, timeout_s=30) - before
-                peers[peer.name].append(sent / count / 1000)
+                crossed = wait_stable(b.peer_files.server.acked_bytes, quiet_s=0.5, timeout_s=30) - acked
+                peers[peer.name].append(crossed / count / 1000)
                 text += f", {peer.name} {peers[peer.name][-1]:.0f} KB"
             say("sniff", run, text)
     finally:
@@ -898,10 +902,10 @@ def case_sniff(b: Bench) -> list[Result]:
         if b.peer_files:
             b.peer_files.server.call("bandwidth", None)
     label = (f"sniff: open, {SNIFF_BYTES // 1024} KiB, close of a {b.args.sniff_mb:g} MB recording, "
-             f"PBX at {b.args.lan_mbps:g} Mbit/s: KB sent per sniff")
-    note = (f"needed {SNIFF_BYTES / 1000:g} KB per sniff; flow-control window {window // 1024} KiB; "
-            f"socket buffers (tcp_rmem / tcp_wmem min default max): {_sysctl('net/ipv4/tcp_rmem')} / "
-            f"{_sysctl('net/ipv4/tcp_wmem')}")
+             f"PBX at {b.args.lan_mbps:g} Mbit/s: KB crossing per sniff")
+    note = (f"needed {SNIFF_BYTES / 1000:g} KB per sniff; flow-control window {window // 1024} KiB; the PBX wrote "
+            f"{statistics.median(written):.0f} KB per sniff (median; its send buffer included); socket buffers "
+            f"(tcp_rmem / tcp_wmem min default max): {_sysctl('net/ipv4/tcp_rmem')} / {_sysctl('net/ipv4/tcp_wmem')}")
     return [Result("sniff", label, "KB", mine, None, f"<= {4 * window / 1000:.0f} KB (4 windows)",
                    lambda m, _b, _r: m <= 4 * window / 1000, note, peers=dict(peers))]
 
@@ -1005,6 +1009,16 @@ MAIN_CASE_FUNCTIONS = {
 }
 
 
+def _peer_version(tool) -> str:
+    """The peer's own version line (httpdirfs prints libfuse's too)."""
+    try:
+        out = subprocess.run([tool.binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{tool.name} (version unavailable: {exc})"
+    lines = (out.stdout + "\n" + out.stderr).splitlines()
+    return next((line.strip() for line in lines if tool.name in line.lower()), tool.name)
+
+
 class PeerFiles:
     """The folder the peers' HTTP server serves: the ls day (files of a typical recording's
     size, sparse) and the recordings the read cases take, each read once by each peer. All
@@ -1068,7 +1082,7 @@ def prepare_peers(b: Bench, stack: contextlib.ExitStack) -> None:
                          os.path.join(b.tmp, f"cache-{tool.name}"), os.path.join(b.tmp, f"{tool.name}.log"))
         stack.callback(peer.stop)
         b.peers.append(peer.start())
-    b.info["peers"] = [f"{tool.name} {_command_line([tool.binary, '--version'])}" for tool in tools]
+    b.info["peers"] = [_peer_version(tool) for tool in tools]
     print("peers: " + "; ".join(b.info["peers"]), flush=True)
 
 

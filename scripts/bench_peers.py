@@ -23,7 +23,10 @@ import os
 import re
 import shutil
 import signal
+import socket
+import socketserver
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -87,6 +90,53 @@ class RemoteService:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Bytes that crossed: what the clients' kernels acknowledged
+
+# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked after 104 bytes of u8/u32 fields and
+# two u64 pacing rates.
+TCP_INFO_BYTES = 232
+TCPI_BYTES_ACKED_OFFSET = 120
+
+
+def _bytes_acked(sock) -> int:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
+    except OSError:
+        return 0
+    return int.from_bytes(info[TCPI_BYTES_ACKED_OFFSET:TCPI_BYTES_ACKED_OFFSET + 8], sys.byteorder) \
+        if len(info) >= TCPI_BYTES_ACKED_OFFSET + 8 else 0
+
+
+def count_acked_bytes(server: socketserver.BaseServer) -> Callable[[], int]:
+    """Make *server* (a socketserver in this process) count the bytes its clients' kernels
+    acknowledged, over connections closed and still open: what crossed the network, unlike
+    what the server wrote (which includes its own send buffer, megabytes on loopback, never
+    sent when the client closes early). Returns the counter's reader."""
+    lock, live, closed = threading.Lock(), set(), [0]
+    process_request, shutdown_request = server.process_request, server.shutdown_request
+
+    def tracked_process(request, client_address) -> None:
+        with lock:
+            live.add(request)
+        process_request(request, client_address)
+
+    def tracked_shutdown(request) -> None:
+        acked = _bytes_acked(request)
+        with lock:
+            if request in live:
+                live.discard(request)
+                closed[0] += acked
+        shutdown_request(request)
+
+    def total() -> int:
+        with lock:
+            return closed[0] + sum(_bytes_acked(request) for request in live)
+
+    server.process_request, server.shutdown_request = tracked_process, tracked_shutdown
+    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,6 +240,7 @@ def _build_file_server(root: str) -> tuple[dict, Callable[[], None]]:
     counters = _Counters()
     handler = type("Handler", (_RangeHandler,), {"counters": counters})
     server = _QuietServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=root))
+    acked_bytes = count_acked_bytes(server)
     threading.Thread(target=server.serve_forever, name="file-server", daemon=True).start()
 
     def reset() -> None:
@@ -203,6 +254,7 @@ def _build_file_server(root: str) -> tuple[dict, Callable[[], None]]:
     ops = {
         "base_url": lambda: f"http://127.0.0.1:{server.server_address[1]}/",
         "body_bytes": lambda: counters.body_bytes,
+        "acked_bytes": acked_bytes,
         "requests": lambda: dict(counters.requests),
         "reset": reset,
         "bandwidth": bandwidth,
@@ -225,6 +277,9 @@ class FileServer(RemoteService):
 
     def body_bytes(self) -> int:
         return self.call("body_bytes")
+
+    def acked_bytes(self) -> int:
+        return self.call("acked_bytes")
 
 
 # ---------------------------------------------------------------------------------------

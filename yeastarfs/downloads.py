@@ -91,6 +91,8 @@ log = logging.getLogger(__name__)
 # A file manager sniffing a file reads a few KiB; 128 KiB covers the header of any audio
 # format and one kernel read-ahead, and keeps what an abandoned open pulls small.
 INITIAL_WINDOW_BYTES = 128 * 1024
+# At most this much per socket read of a download (the stream's own limit applies too).
+READ_MAX_BYTES = 1 << 20
 # After the last reader leaves, keep the connection this long for one who comes right back
 # (a thumbnailer reopens within milliseconds). Short: meanwhile the PBX fills the network
 # buffers (at its link speed), which a sniffer that never returns would waste.
@@ -474,6 +476,8 @@ class Download:
         if self._stream is None:
             self._open_stream()
         while True:
+            if self._pending is None:
+                self._limit_next_read()
             chunk = self._next_chunk()
             if chunk is None:
                 break
@@ -507,6 +511,13 @@ class Download:
         if offset > 0:
             self._manager.learn_range(stream.start_offset == offset)
         self._skip_bytes = self._skip_for(stream.start_offset)
+
+    def _limit_next_read(self) -> None:
+        """Wait for demand *before* reading the socket, and read no more than it allows: bytes
+        left unread stay in the network's buffers, which fill and make TCP stop the PBX
+        (a sniffed file costs about the window plus those buffers, not a socket read's worth)."""
+        allowed = self._wait_for_demand()  # may park: nothing read is left waiting
+        self._stream.read_size_bytes = READ_MAX_BYTES if allowed is None else max(1, min(READ_MAX_BYTES, allowed))
 
     def _next_chunk(self) -> Optional[bytes]:
         if self._pending is not None:

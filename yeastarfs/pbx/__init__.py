@@ -42,10 +42,14 @@ class RecordingStream(Protocol):
         start_offset: the file offset of the first byte `chunks` yields (the offset asked
             for, or 0 when the PBX ignored the request to start elsewhere).
         total_bytes: the whole recording's size as the PBX announced it, or None.
+        read_size_bytes: at most this many bytes per read of the network (the caller lowers
+            it to what flow control allows, so that unread bytes stay in the network's
+            buffers, where TCP stops the PBX, rather than in this process).
     """
 
     start_offset: int
     total_bytes: Optional[int]
+    read_size_bytes: int
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the bytes as they arrive; raise a PbxError when the transfer breaks or the

@@ -66,6 +66,8 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 # Bytes asked of the socket per read: large for throughput, but `read1` returns whatever
 # has arrived, so a slow PBX's first bytes reach readers at once.
 DOWNLOAD_READ_BYTES = 1 << 20
+# The first read of a download, before its reader asked for anything.
+FIRST_READ_BYTES = 64 * 1024
 # A JSON reply (and an error reply instead of audio) is tiny: read at most this much of it.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # One CDR request covers at most a day; even 100,000 calls a day are ~20 MB of CSV.
@@ -108,6 +110,7 @@ class RecordingStream:
         self._pending = first_chunk
         self._body_bytes = body_bytes          # Content-Length of this reply, if any
         self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
+        self.read_size_bytes = DOWNLOAD_READ_BYTES  # the caller lowers it to what it may take now
 
     def chunks(self) -> Iterator[bytes]:
         """Yield body bytes as they arrive, exactly the announced body and nothing else.
@@ -141,7 +144,7 @@ class RecordingStream:
 
     def _read(self) -> bytes:
         try:
-            return self._response.raw.read1(DOWNLOAD_READ_BYTES)
+            return self._response.raw.read1(max(1, min(DOWNLOAD_READ_BYTES, self.read_size_bytes)))
         except Exception as exc:  # urllib3 wraps socket errors in many types
             raise _stream_error(exc) from None
 
@@ -396,7 +399,8 @@ class PbxClient:
             raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
         reads_to_close = _read_to_close(response)
         try:
-            first = response.raw.read1(DOWNLOAD_READ_BYTES)
+            # Enough to tell audio from a JSON or HTML answer; the rest waits for flow control.
+            first = response.raw.read1(FIRST_READ_BYTES)
         except Exception as exc:
             raise _stream_error(exc) from None
         content_type = response.headers.get("Content-Type", "").lower()
