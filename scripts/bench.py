@@ -279,10 +279,15 @@ class Pool:
         self._free[group] += [Rec(name, size_bytes) for name in self._sim.call("add", specs)]
 
     def take(self, group: str, count: int = 1) -> list[Rec]:
-        taken, self._free[group] = self._free[group][:count], self._free[group][count:]
-        if len(taken) < count:
-            raise RuntimeError(f"not enough fresh recordings planned for {group}")
-        return taken
+        return take_planned(self._free, group, count)
+
+
+def take_planned(free: dict[str, list], group: str, count: int) -> list:
+    """*count* of *group*'s planned recordings, each handed out once."""
+    taken, free[group] = free[group][:count], free[group][count:]
+    if len(taken) < count:
+        raise RuntimeError(f"not enough fresh recordings planned for {group}")
+    return taken
 
 
 def plan_recordings(pool: Pool, args: argparse.Namespace) -> None:
@@ -1049,10 +1054,7 @@ class PeerFiles:
 
     def take(self, group: str, count: int = 1) -> list[str]:
         """Paths relative to a mount of recordings planned for *group*, not taken before."""
-        taken, self._free[group] = self._free[group][:count], self._free[group][count:]
-        if len(taken) < count:
-            raise RuntimeError(f"not enough peer recordings planned for {group}")
-        return taken
+        return take_planned(self._free, group, count)
 
 
 def plan_peer_files(files: PeerFiles, args: argparse.Namespace) -> None:
