@@ -72,6 +72,9 @@ OPEN_SIZE_WAIT_S = 5.0
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
 REPORTED_SIZES_MAX = 20_000
+# A download larger than this is not copied into the page cache at its commit: its reader
+# would wait for the copy, and the pages would push out others (an hour of PCM is 58 MB).
+PAGE_CACHE_FILL_MAX_BYTES = 128 << 20
 # Learned bytes-per-second of this PBX's recordings, kept in the index between runs.
 RATE_META_KEY = "estimate_bytes_per_s"
 # Whether this PBX honours Range ("1"/"0"), kept in the index between runs.
@@ -390,7 +393,7 @@ class Core:
         with self._lock:
             inode = self._inodes.pop(name, None)
             told = self._reported_sizes.get(name) == size_bytes
-        if inode is None or not told:
+        if inode is None or not told or size_bytes > PAGE_CACHE_FILL_MAX_BYTES:
             return
         if self._fill_pages(inode, size_bytes, pread):
             log.debug("recording %s: %d bytes put in the page cache", name, size_bytes)

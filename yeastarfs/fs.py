@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import functools
 import logging
@@ -270,8 +271,11 @@ AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_STATX_DONT_SYNC = 0x4000   # the kernel's cached attributes: no request to us
 STATX_INO = 0x100
+STATX_TYPE = 0x1
+STATX_MODE = 0x2
 STATX_BUFFER_BYTES = 256
-STATX_INO_OFFSET = 32         # struct statx: mask, blksize, attributes, nlink, uid, gid, mode, pad, ino
+# struct statx (linux/stat.h): offsets of stx_mode (u16), stx_ino (u64), stx_dev_major and _minor (u32).
+STATX_MODE_OFFSET, STATX_INO_OFFSET, STATX_DEV_OFFSET = 28, 32, 136
 
 
 def _bind(library, name: str, restype, *argtypes):
@@ -287,6 +291,44 @@ _notify_store = _bind(mfusepy._libfuse, "fuse_lowlevel_notify_store", ctypes.c_i
                       ctypes.c_uint64, ctypes.c_int64, ctypes.POINTER(_FuseBufvec), ctypes.c_int)
 _statx = _bind(ctypes.CDLL(None, use_errno=True), "statx", ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelStat:
+    inode: int
+    mode: int
+    device: tuple[int, int]
+
+
+def _statx_of(path: str) -> Optional[_KernelStat]:
+    """What the kernel has cached of *path* (statx with AT_STATX_DONT_SYNC: no FUSE request)."""
+    buffer = ctypes.create_string_buffer(STATX_BUFFER_BYTES)
+    wanted = STATX_TYPE | STATX_MODE | STATX_INO
+    if _statx(AT_FDCWD, path.encode("utf-8", "surrogateescape"), AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC,
+              wanted, buffer) != 0:
+        return None
+    raw = buffer.raw
+    if int.from_bytes(raw[:4], sys.byteorder) & wanted != wanted:
+        return None
+    major = int.from_bytes(raw[STATX_DEV_OFFSET:STATX_DEV_OFFSET + 4], sys.byteorder)
+    minor = int.from_bytes(raw[STATX_DEV_OFFSET + 4:STATX_DEV_OFFSET + 8], sys.byteorder)
+    return _KernelStat(int.from_bytes(raw[STATX_INO_OFFSET:STATX_INO_OFFSET + 8], sys.byteorder),
+                       int.from_bytes(raw[STATX_MODE_OFFSET:STATX_MODE_OFFSET + 2], sys.byteorder), (major, minor))
+
+
+def _is_fuse_mount(mountpoint: str, device: tuple[int, int]) -> bool:
+    """Whether /proc/self/mountinfo has a FUSE mount at *mountpoint* on *device* (no request to us)."""
+    wanted = f"{device[0]}:{device[1]}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                # id parent major:minor root mount-point options... - fstype source options
+                if len(fields) > 6 and fields[2] == wanted and fields[4] == mountpoint and "-" in fields:
+                    return fields[fields.index("-") + 1].startswith("fuse")
+    except OSError:
+        pass
+    return False
 
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
@@ -345,6 +387,7 @@ class YeastarFS(mfusepy.Operations):
         self.core = core
         self._on_ready = on_ready
         self._mountpoint = mountpoint
+        self._device: Optional[tuple[int, int]] = None  # the mount's (major, minor), first seen in kernel_inode
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
         core.set_invalidator(self.invalidate)
@@ -372,18 +415,26 @@ class YeastarFS(mfusepy.Operations):
         return result in (0, -errno.ENOENT)
 
     def kernel_inode(self, path: str) -> Optional[int]:
-        """The kernel's inode number of *path* as it holds it now, asking us nothing (its
-        cached attributes; libfuse numbers inodes by its node ids); None if unknown. Safe
-        inside ``open`` of that path: the kernel has just looked the path up."""
+        """The kernel's inode number of *path* in this mount, asking us nothing (its cached
+        attributes; libfuse numbers inodes by its node ids); None if unknown or not ours.
+        Safe inside ``open`` of that path: the kernel has just looked the path up.
+
+        The number is used for FUSE_NOTIFY_STORE on this connection, so it must be this
+        mount's: the file must be a regular file on the mountpoint's device, an anonymous
+        one (FUSE's), the same device as the first time (nothing mounted over us since).
+        """
         if self._mountpoint is None or _statx is None:
             return None
-        buffer = ctypes.create_string_buffer(STATX_BUFFER_BYTES)
-        full_path = os.path.join(self._mountpoint, path.lstrip("/")).encode("utf-8", "surrogateescape")
-        if _statx(AT_FDCWD, full_path, AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC, STATX_INO, buffer) != 0:
+        file_ = _statx_of(os.path.join(self._mountpoint, path.lstrip("/")))
+        root = _statx_of(self._mountpoint)
+        if file_ is None or root is None or not stat.S_ISREG(file_.mode) or file_.device != root.device \
+                or root.device[0] != 0:
             return None
-        mask = int.from_bytes(buffer.raw[:4], sys.byteorder)
-        return int.from_bytes(buffer.raw[STATX_INO_OFFSET:STATX_INO_OFFSET + 8], sys.byteorder) \
-            if mask & STATX_INO else None
+        if self._device is None:
+            if not _is_fuse_mount(self._mountpoint, root.device):
+                return None
+            self._device = root.device
+        return file_.inode if root.device == self._device else None
 
     def fill_page_cache(self, inode: int, size_bytes: int, pread: Callable[[int, int], bytes]) -> bool:
         """Store a file's *size_bytes* (``pread(n, offset)``) in the kernel's page cache for

@@ -8,11 +8,12 @@ from __future__ import annotations
 import ctypes.util
 import errno
 import os
+import tempfile
 
 import pytest
 
 from yeastarfs import fs
-from yeastarfs.fs import FusePlus, _prefer_libfuse3
+from yeastarfs.fs import FusePlus, YeastarFS, _prefer_libfuse3
 
 
 def test_libfuse3_is_preferred_when_both_are_installed():
@@ -38,3 +39,27 @@ def test_other_namespaces_are_unsupported_before_python(name):
     # self is never touched on this path: nothing is decoded, raised or logged.
     assert FusePlus.getxattr(None, b"/2026/11/27/x.wav", name, None, 0) == -errno.EOPNOTSUPP
     assert fs.XATTR_NAMESPACE_UNSUPPORTED not in (errno.ENODATA, errno.ENOSYS)
+
+
+def test_the_page_cache_store_takes_inodes_of_its_own_fuse_mount_only(tmp_path):
+    """The inode goes to FUSE_NOTIFY_STORE on this connection: one of another filesystem
+    (a folder that is not the mount, or something mounted over it) must never be used."""
+    (tmp_path / "2026").mkdir()
+    (tmp_path / "2026" / "a.wav").write_bytes(b"RIFF")
+
+    class NoCore:
+        uid = gid = 0
+
+        def set_invalidator(self, invalidate):
+            pass
+
+        def set_page_filler(self, inode_of, fill):
+            pass
+
+    assert YeastarFS(NoCore(), mountpoint=str(tmp_path)).kernel_inode("/2026/a.wav") is None  # a disk's folder
+    assert YeastarFS(NoCore()).kernel_inode("/2026/a.wav") is None  # no mountpoint known
+    if os.path.isdir("/dev/shm"):  # an anonymous device like FUSE's, but not a FUSE mount
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            os.makedirs(os.path.join(shm, "2026"))
+            open(os.path.join(shm, "2026", "a.wav"), "wb").close()
+            assert YeastarFS(NoCore(), mountpoint=shm).kernel_inode("/2026/a.wav") is None
