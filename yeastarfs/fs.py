@@ -11,11 +11,15 @@ READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-fil
 and refuses extended attributes outside ``user.*`` as unsupported (EOPNOTSUPP) before they
 reach Python, which makes ``ls -l`` stop asking for them after the first file.
 ``YeastarFS.invalidate`` makes the kernel forget a path's cached attributes (libfuse 3),
-which lets the mount use long attribute timeouts. All of this needs libfuse 3, which is
-loaded even where libfuse 2 is installed too (`_prefer_libfuse3`).
+which lets the mount use long attribute timeouts, and ``fill_page_cache`` stores a file's
+bytes in the kernel's page cache (FUSE_NOTIFY_STORE) for the inode ``kernel_inode`` found;
+the core decides when either is right. All of this needs libfuse 3, which is loaded even
+where libfuse 2 is installed too (`_prefer_libfuse3`).
 
-Threading: mfusepy calls back on many threads; the adapter has no state of its own but the
-libfuse pointer, set once in ``init``. The core is thread-safe.
+Threading: mfusepy calls back on many threads (libfuse's workers, each keeping its Python
+thread state: `FusePlus._wrapper`); the adapter's state is the libfuse pointer, set once
+in ``init``, and the mount's device, set once by the first ``kernel_inode`` (a benign
+race: every thread would set the same value). The core is thread-safe.
 """
 
 from __future__ import annotations
