@@ -4,7 +4,8 @@ Every callback calls one method of the core (``core.Core``), which holds all the
 and converts its answer into what mfusepy wants; ``open`` also tells the core who is asking
 (the pid and uid of the FUSE request, which only the binding can read). The errno of every failure is chosen in
 exactly one place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never
-the binding's EINVAL. This is the only module that imports mfusepy.
+the binding's EINVAL; ``_translated`` also times every callback and counts its errno
+(`metrics.FuseOperation`). This is the only module that imports mfusepy.
 
 Listings: ``FusePlus`` (a small subclass of mfusepy's ``FUSE``) answers the kernel's
 READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup,
@@ -25,11 +26,12 @@ import functools
 import logging
 import os
 import stat
+import time
 from typing import Callable, Optional
 
 import mfusepy
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.core import BLOCK_SIZE_BYTES
 from yeastarfs.readers import Reader
 
@@ -70,21 +72,29 @@ def _errno_for(exc: BaseException) -> int:
 
 
 def _translated(method: Callable) -> Callable:
-    """Run a FUSE callback so that every exception leaves it as FuseOSError(errno)."""
+    """Run a FUSE callback so that every exception leaves it as FuseOSError(errno), and
+    measure it (`metrics.FuseOperation`: its time, and its errno when it fails)."""
+
+    measured = metrics.fuse_operation(method.__name__)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        started_s = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
-        except mfusepy.FuseOSError:
+        except mfusepy.FuseOSError as exc:
+            measured.failed(exc.errno)
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the one translation point
             if not isinstance(exc, Exception):
                 raise
             code = _errno_for(exc)
+            measured.failed(code)
             if code == errno.EIO and isinstance(exc, errors.YeastarfsError) and not isinstance(exc, errors.TreeError):
                 log.warning("fs: %s %s: %s", method.__name__, args[0] if args else "", exc)
             raise mfusepy.FuseOSError(code) from None
+        finally:
+            measured.observe(time.perf_counter() - started_s)
 
     return wrapper
 
