@@ -417,6 +417,11 @@ OPTIONS: tuple[Option, ...] = (
         Option("log_level", metavar="LEVEL", field="log_level", default="INFO",
                choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                help="the least severe messages logged: `DEBUG`, `INFO`, `WARNING` or `ERROR`"),
+        Option("metrics_port", metavar="PORT", field="metrics_port", parse=_whole_number, default_doc="off",
+               help="serve Prometheus metrics at `http://ADDRESS:PORT/metrics` (`0`: any free port, logged)",
+               valid=lambda port: 0 <= port <= 65535, invalid="must be 0-65535 (0 picks a free port)"),
+        Option("metrics_address", metavar="ADDRESS", field="metrics_address", default="127.0.0.1",
+               help="where `--metrics-port` listens; anything but loopback lets other hosts read the metrics"),
     ),
 )
 
