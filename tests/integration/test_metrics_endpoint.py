@@ -3,6 +3,7 @@ client's own parser, against what the simulator counted and what the reads did."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.request
@@ -18,6 +19,7 @@ REQUESTS = "yeastarfs_pbx_requests_total"
 RECEIVED = "yeastarfs_download_received_bytes_total"
 FUSE_COUNT = "yeastarfs_fuse_operation_seconds_count"
 FUSE_ERRORS = "yeastarfs_fuse_errors_total"
+HEAD_BYTES = 64 * 1024
 
 
 def scrape(port: int) -> list:
@@ -43,7 +45,14 @@ def test_a_scrape_counts_exactly_the_requests_bytes_and_operations_of_the_reads(
     before = scrape(port)
     assert pbx.downloaded_bytes() == 0
 
-    for rec in recordings:
+    with open(mount.recording_path(recordings[0].name), "rb", buffering=0) as handle:
+        head = handle.read(HEAD_BYTES)
+        during = scrape(port)  # the reader holds the file open, its download in flight
+        rest = handle.read()
+    assert hashlib.sha256(head + rest).hexdigest() == recordings[0].sha256
+    assert value(during, "yeastarfs_downloads") == 1 and value(during, "yeastarfs_cache_bytes", state="pinned") > 0
+    assert value(during, FUSE_COUNT, op="open") - value(before, FUSE_COUNT, op="open") == 1
+    for rec in recordings[1:]:
         assert sha256_of(mount.recording_path(rec.name)) == rec.sha256
     assert sha256_of(mount.recording_path(recordings[0].name)) == recordings[0].sha256  # from the cache
     with pytest.raises(FileNotFoundError):
