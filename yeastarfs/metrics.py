@@ -21,8 +21,10 @@ each of these places::
     metrics.pbx_login("ok" | "rejected" | "unreachable")          # every login attempt
     metrics.token_renewal("ok" | "failed")          # keeping a token alive without a login
 
-*path* may carry a query: only what precedes ``?`` becomes the ``endpoint`` label, so no
-token or random ever reaches a label.
+*path* names the endpoint as the family's API does (``recording/download``); it may carry a
+query: only what precedes ``?`` becomes the ``endpoint`` label, so no token or random ever
+reaches a label. It must never hold a per-recording value (a download link's file id): every
+label value is a series kept for the life of the process.
 
 Cost. A FUSE operation costs one histogram observation (its count is the operation count)
 and, when it fails, one counter increment; before `enable` (a mount without
