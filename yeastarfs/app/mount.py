@@ -4,9 +4,9 @@ Order of construction (and, reversed, of teardown through one ExitStack):
 mountpoint check → cache folder (``cache.CacheDir``: checked, locked) → index → cache →
 downloads → core → PBX session
 and its event sources (``pbx.open_pbx``) → discovery (backfill, then poll and resync) →
-the metrics endpoint (``--metrics-port``, ``app/metrics.py``) → FUSE. Nothing here holds logic worth testing on its own (the policies live in ``core``,
-``downloads``, ``cache``, ``discovery`` and the PBX family); the integration tests
-exercise it through the real CLI.
+the metrics endpoint (``--metrics-port``, ``app/metrics.py``) → FUSE. Nothing here holds
+logic worth testing on its own (the policies live in ``core``, ``downloads``, ``cache``,
+``discovery`` and the PBX family); the integration tests exercise it through the real CLI.
 
 Start-up failures raise ``ConfigError``/``PbxError`` with one clear message. A PBX that
 cannot be reached is fatal only on the very first mount (nothing to show yet); with a
