@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from yeastarfs import errors, metrics
+from yeastarfs.downloads import END_STATES, State
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ CONNECTION_DEADLINE_S = 10.0
 POLL_S = 0.5
 # How long `stop` waits for scrapes in progress before the components are torn down.
 STOP_WAIT_S = 2.0
-# Downloads still in flight, by their `downloads.State` value; ended ones are about to leave.
-DOWNLOAD_STATES = ("queued", "running", "parked", "suspended")
+# Downloads in flight (queued, running, parked, suspended); ended ones are about to leave.
+DOWNLOAD_STATES = tuple(state.value for state in State if state not in END_STATES)
 
 
 # -- what is served ----------------------------------------------------------------------------
