@@ -1,12 +1,13 @@
 """Issue 18: a mount shared over SMB. Several workers, whole recordings, one PBX download each.
 
 A real ``smbd`` (Samba, installed by scripts/setup) runs in the foreground on 127.0.0.1:4455
-with a private configuration. It serves a read-only guest share of a mount made
-``--allow-other``, the README's recipe with the guest as the worker. Several ``smbclient``
-processes at once read every recording through it. smbd reads exactly the size it stats after
-opening. Before this round, a recording not yet cached was served at its estimated size (the
-CDR's whole talk seconds): truncated audio, no error. So the recordings here last a fraction
-of a second more or less than their CDR says.
+with a private configuration. It serves a read-only share of a mount made as the README's
+recipe says (``--allow-other``, the workers' group as ``--gid``, ``--umask 027``) to a Samba
+user of that group. Several ``smbclient`` processes at once read every recording through it.
+smbd reads exactly the size it stats after opening. Before this round, a recording whose exact
+size was not known within an open's few seconds was served at its estimated size (the CDR's
+whole talk seconds): truncated audio, no error. So the recordings here last a fraction of a
+second more or less than their CDR says.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ SMB_CONF = """[global]
   ncalrpc dir = {state}/ncalrpc
   passdb backend = tdbsam:{state}/private/passdb.tdb
   log file = {state}/log.%m
-  map to guest = Bad User
-  guest account = nobody
   load printers = no
   printing = bsd
   printcap name = /dev/null
@@ -55,8 +54,13 @@ SMB_CONF = """[global]
 [{share}]
   path = {path}
   read only = yes
-  guest ok = yes
+  valid users = {user}
+  ea support = no
+  store dos attributes = no
 """
+# The workers' account: Samba's own password for an existing Unix user, who reads the mount as
+# a member of the group it shows (--gid, and --umask 027: nothing for others).
+SMB_USER, SMB_GID, SMB_PASSWORD = "nobody", 65534, "w0rker-Passw0rd"
 # Talk durations in seconds: the CDR gives whole seconds, so the estimates of all but the
 # whole ones are wrong both ways (shorter and longer than the real files).
 DURATIONS_S = (20.3, 33.7, 41.45, 12.55, 27.52, 30.0)
@@ -74,10 +78,11 @@ def _listening(port: int) -> bool:
 
 @pytest.fixture
 def smb_share(require):
-    """``smb_share(path)`` serves *path* as the guest share `SHARE` on `SMB_PORT` until the test ends."""
-    require(_tool("smbd") and _tool("smbclient"), "samba and smbclient are not installed (scripts/setup)")
+    """``smb_share(path)`` serves *path* as the share `SHARE` on `SMB_PORT` until the test ends."""
+    require(_tool("smbd") and _tool("smbclient") and _tool("smbpasswd"),
+            "samba and smbclient are not installed (scripts/setup)")
     require(os.geteuid() == 0, "smbd needs root (CI runs as root)")
-    # smbd's state must be readable by the guest's processes: one asks another's messaging lock
+    # smbd's state must be readable by the workers' processes: one asks another's messaging lock
     # file whether it is alive (pytest's tmp dirs are 0700: every other open would look stale).
     state = pathlib.Path(tempfile.mkdtemp(prefix="yeastarfs-smbd-"))
     state.chmod(0o755)
@@ -88,7 +93,9 @@ def smb_share(require):
         for folder in ("lock", "state", "cache", "pid", "private", "ncalrpc"):
             (state / folder).mkdir(exist_ok=True)
         conf = state / "smb.conf"
-        conf.write_text(SMB_CONF.format(port=SMB_PORT, state=state, share=SHARE, path=path))
+        conf.write_text(SMB_CONF.format(port=SMB_PORT, state=state, share=SHARE, path=path, user=SMB_USER))
+        subprocess.run([_tool("smbpasswd"), "-c", str(conf), "-a", "-s", SMB_USER],
+                       input=f"{SMB_PASSWORD}\n{SMB_PASSWORD}\n", text=True, capture_output=True, check=True)
         log = open(state / "smbd.log", "wb")
         # Its own session: stopping it stops its helpers and its per-client processes too.
         started.append(subprocess.Popen([_tool("smbd"), "--foreground", "--no-process-group", "--debug-stdout",
@@ -106,8 +113,9 @@ def smb_share(require):
 
 
 def smbclient(command: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    """Run one smbclient as the guest; *command* in its own language (``get``, ``ls``…)."""
-    return subprocess.run([_tool("smbclient"), f"//127.0.0.1/{SHARE}", "-p", str(SMB_PORT), "-N", "-m", "SMB3",
+    """Run one smbclient as a worker; *command* in its own language (``get``, ``ls``…)."""
+    return subprocess.run([_tool("smbclient"), f"//127.0.0.1/{SHARE}", "-p", str(SMB_PORT), "-m", "SMB3",
+                           "-U", f"{SMB_USER}%{SMB_PASSWORD}",
                            "-c", command], capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -152,9 +160,10 @@ def add_calls(pbx, durations_s: tuple = DURATIONS_S) -> list:
 
 @pytest.fixture
 def shared_mount(mounted, public_dir, smb_share):
-    """``shared_mount(*options)``: a mount made --allow-other, served by smbd as `SHARE`."""
+    """``shared_mount(*options)``: a mount as the README's recipe makes it, served by smbd as `SHARE`."""
     def start(*options: str):
-        mount = mounted("--allow-other", *options, mountpoint=os.path.join(public_dir, "mnt"))
+        mount = mounted("--allow-other", "--gid", str(SMB_GID), "--umask", "027", *options,
+                        mountpoint=os.path.join(public_dir, "mnt"))
         smb_share(mount.mountpoint)
         return mount
 
