@@ -318,9 +318,9 @@ class YeastarFS(mfusepy.Operations):
     def invalidate(self, path: str) -> None:
         """Make the kernel forget cached attributes of *path* (its size became exact).
 
-        Called from download threads, and from ``open`` for the path being opened (measured
-        safe with libfuse 3.14 and Linux 6.x: the kernel holds no lock of the inode while it
-        waits for a read-only open's reply).
+        Called from download threads, and from ``open`` for the path being opened: measured
+        safe (no deadlock) with libfuse 3.14 and Linux 6.18, for the read-only opens this
+        filesystem allows.
         """
         if self._fuse_ptr is None or not FusePlus.can_invalidate():
             return  # libfuse 2: mount.py then keeps attribute timeouts at 1 s instead

@@ -55,7 +55,6 @@ SMB_CONF = """[global]
   path = {path}
   read only = yes
   valid users = {user}
-  ea support = no
   store dos attributes = no
 """
 # The workers' account: Samba's own password for an existing Unix user, who reads the mount as
@@ -179,7 +178,9 @@ def test_smb_workers_get_whole_recordings_and_the_pbx_sends_each_once(pbx, share
     folders = {smb_path(rec.name).rsplit("\\", 1)[0] for rec in recordings}
     listing = smbclient("; ".join(f'ls "{folder}\\*"' for folder in sorted(folders)))
     assert listing.returncode == 0 and all(rec.name in listing.stdout for rec in recordings), listing.stdout
-    assert pbx.counters["recording/download"] == 0                           # a listing costs the PBX nothing
+    eas = smbclient(f'geteas "{smb_path(recordings[0].name)}"')               # the CDR, as extended attributes
+    assert "yeastar.caller" in eas.stdout and "yeastar.talk_seconds" in eas.stdout, eas.stdout + eas.stderr
+    assert pbx.counters["recording/download"] == 0                           # neither costs the PBX anything
     pbx.bandwidth_bps = 2_000_000  # each download lasts long enough for the workers to meet on it
     workers_copy(recordings, WORKERS, tmp_path)
     assert asked_once_each(pbx, recordings)                                  # one PBX download per recording
