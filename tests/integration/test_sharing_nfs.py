@@ -154,7 +154,7 @@ class NfsWorker:
 STALE = f"NFS3 status {NFS3ERR_STALE}"
 
 
-def test_old_nfs_handles_after_a_remount_are_stale_never_another_recording(pbx, mounted, ganesha, public_dir):
+def test_old_nfs_handles_after_a_remount_are_stale_never_another_recording(pbx, public_dir, mounted, ganesha):
     start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(hours=1)
     recordings = [pbx.add_recording(start=start + dt.timedelta(minutes=i), duration_s=3 + i, announce=False)
                   for i in range(7)]

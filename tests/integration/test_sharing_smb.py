@@ -158,8 +158,11 @@ def add_calls(pbx, durations_s: tuple = DURATIONS_S) -> list:
 
 
 @pytest.fixture
-def shared_mount(mounted, public_dir, smb_share):
-    """``shared_mount(*options)``: a mount as the README's recipe makes it, served by smbd as `SHARE`."""
+def shared_mount(public_dir, mounted, smb_share):
+    """``shared_mount(*options)``: a mount as the README's recipe makes it, served by smbd as `SHARE`.
+
+    (Set up in this order so that they end the other way round: smbd lets go of the mount, the
+    mount goes, then its folder.)"""
     def start(*options: str):
         mount = mounted("--allow-other", "--gid", str(SMB_GID), "--umask", "027", *options,
                         mountpoint=os.path.join(public_dir, "mnt"))
