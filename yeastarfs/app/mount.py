@@ -130,7 +130,8 @@ class Mount:
         stack.callback(self.downloads.stop)
         self.core = Core(self.index, self.cache, self.downloads, status=self.stats,
                          uid=config.uid, gid=config.gid, umask=config.umask,
-                         background_readers=config.background_readers)
+                         background_readers=config.background_readers,
+                         exact_size_readers=config.exact_size_readers)
         self._start_pbx(stack)
         self.discovery = self._start_discovery(stack)
         if config.metrics_port is not None:
@@ -220,6 +221,8 @@ class Mount:
             **self.core.transfer_stats(),
             "fuse_reads": self.core.counters["read"],
             "fuse_getattrs": self.core.counters["getattr"],
+            # Whether NFS handles from an earlier mount fail (README "Sharing with other machines").
+            "nfs_handles": self.fs.handles if self.fs is not None else None,
         }
 
     def watch_signals(self, stack: contextlib.ExitStack) -> None:
