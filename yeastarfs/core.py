@@ -9,21 +9,24 @@ Owns the policies the adapter must not hold:
 
 - **which size is true.** A file's size is the exact size when anything knows it (the
   open handle's download, the cache, the index), else the index's estimate. Every size
-  handed to the kernel is remembered (bounded), because the kernel's page cache may serve
-  a file only when the kernel's size of it is exact: told so, or made to forget what it
-  was told (the adapter's invalidation) so that it asks again before its next read;
-- **which kind of handle a file gets.** A cached recording is read from its cache file,
-  any other through its shared download; ``open`` waits up to ``OPEN_SIZE_WAIT_S`` for
-  the PBX's reply headers so that ``fstat`` right after ``open`` sees the exact size.
-  A download is read with direct I/O (a read asks exactly what its reader asked); once
+  handed to the kernel is remembered (bounded), because the kernel's page cache may be
+  trusted for a cached file only when the kernel was told that file's exact size;
+- **which kind of handle a file gets.** A cached recording is read from its cache file
+  (page cache allowed, ``keep_cache``); any other through its shared download with direct
+  I/O, so reads never depend on an estimated size. ``open`` waits up to
+  ``OPEN_SIZE_WAIT_S`` for the PBX's reply headers so that ``fstat`` right after ``open``
+  sees the exact size, and says when the kernel may hold another size for the path
+  (`OpenFile.size_changed`: the adapter invalidates it before the open returns). A
+  download is read with direct I/O (a read asks exactly what its reader asked); once
   committed, its bytes are put in the kernel's page cache when the kernel was told its
-  exact size (``download_committed``). A cached file goes through the page cache when
-  the kernel's size is exact (above), keeping the pages it has (``keep_cache``) when the
-  kernel was told that size; else direct I/O, so reads never depend on an estimate;
-- **who gets an uncached recording.** A background reader (`readers.BackgroundReaders`:
+  exact size (``download_committed``), where the next open (``keep_cache``) finds them;
+- **who gets an uncached recording.** A background reader (``--background-readers``:
   thumbnailers, indexers) is served from the cache only; an uncached recording is refused
   at once (`errors.BackgroundReaderError`), so that browsing never makes the PBX send
-  every file of a folder;
+  every file of a folder. An exact-size reader (``--exact-size-readers``: file servers,
+  which read exactly the size they stat after opening) gets a recording only once its exact
+  size is known: its open waits up to the downloads' stall timeout, then fails
+  (`errors.DownloadStalledError`, EIO), never hands it an estimate to truncate at;
 - **recordings the PBX no longer has.** "Does not exist" for a young recording (first
   seen less than ``YOUNG_S`` ago, its call over less than ``YOUNG_CALL_S`` before that:
   the PBX may still be writing it) is retried for ``NOT_FOUND_GRACE_S``; past that, the
@@ -62,7 +65,7 @@ from typing import Callable, Iterable, Optional
 
 from yeastarfs import errors
 from yeastarfs.index import WAV_HEADER_BYTES
-from yeastarfs.readers import BackgroundReaders, Reader
+from yeastarfs.readers import ProcessNames, Reader
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,17 @@ class Attributes:
 
 @dataclasses.dataclass(frozen=True)
 class OpenFile:
-    """An opened recording: its handle, and how the kernel may cache its pages."""
+    """An opened recording: its handle, and how the kernel may cache its pages.
+
+    ``size_changed``: the kernel may hold another size for this path than the exact one now
+    known (it was told an estimate, or nothing this core remembers). The adapter makes the
+    kernel forget it before the open returns, so a ``fstat`` right after (Samba's) asks again.
+    """
 
     fh: int
     keep_cache: bool
     direct_io: bool
+    size_changed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +192,7 @@ class Core:
 
     def __init__(self, index, cache, downloads, *, status: Optional[Callable[[], dict]] = None,
                  uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022,
-                 background_readers: Iterable[str] = ()) -> None:
+                 background_readers: Iterable[str] = (), exact_size_readers: Iterable[str] = ()) -> None:
         self.index = index
         self.cache = cache
         self.downloads = downloads
@@ -201,7 +210,8 @@ class Core:
         self._fill_pages: Callable[[int, int, Callable[[int, int], bytes]], bool] = lambda *args: False
         self._inodes: dict[str, int] = {}   # name -> the kernel's inode, for downloads being read
         self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0, "open_cached": 0, "open_refused": 0}
-        self._background = BackgroundReaders(background_readers)
+        self._background = ProcessNames(background_readers)
+        self._exact_size = ProcessNames(exact_size_readers)
         self._rate = self._stored_rate()
         stored_range = index.get_meta(RANGE_META_KEY)
         if downloads is not None and downloads.range_honoured is None and stored_range in ("0", "1"):
@@ -282,12 +292,10 @@ class Core:
             self.counters["open_cached"] += 1
             size_bytes = os.fstat(fd).st_size
             handle = _CachedHandle(entry.name, fd, size_bytes)
-            with self._lock:
-                told = self._reported_sizes.get(entry.name) == size_bytes
-            # Keep the pages (a download's, an earlier open's) only when the kernel was told
-            # this size; page-cache reads at all only when its size is exact (`_kernel_size_exact`).
-            page_cache = told or self._kernel_size_exact(path, entry.name, size_bytes)
-            return OpenFile(self._add_handle(handle), keep_cache=told, direct_io=not page_cache)
+            trusted = not self._size_changed(entry.name, size_bytes)
+            # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
+            return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted,
+                            size_changed=not trusted)
         background = self._background.match(reader)
         if background is not None:
             self.counters["open_refused"] += 1
@@ -295,9 +303,7 @@ class Core:
             raise errors.BackgroundReaderError(f"{path} is not cached, and {background} is a background reader")
         download = self.downloads.acquire(entry.name, not_found_grace_s=self._not_found_grace_s(entry))
         try:
-            # Tools fstat right after open and seek from the end: let them see the exact
-            # size (the PBX's reply headers come within milliseconds).
-            download.wait_for_size(OPEN_SIZE_WAIT_S)
+            size_bytes = self._wait_for_size(entry, download, reader)
         except BaseException:
             self.downloads.release(download)
             raise
@@ -310,7 +316,29 @@ class Core:
                 if len(self._inodes) >= REPORTED_SIZES_MAX:
                     self._inodes.clear()
                 self._inodes[entry.name] = inode
-        return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True)
+        size_changed = size_bytes is not None and self._size_changed(entry.name, size_bytes)
+        return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True,
+                        size_changed=size_changed)
+
+    def _wait_for_size(self, entry, download, reader: Optional[Reader]) -> Optional[int]:
+        """The exact size of the recording being opened, once known (None: an estimate stands).
+
+        Tools fstat right after open and seek from the end: let them see the exact size (the
+        PBX's reply headers come within milliseconds). An exact-size reader reads exactly what
+        it stats: it waits longer, up to the stall timeout (a download queued behind
+        ``--max-downloads`` others gets its size when a slot frees), and never gets an estimate.
+        A size the catalogue gave (P-Series) is exact already.
+        """
+        server = None if entry.size_exact else self._exact_size.match(reader)
+        wait_s = self.downloads.stall_timeout_s if server is not None else OPEN_SIZE_WAIT_S
+        size_bytes = download.wait_for_size(wait_s)
+        if size_bytes is None and entry.size_exact:
+            return entry.size_bytes
+        if size_bytes is None and server is not None:
+            raise errors.DownloadStalledError(
+                f"recording {entry.name}: no exact size from the PBX after {wait_s:.0f} s; "
+                f"not opened for {server}, which would read only the estimated size")
+        return size_bytes
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """*size* bytes at *offset* (fewer only at the end). Raises BadHandleError, or the
@@ -465,17 +493,10 @@ class Core:
                 return known
         return entry.size_bytes
 
-    def _kernel_size_exact(self, path: str, name: str, size_bytes: int) -> bool:
-        """Whether the kernel's size of *path* is *size_bytes*, or will be asked again
-        before it is used: told so already, or made to forget what it was told.
-
-        Page-cache reads stop at the size the kernel believes, so they may serve a file
-        only when this holds. (A size the kernel holds too large is harmless: the short
-        read at the real end corrects it; one too small would cut the file.)
-        """
+    def _size_changed(self, name: str, size_bytes: int) -> bool:
+        """Whether the kernel may hold another size for *name* than *size_bytes*."""
         with self._lock:
-            told = self._reported_sizes.get(name) == size_bytes
-        return told or bool(self._invalidate(path))
+            return self._reported_sizes.get(name) != size_bytes
 
     def _remember_size(self, name: str, size_bytes: int) -> None:
         with self._lock:

@@ -6,7 +6,8 @@ the only module that imports ``requests``; every failure leaves it as an ``error
 (a reply that is not decodable JSON, however deeply nested, is a PbxUnavailableError),
 with tokens and randoms redacted, and it scrubs them from urllib3's own log lines too. A
 download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
-Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew). It knows
+Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew); every
+request, login, heartbeat and recording body is counted as ``metrics`` asks of a family. It knows
 nothing of paths, the cache or FUSE, and it never retries a download by itself: a retry
 needs a fresh random, which the caller asks for.
 
@@ -40,7 +41,7 @@ import requests
 import requests.adapters
 import urllib3
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.errors import redact
 from yeastarfs.pbx.sseries.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
@@ -111,8 +112,13 @@ class RecordingStream:
         self._body_bytes = body_bytes          # Content-Length of this reply, if any
         self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
         self.read_size_bytes = DOWNLOAD_READ_BYTES  # the caller lowers it to what it may take now
+        self._sent_s = time.monotonic() - response.elapsed.total_seconds()  # when the request left
 
     def chunks(self) -> Iterator[bytes]:
+        """The body's bytes as `_checked_chunks` yields them, counted (`metrics.recording_body`)."""
+        return metrics.recording_body(self._checked_chunks(), self._sent_s, self._body_bytes)
+
+    def _checked_chunks(self) -> Iterator[bytes]:
         """Yield body bytes as they arrive, exactly the announced body and nothing else.
 
         Raises PbxUnavailableError on a reset, DownloadStalledError on a stall, and
@@ -254,6 +260,7 @@ class PbxClient:
         try:
             reply = self._post("login", body, token=None)
         except errors.PbxUnavailableError as exc:
+            metrics.pbx_login("unreachable")
             # A locked IP may look like a refused connection on a real PBX (§2.1).
             raise errors.PbxUnavailableError(f"cannot log in to {self.base_url}: {exc}") from None
         if not _is_success(reply):
@@ -271,6 +278,7 @@ class PbxClient:
             errors.forget_secret(replaced)  # dead or dying: the live tokens only
         self.transport = str(reply.get("transport") or "HTTP").upper()
         self.stats.logins += 1
+        metrics.pbx_login("ok")
         self.stats.last_login_time = time.time()
         log.info("pbx: logged in to %s as %s (events over %s)", self.base_url, self._username, self.transport)
         return token
@@ -278,6 +286,7 @@ class PbxClient:
     def _login_failed(self, reply: dict) -> errors.AuthError:
         api_errno = str(reply.get("errno", ""))
         self.stats.login_failures += 1
+        metrics.pbx_login("rejected")
         if api_errno == LOCKED_ERRNO:
             error: errors.AuthError = errors.LockedOutError(
                 f"PBX {self.base_url} has locked out this IP after failed logins (errno 20002); "
@@ -477,7 +486,9 @@ class PbxClient:
                 continue
             try:
                 self.heartbeat()
+                metrics.token_renewal("ok")
             except errors.PbxError as exc:
+                metrics.token_renewal("failed")
                 log.warning("pbx: heartbeat failed: %s", exc)
                 with self._state_lock:
                     self._last_call_time = time.monotonic()  # retry after one more interval
@@ -512,8 +523,10 @@ class PbxClient:
         try:
             # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            response = self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
-                                             verify=self._session.verify, **kwargs)
+            with metrics.pbx_request(path) as request:
+                response = self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
+                                                 verify=self._session.verify, **kwargs)
+                request.answered(response.status_code)
             self.clock.note_date(response.headers.get("Date"), sent_s, time.time())
             return response
         except requests.exceptions.SSLError as exc:
