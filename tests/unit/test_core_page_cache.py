@@ -92,25 +92,6 @@ def test_a_download_is_direct_io_even_when_its_size_is_unknown_at_open(pbx, make
     core.release(opened.fh)
 
 
-@pytest.mark.parametrize("told", [True, False])
-def test_a_cached_recording_keeps_its_pages_only_when_the_kernel_was_told_its_size(pbx, make_core, told):
-    rec = add(pbx, 300_000)
-    core = make_core()
-    first = core.open(path_of(rec))
-    read_all(core, first.fh)
-    core.release(first.fh)
-    wait_until(lambda: core.cache.contains(rec.name), WAIT_S, message="the recording to be cached")
-    core._reported_sizes.clear()  # a walk's other files pushed it out of the memo
-    if told:
-        assert core.stat(path_of(rec)).size_bytes == rec.size_bytes
-    again = core.open(path_of(rec))
-    # Told: the pages a download filled are kept. Not told: direct I/O, and the adapter makes
-    # the kernel forget its size before the open returns.
-    assert (again.keep_cache, again.direct_io, again.size_changed) == (told, not told, not told)
-    assert sha(read_all(core, again.fh)) == rec.sha256
-    core.release(again.fh)
-
-
 def test_a_failing_page_cache_fill_costs_the_download_nothing(pbx, make_core):
     rec = add(pbx, 300_000)
     core = make_core()
