@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import stat
+import struct
 import sys
 import threading
 import time
@@ -208,8 +209,7 @@ class FusePlus(mfusepy.FUSE):
         # after the last entry it took. The folder is read from the index a page at a time, and
         # the rest of the page in use waits for the next call (`_pending`), so a day of a
         # million recordings costs one query per page and bounded memory.
-        st = mfusepy.c_stat()
-        uid, gid = self.operations.stat_fields()
+        stats = _ListingStats(*self.operations.stat_fields())
         position = offset
         for name in (".", "..")[offset:]:
             if filler(buf, name.encode(), None, position + 1, 0) != 0:
@@ -219,8 +219,7 @@ class FusePlus(mfusepy.FUSE):
         entries, more = self._page_at(path, decoded, position, plus)
         while entries:
             for index, (name, mode, size_bytes, mtime_ns, stored_bytes) in enumerate(entries):
-                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-                _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid, stored_bytes)
+                st = stats.of(mode, size_bytes, mtime_ns, stored_bytes)
                 # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
                 plus_wanted = flags & FUSE_READDIR_PLUS and position < LISTING_PLUS_MAX_ENTRIES
                 fill_flags = FUSE_FILL_DIR_PLUS if plus_wanted else 0
@@ -423,6 +422,56 @@ def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int
     seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
     for spec in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
         spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
+
+
+def _packed_tail_offset() -> Optional[int]:
+    """Where c_stat's size, blksize, blocks and the three timespecs lie back to back as nine
+    8-byte integers (Linux on 64-bit machines), so one struct.pack_into fills them; None if not."""
+    c_stat, names = mfusepy.c_stat, ("st_size", "st_blksize", "st_blocks")
+    start = getattr(c_stat, "st_size").offset
+    for index, name in enumerate(names):
+        field = getattr(c_stat, name)
+        if field.offset != start + 8 * index or field.size != 8:
+            return None
+    for index, name in enumerate(("st_atimespec", "st_mtimespec", "st_ctimespec")):
+        field = getattr(c_stat, name)
+        if field.offset != start + 24 + 16 * index or field.size != 16 \
+                or [ctypes.sizeof(kind) for _, kind in mfusepy.c_timespec._fields_] != [8, 8]:
+            return None
+    return start
+
+
+_PACKED_TAIL = struct.Struct("=9q")
+_PACKED_TAIL_OFFSET = _packed_tail_offset() if hasattr(mfusepy, "c_timespec") else None
+
+
+class _ListingStats:
+    """The c_stat of each entry of a listing, filled fast: the fields every entry of a kind
+    shares (mode, links, owner) are copied from a template made once per mode, the others
+    (size, block size, blocks, times) packed at once. The same rule as `_stat_values`; where
+    c_stat's layout is not the expected one, `_fill_stat` field by field."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid = uid, gid
+        self._buffer = bytearray(ctypes.sizeof(mfusepy.c_stat))
+        self.st = mfusepy.c_stat.from_buffer(self._buffer)
+        self._templates: dict[int, bytes] = {}
+
+    def of(self, mode: int, size_bytes: int, mtime_ns: int, stored_bytes: int):
+        if _PACKED_TAIL_OFFSET is None:
+            ctypes.memset(ctypes.byref(self.st), 0, ctypes.sizeof(self.st))
+            _fill_stat(self.st, mode, size_bytes, mtime_ns, self.uid, self.gid, stored_bytes)
+            return self.st
+        template = self._templates.get(mode)
+        if template is None:
+            _fill_stat(self.st, mode, 0, 0, self.uid, self.gid, 0)
+            template = self._templates[mode] = bytes(self._buffer)
+        self._buffer[:] = template
+        values = _stat_values(mode, size_bytes, self.uid, self.gid, stored_bytes)
+        seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
+        _PACKED_TAIL.pack_into(self._buffer, _PACKED_TAIL_OFFSET, values[2], values[3], values[4],
+                               seconds, nanoseconds, seconds, nanoseconds, seconds, nanoseconds)
+        return self.st
 
 
 def _caller() -> Optional[Reader]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes.util
 import errno
 import os
+import stat
 import tempfile
 
 import pytest
@@ -63,3 +64,16 @@ def test_the_page_cache_store_takes_inodes_of_its_own_fuse_mount_only(tmp_path):
             os.makedirs(os.path.join(shm, "2026"))
             open(os.path.join(shm, "2026", "a.wav"), "wb").close()
             assert YeastarFS(NoCore(), mountpoint=shm).kernel_inode("/2026/a.wav") is None
+
+
+@pytest.mark.parametrize("mode, size_bytes, mtime_ns, stored_bytes", [
+    (stat.S_IFREG | 0o444, 960_044, 1_700_000_000_123_456_789, 0),
+    (stat.S_IFREG | 0o440, 5, 3, 960_044),
+    (stat.S_IFDIR | 0o555, 0, 1_600_000_000_000_000_001, 0),
+])
+def test_a_listing_fills_each_entry_exactly_as_field_by_field(mode, size_bytes, mtime_ns, stored_bytes):
+    listing = fs._ListingStats(1234, 2345)
+    listing.of(stat.S_IFDIR | 0o555, 1, 2, 3)  # an earlier entry of another kind leaves nothing behind
+    expected = fs.mfusepy.c_stat()
+    fs._fill_stat(expected, mode, size_bytes, mtime_ns, 1234, 2345, stored_bytes)
+    assert bytes(listing.of(mode, size_bytes, mtime_ns, stored_bytes)) == bytes(expected)
