@@ -2,8 +2,8 @@
 
     client.py     PbxClient: login, heartbeat, single-use randoms, downloads, the CDR CSV
     records.py    Recordings out of CDR CSV rows and NewCdr events (the PBX's spellings)
-    clock.py      PbxClock: the PBX clock's skew (Date headers) and its zone (configured,
-                  detected from its call times, or assumed)
+    ../clock.py   PbxClock (shared by both families): the PBX clock's skew (Date headers)
+                  and its zone (configured, detected from its call times, or assumed)
     cdr.py        CdrCatalogue: backfill and poll as CDR time windows in the PBX's time
     events.py     EventReceiver: the HTTP server the PBX pushes NewCdr events to
     tcpevents.py  TcpEventClient: the PBX's TCP event port, when its report method is TCP
@@ -34,7 +34,7 @@ from yeastarfs.config import Config
 from yeastarfs.models import Recording
 from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
-from yeastarfs.pbx.sseries.clock import PbxClock
+from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
 
