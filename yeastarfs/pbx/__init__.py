@@ -1,7 +1,8 @@
 """The PBX seam: what the rest of yeastarfs needs from a PBX, whatever its family.
 
-A PBX family is a package beside this module (``pbx/sseries``: the S-Series API v2.0.0)
-with one class that has the shape of `Pbx`. Everything else (index, cache, downloads,
+A PBX family is a package beside this module (``pbx/sseries``: the S-Series API v2.0.0;
+``pbx/pseries``: the P-Series OpenAPI) with one class that has the shape of `Pbx`; what
+both share lives beside them (``transport``, ``clock``, ``events``). Everything else (index, cache, downloads,
 core, the application) uses only the four things below, so that none of it knows which
 family it talks to, which endpoints it calls or how that family spells its errors:
 
@@ -20,8 +21,9 @@ rejected login, ``RecordingNotFoundError`` when the PBX says the recording does 
 ``PbxUnavailableError`` (and ``DownloadStalledError``) for a PBX that cannot be reached or
 does not answer as it should, ``DownloadError`` for a body that is not the recording.
 
-`open_pbx` picks the family for a `Config`. This module imports no family at import time,
-so a layer that only needs the interface never loads ``requests``.
+`open_pbx` picks the family for a `Config` (``--api``; ``auto`` asks the PBX once at
+start, ``pbx/auto.py``). This module imports no family at import time, so a layer that
+only needs the interface never loads ``requests``.
 """
 
 from __future__ import annotations
@@ -110,7 +112,13 @@ class Pbx(Protocol):
 
 
 def open_pbx(config: "Config") -> Pbx:
-    """The `Pbx` for *config*'s PBX (not started)."""
-    from yeastarfs.pbx.sseries import SSeriesPbx
-
-    return SSeriesPbx(config)
+    """The `Pbx` for *config*'s PBX (not started), of the family ``--api`` names; for
+    ``auto``, one that asks the PBX which family it is when it starts."""
+    if config.api == "s-series":
+        from yeastarfs.pbx.sseries import SSeriesPbx
+        return SSeriesPbx(config)
+    if config.api == "p-series":
+        from yeastarfs.pbx.pseries import PSeriesPbx
+        return PSeriesPbx(config)
+    from yeastarfs.pbx.auto import AutoPbx
+    return AutoPbx(config)

@@ -46,6 +46,8 @@ import time
 import zoneinfo
 from typing import Callable, Optional
 
+from yeastarfs.models import Recording
+
 log = logging.getLogger(__name__)
 
 # The zones of the world lie between UTC-12 and UTC+14, each a multiple of 15 minutes.
@@ -165,6 +167,15 @@ class PbxClock:
             log.info("pbx: the PBX's time zone is %s (as the PBX says)", offset_label(offset_s))
             if self._on_zone is not None:
                 self._on_zone(self.zone()[0])
+
+    def voting(self, on_recording: Callable[[Recording], None]) -> Callable[[Recording], None]:
+        """*on_recording*, after each announced call votes for the zone (`note_call_end`):
+        an event arrives when its call ends."""
+        def deliver(recording: Recording) -> None:
+            self.note_call_end(recording.timestart, recording.call_s, time.time())
+            on_recording(recording)
+
+        return deliver
 
     # -- reading -----------------------------------------------------------------------------
 

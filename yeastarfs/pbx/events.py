@@ -53,12 +53,13 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Collection, NamedTuple, Optional
 
+from yeastarfs.config import Config
 from yeastarfs.errors import ConfigError, redact
 from yeastarfs.models import Recording
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Counters", "EventFormat", "EventReceiver", "EventSink", "NewCall", "Throttle"]
+__all__ = ["Counters", "EventFormat", "EventReceiver", "EventSink", "NewCall", "Throttle", "allowed_sources"]
 
 # A NewCdr body is under 1 KiB; 64 KiB leaves room for odd PBXs without letting any sender
 # make us buffer much.
@@ -299,6 +300,23 @@ class EventSink:
 
 
 # --- the HTTP receiver ----------------------------------------------------------------
+
+
+def allowed_sources(config: Config) -> Optional[set[str]]:
+    """Who may push events to a mount of *config*: the PBX's addresses unless the user said
+    otherwise (None: anyone). Raises ConfigError when the PBX's name does not resolve."""
+    if config.allow_any_event_source:
+        return None
+    if config.events_allow_from:
+        return set(config.events_allow_from)
+    try:
+        infos = socket.getaddrinfo(config.pbx_host, None)
+    except OSError as exc:
+        raise ConfigError(f"cannot resolve PBX host {config.pbx_host}: {exc}") from None
+    addresses = {info[4][0] for info in infos}
+    # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
+    return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}
+
 def _normalize_ip(text: str) -> str:
     """The canonical form of an IP address (IPv4-mapped IPv6 as IPv4). Raises ValueError."""
     ip = ipaddress.ip_address(text.strip())

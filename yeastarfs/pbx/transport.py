@@ -149,15 +149,14 @@ class RecordingStream:
     """
 
     def __init__(self, response: requests.Response, start_offset: int, total_bytes: Optional[int],
-                 first_chunk: bytes, *, body_bytes: Optional[int] = None, reads_to_close: bool = False,
-                 on_close: Optional[Callable[[], None]] = None) -> None:
+                 first_chunk: bytes, *, body_bytes: Optional[int] = None, reads_to_close: bool = False) -> None:
         self._response = response
         self.start_offset = start_offset
         self.total_bytes = total_bytes
         self._pending = first_chunk
         self._body_bytes = body_bytes          # Content-Length of this reply, if any
         self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
-        self._on_close = on_close
+        self._on_close: Optional[Callable[[], None]] = None
 
     def chunks(self) -> Iterator[bytes]:
         """Yield body bytes as they arrive, exactly the announced body and nothing else.
@@ -204,6 +203,10 @@ class RecordingStream:
             return bool(self._response.raw.read1(DOWNLOAD_READ_BYTES))
         except Exception:  # noqa: BLE001 - see the docstring
             return False
+
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Run *callback* once, when the stream is closed (it gives back what the transfer held)."""
+        self._on_close = callback
 
     def close(self) -> None:
         self._response.close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
 import time
 from typing import Callable, Optional
 
@@ -35,6 +34,7 @@ from yeastarfs.models import Recording
 from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
 from yeastarfs.pbx.clock import PbxClock
+from yeastarfs.pbx.events import allowed_sources
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
 
@@ -73,10 +73,10 @@ class SSeriesPbx:
         zone = self.clock.status()
         log.info("pbx: the PBX's time zone is %s (%s)%s", zone["pbx_timezone"], zone["pbx_timezone_source"],
                  ", until its call times show its own" if zone["pbx_timezone_source"] == "assumed" else "")
-        on_recording = self._voting(on_recording)
+        on_recording = self.clock.voting(on_recording)
         if config.events_enabled:
             self._receiver = EventReceiver(on_recording, host=config.events_host, port=config.events_port,
-                                           allowed_ips=self._event_sources()).start()
+                                           allowed_ips=allowed_sources(config)).start()
         self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                                 events_port=self._receiver.port if self._receiver else None,
                                 heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256,
@@ -123,27 +123,3 @@ class SSeriesPbx:
             if stop:
                 stop()
         self._tcp_events = self._receiver = None
-
-    def _voting(self, on_recording: Callable[[Recording], None]) -> Callable[[Recording], None]:
-        """*on_recording*, after each announced call votes for the PBX's zone: an event
-        arrives when its call ends (see `clock.PbxClock.note_call_end`)."""
-        def deliver(recording: Recording) -> None:
-            self.clock.note_call_end(recording.timestart, recording.call_s, time.time())
-            on_recording(recording)
-
-        return deliver
-
-    def _event_sources(self) -> Optional[set[str]]:
-        """Who may push events: the PBX's addresses unless the user said otherwise."""
-        config = self._config
-        if config.allow_any_event_source:
-            return None
-        if config.events_allow_from:
-            return set(config.events_allow_from)
-        try:
-            infos = socket.getaddrinfo(config.pbx_host, None)
-        except OSError as exc:
-            raise errors.ConfigError(f"cannot resolve PBX host {config.pbx_host}: {exc}") from None
-        addresses = {info[4][0] for info in infos}
-        # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
-        return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}
