@@ -58,6 +58,9 @@ HEARTBEAT_INTERVAL_S = 20.0
 SILENCE_LIMIT_S = 3 * HEARTBEAT_INTERVAL_S + 5.0
 # How often a waiting read wakes to send a heartbeat or notice `stop` and renewals.
 RECV_POLL_S = 0.25
+# After a renewal, the old connection is read this long for events sent before the new one
+# was subscribed.
+DRAIN_S = 0.2
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 8192
@@ -68,6 +71,9 @@ BACKOFF_MAX_S = 60.0
 # A session that lasted this long proves the PBX healthy, so the backoff starts over.
 HEALTHY_SESSION_S = 30.0
 JITTER_FRACTION = 0.25
+# A subscription ended for its token is renewed at once, unless the one before it was too and
+# lasted less than this (then the backoff applies).
+QUICK_AGAIN_AFTER_S = 1.0
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_POLICY = 1000, 1002, 1009, 1008
@@ -422,9 +428,11 @@ class EventSubscription:
                                 "reconnecting (%d more since the last warning)", errors.redact(str(exc)))
             finally:
                 self.stats["connected"] = False
-            if time.monotonic() - started >= HEALTHY_SESSION_S:
+            lasted_s = time.monotonic() - started
+            if lasted_s >= HEALTHY_SESSION_S:
                 backoff_s = BACKOFF_INITIAL_S
-            if again_now and not quick:  # a token the PBX ended: at once, but never twice in a row
+            # A token the PBX ended: subscribe again at once, but never in a tight loop.
+            if again_now and (not quick or lasted_s >= QUICK_AGAIN_AFTER_S):
                 quick = True
                 continue
             quick = False
@@ -490,8 +498,8 @@ class EventSubscription:
     def _resubscribe(self, old: WebSocket) -> tuple[WebSocket, str]:
         """After a renewal: the new subscription first, then the old connection's last events."""
         new = self._subscribe(self._client.current_token())
-        try:
-            while (message := old.receive(0)) is not None:
+        try:  # what the old one still carries, until it is quiet (or the PBX closed it)
+            while (message := old.receive(DRAIN_S)) is not None:
                 self._handle(*message)
         except (Closed, ProtocolError, OSError):
             pass
