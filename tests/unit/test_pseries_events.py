@@ -13,7 +13,6 @@ import urllib.request
 import pytest
 
 from harness import free_port, holds_for, wait_until
-from test_tls import certificate  # noqa: F401  (a fixture)
 from yeastarfs import errors
 from yeastarfs.config import Config
 from yeastarfs.pbx.pseries import PSeriesPbx
@@ -134,13 +133,14 @@ def test_other_topics_and_bad_types_are_told_apart():
 
 
 @pytest.fixture
-def wss_sim(certificate):  # noqa: F811
-    cert, key, _ = certificate
+def wss_sim(tls_certificate):
+    cert, key, _ = tls_certificate
     with PSeriesSimulator(password=SECRET, certfile=cert, keyfile=key) as sim:
         yield sim
 
 
-def test_wss_follows_the_tls_options_and_checks_a_pin_before_sending_the_token(wss_sim, certificate):  # noqa: F811
+def test_wss_follows_the_tls_options_and_checks_a_pin_before_sending_the_token(wss_sim, tls_certificate):
+    certificate = tls_certificate
     url = wss_sim.subscribe_url("not-a-token")
     with pytest.raises(errors.PbxUnavailableError, match="TLS verification"):
         WebSocket.connect(url)
