@@ -10,8 +10,10 @@ baseline alternately, several times, and prints a table (median, min, max, ratio
     .venv/bin/python scripts/bench.py                      # the default set, a few minutes
     .venv/bin/python scripts/bench.py --cases cold_seq,walk --runs 3
     .venv/bin/python scripts/bench.py --walk-recordings 1000000 --stream-mb 1024   # full size
+    .venv/bin/python scripts/bench.py --api p-series       # the same table against a P-Series
 
-The simulator runs in a child process of its own, so that neither the baseline client in
+``--api`` picks the simulated PBX family (the same recordings either way) and mounts with
+that ``--api``. The simulator runs in a child process of its own, so that neither the baseline client in
 this process nor the yeastarfs daemon shares an interpreter lock with the server.
 Timings cover open to last byte (close is not timed) on both sides. Reads use 1 MiB
 ``readinto`` calls on unbuffered files, both on the mount and on local files (the local
@@ -21,7 +23,8 @@ Cases and their baselines:
 
 cold_seq       Sequential read of an uncached ``--cold-mb`` recording through the mount
                (MB/s). Baseline: the same recording downloaded directly with ``requests``
-               (POST recording/get_random, then GET recording/download). Goal >= 0.9x.
+               (S-Series: POST recording/get_random, then GET recording/download; P-Series:
+               GET recording/download for the resource URL, then GET it). Goal >= 0.9x.
 first_64k      Open + first 64 KiB of an uncached recording while every PBX request takes
                ``--latency-ms`` (ms). Baseline: get_random + GET + 64 KiB of the body
                directly. Goal <= baseline + 10 ms.
@@ -51,8 +54,8 @@ memory         Daemon VmRSS with ``--index-recordings`` indexed: idle after star
                sampled every 50 ms while streaming a ``--stream-mb`` recording (max, and
                last minus first sample). Goal < 150 MB, growth <= 10 MB (flat).
 pbx_requests   Simulator counters around one cold read of a whole recording, which is
-               also checked byte for byte. Goal: exactly 1 get_random, 1 download and
-               0 logins (the token is alive).
+               also checked byte for byte. Goal: exactly 1 first step (get_random, or the
+               P-Series resource URL), 1 download and 0 logins (the token is alive).
 
 The listing cases use a mount of their own, restarted for every first listing or walk,
 whose index holds the day folder and the 3-year tree; the other cases share one mount.
@@ -88,7 +91,7 @@ from typing import Callable, Iterator, Optional
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from harness import MountProcess, wait_stable, write_password_file  # noqa: E402 - after the path
+from harness import MountProcess, new_simulator, view, wait_stable, write_password_file  # noqa: E402 - after the path
 
 from yeastarfs.index import RecordingIndex  # noqa: E402
 from yeastarfs.models import Recording  # noqa: E402
@@ -100,6 +103,9 @@ WAV_HEADER_BYTES = 44
 BYTES_PER_S = 16_000  # the simulator's PCM-16 8 kHz mono
 USER = "api"
 API = "api/v2.0.0"
+P_API = "openapi/v1.0"
+P_USER_AGENT = {"User-Agent": "OpenAPI"}
+FIRST_STEP = {"s-series": "get_random", "p-series": "download URL"}
 READY_TIMEOUT_S = 180.0
 READY_POLL_S = 0.002  # mount_start is timed by this poll
 RSS_SAMPLE_S = 0.05
@@ -128,6 +134,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(ALL_CASES),
                         help=f"comma-separated cases (default all: {','.join(ALL_CASES)})")
     parser.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    parser.add_argument("--api", choices=("s-series", "p-series"), default="s-series",
+                        help="the simulated PBX family, and the mounts' --api (default s-series)")
     parser.add_argument("--walk-recordings", type=int, default=100_000,
                         help="recordings in the walk tree (default 100000; the issue's case: 1000000)")
     parser.add_argument("--index-recordings", type=int, default=1_000_000,
@@ -187,18 +195,19 @@ def _command_line(argv: list[str]) -> str:
 # The simulator, in a child process driven over a pipe
 
 
-def _serve_simulator(conn, password: str) -> None:
-    """Child process: run a Simulator and answer RPCs until the pipe closes."""
+def _serve_simulator(conn, password: str, api: str) -> None:
+    """Child process: run a simulator of *api*'s family and answer RPCs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    from yeastarfs.sim.sseries import Simulator
-    sim = Simulator(username=USER, password=password).start()
+    sim = new_simulator(password, api).start()
+    seen = view(sim)
     ops: dict[str, Callable] = {
         "base_url": lambda: sim.base_url,
         "add": lambda specs: [sim.add_recording(announce=False, **spec).name for spec in specs],
         "warm": lambda names: sum(len(sim.recording_bytes(name)) for name in names),
         "latency": lambda seconds: setattr(sim, "latency_s", seconds),
         "bandwidth": lambda bps: setattr(sim, "bandwidth_bps", bps),
-        "counters": lambda: dict(sim.counters),
+        "requests": lambda: dict(zip(("first_step", "download", "login"),
+                                     (*seen.download_requests(), seen.logins()))),
         "sha256": lambda name: sim.recordings[name].sha256,
     }
     try:
@@ -218,10 +227,10 @@ def _serve_simulator(conn, password: str) -> None:
 class RemoteSimulator:
     """The PBX simulator in a child process; `call` runs one operation of `_serve_simulator`."""
 
-    def __init__(self, password: str) -> None:
+    def __init__(self, password: str, api: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_serve_simulator, args=(child_conn, password),
+        self._process = context.Process(target=_serve_simulator, args=(child_conn, password, api),
                                         name="pbx-simulator", daemon=True)
         self._process.start()
         child_conn.close()
@@ -304,8 +313,15 @@ def plan_recordings(pool: Pool, args: argparse.Namespace) -> None:
 # The baseline client: the PBX API used directly with requests
 
 
-def direct_login(base_url: str, password: str) -> str:
-    """POST login with the MD5 of the password; the token (never printed)."""
+def direct_login(base_url: str, password: str, api: str) -> str:
+    """S-Series: POST login with the MD5 of the password; P-Series: get_token. The token
+    (never printed)."""
+    if api == "p-series":
+        reply = requests.post(f"{base_url}/{P_API}/get_token", json={"username": USER, "password": password},
+                              headers=P_USER_AGENT, timeout=30).json()
+        if reply.get("errcode") != 0:
+            raise RuntimeError(f"baseline get_token failed with errcode {reply.get('errcode')}")
+        return reply["access_token"]
     body = {"username": USER, "password": hashlib.md5(password.encode()).hexdigest(), "version": "2.0.0"}
     reply = requests.post(f"{base_url}/{API}/login", json=body, timeout=30).json()
     if str(reply.get("status", "")).lower() != "success":
@@ -317,6 +333,7 @@ class DirectClient:
     """One baseline downloader (own requests.Session, shared token)."""
 
     def __init__(self, base_url: str, token: str) -> None:
+        self._base_url = base_url
         self._api = f"{base_url}/{API}"
         self._token = token
         self._session = requests.Session()
@@ -333,7 +350,7 @@ class DirectClient:
         return response
 
     def download(self, name: str) -> tuple[float, int]:
-        """(seconds from get_random to the last byte, bytes)."""
+        """(seconds from the first step to the last byte, bytes)."""
         start = time.perf_counter()
         response = self.open(name)
         total = sum(len(chunk) for chunk in response.iter_content(BLOCK_BYTES))
@@ -342,7 +359,7 @@ class DirectClient:
         return elapsed, total
 
     def head(self, name: str, size: int) -> float:
-        """Seconds from get_random until the first *size* body bytes are in."""
+        """Seconds from the first step until the first *size* body bytes are in."""
         start = time.perf_counter()
         response = self.open(name)
         data = response.raw.read(size)
@@ -351,6 +368,20 @@ class DirectClient:
         if len(data) != size:
             raise RuntimeError(f"baseline head read {len(data)} bytes")
         return elapsed
+
+
+class PSeriesDirectClient(DirectClient):
+    """The P-Series baseline: recording/download for the resource URL, then GET it."""
+
+    def open(self, name: str) -> requests.Response:
+        reply = self._session.get(f"{self._base_url}/{P_API}/recording/download", headers=P_USER_AGENT,
+                                  params={"file": name, "access_token": self._token}, timeout=30).json()
+        if reply.get("errcode") != 0:
+            raise RuntimeError(f"baseline recording/download failed with errcode {reply.get('errcode')}")
+        response = self._session.get(f"{self._base_url}{reply['download_resource_url']}", headers=P_USER_AGENT,
+                                     params={"access_token": self._token}, stream=True, timeout=60)
+        response.raise_for_status()
+        return response
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,7 +395,8 @@ def new_mount(b: "Bench", tag: str, extra: tuple = ()) -> MountProcess:
     lines for every read would be part of what is timed.
     """
     return MountProcess(b.sim.base_url, os.path.join(b.tmp, f"mnt-{tag}"), os.path.join(b.tmp, f"cache-{tag}"),
-                        b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"), ("--since", "1d", *extra),
+                        b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"),
+                        ("--since", "1d", "--api", b.args.api, *extra),
                         log_level="INFO", ready_timeout_s=READY_TIMEOUT_S, ready_interval_s=READY_POLL_S)
 
 
@@ -622,12 +654,12 @@ class Bench:
     info: dict = dataclasses.field(default_factory=dict)
 
     def client(self) -> DirectClient:
-        return DirectClient(self.sim.base_url, self.token)
+        kind = PSeriesDirectClient if self.args.api == "p-series" else DirectClient
+        return kind(self.sim.base_url, self.token)
 
     def recording_counters(self) -> collections.Counter:
-        counters = self.sim.call("counters")
-        return collections.Counter({key: counters.get(key, 0)
-                                    for key in ("recording/get_random", "recording/download", "login")})
+        """first_step (get_random, or the P-Series resource URL), download and login requests."""
+        return collections.Counter(self.sim.call("requests"))
 
 
 def case_pbx_requests(b: Bench) -> list[Result]:
@@ -640,11 +672,11 @@ def case_pbx_requests(b: Bench) -> list[Result]:
         b.main.wait_cached(rec.name)
         delta = b.recording_counters() - before
         bad += digest != b.sim.call("sha256", rec.name)
-        sample = f"{delta['recording/get_random']}/{delta['recording/download']}/{delta['login']}"
+        sample = f"{delta['first_step']}/{delta['download']}/{delta['login']}"
         samples.append(sample)
-        say("pbx_requests", run, f"get_random/download/login = {sample}")
+        say("pbx_requests", run, f"{FIRST_STEP[b.args.api]}/download/login = {sample}")
     note = "bytes verified" if not bad else f"{bad} reads returned WRONG BYTES"
-    return [Result("pbx_requests", "PBX requests per cold read (get_random/download/login)", "count",
+    return [Result("pbx_requests", f"PBX requests per cold read ({FIRST_STEP[b.args.api]}/download/login)", "count",
                    samples, None, "1/1/0", lambda m, _b, _r: all(s == "1/1/0" for s in samples) and not bad,
                    note)]
 
@@ -1072,9 +1104,10 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         tmp = make_tmp(args, stack)
         password = secrets.token_urlsafe(18)
-        sim = RemoteSimulator(password)
+        sim = RemoteSimulator(password, args.api)
         stack.callback(sim.close)
-        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password), tmp, write_password_file(os.path.join(tmp, "password"), password))
+        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password, args.api), tmp,
+                      write_password_file(os.path.join(tmp, "password"), password))
         plan_recordings(bench.pool, args)
         results = run_main_cases(bench, stack) + run_big_cases(bench, stack)
         report(results, machine, args, bench.info, time.monotonic() - started)
