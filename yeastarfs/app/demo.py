@@ -20,7 +20,8 @@ import threading
 from typing import Optional
 
 from yeastarfs.config import Config
-from yeastarfs.sim import PSeriesSimulator, Simulator
+from yeastarfs.sim.pseries import PSeriesSimulator
+from yeastarfs.sim.sseries import Simulator
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ only needs the interface never loads ``requests``.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
 
 from yeastarfs.models import Recording
@@ -109,6 +110,20 @@ class Pbx(Protocol):
 
     def stop(self) -> None:
         """End the session and stop every thread; safe to call more than once."""
+
+
+def session_status(config: "Config", family: str, *, last_success_time: Optional[float],
+                   reachable_within_s: float, token_age_s: Optional[float], logins: int,
+                   last_event_time: Optional[float]) -> dict:
+    """The `Pbx.status` keys every family shares: the PBX counts as reachable while its last
+    answer is more recent than *reachable_within_s* (or three poll intervals)."""
+    reachable_s = max(reachable_within_s, 3 * config.poll_interval_s)
+    return {
+        "pbx": config.pbx_url, "pbx_family": family,
+        "pbx_reachable": last_success_time is not None and time.time() - last_success_time < reachable_s,
+        "token_age_s": None if token_age_s is None else round(token_age_s, 1),
+        "logins": logins, "last_event_time": last_event_time,
+    }
 
 
 def open_pbx(config: "Config") -> Pbx:

@@ -143,13 +143,7 @@ class PbxClock:
             mode_s, count = _mode(self._votes)
             changed = mode_s != self._detected_s and self._stated_s is None  # a stated zone wins
             self._detected_s = mode_s
-            configured = self._configured
-        if configured is not None:
-            self._check_configured(configured, mode_s, count)
-        elif changed:
-            log.info("pbx: the PBX's time zone is %s (detected from its call times)", offset_label(mode_s))
-            if self._on_zone is not None:
-                self._on_zone(self.zone()[0])
+        self._detected(mode_s, count, changed, "detected from its call times")
 
     def note_offset(self, offset_s: float) -> None:
         """The PBX says its wall time runs *offset_s* ahead of UTC (rounded to a whole zone
@@ -160,11 +154,16 @@ class PbxClock:
         with self._lock:
             changed = offset_s != self._stated_s
             self._stated_s = offset_s
-            configured = self._configured
+        self._detected(offset_s, DISAGREE_VOTES, changed, "as the PBX says")
+
+    def _detected(self, offset_s: int, count: int, changed: bool, how: str) -> None:
+        """A zone found from the PBX (*count* agreeing readings): checked against the
+        configured one, or logged and told to the listener when it *changed*."""
+        configured = self._configured
         if configured is not None:
-            self._check_configured(configured, offset_s, DISAGREE_VOTES)
+            self._check_configured(configured, offset_s, count)
         elif changed:
-            log.info("pbx: the PBX's time zone is %s (as the PBX says)", offset_label(offset_s))
+            log.info("pbx: the PBX's time zone is %s (%s)", offset_label(offset_s), how)
             if self._on_zone is not None:
                 self._on_zone(self.zone()[0])
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from typing import Callable, Optional
 
 from yeastarfs import errors
 from yeastarfs.config import Config
 from yeastarfs.models import Recording
+from yeastarfs.pbx import session_status
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.events import EventReceiver, allowed_sources
 from yeastarfs.pbx.pseries.catalogue import SearchCatalogue
@@ -108,21 +108,19 @@ class PSeriesPbx:
         return self.client.open_recording(name, offset=offset)
 
     def status(self) -> dict:
-        stats = self.client.stats if self.client is not None else None
-        last_success = stats.last_success_time if stats else None
-        reachable_s = max(REACHABLE_WITHIN_S, 3 * self._config.poll_interval_s)
+        client = self.client
+        stats = client.stats if client is not None else None
         event_times = [source.stats.get("last_event_time") for source in (self.subscription, self._receiver)
                        if source is not None]
-        token_age_s = self.client.token_age_s if self.client is not None else None
         return {
-            "pbx": self._config.pbx_url, "pbx_family": self.family,
-            "pbx_reachable": last_success is not None and time.time() - last_success < reachable_s,
-            "token_age_s": None if token_age_s is None else round(token_age_s, 1),
-            "logins": stats.logins if stats else 0,
+            **session_status(self._config, self.family, last_success_time=stats.last_success_time if stats else None,
+                             reachable_within_s=REACHABLE_WITHIN_S,
+                             token_age_s=client.token_age_s if client is not None else None,
+                             logins=stats.logins if stats else 0,
+                             last_event_time=max((t for t in event_times if t is not None), default=None)),
             "token_renewals": stats.renewals if stats else 0,
-            "last_event_time": max((t for t in event_times if t is not None), default=None),
             "websocket_connected": bool(self.subscription and self.subscription.stats["connected"]),
-            "resource_urls_reused": None if self.client is None else self.client.links_reusable,
+            "resource_urls_reused": None if client is None else client.links_reusable,
             **self.clock.status(),
             **(self.catalogue.status() if self.catalogue else {}),
         }

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from typing import Callable, Optional
 
 from yeastarfs import errors
@@ -33,6 +32,7 @@ from yeastarfs.config import Config
 from yeastarfs.models import Recording
 from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
+from yeastarfs.pbx import session_status
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.events import allowed_sources
 from yeastarfs.pbx.sseries.events import EventReceiver
@@ -102,17 +102,13 @@ class SSeriesPbx:
 
     def status(self) -> dict:
         stats = self.client.stats if self.client is not None else None
-        last_success = stats.last_success_time if stats else None
-        reachable_s = max(REACHABLE_WITHIN_S, 3 * self._config.poll_interval_s)
         event_stats = self._receiver.stats if self._receiver else (
             self._tcp_events.stats if self._tcp_events else {})
         return {
-            "pbx": self._config.pbx_url, "pbx_family": self.family,
-            "pbx_reachable": last_success is not None and time.time() - last_success < reachable_s,
-            "token_age_s": None if self.client is None or self.client.token_age_s is None
-            else round(self.client.token_age_s, 1),
-            "logins": stats.logins if stats else 0,
-            "last_event_time": event_stats.get("last_event_time"),
+            **session_status(self._config, self.family, last_success_time=stats.last_success_time if stats else None,
+                             reachable_within_s=REACHABLE_WITHIN_S,
+                             token_age_s=self.client.token_age_s if self.client is not None else None,
+                             logins=stats.logins if stats else 0, last_event_time=event_stats.get("last_event_time")),
             **self.clock.status(),
             **(self.catalogue.status() if self.catalogue else {}),
         }
