@@ -1,7 +1,8 @@
 """YeastarFS: the thin FUSE adapter. Paths and stat dicts go in, bytes or errnos come out.
 
 Every callback calls one method of the core (``core.Core``), which holds all the policy,
-and converts its answer into what mfusepy wants. The errno of every failure is chosen in
+and converts its answer into what mfusepy wants; ``open`` also tells the core who is asking
+(the pid and uid of the FUSE request, which only the binding can read). The errno of every failure is chosen in
 exactly one place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never
 the binding's EINVAL. This is the only module that imports mfusepy.
 
@@ -30,12 +31,16 @@ import mfusepy
 
 from yeastarfs import errors
 from yeastarfs.core import BLOCK_SIZE_BYTES
+from yeastarfs.readers import Reader
 
 log = logging.getLogger(__name__)
 
 # "No such attribute": ENODATA on Linux (mfusepy exports the platform's value).
 ENOATTR = getattr(mfusepy, "ENOATTR", errno.ENODATA)
 FILE_MODE = stat.S_IFREG | 0o444
+# What a background reader (thumbnailer, indexer) gets for an uncached recording: "permission
+# denied" is a failure those programs record and do not retry (README "File managers").
+BACKGROUND_READER_ERRNO = errno.EACCES
 
 # What the core refuses, by type: checked in order, so subclasses come before their bases.
 _TREE_ERRNOS = (
@@ -47,6 +52,7 @@ _TREE_ERRNOS = (
     (errors.RecordingNotFoundError, errno.ENOENT),
     (errors.AuthError, errno.EACCES),
     (errors.CacheFullError, errno.ENOSPC),
+    (errors.BackgroundReaderError, BACKGROUND_READER_ERRNO),
 )
 
 
@@ -150,9 +156,9 @@ class FusePlus(mfusepy.FUSE):
         decoded = path.decode(self.encoding, self.errors)
         entries, more = self._page_at(path, decoded, position, plus)
         while entries:
-            for index, (name, mode, size_bytes, mtime_ns) in enumerate(entries):
+            for index, (name, mode, size_bytes, mtime_ns, stored_bytes) in enumerate(entries):
                 ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-                _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid)
+                _fill_stat(st, mode, size_bytes, mtime_ns, uid, gid, stored_bytes)
                 # Later chunks of a listing may come as plain READDIR: same entries, same offsets.
                 plus_wanted = flags & FUSE_READDIR_PLUS and position < LISTING_PLUS_MAX_ENTRIES
                 fill_flags = FUSE_FILL_DIR_PLUS if plus_wanted else 0
@@ -194,20 +200,35 @@ class FusePlus(mfusepy.FUSE):
 STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
 
 
-def _stat_values(mode: int, size_bytes: int, uid: int, gid: int) -> tuple:
-    """The attributes of an entry, in STAT_FIELDS order: one rule for getattr and listings."""
-    return (mode, 2 if stat.S_ISDIR(mode) else 1, size_bytes, BLOCK_SIZE_BYTES, (size_bytes + 511) // 512,
+def _stat_values(mode: int, size_bytes: int, uid: int, gid: int, stored_bytes: int) -> tuple:
+    """The attributes of an entry, in STAT_FIELDS order: one rule for getattr and listings.
+
+    ``st_blocks`` counts what this machine stores (`core.Attributes.stored_bytes`): a recording
+    not cached occupies no local disk, so ``du`` is true and thumbnailers that skip files
+    whose blocks cover less than their size (tumbler's GStreamer and ffmpeg plugins) never
+    open it.
+    """
+    return (mode, 2 if stat.S_ISDIR(mode) else 1, size_bytes, BLOCK_SIZE_BYTES, (stored_bytes + 511) // 512,
             uid, gid)
 
 
-def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int) -> None:
+def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int, stored_bytes: int) -> None:
     """Set a c_stat's fields directly: what `YeastarFS.getattr` returns as a dict, without the
     dict (a listing fills one per recording)."""
-    for field, value in zip(STAT_FIELDS, _stat_values(mode, size_bytes, uid, gid)):
+    for field, value in zip(STAT_FIELDS, _stat_values(mode, size_bytes, uid, gid, stored_bytes)):
         setattr(st, field, value)
     seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
     for spec in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
         spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
+
+
+def _caller() -> Optional[Reader]:
+    """Who sent the FUSE request being answered (valid only inside a callback), or None."""
+    try:
+        uid, _, pid = mfusepy.fuse_get_context()
+    except (ValueError, OSError, AttributeError):  # no request context (a direct call, in tests)
+        return None
+    return Reader(pid=pid, uid=uid)
 
 
 def _fh_number(fh) -> int:
@@ -272,7 +293,8 @@ class YeastarFS(mfusepy.Operations):
     def getattr(self, path: str, fh=None) -> dict:
         attributes = self.core.stat(path, _fh_number(fh) if fh is not None else None)
         mode = self.core.mode_of(attributes.is_dir)
-        stat_dict = dict(zip(STAT_FIELDS, _stat_values(mode, attributes.size_bytes, self.core.uid, self.core.gid)))
+        stat_dict = dict(zip(STAT_FIELDS, _stat_values(mode, attributes.size_bytes, self.core.uid, self.core.gid,
+                                                       attributes.stored_bytes)))
         stat_dict.update(st_mtime=attributes.mtime_ns, st_ctime=attributes.mtime_ns, st_atime=attributes.mtime_ns)
         return stat_dict
 
@@ -281,18 +303,19 @@ class YeastarFS(mfusepy.Operations):
         listing: list = [".", ".."]
         # Plain READDIR needs only each entry's type; libfuse asks getattr for the rest.
         listing.extend((name, {"st_mode": stat.S_IFDIR | 0o555 if is_dir else FILE_MODE}, 0)
-                       for name, is_dir, _, _ in self.core.list(path))
+                       for name, is_dir, _, _, _ in self.core.list(path))
         return listing
 
     @_translated
     def readdir_plus(self, path: str, after: str = "", skip: int = 0, limit: int = -1) -> list:
-        """``(name, mode, size_bytes, mtime_ns)`` per entry of a page, for READDIRPLUS (see `FusePlus`)."""
-        return [(name, self.core.mode_of(is_dir), size_bytes, mtime_ns)
-                for name, is_dir, size_bytes, mtime_ns in self.core.list(path, after, skip, limit)]
+        """``(name, mode, size_bytes, mtime_ns, stored_bytes)`` per entry of a page, for READDIRPLUS
+        (see `FusePlus`)."""
+        return [(name, self.core.mode_of(is_dir), size_bytes, mtime_ns, stored_bytes)
+                for name, is_dir, size_bytes, mtime_ns, stored_bytes in self.core.list(path, after, skip, limit)]
 
     @_translated
     def open(self, path: str, fi) -> int:
-        opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY)
+        opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY, reader=_caller())
         fi.fh, fi.keep_cache, fi.direct_io = opened.fh, int(opened.keep_cache), int(opened.direct_io)
         return 0
 
@@ -309,7 +332,7 @@ class YeastarFS(mfusepy.Operations):
     def statfs(self, path: str) -> dict:
         fs_stats = self.core.statfs()
         return {"f_bsize": fs_stats.block_size, "f_frsize": fs_stats.block_size, "f_blocks": fs_stats.blocks,
-                "f_bfree": fs_stats.blocks_free, "f_bavail": fs_stats.blocks_free, "f_files": fs_stats.files,
+                "f_bfree": fs_stats.blocks_free, "f_bavail": fs_stats.blocks_available, "f_files": fs_stats.files,
                 "f_ffree": 0, "f_favail": 0, "f_namemax": fs_stats.name_max}
 
     @_translated

@@ -72,7 +72,7 @@ def test_listings(fs):
     assert fs.readdir("/", None)[2:] == [("2026", {"st_mode": stat.S_IFDIR | 0o555}, 0)]
     assert [e if isinstance(e, str) else e[0] for e in fs.readdir("/2026/11/27", None)] == [".", "..", NAME]
     assert fs.readdir_plus("/2026/11/27") == [(NAME, stat.S_IFREG | 0o440, 44 + 10 * 16000,
-                                               fs.getattr(f"/2026/11/27/{NAME}")["st_mtime"])]
+                                               fs.getattr(f"/2026/11/27/{NAME}")["st_mtime"], 0)]
     assert fuse_errno(lambda: fs.readdir_plus("/2025")) == errno.ENOENT
 
 
@@ -109,3 +109,31 @@ def test_open_refuses_writing_and_directories(fs):
     assert fuse_errno(lambda: fs.open("/2026/11/27", FileInfo())) == errno.EISDIR
     assert fuse_errno(lambda: fs.open("/2026/11/27/none.wav", FileInfo())) == errno.ENOENT
     assert fuse_errno(lambda: fs.read(f"/2026/11/27/{NAME}", 10, 0, 999)) == errno.EBADF
+
+
+def test_statfs_is_the_cache_budget_and_an_empty_cache_is_all_available(fs):
+    stats = fs.statfs("/")
+    assert stats["f_blocks"] * stats["f_frsize"] == 1 << 20          # the budget
+    assert stats["f_bfree"] == stats["f_bavail"] == stats["f_blocks"]  # nothing held: nothing used
+    assert stats["f_files"] == 1
+
+
+
+def test_blocks_count_what_this_machine_stores(tmp_path):
+    # An uncached recording occupies no local disk: st_blocks 0 (du is true, and tumbler's
+    # GStreamer/ffmpeg thumbnailers skip such "sparse" files without opening them); a cached
+    # one its whole size.
+    cached_name = NAME.replace("093012", "093512")
+    index = RecordingIndex(str(tmp_path / "index.sqlite3"))
+    index.add([Recording(name=NAME, talk_s=10), Recording(name=cached_name, talk_s=1)])
+    (tmp_path / "cache" / "complete").mkdir(parents=True, mode=0o700)
+    (tmp_path / "cache").chmod(0o700)
+    (tmp_path / "cache" / "complete" / cached_name).write_bytes(b"x" * 5000)
+    fs = YeastarFS(Core(index, DiskCache(str(tmp_path / "cache"), 1 << 20), downloads=None))
+    try:
+        assert fs.getattr(f"/2026/11/27/{NAME}")["st_blocks"] == 0
+        cached = fs.getattr(f"/2026/11/27/{cached_name}")
+        assert (cached["st_size"], cached["st_blocks"]) == (5000, 10)
+        assert {entry[0]: entry[4] for entry in fs.readdir_plus("/2026/11/27")} == {NAME: 0, cached_name: 5000}
+    finally:
+        index.close()
