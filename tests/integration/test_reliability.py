@@ -28,17 +28,17 @@ def read_errno(path: str) -> int:
     return 0
 
 
-@pytest.mark.families(s_series={"token_idle_s": 3.0}, p_series={"access_token_ttl_s": 3.0})
+@pytest.mark.families(s_series={"token_idle_s": 2.0}, p_series={"access_token_ttl_s": 2.0})
 def test_the_token_is_kept_alive_across_a_long_download_and_idle_time(pbx, pbx_view, mounted):
-    # S-Series: the PBX drops a token idle for 3 s, the heartbeat keeps it. P-Series: the
-    # access token lives 3 s, it is refreshed (and the WebSocket resubscribed) before it ends.
+    # S-Series: the PBX drops a token idle for 2 s, the heartbeat keeps it. P-Series: the
+    # access token lives 2 s, it is refreshed (and the WebSocket resubscribed) before it ends.
     slow, later = add(pbx, size_bytes=ONE_MB), add(pbx, size_bytes=ONE_MB, minutes_ago=31)
-    mount = mounted("--poll-interval", "3600", *pbx_view.token_keeping_args(3.0))
+    mount = mounted("--poll-interval", "3600", *pbx_view.token_keeping_args(2.0))
     logins = pbx_view.logins()
-    pbx.bandwidth_bps = 150_000  # a 7 s stream: two token lifetimes
+    pbx.bandwidth_bps = 200_000  # a 5 s stream: two token lifetimes
     assert sha256_of(mount.path(*date_path(slow.name))) == slow.sha256
     pbx.bandwidth_bps = None
-    time.sleep(3.5)  # and idle for longer than a token lives
+    time.sleep(2.5)  # and idle for longer than a token lives
     assert sha256_of(mount.path(*date_path(later.name))) == later.sha256
     assert pbx_view.logins() == logins
     assert pbx_view.keepalives() >= 2

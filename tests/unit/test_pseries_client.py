@@ -142,6 +142,16 @@ def test_an_expired_refresh_token_means_a_new_login(sim, make_client):
     assert valid_access_tokens(sim) == 1
 
 
+def test_logout_deletes_the_token_and_none_is_got_after_it(sim, make_client):
+    client = make_client(sim)
+    client.login()
+    client.logout()  # the mount is stopping; downloads may still be ending
+    assert valid_access_tokens(sim) == 0
+    with pytest.raises(errors.PbxUnavailableError, match="ended"):
+        client.current_token()
+    assert logins(sim) == 1
+
+
 def test_an_expired_token_is_recognised_by_its_errmsg_alone(sim, make_client):
     client = make_client(sim)
     client.login()

@@ -147,6 +147,7 @@ class PSeriesClient:
         self._tokens: Optional[_Tokens] = None
         self._refuse_login_until = 0.0
         self._last_auth_error: Optional[errors.AuthError] = None
+        self._ended = False  # after logout: no new token (downloads still ending must not get one)
         self._links: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self.links_reusable: Optional[bool] = None
         self._mp3_slot = threading.BoundedSemaphore(1)
@@ -219,6 +220,8 @@ class PSeriesClient:
         return self._get_token_locked()
 
     def _get_token_locked(self) -> str:
+        if self._ended:
+            raise errors.PbxUnavailableError("the session with the PBX has ended")
         if time.monotonic() < self._refuse_login_until and self._last_auth_error is not None:
             raise type(self._last_auth_error)(str(self._last_auth_error))
         try:
@@ -295,9 +298,12 @@ class PSeriesClient:
             log.debug("pbx: del_token failed: %s", exc)
 
     def logout(self) -> None:
-        """End the session (del_token); failures are only logged (the token dies by itself)."""
-        with self._state_lock:
-            tokens, self._tokens = self._tokens, None
+        """End the session (del_token); failures are only logged (the token dies by itself).
+        No token is got after this."""
+        with self._login_lock:  # a renewal under way finishes first, and none starts after
+            self._ended = True
+            with self._state_lock:
+                tokens, self._tokens = self._tokens, None
         if tokens is not None and time.monotonic() < tokens.access_until:
             self._revoke(tokens.access)
         if tokens is not None:
