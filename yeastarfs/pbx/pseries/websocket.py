@@ -47,7 +47,7 @@ from typing import Callable, Optional, Union
 from yeastarfs import errors
 from yeastarfs.models import Recording
 from yeastarfs.pbx.events import MAX_BODY_BYTES, Counters, EventFormat, EventSink, Throttle
-from yeastarfs.pbx.pseries.client import USER_AGENT, PSeriesClient, TOKEN_MESSAGES
+from yeastarfs.pbx.pseries.client import TOKEN_ERRCODES, TOKEN_MESSAGES, USER_AGENT, PSeriesClient
 from yeastarfs.pbx.pseries.records import TOPIC_NEW_CDR
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def _refusal(status: int, fields: dict, rest: bytes, sock: socket.socket) -> Han
     if not isinstance(reply, dict):
         return HandshakeRefused(f"the PBX refused the event subscription (HTTP {status})")
     errcode, message = reply.get("errcode"), str(reply.get("errmsg", ""))[:100]
-    token_refused = errcode in (20003, 20004) or any(words in message.upper() for words in TOKEN_MESSAGES)
+    token_refused = errcode in TOKEN_ERRCODES or any(words in message.upper() for words in TOKEN_MESSAGES)
     return HandshakeRefused(f"the PBX refused the event subscription (errcode {errcode} {message})", token_refused)
 
 
