@@ -73,6 +73,7 @@ def test_pbx_down_mid_session(pbx, mounted):
     assert sha256_of(mount.path(*date_path(uncached.name))) == uncached.sha256
 
 
+@pytest.mark.families
 def test_mount_comes_up_from_the_index_when_the_pbx_is_down(pbx, mounted):
     cached = add(pbx, size_bytes=ONE_MB, minutes_ago=30)
     first = mounted()
