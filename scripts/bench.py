@@ -10,6 +10,7 @@ baseline alternately, several times, and prints a table (median, min, max, ratio
     .venv/bin/python scripts/bench.py                      # the default set, a few minutes
     .venv/bin/python scripts/bench.py --cases cold_seq,walk --runs 3
     .venv/bin/python scripts/bench.py --walk-recordings 1000000 --stream-mb 1024   # full size
+    .venv/bin/python scripts/bench.py --cases cold_seq,cached_repeat --metrics     # metrics on
     .venv/bin/python scripts/bench.py --api p-series       # the same table against a P-Series
 
 ``--api`` picks the simulated PBX family (the same recordings either way) and mounts with
@@ -151,6 +152,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="PBX send rate in cold_seq_lan, Mbit/s (default 1000: a gigabit LAN)")
     parser.add_argument("--tmp-dir", default=None, help="where mounts, caches and trees go (default: system temp)")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON result to PATH")
+    parser.add_argument("--metrics", action="store_true",
+                        help="start every mount with --metrics-port 0 (FUSE operations measured), to compare "
+                             "with a run without")
     args = parser.parse_args(argv)
     args.case_list = [case.strip() for case in args.cases.split(",") if case.strip()]
     unknown = sorted(set(args.case_list) - set(ALL_CASES))
@@ -394,9 +398,10 @@ def new_mount(b: "Bench", tag: str, extra: tuple = ()) -> MountProcess:
     ``--since 1d``: the pool's recordings lie in the last 20 hours. Logs at INFO: DEBUG
     lines for every read would be part of what is timed.
     """
+    metrics = ("--metrics-port", "0") if b.args.metrics else ()
     return MountProcess(b.sim.base_url, os.path.join(b.tmp, f"mnt-{tag}"), os.path.join(b.tmp, f"cache-{tag}"),
                         b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"),
-                        ("--since", "1d", "--api", b.args.api, *extra),
+                        ("--since", "1d", "--api", b.args.api, *metrics, *extra),
                         log_level="INFO", ready_timeout_s=READY_TIMEOUT_S, ready_interval_s=READY_POLL_S)
 
 

@@ -131,20 +131,25 @@ STANDARD_BACKGROUND_READERS = (
 )
 
 
-def _reader_names(text: str) -> tuple[str, ...]:
-    """``standard,myindexer`` → process names (``standard``: `STANDARD_BACKGROUND_READERS`);
-    ``none`` (or nothing) → ()."""
+def _process_names(text: str) -> tuple[str, ...]:
+    """``smbd,ganesha.nfsd`` → process names; ``none`` (or nothing) → ()."""
     if not text or str(text).strip().lower() == "none":
         return ()
     names: list[str] = []
     for part in (part.strip() for part in str(text).split(",")):
-        if part == "standard":
-            names.extend(STANDARD_BACKGROUND_READERS)
-        elif part:
+        if part:
             if "/" in part or "\0" in part:
                 raise ConfigError(f"invalid process name {part!r}: give names, not paths")
             names.append(part)
     return tuple(dict.fromkeys(names))
+
+
+def _reader_names(text: str) -> tuple[str, ...]:
+    """``standard,myindexer`` → process names (``standard``: `STANDARD_BACKGROUND_READERS`);
+    ``none`` (or nothing) → ()."""
+    parts = (",".join(STANDARD_BACKGROUND_READERS) if part.strip() == "standard" else part
+             for part in str(text or "").split(","))
+    return _process_names(",".join(parts))
 
 
 def _time_zone(text: str) -> str:
@@ -402,6 +407,13 @@ OPTIONS: tuple[Option, ...] = (
                help="processes served only from the cache: an uncached recording is refused at once (EACCES); "
                     "`standard`: the thumbnailers and indexers listed under File managers; `none`: serve every "
                     "process"),
+        # File servers stat the file they opened and read exactly that size (README "Sharing
+        # with other machines"): an estimate would hand their clients truncated audio.
+        Option("exact_size_readers", metavar="NAME,…|none", field="exact_size_readers", parse=_process_names,
+               default="smbd,ganesha.nfsd",
+               help="processes that read exactly the size they stat (file servers): they never get an "
+                    "uncached recording before its exact size is known; the open waits up to `--stall-timeout` "
+                    "for it, then fails (EIO) rather than serve a truncated copy; `none`: nobody"),
     ),
     *_group(
         "running",
@@ -423,6 +435,11 @@ OPTIONS: tuple[Option, ...] = (
         Option("log_level", metavar="LEVEL", field="log_level", default="INFO",
                choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                help="the least severe messages logged: `DEBUG`, `INFO`, `WARNING` or `ERROR`"),
+        Option("metrics_port", metavar="PORT", field="metrics_port", parse=_whole_number, default_doc="off",
+               help="serve Prometheus metrics at `http://ADDRESS:PORT/metrics` (`0`: any free port, logged)",
+               valid=lambda port: 0 <= port <= 65535, invalid="must be 0-65535 (0 picks a free port)"),
+        Option("metrics_address", metavar="ADDRESS", field="metrics_address", default="127.0.0.1",
+               help="where `--metrics-port` listens; anything but loopback lets other hosts read the metrics"),
     ),
 )
 

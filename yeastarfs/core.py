@@ -15,11 +15,15 @@ Owns the policies the adapter must not hold:
   (page cache allowed, ``keep_cache``); any other through its shared download with direct
   I/O, so reads never depend on an estimated size. ``open`` waits up to
   ``OPEN_SIZE_WAIT_S`` for the PBX's reply headers so that ``fstat`` right after ``open``
-  sees the exact size;
-- **who gets an uncached recording.** A background reader (`readers.BackgroundReaders`:
+  sees the exact size, and says when the kernel may hold another size for the path
+  (`OpenFile.size_changed`: the adapter invalidates it before the open returns);
+- **who gets an uncached recording.** A background reader (``--background-readers``:
   thumbnailers, indexers) is served from the cache only; an uncached recording is refused
   at once (`errors.BackgroundReaderError`), so that browsing never makes the PBX send
-  every file of a folder;
+  every file of a folder. An exact-size reader (``--exact-size-readers``: file servers,
+  which read exactly the size they stat after opening) gets a recording only once its exact
+  size is known: its open waits up to the downloads' stall timeout, then fails
+  (`errors.DownloadStalledError`, EIO), never hands it an estimate to truncate at;
 - **recordings the PBX no longer has.** "Does not exist" for a young recording (first
   seen less than ``YOUNG_S`` ago, its call over less than ``YOUNG_CALL_S`` before that:
   the PBX may still be writing it) is retried for ``NOT_FOUND_GRACE_S``; past that, the
@@ -58,7 +62,7 @@ from typing import Callable, Iterable, Optional
 
 from yeastarfs import errors
 from yeastarfs.index import WAV_HEADER_BYTES
-from yeastarfs.readers import BackgroundReaders, Reader
+from yeastarfs.readers import ProcessNames, Reader
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +119,17 @@ class Attributes:
 
 @dataclasses.dataclass(frozen=True)
 class OpenFile:
-    """An opened recording: its handle, and how the kernel may cache its pages."""
+    """An opened recording: its handle, and how the kernel may cache its pages.
+
+    ``size_changed``: the kernel may hold another size for this path than the exact one now
+    known (it was told an estimate, or nothing this core remembers). The adapter makes the
+    kernel forget it before the open returns, so a ``fstat`` right after (Samba's) asks again.
+    """
 
     fh: int
     keep_cache: bool
     direct_io: bool
+    size_changed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +186,7 @@ class Core:
 
     def __init__(self, index, cache, downloads, *, status: Optional[Callable[[], dict]] = None,
                  uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022,
-                 background_readers: Iterable[str] = ()) -> None:
+                 background_readers: Iterable[str] = (), exact_size_readers: Iterable[str] = ()) -> None:
         self.index = index
         self.cache = cache
         self.downloads = downloads
@@ -191,7 +201,8 @@ class Core:
         self._reported_sizes: dict[str, int] = {}
         self._invalidate: Callable[[str], None] = lambda path: None
         self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0, "open_cached": 0, "open_refused": 0}
-        self._background = BackgroundReaders(background_readers)
+        self._background = ProcessNames(background_readers)
+        self._exact_size = ProcessNames(exact_size_readers)
         self._rate = self._stored_rate()
         stored_range = index.get_meta(RANGE_META_KEY)
         if downloads is not None and downloads.range_honoured is None and stored_range in ("0", "1"):
@@ -264,10 +275,10 @@ class Core:
             self.counters["open_cached"] += 1
             size_bytes = os.fstat(fd).st_size
             handle = _CachedHandle(entry.name, fd, size_bytes)
-            with self._lock:
-                trusted = self._reported_sizes.get(entry.name) == size_bytes
+            trusted = not self._size_changed(entry.name, size_bytes)
             # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
-            return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted)
+            return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted,
+                            size_changed=not trusted)
         background = self._background.match(reader)
         if background is not None:
             self.counters["open_refused"] += 1
@@ -275,13 +286,33 @@ class Core:
             raise errors.BackgroundReaderError(f"{path} is not cached, and {background} is a background reader")
         download = self.downloads.acquire(entry.name, not_found_grace_s=self._not_found_grace_s(entry))
         try:
-            # Tools fstat right after open and seek from the end: let them see the exact
-            # size (the PBX's reply headers come within milliseconds).
-            download.wait_for_size(OPEN_SIZE_WAIT_S)
+            size_bytes = self._wait_for_size(entry, download, reader)
         except BaseException:
             self.downloads.release(download)
             raise
-        return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True)
+        size_changed = size_bytes is not None and self._size_changed(entry.name, size_bytes)
+        return OpenFile(self._add_handle(_StreamHandle(entry.name, download)), keep_cache=False, direct_io=True,
+                        size_changed=size_changed)
+
+    def _wait_for_size(self, entry, download, reader: Optional[Reader]) -> Optional[int]:
+        """The exact size of the recording being opened, once known (None: an estimate stands).
+
+        Tools fstat right after open and seek from the end: let them see the exact size (the
+        PBX's reply headers come within milliseconds). An exact-size reader reads exactly what
+        it stats: it waits longer, up to the stall timeout (a download queued behind
+        ``--max-downloads`` others gets its size when a slot frees), and never gets an estimate.
+        A size the catalogue gave (P-Series) is exact already.
+        """
+        server = None if entry.size_exact else self._exact_size.match(reader)
+        wait_s = self.downloads.stall_timeout_s if server is not None else OPEN_SIZE_WAIT_S
+        size_bytes = download.wait_for_size(wait_s)
+        if size_bytes is None and entry.size_exact:
+            return entry.size_bytes
+        if size_bytes is None and server is not None:
+            raise errors.DownloadStalledError(
+                f"recording {entry.name}: no exact size from the PBX after {wait_s:.0f} s; "
+                f"not opened for {server}, which would read only the estimated size")
+        return size_bytes
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """*size* bytes at *offset* (fewer only at the end). Raises BadHandleError, or the
@@ -423,6 +454,11 @@ class Core:
             if known is not None:
                 return known
         return entry.size_bytes
+
+    def _size_changed(self, name: str, size_bytes: int) -> bool:
+        """Whether the kernel may hold another size for *name* than *size_bytes*."""
+        with self._lock:
+            return self._reported_sizes.get(name) != size_bytes
 
     def _remember_size(self, name: str, size_bytes: int) -> None:
         with self._lock:

@@ -14,7 +14,8 @@ asks the PBX is the catalogue's business (``pbx/<family>``); this module only sc
 Nothing the PBX sends may end this loop: any exception from the catalogue or the callback
 is logged (with a traceback for the unexpected ones), counted, and followed by a retry
 with backoff (``RETRY_MIN_S`` doubling up to the poll interval). `status` says when
-discovery is failing, since when, and why.
+discovery is failing, since when, and why, and whether the last poll and the last resync
+succeeded.
 
 Threading: one daemon thread between `start` and `stop`; `resync_now`, `poll_now`, `status`
 and `wait_first_pass` may be called from any thread. ``_lock`` guards the statistics only.
@@ -66,6 +67,8 @@ class Discovery:
             "last_resync_new": None, "resync_interval_s": resync_interval_s,
             "failures": 0, "consecutive_failures": 0, "failing_since": None, "last_error": None,
             "last_error_time": None,
+            # Whether the last poll, and the last backfill or resync, succeeded (None: none yet).
+            "last_poll_ok": None, "last_resync_ok": None,
         }
 
     # -- control -------------------------------------------------------------------------------
@@ -159,6 +162,7 @@ class Discovery:
         with self._lock:
             recovered = self._stats["consecutive_failures"]
             self._stats.update(consecutive_failures=0, failing_since=None, last_poll_time=now)
+            self._stats[_outcome_key(kind)] = True
             self._stats["polls"] += 1
             if kind in ("backfill", "resync"):
                 self._stats.update(last_resync_time=now, last_resync_found=found, last_resync_new=new)
@@ -179,6 +183,12 @@ class Discovery:
             self._stats["consecutive_failures"] += 1
             self._stats["failing_since"] = self._stats["failing_since"] or now
             self._stats.update(last_error=message, last_error_time=now)
+            self._stats[_outcome_key(kind)] = False
         # Expected failures (PBX down, refused) are one line; anything else carries a traceback,
         # because it is a bug or a reply nobody foresaw, and the loop goes on either way.
         log.warning("discovery: %s failed: %s", kind, message, exc_info=None if expected else exc)
+
+
+def _outcome_key(kind: str) -> str:
+    """The status key of *kind*'s last outcome: a backfill reads what a resync reads."""
+    return "last_poll_ok" if kind == "poll" else "last_resync_ok"

@@ -4,16 +4,24 @@ Every callback calls one method of the core (``core.Core``), which holds all the
 and converts its answer into what mfusepy wants; ``open`` also tells the core who is asking
 (the pid and uid of the FUSE request, which only the binding can read). The errno of every failure is chosen in
 exactly one place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never
-the binding's EINVAL. This is the only module that imports mfusepy.
+the binding's EINVAL; ``_translated`` also times every callback and counts its errno
+(`metrics.FuseOperation`). This is the only module that imports mfusepy.
 
 Listings: ``FusePlus`` (a small subclass of mfusepy's ``FUSE``) answers the kernel's
 READDIRPLUS with each entry's attributes, so walks and ``ls -l`` need no per-file lookup,
 and refuses the ``security.*``/``system.*`` extended attributes ``ls -l`` asks of every
 file before they reach Python. ``YeastarFS.invalidate`` makes the kernel forget a path's
-cached attributes (libfuse 3), which lets the mount use long attribute timeouts.
+cached attributes (libfuse 3), which lets the mount use long attribute timeouts; ``open``
+uses it too, so that a file server's ``fstat`` right after opening sees the exact size.
+
+File handles (NFS): with libfuse's high-level API a handle is (node id, generation); node ids
+follow lookup order and the generation is always 0, so after a remount an old handle would
+name another recording. `randomise_generation` writes a random generation into libfuse's
+private ``struct fuse`` at ``init``, guarded by checks of its layout, so that every handle
+from an earlier mount is refused with ESTALE (README "Sharing with other machines").
 
 Threading: mfusepy calls back on many threads; the adapter has no state of its own but the
-libfuse pointer, set once in ``init``. The core is thread-safe.
+libfuse pointer and the handle state, set once in ``init``. The core is thread-safe.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ import errno
 import functools
 import logging
 import os
+import secrets
 import stat
+import time
 from typing import Callable, Optional
 
 import mfusepy
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.core import BLOCK_SIZE_BYTES
 from yeastarfs.readers import Reader
 
@@ -70,21 +80,29 @@ def _errno_for(exc: BaseException) -> int:
 
 
 def _translated(method: Callable) -> Callable:
-    """Run a FUSE callback so that every exception leaves it as FuseOSError(errno)."""
+    """Run a FUSE callback so that every exception leaves it as FuseOSError(errno), and
+    measure it (`metrics.FuseOperation`: its time, and its errno when it fails)."""
+
+    measured = metrics.fuse_operation(method.__name__)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        started_s = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
-        except mfusepy.FuseOSError:
+        except mfusepy.FuseOSError as exc:
+            measured.failed(exc.errno)
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the one translation point
             if not isinstance(exc, Exception):
                 raise
             code = _errno_for(exc)
+            measured.failed(code)
             if code == errno.EIO and isinstance(exc, errors.YeastarfsError) and not isinstance(exc, errors.TreeError):
                 log.warning("fs: %s %s: %s", method.__name__, args[0] if args else "", exc)
             raise mfusepy.FuseOSError(code) from None
+        finally:
+            measured.observe(time.perf_counter() - started_s)
 
     return wrapper
 
@@ -197,6 +215,52 @@ class FusePlus(mfusepy.FUSE):
         return super().getxattr(path, name, value, size, *args)
 
 
+# libfuse 3's private ``struct fuse`` (lib/fuse.c), the same in every release from 3.10 to
+# 3.18: se (a pointer) @0, name_table and id_table (struct node_table: array, use, size, split)
+# @8 and @40, lru_table @72, ctr (the last node id handed out, u64) @88, generation (u32) @96.
+# A node gets the generation current when it is created, so a value written before the first
+# lookup is every node's (the root keeps 0: it is the same folder in every mount).
+GENERATION_LIBFUSE_VERSIONS = range(310, 319)   # fuse_version(): 3.10 ... 3.18
+STRUCT_FUSE_SESSION_OFFSET = 0
+STRUCT_FUSE_ID_TABLE_USE_OFFSET = 48
+STRUCT_FUSE_NODE_COUNTER_OFFSET = 88
+STRUCT_FUSE_GENERATION_OFFSET = 96
+# At init, before any lookup: libfuse has hashed the root only and handed out no node id.
+NODE_IDS_AT_INIT_MAX = 1
+# What `status` says of NFS handles from an earlier mount.
+HANDLES_STALE_AFTER_REMOUNT = "an earlier mount's handles get ESTALE"
+HANDLES_UNSAFE = "UNSAFE: an earlier mount's handles may name other recordings (do not re-export over NFS)"
+
+
+def randomise_generation(fuse_ptr: int, libfuse_version: int, session_of: Callable[[int], int]) -> Optional[str]:
+    """Give every node of this mount a random non-zero generation; None when done, else why not.
+
+    *fuse_ptr* is libfuse's ``struct fuse *``, *libfuse_version* what ``fuse_version()`` says,
+    *session_of* ``fuse_get_session``. Writes only when the version is one whose layout was
+    checked and the struct looks as it must at init: its first field is the session, one node
+    (the root) is hashed, no node id was handed out and the generation is still 0.
+    """
+    if libfuse_version not in GENERATION_LIBFUSE_VERSIONS:
+        return f"libfuse {libfuse_version // 100}.{libfuse_version % 100} is not one whose layout was checked"
+    session = ctypes.c_void_p.from_address(fuse_ptr + STRUCT_FUSE_SESSION_OFFSET).value
+    hashed = ctypes.c_size_t.from_address(fuse_ptr + STRUCT_FUSE_ID_TABLE_USE_OFFSET).value
+    counter = ctypes.c_uint64.from_address(fuse_ptr + STRUCT_FUSE_NODE_COUNTER_OFFSET).value
+    generation = ctypes.c_uint32.from_address(fuse_ptr + STRUCT_FUSE_GENERATION_OFFSET)
+    if not session or session != session_of(fuse_ptr):
+        return "libfuse's struct fuse does not start with its session"
+    if hashed != 1 or counter > NODE_IDS_AT_INIT_MAX or generation.value != 0:
+        return (f"libfuse's struct fuse is not as expected at init (nodes {hashed}, node counter {counter}, "
+                f"generation {generation.value})")
+    generation.value = secrets.randbelow(0xFFFFFFFF) + 1
+    return None
+
+
+def _session_of(fuse_ptr: int) -> int:
+    get_session = mfusepy._libfuse.fuse_get_session
+    get_session.restype, get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    return get_session(fuse_ptr) or 0
+
+
 STAT_FIELDS = ("st_mode", "st_nlink", "st_size", "st_blksize", "st_blocks", "st_uid", "st_gid")
 
 
@@ -242,8 +306,10 @@ class YeastarFS(mfusepy.Operations):
     Attributes:
         core: the Core that answers everything.
         mounted: True once libfuse called ``init`` (the kernel has mounted).
+        handles: what NFS file handles from an earlier mount get (`HANDLES_STALE_AFTER_REMOUNT`
+            or `HANDLES_UNSAFE`), set in ``init``; None before.
 
-    Multithreading: no state of its own but the libfuse pointer, set once in ``init``.
+    Multithreading: no state of its own but the libfuse pointer and ``handles``, set once in ``init``.
     """
 
     use_ns = True
@@ -253,6 +319,7 @@ class YeastarFS(mfusepy.Operations):
         self._on_ready = on_ready
         self._fuse_ptr: Optional[ctypes.c_void_p] = None
         self.mounted = False
+        self.handles: Optional[str] = None
         core.set_invalidator(self.invalidate)
 
     def stat_fields(self) -> tuple[int, int]:
@@ -261,7 +328,9 @@ class YeastarFS(mfusepy.Operations):
     def invalidate(self, path: str) -> None:
         """Make the kernel forget cached attributes of *path* (its size became exact).
 
-        Called from download threads, never from a FUSE callback for the same path.
+        Called from download threads, and from ``open`` for the path being opened: measured
+        safe (no deadlock) with libfuse 3.14 and Linux 6.18, for the read-only opens this
+        filesystem allows.
         """
         if self._fuse_ptr is None or not FusePlus.can_invalidate():
             return  # libfuse 2: mount.py then keeps attribute timeouts at 1 s instead
@@ -285,9 +354,20 @@ class YeastarFS(mfusepy.Operations):
             self._fuse_ptr = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
         except Exception:  # noqa: BLE001 - libfuse without a context: no invalidation
             self._fuse_ptr = None
+        self._make_old_handles_stale()
         self.mounted = True
         if self._on_ready is not None:
             self._on_ready()
+
+    def _make_old_handles_stale(self) -> None:
+        """Before the first lookup: handles from an earlier mount must fail, never name another file."""
+        why_not = "libfuse 2" if not FusePlus.is_libfuse3() else "no libfuse context"
+        if FusePlus.is_libfuse3() and self._fuse_ptr is not None and self._fuse_ptr.value:
+            why_not = randomise_generation(self._fuse_ptr.value, mfusepy._libfuse.fuse_version(), _session_of)
+        self.handles = HANDLES_STALE_AFTER_REMOUNT if why_not is None else HANDLES_UNSAFE
+        if why_not is not None:
+            log.warning("fs: re-exporting this mount over NFS is unsafe: after a remount, a file handle from "
+                        "an earlier mount may open another recording (%s); share it over SMB", why_not)
 
     @_translated
     def getattr(self, path: str, fh=None) -> dict:
@@ -317,6 +397,10 @@ class YeastarFS(mfusepy.Operations):
     def open(self, path: str, fi) -> int:
         opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY, reader=_caller())
         fi.fh, fi.keep_cache, fi.direct_io = opened.fh, int(opened.keep_cache), int(opened.direct_io)
+        if opened.size_changed:
+            # Samba fstats the file it just opened (a getattr without fh) and reads exactly
+            # that size: the kernel must ask again, not answer the estimate it cached.
+            self.invalidate(path)
         return 0
 
     @_translated

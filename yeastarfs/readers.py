@@ -1,14 +1,19 @@
-"""Readers: which process opened a file, and whether it is a background reader.
+"""Readers: which process opened a file, and whether its name is on a configured list.
 
-Thumbnailers and desktop indexers open every file a file manager shows them, or every file
-they crawl, and read much of each; on a mount whose files come from a PBX, every such read
-is a download. `BackgroundReaders` recognises them by process name (``--background-readers``)
-so that the core can serve them from the cache only (README "File managers").
+Two lists of process names use this (the core holds one `ProcessNames` for each):
+
+- background readers (``--background-readers``): thumbnailers and desktop indexers open
+  every file a file manager shows them, or every file they crawl, and read much of each; on
+  a mount whose files come from a PBX, every such read is a download. The core serves them
+  from the cache only (README "File managers");
+- exact-size readers (``--exact-size-readers``): file servers (``smbd``, ``ganesha.nfsd``)
+  that stat the file they opened and read exactly that many bytes. The core never lets them
+  open a recording whose exact size it does not know (README "Sharing with other machines").
 
 The FUSE adapter passes a `Reader` (the caller's pid and uid, from the FUSE request). The
 kernel reports the calling *thread*, whose own name says nothing (GStreamer's
-``typefind:sink``, GLib's ``pool-tumblerd``); its process (thread group) is found in
-``/proc/PID/status``. A configured name matches a process when it equals:
+``typefind:sink``, GLib's ``pool-tumblerd``, smbd's I/O threads); its process (thread
+group) is found in ``/proc/PID/status``. A configured name matches a process when it equals:
 
 - the process's name (``/proc/TGID/comm``; the kernel cuts names to 15 characters, so a
   longer configured name is compared by its first 15);
@@ -17,8 +22,7 @@ kernel reports the calling *thread*, whose own name says nothing (GStreamer's
 - the file name of its ``argv[0]``, or of its ``argv[1]`` without ``.so`` (KDE runs its
   thumbnail worker as ``kioworker …/thumbnail.so thumbnail …``).
 
-A process that has gone or cannot be inspected is an ordinary reader: recognising is a
-courtesy to the PBX, never a reason to refuse someone.
+A process that has gone or cannot be inspected matches no name: it is an ordinary reader.
 
 Owns nothing else and imports nothing from yeastarfs. Threading: stateless after
 construction; any thread may ask.
@@ -43,8 +47,8 @@ class Reader:
     uid: int = -1
 
 
-class BackgroundReaders:
-    """The configured background reader names, and the test of a reader against them.
+class ProcessNames:
+    """A configured list of process names, and the test of a reader against them.
 
     Attributes:
         names: the configured process names (empty: nobody is a background reader).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -76,3 +77,12 @@ def mount_factory(pbx, password_file, tmp_path):
 @pytest.fixture
 def mounted(mount_factory):
     return mount_factory
+
+
+@pytest.fixture
+def public_dir():
+    """A directory other users can traverse (pytest's tmp dirs are 0700); removed after the mount."""
+    path = tempfile.mkdtemp(prefix="yeastarfs-allow-other-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -276,15 +275,6 @@ def test_gio_browsing_downloads_nothing(pbx, mounted, require):
         assert info.returncode == 0, info.stderr
         assert "audio" in info.stdout or "wav" in info.stdout.lower()
     assert download_requests(pbx) == (0, 0)
-
-
-@pytest.fixture
-def public_dir():
-    """A directory other users can traverse (pytest's tmp dirs are 0700); removed after the mount."""
-    path = tempfile.mkdtemp(prefix="yeastarfs-allow-other-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("allow_other", [True, False])

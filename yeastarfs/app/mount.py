@@ -4,9 +4,9 @@ Order of construction (and, reversed, of teardown through one ExitStack):
 mountpoint check → cache folder (``cache.CacheDir``: checked, locked) → index → cache →
 downloads → core → PBX session
 and its event sources (``pbx.open_pbx``) → discovery (backfill, then poll and resync) →
-FUSE. Nothing here holds logic worth testing on its own (the policies live in ``core``,
-``downloads``, ``cache``, ``discovery`` and the PBX family); the integration tests
-exercise it through the real CLI.
+the metrics endpoint (``--metrics-port``, ``app/metrics.py``) → FUSE. Nothing here holds
+logic worth testing on its own (the policies live in ``core``, ``downloads``, ``cache``,
+``discovery`` and the PBX family); the integration tests exercise it through the real CLI.
 
 Start-up failures raise ``ConfigError``/``PbxError`` with one clear message. A PBX that
 cannot be reached is fatal only on the very first mount (nothing to show yet); with a
@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 
 from yeastarfs import errors
-from yeastarfs.app import notify
+from yeastarfs.app import metrics, notify
 from yeastarfs.cache import CacheDir, DiskCache
 from yeastarfs.config import Config
 from yeastarfs.core import Core
@@ -113,6 +113,7 @@ class Mount:
             check_allow_other()
         self.started_at = time.time()
         self.fs: Optional[YeastarFS] = None
+        self.metrics: Optional[metrics.MetricsServer] = None
         # The folder is left last: its clean-stop marker says everything after it stopped.
         self.folder = CacheDir(config.cache_root, os.path.basename(config.cache_dir))
         stack.callback(self.folder.close)
@@ -129,9 +130,13 @@ class Mount:
         stack.callback(self.downloads.stop)
         self.core = Core(self.index, self.cache, self.downloads, status=self.stats,
                          uid=config.uid, gid=config.gid, umask=config.umask,
-                         background_readers=config.background_readers)
+                         background_readers=config.background_readers,
+                         exact_size_readers=config.exact_size_readers)
         self._start_pbx(stack)
         self.discovery = self._start_discovery(stack)
+        if config.metrics_port is not None:
+            self.metrics = metrics.start(self, config.metrics_address, config.metrics_port)
+            stack.callback(self.metrics.stop)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -203,6 +208,7 @@ class Mount:
         discovery = self.discovery.status()
         return {
             "mountpoint": self.mountpoint, "pid": os.getpid(), "cache_dir": self.config.cache_dir,
+            "metrics_port": self.metrics.port if self.metrics is not None else None,
             "uptime_s": round(time.time() - self.started_at, 1),
             **self.pbx.status(),
             "last_poll_time": discovery["last_poll_time"],
@@ -215,6 +221,8 @@ class Mount:
             **self.core.transfer_stats(),
             "fuse_reads": self.core.counters["read"],
             "fuse_getattrs": self.core.counters["getattr"],
+            # Whether NFS handles from an earlier mount fail (README "Sharing with other machines").
+            "nfs_handles": self.fs.handles if self.fs is not None else None,
         }
 
     def watch_signals(self, stack: contextlib.ExitStack) -> None:

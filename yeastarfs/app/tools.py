@@ -90,6 +90,7 @@ def _print_daemon_status(mountpoint: str, as_json: bool) -> int:
         f"{status['cache_files']} idle files, hit rate {'n/a' if hit_rate is None else f'{hit_rate:.0%}'}",
         f"opens:             {_opens(status.get('opens') or {})}",
         f"downloads:         {_download_states(status['downloads_in_flight'])}",
+        f"NFS handles:       {status.get('nfs_handles') or 'unknown'}",
     ]
     for item in status["downloads_in_flight"]:
         total = item["total_bytes"]

@@ -45,8 +45,8 @@ def probe(config: Config) -> str:
     transport = HttpTransport(config.pbx_url, verify=config.verify, pin_sha256=config.pin_sha256,
                               proxy=config.proxy, user_agent="OpenAPI")
     try:
-        response = transport.request("GET", f"{transport.base_url}/{PROBE_PATH}", timeout=PROBE_TIMEOUTS_S,
-                                     stream=True)
+        response = transport.request("GET", f"{transport.base_url}/{PROBE_PATH}", endpoint="probe",
+                                     timeout=PROBE_TIMEOUTS_S, stream=True)
         with response:
             body = read_capped(response, PROBE_MAX_BYTES, PROBE_PATH)
     finally:

@@ -7,8 +7,10 @@ Owns:
                       ``--pin-sha256`` (the certificate's SHA-256, checked during the TLS
                       handshake, before a byte of the request is sent), ``--proxy``, a
                       pool as large as the downloads need, ``Accept-Encoding: identity``,
-                      and each reply's ``Date`` header handed to the family's clock;
-    RecordingStream   one download's body, checked against its Content-Length both ways;
+                      each reply's ``Date`` header handed to the family's clock, and every
+                      request counted (`metrics.pbx_request`, by the endpoint the family names);
+    RecordingStream   one download's body, checked against its Content-Length both ways and
+                      counted (`metrics.recording_body`);
     open_body         the decision, from status, headers and first bytes, whether a reply
                       is the recording, and where in the file it starts;
     read_capped       a whole (JSON or CSV) reply, refused past a cap (gzip bombs too).
@@ -38,7 +40,7 @@ import requests
 import requests.adapters
 import urllib3
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.errors import redact
 
 log = logging.getLogger(__name__)
@@ -96,15 +98,19 @@ class HttpTransport:
         if self.session.verify is False:
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
 
-    def request(self, method: str, url: str, *, timeout: tuple[float, float], **kwargs) -> requests.Response:
-        """*method* on *url* (absolute); raises PbxUnavailableError for any transport failure,
-        saying what to do about a certificate that does not verify."""
+    def request(self, method: str, url: str, *, endpoint: str, timeout: tuple[float, float],
+                **kwargs) -> requests.Response:
+        """*method* on *url* (absolute), counted under *endpoint* (the API's name for it, never
+        a per-recording value; a query after ``?`` is dropped); raises PbxUnavailableError for
+        any transport failure, saying what to do about a certificate that does not verify."""
         sent_s = time.time()
         try:
             # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            response = self.session.request(method, url, timeout=timeout, allow_redirects=False,
-                                            verify=self.session.verify, **kwargs)
+            with metrics.pbx_request(endpoint) as counted:
+                response = self.session.request(method, url, timeout=timeout, allow_redirects=False,
+                                                verify=self.session.verify, **kwargs)
+                counted.answered(response.status_code)
         except requests.exceptions.SSLError as exc:
             if self.pinned:
                 raise errors.PbxUnavailableError(
@@ -157,8 +163,13 @@ class RecordingStream:
         self._body_bytes = body_bytes          # Content-Length of this reply, if any
         self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
         self._on_close: Optional[Callable[[], None]] = None
+        self._sent_s = time.monotonic() - response.elapsed.total_seconds()  # when the request left
 
     def chunks(self) -> Iterator[bytes]:
+        """The body's bytes as `_checked_chunks` yields them, counted (`metrics.recording_body`)."""
+        return metrics.recording_body(self._checked_chunks(), self._sent_s, self._body_bytes)
+
+    def _checked_chunks(self) -> Iterator[bytes]:
         """Yield body bytes as they arrive, exactly the announced body and nothing else.
 
         Raises PbxUnavailableError on a reset, DownloadStalledError on a stall, and

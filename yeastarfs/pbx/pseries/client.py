@@ -51,7 +51,7 @@ import time
 import urllib.parse
 from typing import Callable, Optional, Union
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.transport import MAX_ERROR_BODY_BYTES, HttpTransport, RecordingStream, open_body, read_capped
 
@@ -228,25 +228,34 @@ class PSeriesClient:
             reply = self._exchange("POST", "get_token", json_body={"username": self._client_id,
                                                                    "password": self._secret})
         except errors.PbxUnavailableError as exc:
+            metrics.pbx_login("unreachable")
             raise errors.PbxUnavailableError(f"cannot log in to {self.base_url}: {exc}") from None
         errcode = _errcode(reply)
         if errcode != 0:
             raise self._login_failed(errcode, reply)
         tokens = self._adopt(reply, "get_token")
         self.stats.logins += 1
+        metrics.pbx_login("ok")
         self.stats.last_login_time = time.time()
         log.info("pbx: got a P-Series API token from %s for client ID %s", self.base_url, self._client_id)
         return tokens.access
 
     def _refresh_locked(self, old: _Tokens) -> str:
-        reply = self._exchange("POST", "refresh_token", json_body={"refresh_token": old.refresh})
+        try:
+            reply = self._exchange("POST", "refresh_token", json_body={"refresh_token": old.refresh})
+        except errors.PbxError:
+            metrics.token_renewal("failed")
+            raise
         errcode = _errcode(reply)
+        if errcode != 0:
+            metrics.token_renewal("failed")
         if errcode in REFRESH_REFUSED_ERRCODES or (errcode != 0 and _says_token(reply)):
             raise _TokenRefused(f"errcode {errcode}")
         if errcode != 0:
             raise _api_error("refresh_token", errcode)
         tokens = self._adopt(reply, "refresh_token")
         self.stats.renewals += 1
+        metrics.token_renewal("ok")
         log.debug("pbx: access token renewed")
         self._revoke(old.access)  # in case the PBX keeps it valid: one token per mount
         return tokens.access
@@ -275,6 +284,7 @@ class PSeriesClient:
 
     def _login_failed(self, errcode: Optional[int], reply: dict) -> errors.AuthError:
         self.stats.login_failures += 1
+        metrics.pbx_login("rejected")
         message = _errmsg(reply)
         if errcode == BLOCKED_ERRCODE or "BLOCK" in message.upper():
             error: errors.AuthError = errors.LockedOutError(
@@ -455,7 +465,9 @@ class PSeriesClient:
         separator = "&" if "?" in link else "?"
         url = f"{self.base_url}{link}{separator}access_token={urllib.parse.quote(token)}"
         headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-        response = self._transport.request("GET", url, timeout=self._timeouts, headers=headers, stream=True)
+        # Counted as "download": a resource URL is a per-recording value, never a label.
+        response = self._transport.request("GET", url, endpoint="download", timeout=self._timeouts,
+                                           headers=headers, stream=True)
         self.stats.downloads_opened += 1
         try:
             stream = open_body(response, offset, "recording download", self._download_failure)
@@ -507,7 +519,7 @@ class PSeriesClient:
         if json_body is not None:
             kwargs["data"] = json.dumps(json_body).encode()
             kwargs["headers"] = {"Content-Type": "application/json; charset=utf-8"}
-        response = self._transport.request(method, url, timeout=self._timeouts, **kwargs)
+        response = self._transport.request(method, url, endpoint=endpoint, timeout=self._timeouts, **kwargs)
         self.stats.api_calls += 1
         with response:
             if response.status_code != 200:

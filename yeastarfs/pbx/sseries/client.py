@@ -6,7 +6,9 @@ the family-neutral `transport.HttpTransport` (TLS, proxy, transport errors, chec
 bodies). Every failure leaves it as an ``errors`` type (a reply that is not decodable JSON,
 however deeply nested, is a PbxUnavailableError), with tokens and randoms redacted. A
 download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
-Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew). It knows
+Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew); every
+login and heartbeat is counted as ``metrics`` asks of a family (requests and recording
+bodies by the transport). It knows
 nothing of paths, the cache or FUSE, and it never retries a download by itself: a retry
 needs a fresh random, which the caller asks for.
 
@@ -37,7 +39,7 @@ from typing import Optional, Union
 
 import requests
 
-from yeastarfs import errors
+from yeastarfs import errors, metrics
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
@@ -138,6 +140,7 @@ class PbxClient:
         try:
             reply = self._post("login", body, token=None)
         except errors.PbxUnavailableError as exc:
+            metrics.pbx_login("unreachable")
             # A locked IP may look like a refused connection on a real PBX (§2.1).
             raise errors.PbxUnavailableError(f"cannot log in to {self.base_url}: {exc}") from None
         if not _is_success(reply):
@@ -155,6 +158,7 @@ class PbxClient:
             errors.forget_secret(replaced)  # dead or dying: the live tokens only
         self.transport = str(reply.get("transport") or "HTTP").upper()
         self.stats.logins += 1
+        metrics.pbx_login("ok")
         self.stats.last_login_time = time.time()
         log.info("pbx: logged in to %s as %s (events over %s)", self.base_url, self._username, self.transport)
         return token
@@ -162,6 +166,7 @@ class PbxClient:
     def _login_failed(self, reply: dict) -> errors.AuthError:
         api_errno = str(reply.get("errno", ""))
         self.stats.login_failures += 1
+        metrics.pbx_login("rejected")
         if api_errno == LOCKED_ERRNO:
             error: errors.AuthError = errors.LockedOutError(
                 f"PBX {self.base_url} has locked out this IP after failed logins (errno 20002); "
@@ -333,7 +338,9 @@ class PbxClient:
                 continue
             try:
                 self.heartbeat()
+                metrics.token_renewal("ok")
             except errors.PbxError as exc:
+                metrics.token_renewal("failed")
                 log.warning("pbx: heartbeat failed: %s", exc)
                 with self._state_lock:
                     self._last_call_time = time.monotonic()  # retry after one more interval
@@ -363,8 +370,8 @@ class PbxClient:
         return reply
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
-        return self._transport.request(method, f"{self.base_url}/{API_PATH}/{path}", timeout=self._timeouts,
-                                       **kwargs)
+        return self._transport.request(method, f"{self.base_url}/{API_PATH}/{path}", endpoint=path,
+                                       timeout=self._timeouts, **kwargs)
 
     def _local_ip(self) -> str:
         """The address this machine uses towards the PBX (a UDP connect sends no packet)."""
