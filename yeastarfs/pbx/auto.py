@@ -5,7 +5,8 @@ request: ``GET /openapi/v1.0/get_token`` (with the P-Series' User-Agent). A P-Se
 answers any request under ``/openapi/`` with JSON carrying ``errcode`` (a GET on get_token
 is "method not allowed": no login is tried, so nothing counts towards a lockout); an
 S-Series has no such path and answers an HTML 404. Whatever is not JSON with an
-``errcode`` is taken for an S-Series, whose own login then says whether it is one.
+``errcode`` is taken for an S-Series, whose own login then says whether it is one. The
+probe is not an API request of either family and is not counted in the metrics.
 
 When the PBX cannot be reached at start, `start` raises like a family (a first mount
 fails; a mount with an index comes up) and a thread probes again, with backoff, until the
@@ -45,7 +46,7 @@ def probe(config: Config) -> str:
     transport = HttpTransport(config.pbx_url, verify=config.verify, pin_sha256=config.pin_sha256,
                               proxy=config.proxy, user_agent="OpenAPI")
     try:
-        response = transport.request("GET", f"{transport.base_url}/{PROBE_PATH}", endpoint="probe",
+        response = transport.request("GET", f"{transport.base_url}/{PROBE_PATH}", endpoint=None,
                                      timeout=PROBE_TIMEOUTS_S, stream=True)
         with response:
             body = read_capped(response, PROBE_MAX_BYTES, PROBE_PATH)

@@ -30,6 +30,7 @@ one thread that reads it. No lock anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -98,19 +99,21 @@ class HttpTransport:
         if self.session.verify is False:
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
 
-    def request(self, method: str, url: str, *, endpoint: str, timeout: tuple[float, float],
+    def request(self, method: str, url: str, *, endpoint: Optional[str], timeout: tuple[float, float],
                 **kwargs) -> requests.Response:
         """*method* on *url* (absolute), counted under *endpoint* (the API's name for it, never
-        a per-recording value; a query after ``?`` is dropped); raises PbxUnavailableError for
-        any transport failure, saying what to do about a certificate that does not verify."""
+        a per-recording value; a query after ``?`` is dropped; None: not an API request, not
+        counted: ``--api auto``'s probe); raises PbxUnavailableError for any transport
+        failure, saying what to do about a certificate that does not verify."""
         sent_s = time.time()
         try:
             # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            with metrics.pbx_request(endpoint) as counted:
+            with metrics.pbx_request(endpoint) if endpoint is not None else contextlib.nullcontext() as counted:
                 response = self.session.request(method, url, timeout=timeout, allow_redirects=False,
                                                 verify=self.session.verify, **kwargs)
-                counted.answered(response.status_code)
+                if counted is not None:
+                    counted.answered(response.status_code)
         except requests.exceptions.SSLError as exc:
             if self.pinned:
                 raise errors.PbxUnavailableError(
