@@ -135,7 +135,7 @@ class _ManPageParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yeastarfs",
-        description="A Yeastar S-Series PBX's call recordings as a read-only filesystem.")
+        description="A Yeastar PBX's call recordings (S-Series and P-Series) as a read-only filesystem.")
     parser.add_argument("--version", action="version", version=f"yeastarfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_ManPageParser)
