@@ -11,8 +11,10 @@ baseline alternately, several times, and prints a table (median, min, max, ratio
     .venv/bin/python scripts/bench.py --cases cold_seq,walk --runs 3
     .venv/bin/python scripts/bench.py --walk-recordings 1000000 --stream-mb 1024   # full size
     .venv/bin/python scripts/bench.py --cases cold_seq,cached_repeat --metrics     # metrics on
+    .venv/bin/python scripts/bench.py --api p-series       # the same table against a P-Series
 
-The simulator runs in a child process of its own, so that neither the baseline client in
+``--api`` picks the simulated PBX family (the same recordings either way) and mounts with
+that ``--api``. The simulator runs in a child process of its own, so that neither the baseline client in
 this process nor the yeastarfs daemon shares an interpreter lock with the server.
 Timings cover open to last byte (close is not timed) on both sides. Reads use 1 MiB
 ``readinto`` calls on unbuffered files, both on the mount and on local files (the local
@@ -22,11 +24,12 @@ Cases and their baselines:
 
 cold_seq       Sequential read of an uncached ``--cold-mb`` recording through the mount
                (MB/s). Baseline: the same recording downloaded directly with ``requests``
-               (POST recording/get_random, then GET recording/download). Goal >= 0.9x.
+               (S-Series: POST recording/get_random, then GET recording/download; P-Series:
+               GET recording/download for the resource URL, then GET it). Goal >= 0.9x.
 first_64k      Open + first 64 KiB of an uncached recording (ms), two rows: a ``--head-mb``
                recording at zero PBX latency (goal <= baseline + 3 ms, issue 16), and a
                2 MB one while every PBX request takes ``--latency-ms`` (goal <= baseline
-               + 10 ms). Baseline: get_random + GET + 64 KiB of the body directly.
+               + 10 ms). Baseline: the same two requests and 64 KiB of the body directly.
 parallel32     ``--parallel-readers`` threads each read a distinct uncached
                ``--parallel-mb`` recording (mount started with ``--max-downloads 32``);
                aggregate MB/s. Baseline: as many parallel direct downloads. Goal >= 0.8x.
@@ -61,8 +64,8 @@ memory         Daemon VmRSS with ``--index-recordings`` indexed: idle after star
                sampled every 50 ms while streaming a ``--stream-mb`` recording (max, and
                last minus first sample). Goal < 150 MB, growth <= 10 MB (flat).
 pbx_requests   Simulator counters around one cold read of a whole recording, which is
-               also checked byte for byte. Goal: exactly 1 get_random, 1 download and
-               0 logins (the token is alive).
+               also checked byte for byte. Goal: exactly 1 first step (get_random, or the
+               P-Series resource URL), 1 download and 0 logins (the token is alive).
 
 Peers (``--peers``): first_64k (zero latency), reread, sniff and ls_day also run against
 rclone (``mount :http: --vfs-cache-mode full``) and httpdirfs (``--cache``) where installed
@@ -109,7 +112,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_peers import (INSTALL_HINT, PEER_NAMES, FileServer, PeerMount, RemoteService,  # noqa: E402
                          count_acked_bytes, find_peers)
-from harness import MountProcess, date_path, wait_stable, write_password_file  # noqa: E402 - after the path
+from harness import (MountProcess, date_path, new_simulator, view, wait_stable,  # noqa: E402 - after the path
+                     write_password_file)
 
 from yeastarfs.downloads import INITIAL_WINDOW_BYTES  # noqa: E402
 from yeastarfs.index import RecordingIndex  # noqa: E402
@@ -123,6 +127,9 @@ WAV_HEADER_BYTES = 44
 BYTES_PER_S = 16_000  # the simulator's PCM-16 8 kHz mono
 USER = "api"
 API = "api/v2.0.0"
+P_API = "openapi/v1.0"
+P_USER_AGENT = {"User-Agent": "OpenAPI"}
+FIRST_STEP = {"s-series": "get_random", "p-series": "download URL"}
 READY_TIMEOUT_S = 180.0
 READY_POLL_S = 0.002  # mount_start is timed by this poll
 RSS_SAMPLE_S = 0.05
@@ -155,6 +162,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(ALL_CASES),
                         help=f"comma-separated cases (default all: {','.join(ALL_CASES)})")
     parser.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    parser.add_argument("--api", choices=("s-series", "p-series"), default="s-series",
+                        help="the simulated PBX family, and the mounts' --api (default s-series)")
     parser.add_argument("--walk-recordings", type=int, default=100_000,
                         help="recordings in the walk tree (default 100000; the issue's case: 1000000)")
     parser.add_argument("--index-recordings", type=int, default=1_000_000,
@@ -226,10 +235,11 @@ def _command_line(argv: list[str]) -> str:
 # The simulator, in a child process driven over a pipe
 
 
-def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
-    """In the child process: a started Simulator and the operations the benchmark calls."""
-    from yeastarfs.sim.sseries import Simulator
-    sim = Simulator(username=USER, password=password).start()
+def _build_simulator(password: str, api: str) -> tuple[dict, Callable[[], None]]:
+    """In the child process: a started simulator of *api*'s family and the operations the
+    benchmark calls."""
+    sim = new_simulator(password, api).start()
+    seen = view(sim)
     acked_bytes = count_acked_bytes(sim._http)  # the simulator's HTTP server (a socketserver)
     ops: dict[str, Callable] = {
         "base_url": lambda: sim.base_url,
@@ -237,7 +247,8 @@ def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
         "warm": lambda names: sum(len(sim.recording_bytes(name)) for name in names),
         "latency": lambda seconds: setattr(sim, "latency_s", seconds),
         "bandwidth": lambda bps: setattr(sim, "bandwidth_bps", bps),
-        "counters": lambda: dict(sim.counters),
+        "requests": lambda: dict(zip(("first_step", "download", "login"),
+                                     (*seen.download_requests(), seen.logins()))),
         "downloaded": sim.downloaded_bytes,
         "acked": acked_bytes,
         "sha256": lambda name: sim.recordings[name].sha256,
@@ -248,8 +259,8 @@ def _build_simulator(password: str) -> tuple[dict, Callable[[], None]]:
 class RemoteSimulator(RemoteService):
     """The PBX simulator in a child process; `call` runs one operation of `_build_simulator`."""
 
-    def __init__(self, password: str) -> None:
-        super().__init__(_build_simulator, password, name="pbx-simulator")
+    def __init__(self, password: str, api: str) -> None:
+        super().__init__(_build_simulator, password, api, name="pbx-simulator")
         self.base_url: str = self.call("base_url")
 
 
@@ -323,8 +334,15 @@ def plan_recordings(pool: Pool, args: argparse.Namespace) -> None:
 # The baseline client: the PBX API used directly with requests
 
 
-def direct_login(base_url: str, password: str) -> str:
-    """POST login with the MD5 of the password; the token (never printed)."""
+def direct_login(base_url: str, password: str, api: str) -> str:
+    """S-Series: POST login with the MD5 of the password; P-Series: get_token. The token
+    (never printed)."""
+    if api == "p-series":
+        reply = requests.post(f"{base_url}/{P_API}/get_token", json={"username": USER, "password": password},
+                              headers=P_USER_AGENT, timeout=30).json()
+        if reply.get("errcode") != 0:
+            raise RuntimeError(f"baseline get_token failed with errcode {reply.get('errcode')}")
+        return reply["access_token"]
     body = {"username": USER, "password": hashlib.md5(password.encode()).hexdigest(), "version": "2.0.0"}
     reply = requests.post(f"{base_url}/{API}/login", json=body, timeout=30).json()
     if str(reply.get("status", "")).lower() != "success":
@@ -336,6 +354,7 @@ class DirectClient:
     """One baseline downloader (own requests.Session, shared token)."""
 
     def __init__(self, base_url: str, token: str) -> None:
+        self._base_url = base_url
         self._api = f"{base_url}/{API}"
         self._token = token
         self._session = requests.Session()
@@ -352,7 +371,7 @@ class DirectClient:
         return response
 
     def download(self, name: str) -> tuple[float, int]:
-        """(seconds from get_random to the last byte, bytes)."""
+        """(seconds from the first step to the last byte, bytes)."""
         start = time.perf_counter()
         response = self.open(name)
         total = sum(len(chunk) for chunk in response.iter_content(BLOCK_BYTES))
@@ -361,7 +380,7 @@ class DirectClient:
         return elapsed, total
 
     def head(self, name: str, size: int) -> float:
-        """Seconds from get_random until the first *size* body bytes are in."""
+        """Seconds from the first step until the first *size* body bytes are in."""
         start = time.perf_counter()
         response = self.open(name)
         data = response.raw.read(size)
@@ -370,6 +389,20 @@ class DirectClient:
         if len(data) != size:
             raise RuntimeError(f"baseline head read {len(data)} bytes")
         return elapsed
+
+
+class PSeriesDirectClient(DirectClient):
+    """The P-Series baseline: recording/download for the resource URL, then GET it."""
+
+    def open(self, name: str) -> requests.Response:
+        reply = self._session.get(f"{self._base_url}/{P_API}/recording/download", headers=P_USER_AGENT,
+                                  params={"file": name, "access_token": self._token}, timeout=30).json()
+        if reply.get("errcode") != 0:
+            raise RuntimeError(f"baseline recording/download failed with errcode {reply.get('errcode')}")
+        response = self._session.get(f"{self._base_url}{reply['download_resource_url']}", headers=P_USER_AGENT,
+                                     params={"access_token": self._token}, stream=True, timeout=60)
+        response.raise_for_status()
+        return response
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,7 +417,8 @@ def new_mount(b: "Bench", tag: str, extra: tuple = ()) -> MountProcess:
     """
     metrics = ("--metrics-port", "0") if b.args.metrics else ()
     return MountProcess(b.sim.base_url, os.path.join(b.tmp, f"mnt-{tag}"), os.path.join(b.tmp, f"cache-{tag}"),
-                        b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"), ("--since", "1d", *metrics, *extra),
+                        b.password_file, os.path.join(b.tmp, f"daemon-{tag}.log"),
+                        ("--since", "1d", "--api", b.args.api, *metrics, *extra),
                         log_level="INFO", ready_timeout_s=READY_TIMEOUT_S, ready_interval_s=READY_POLL_S)
 
 
@@ -656,12 +690,12 @@ class Bench:
     peer_files: Optional["PeerFiles"] = None
 
     def client(self) -> DirectClient:
-        return DirectClient(self.sim.base_url, self.token)
+        kind = PSeriesDirectClient if self.args.api == "p-series" else DirectClient
+        return kind(self.sim.base_url, self.token)
 
     def recording_counters(self) -> collections.Counter:
-        counters = self.sim.call("counters")
-        return collections.Counter({key: counters.get(key, 0)
-                                    for key in ("recording/get_random", "recording/download", "login")})
+        """first_step (get_random, or the P-Series resource URL), download and login requests."""
+        return collections.Counter(self.sim.call("requests"))
 
 
 def case_pbx_requests(b: Bench) -> list[Result]:
@@ -674,11 +708,11 @@ def case_pbx_requests(b: Bench) -> list[Result]:
         b.main.wait_cached(rec.name)
         delta = b.recording_counters() - before
         bad += digest != b.sim.call("sha256", rec.name)
-        sample = f"{delta['recording/get_random']}/{delta['recording/download']}/{delta['login']}"
+        sample = f"{delta['first_step']}/{delta['download']}/{delta['login']}"
         samples.append(sample)
-        say("pbx_requests", run, f"get_random/download/login = {sample}")
+        say("pbx_requests", run, f"{FIRST_STEP[b.args.api]}/download/login = {sample}")
     note = "bytes verified" if not bad else f"{bad} reads returned WRONG BYTES"
-    return [Result("pbx_requests", "PBX requests per cold read (get_random/download/login)", "count",
+    return [Result("pbx_requests", f"PBX requests per cold read ({FIRST_STEP[b.args.api]}/download/login)", "count",
                    samples, None, "1/1/0", lambda m, _b, _r: all(s == "1/1/0" for s in samples) and not bad,
                    note)]
 
@@ -1298,9 +1332,10 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         tmp = make_tmp(args, stack)
         password = secrets.token_urlsafe(18)
-        sim = RemoteSimulator(password)
+        sim = RemoteSimulator(password, args.api)
         stack.callback(sim.close)
-        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password), tmp, write_password_file(os.path.join(tmp, "password"), password))
+        bench = Bench(args, sim, Pool(sim), direct_login(sim.base_url, password, args.api), tmp,
+                      write_password_file(os.path.join(tmp, "password"), password))
         plan_recordings(bench.pool, args)
         results = run_main_cases(bench, stack) + run_big_cases(bench, stack)
         report(results, machine, args, bench.info, time.monotonic() - started)

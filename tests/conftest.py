@@ -8,19 +8,54 @@ import os
 
 import pytest
 
-from harness import USER, factory, new_simulator, write_password_file
+from harness import FAMILIES, USER, factory, new_simulator, self_signed_certificate, view, write_password_file
 from yeastarfs.pbx.sseries.client import PbxClient
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "families(**options): run the test against the simulator of every PBX "
+                                       "family; s_series={...} / p_series={...} give one family's options")
+
+
+def pytest_generate_tests(metafunc):
+    """``@pytest.mark.families`` parametrizes the ``pbx`` fixture with each family (ids
+    ``s-series``, ``p-series``); the marker's ``s_series``/``p_series`` dicts give that
+    family's simulator options."""
+    marker = metafunc.definition.get_closest_marker("families")
+    if marker is None:
+        return
+    params = []
+    for family in FAMILIES:
+        options = marker.kwargs.get(family.replace("-", "_"), {})
+        params.append({"family": family, **options})
+    metafunc.parametrize("pbx", params, indirect=True, ids=list(FAMILIES))
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory):
+    """(certificate, key, SHA-256 hex) of a self-signed certificate for 127.0.0.1."""
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
 def pbx(request):
-    """A started simulator (function-scoped: every test gets fresh counters and faults).
+    """A started simulator (function-scoped: every test gets fresh counters and faults), the
+    S-Series one unless the test is marked ``families`` or asks for ``{"family": ...}``;
+    ``{"tls": True}`` serves HTTPS (and wss) with `tls_certificate`.
 
     Tests pass constructor options with ``@pytest.mark.parametrize("pbx", [{...}], indirect=True)``.
     """
-    options = getattr(request, "param", None) or {}
+    options = dict(getattr(request, "param", None) or {})
+    if options.pop("tls", False):
+        options["certfile"], options["keyfile"], _ = request.getfixturevalue("tls_certificate")
     with new_simulator(**options) as sim:
         yield sim
+
+
+@pytest.fixture
+def pbx_view(pbx):
+    """What the test's simulator saw, in words both families share (`harness.view`)."""
+    return view(pbx)
 
 
 def under_ci() -> bool:

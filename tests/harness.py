@@ -3,7 +3,10 @@
 Owns: waits with deadlines (`wait_until`, `holds_for`, `wait_stable`); `MountProcess`, one
 ``yeastarfs mount --foreground`` daemon in a subprocess and its mountpoint, cache folder and
 log; the per-PBX cache folder and the names inside it as the tests see them; password files,
-free ports, simulators and the NewCdr payload the tests build.
+free ports, simulators of both families (`new_simulator`, ``FAMILIES``) and `view`, the
+adapter that says in one vocabulary what either simulator saw (downloads and their first
+step, logins, catalogue reads, pushed events, the secrets it handed out); the NewCdr payload
+the tests build.
 
 Leaves to others: fixtures (tests/conftest.py, tests/integration/conftest.py wrap these in
 pytest fixtures), and every rule of yeastarfs itself. The per-PBX folder's name comes from
@@ -21,6 +24,7 @@ import os
 import signal
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 from yeastarfs.cache import CLEAN_STOP_FILE as CLEAN_STOP_MARKER  # noqa: F401 - for the tests
 from yeastarfs.cache import COMPLETE_DIR, INDEX_FILE, LOCK_FILE, PARTIAL_DIR  # noqa: F401
 from yeastarfs.config import Config
-from yeastarfs.sim.sseries import Simulator
+from yeastarfs.sim import PSeriesSimulator, Simulator
 
 T = TypeVar("T")
 Message = Union[str, Callable[[], str]]
@@ -117,6 +121,18 @@ def wait_stable(read: Callable[[], T], quiet_s: float, timeout_s: float, interva
 # Simulators, passwords, ports
 
 
+def self_signed_certificate(folder: Union[str, os.PathLike]) -> tuple[str, str, str]:
+    """(certificate, key, its SHA-256 in hex) of a new self-signed certificate for 127.0.0.1 in
+    *folder*, as a PBX ships with (needs openssl)."""
+    cert, key = os.path.join(folder, "pbx.pem"), os.path.join(folder, "pbx.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    with open(cert, encoding="ascii") as handle:
+        der = ssl.PEM_cert_to_DER_cert(handle.read())
+    return cert, key, hashlib.sha256(der).hexdigest()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as probe:
@@ -132,9 +148,98 @@ def write_password_file(path: Union[str, os.PathLike], password: str = PASSWORD)
     return os.fspath(path)
 
 
-def new_simulator(password: str = PASSWORD, **options: Any) -> Simulator:
-    """A simulator (not started) that accepts `USER` and *password*; *options* as Simulator takes."""
-    return Simulator(username=USER, password=password, **options)
+FAMILIES = ("s-series", "p-series")
+SIMULATORS = {"s-series": Simulator, "p-series": PSeriesSimulator}
+
+
+def new_simulator(password: str = PASSWORD, family: str = "s-series", **options: Any) -> Any:
+    """A simulator of *family* (not started) that accepts `USER` and *password*; *options* as
+    that simulator's class takes."""
+    return SIMULATORS[family](username=USER, password=password, **options)
+
+
+class SSeriesView:
+    """What an S-Series simulator saw, in the words the tests share with the P-Series' (`view`)."""
+
+    family = "s-series"
+    # Simulator options that make the session's token die after *seconds* unless it is kept
+    # alive, and the mount options that keep it alive (the heartbeat).
+    token_lifetime_options = staticmethod(lambda seconds: {"token_idle_s": seconds})
+    token_keeping_args = staticmethod(lambda seconds: ("--heartbeat-interval", str(max(1, int(seconds / 3)))))
+
+    def __init__(self, sim: Any) -> None:
+        self.sim = sim
+
+    def download_requests(self) -> tuple[int, int]:
+        """(first steps: get_random, downloads) answered."""
+        return self.sim.counters["recording/get_random"], self.sim.counters["recording/download"]
+
+    def first_steps_for(self, downloads: int) -> int:
+        """The first steps *downloads* downloads of one recording cost: a random each."""
+        return downloads
+
+    def logins(self) -> int:
+        return self.sim.counters["login"]
+
+    def keepalives(self) -> int:
+        """Requests that kept the session's token alive (heartbeats)."""
+        return self.sim.counters["heartbeat"]
+
+    def catalogue_reads(self) -> int:
+        return self.sim.counters["cdr/download"]
+
+    def event_pushes(self) -> int:
+        return self.sim.counters["event_push"]
+
+    def secrets(self) -> set[str]:
+        """Every secret the PBX was sent or handed out: password hash, tokens, randoms."""
+        found = {self.sim.password_md5}
+        for entry in self.sim.requests_log:
+            found.update(v for k, v in (entry.get("query") or {}).items() if k in ("token", "random"))
+            found.update(v for k, v in (entry.get("body") or {}).items() if k == "random" and isinstance(v, str))
+        return found - {""}
+
+
+class PSeriesView(SSeriesView):
+    """What a P-Series simulator saw (see `SSeriesView`)."""
+
+    family = "p-series"
+    token_lifetime_options = staticmethod(lambda seconds: {"access_token_ttl_s": seconds})
+    token_keeping_args = staticmethod(lambda seconds: ())  # the client refreshes by itself
+
+    def download_requests(self) -> tuple[int, int]:
+        """(first steps: recording/download for a resource URL, audio downloads) answered."""
+        return self.sim.counters["recording/download"], self.sim.counters["download"]
+
+    def first_steps_for(self, downloads: int) -> int:
+        """One resource URL serves every download of a recording within its lifetime."""
+        return 1 if downloads else 0
+
+    def logins(self) -> int:
+        return sum(1 for entry in self.sim.requests_log if entry["endpoint"] == "get_token" and entry["method"] == "POST")
+
+    def keepalives(self) -> int:
+        """Requests that kept the session's token alive (refreshes)."""
+        return self.sim.counters["refresh_token"]
+
+    def catalogue_reads(self) -> int:
+        return self.sim.counters["recording/search"]
+
+    def event_pushes(self) -> int:
+        return self.sim.counters["ws_push"] + self.sim.counters["event_push"]
+
+    def secrets(self) -> set[str]:
+        """The client secret, every token the PBX was sent, and the resource URLs' keys."""
+        found = {self.sim.password}
+        for entry in self.sim.requests_log:
+            found.update(v for k, v in (entry.get("query") or {}).items() if k == "access_token")
+            found.update(v for k, v in (entry.get("body") or {}).items() if k == "refresh_token" and isinstance(v, str))
+        return found - {""}
+
+
+def view(sim: Any) -> SSeriesView:
+    """The adapter for *sim*, whichever family it simulates."""
+    return PSeriesView(sim) if isinstance(sim, PSeriesSimulator) else SSeriesView(sim)
 
 
 def factory(build: Callable[..., T], stop: Callable[[T], Any] = lambda made: made.stop()) -> Iterator[Callable[..., T]]:
@@ -186,9 +291,10 @@ def sha256_of(path: Union[str, os.PathLike]) -> str:
     return digest.hexdigest()
 
 
-def download_requests(pbx: Simulator) -> tuple[int, int]:
-    """(get_random, download) requests the simulator has answered."""
-    return pbx.counters["recording/get_random"], pbx.counters["recording/download"]
+def download_requests(pbx: Any) -> tuple[int, int]:
+    """(first steps, downloads) the simulator has answered: S-Series (get_random, download),
+    P-Series (recording/download, the resource URL's audio)."""
+    return view(pbx).download_requests()
 
 
 def pbx_cache_dir(cache_root: Union[str, os.PathLike], pbx_url: str) -> str:

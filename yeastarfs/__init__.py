@@ -1,3 +1,3 @@
-"""yeastarfs: a Yeastar S-Series PBX's call recordings as a read-only filesystem."""
+"""yeastarfs: a Yeastar PBX's call recordings (S-Series and P-Series) as a read-only filesystem."""
 
 __version__ = "0.1.0"

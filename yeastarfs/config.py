@@ -321,10 +321,16 @@ OPTIONS: tuple[Option, ...] = (
         "PBX",
         Option("pbx", metavar="URL", field="pbx_url", parse=check_pbx_url, required=True,
                help="the PBX's web address, `https://HOST:8088` (the API uses the web GUI's port)"),
+        Option("api", metavar="s-series|p-series|auto", field="api", default="auto",
+               choices=("s-series", "p-series", "auto"),
+               help="the PBX's API: `s-series` (API v2.0.0), `p-series` (the P-Series OpenAPI), or `auto`: "
+                    "ask the PBX once at start (the log says which answered)"),
         Option("user", metavar="NAME", field="username", o_name="username", required=True,
-               help="the API username set on the PBX (`-o username=`: mount(8) reserves `user`)"),
+               help="the API username set on the PBX; on a P-Series, the API application's Client ID "
+                    "(`-o username=`: mount(8) reserves `user`)"),
         Option("password_file", metavar="PATH",
-               help=f"file holding the API password; otherwise `${PASSWORD_ENV}`. Never on the command line."),
+               help=f"file holding the API password (P-Series: the Client Secret); otherwise `${PASSWORD_ENV}`. "
+                    "Never on the command line."),
         Option("ca_file", metavar="PATH", exclusive="tls",
                help="verify the PBX's certificate against this file (its self-signed certificate or your CA)"),
         Option("insecure", exclusive="tls", help="do not verify the certificate (warns once)"),

@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import re
 
-# `token=…` and `random=…` in URLs, JSON bodies and reprs; and the values themselves when
-# they were registered with `register_secret`. Tokens and randoms are 32 hex characters on
-# every PBX seen so far, but the pattern does not rely on that.
+# `token=…` (and `access_token=…`, `refresh_token=…`) and `random=…` in URLs, JSON bodies
+# and reprs; and the values themselves when they were registered with `register_secret`.
+# Tokens and randoms are 32 characters on every PBX seen so far; the pattern does not rely on that.
 _SECRET_PARAM = re.compile(
-    r"""(?P<key>\b(?:token|random|password|secret)="""            # URL and form parameters
-    r"""|["'](?:token|random|password|secret)["']\s*:\s*["']?"""  # JSON and Python reprs
+    r"""(?P<key>\b(?:(?:access_|refresh_)?token|random|password|secret)="""  # URL, form parameters
+    r"""|["'](?:(?:access_|refresh_)?token|random|password|secret)["']\s*:\s*["']?"""  # JSON, reprs
     r"""|\bSecret:[ \t]*)"""                                       # the TCP event login block
     r"""(?P<value>[^&\s"',;)}\]]+)""",
     re.IGNORECASE,

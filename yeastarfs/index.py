@@ -3,7 +3,7 @@
 Owns:
 
 - the SQLite file that stores every recording known, with its CDR fields, and its exact
-  size once a download has reported it. It survives restarts;
+  size once the catalogue listed it or a download reported it. It survives restarts;
 - the tree the filesystem shows, ``/YYYY/MM/DD/<recording name>``. The date folders come
   from the timestamp that leads the recording name (yeastar-api.md §8.1), not from the
   CDR's ``timestart``, which is some seconds earlier and may even fall on the day before;
@@ -81,6 +81,7 @@ DAY_CHARS = 8
 
 # The CDR fields of `Recording` after ``name``, in its field order, so that a row selected
 # as (name, *_CDR_COLUMNS) is `Recording(*row)`. A unit test checks they stay in step.
+# Its last field, ``size_bytes`` (a size the catalogue lists), is stored as exact_size_bytes.
 _CDR_COLUMNS = (
     "callid", "timestart", "callfrom", "callto", "call_s", "talk_s", "src_trunk",
     "dst_trunk", "status", "call_type", "pincode", "did", "sn",
@@ -131,14 +132,16 @@ _SINCE_SQL = _SELECT_RECORDING + " WHERE (day, name) {op} (?, ?) ORDER BY day, n
 _AFTER_SQL = (f"SELECT seq, {', '.join(_RECORDING_COLUMNS)}, first_seen FROM recordings"
               " WHERE seq > ? AND gone_at IS NULL ORDER BY seq LIMIT ?")
 _INSERT_SQL = (
-    f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)}, first_seen, seq, cdr_seen)"
-    f" VALUES ({', '.join('?' * (len(_RECORDING_COLUMNS) + 4))})"
+    f"INSERT INTO recordings (day, {', '.join(_RECORDING_COLUMNS)}, exact_size_bytes, first_seen, seq, cdr_seen)"
+    f" VALUES ({', '.join('?' * (len(_RECORDING_COLUMNS) + 5))})"
 )
 _UPDATE_SQL = (
     f"UPDATE recordings SET {', '.join(f'{column} = ?' for column in _CDR_COLUMNS)}, cdr_seen = ?"
     " WHERE day = ? AND name = ?"
 )
-_STORED_SQL = f"SELECT {', '.join(_CDR_COLUMNS)}, cdr_seen FROM recordings WHERE day = ? AND name = ?"
+_STORED_SQL = (f"SELECT {', '.join(_CDR_COLUMNS)}, cdr_seen, exact_size_bytes FROM recordings"
+               " WHERE day = ? AND name = ?")
+_SIZE_SQL = "UPDATE recordings SET exact_size_bytes = ? WHERE day = ? AND name = ?"
 _COUNT_DAY_SQL = (
     "INSERT INTO days (day, recordings) VALUES (?, ?)"
     " ON CONFLICT (day) DO UPDATE SET recordings = recordings + excluded.recordings"
@@ -252,7 +255,8 @@ class RecordingIndex:
         the PBX's catalogue (its CDR): each non-empty one replaces the stored value. Fields
         from an event (``authoritative=False``) only fill fields that are still empty: an
         event may add a recording, never overwrite what the catalogue said (a forged event
-        must not rename a call's parties). A recording marked gone stays gone.
+        must not rename a call's parties). A recording marked gone stays gone. A size the
+        catalogue lists (``size_bytes``) is stored as the exact size unless one is known.
         Recordings with unsafe names are skipped, and each distinct bad name is logged once.
         """
         batch = list(recordings)  # run the caller's iterator before taking the lock
@@ -301,10 +305,7 @@ class RecordingIndex:
         if size_bytes < 0:
             raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
         with self._lock:
-            self._conn.execute(
-                "UPDATE recordings SET exact_size_bytes = ? WHERE day = ? AND name = ?",
-                (int(size_bytes), name[:DAY_CHARS], name),
-            )
+            self._conn.execute(_SIZE_SQL, (int(size_bytes), name[:DAY_CHARS], name))
 
     def set_estimate_rate(self, bytes_per_s: float) -> None:
         """Use *bytes_per_s* for the size estimates from now on. Raises ValueError if <= 0."""
@@ -517,13 +518,17 @@ class RecordingIndex:
     def _store_locked(self, recording: Recording, authoritative: bool) -> bool:
         """Insert *recording*, or merge its CDR fields into its row. True if it was new."""
         values = _checked_values(_recording_values(recording))
+        size_bytes = _listed_size(recording) if authoritative else None  # an event's size is no one's word
         day = recording.name[:DAY_CHARS]
         stored = self._conn.execute(_STORED_SQL, (day, recording.name)).fetchone()
         if stored is None:
-            self._conn.execute(_INSERT_SQL, (day,) + values + (time.time(), self._next_seq, int(authoritative)))
+            self._conn.execute(_INSERT_SQL, (day,) + values + (size_bytes, time.time(), self._next_seq,
+                                                               int(authoritative)))
             self._next_seq += 1
             return True
-        *fields, cdr_seen = stored
+        *fields, cdr_seen, exact_size_bytes = stored
+        if size_bytes is not None and exact_size_bytes is None:
+            self._conn.execute(_SIZE_SQL, (size_bytes, day, recording.name))
         if authoritative:
             merged = [old if new is None or new == "" else new for old, new in zip(fields, values[1:])]
         else:  # an event fills gaps only (see `add`)
@@ -713,6 +718,14 @@ def _local_time_ns(tz: Optional[dt.tzinfo], year: int, month: int, day: int, hou
     except (OverflowError, ValueError, OSError):  # a year like 0001 on some C libraries
         return 0
     return int(seconds) * NS_PER_S
+
+
+def _listed_size(recording: Recording) -> Optional[int]:
+    """The size a catalogue lists for *recording*, when it is a plausible one."""
+    size_bytes = recording.size_bytes
+    if isinstance(size_bytes, int) and not isinstance(size_bytes, bool) and 0 <= size_bytes <= MAX_ESTIMATE_BYTES:
+        return size_bytes
+    return None
 
 
 def _checked_values(values: tuple) -> tuple:

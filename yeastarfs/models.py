@@ -30,6 +30,8 @@ class Recording:
         name: the PBX's file name, the recording's only identifier in the API.
         callid…sn: CDR fields as the PBX sent them ("" when unknown).
         call_s, talk_s: call and talk durations in whole seconds (None when unknown).
+        size_bytes: the recording's exact size when the PBX's catalogue lists it (the
+            P-Series does), else None: then only a download learns it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Recording:
     pincode: str = ""
     did: str = ""
     sn: str = ""
+    size_bytes: Optional[int] = None
 
     @property
     def start(self) -> dt.datetime:

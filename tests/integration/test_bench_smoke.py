@@ -25,17 +25,24 @@ EXPECTED_ROWS = {"pbx_requests", "cold_seq", "cold_seq_lan", "first_64k_0ms", "f
 pytestmark = pytest.mark.fuse  # FUSE availability: tests/integration/conftest.py
 
 
-def test_bench_runs_every_case_with_tiny_sizes(tmp_path):
+# The P-Series run: the cases that talk to the PBX (listing and memory do not depend on its family).
+P_SERIES_CASES = ("pbx_requests", "cold_seq", "first_64k", "parallel32")
+P_SERIES_ROWS = {"pbx_requests", "cold_seq", "first_64k_0ms", "first_64k", "parallel32"}  # first_64k: two rows
+
+
+@pytest.mark.parametrize("api", ["s-series", "p-series"])
+def test_bench_runs_every_case_with_tiny_sizes(tmp_path, api):
     json_path = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(BENCH), *TINY, "--tmp-dir", str(tmp_path), "--json", str(json_path)],
-                            capture_output=True, text=True, timeout=120)
+    cases = ["--cases", ",".join(P_SERIES_CASES)] if api == "p-series" else []
+    result = subprocess.run([sys.executable, str(BENCH), *TINY, "--api", api, *cases, "--tmp-dir", str(tmp_path),
+                             "--json", str(json_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_JSON ")]
     assert len(lines) == 1
     data = json.loads(lines[0][len("BENCH_JSON "):])
     assert data == json.loads(json_path.read_text())
     rows = {case["case"]: case for case in data["cases"]}
-    assert set(rows) == EXPECTED_ROWS
+    assert set(rows) == (P_SERIES_ROWS if api == "p-series" else EXPECTED_ROWS)
     assert rows["pbx_requests"]["met"], rows["pbx_requests"]  # correctness, not speed
     assert all(case["yeastarfs"]["samples"] for case in data["cases"])
     assert "| yeastarfs (median) |" in result.stdout

@@ -70,7 +70,9 @@ def real_mtime_s(rec):
     (sim_in(KOLKATA), BOGOTA, 0),
     (sim_in(BOGOTA), KOLKATA, 0),
     (sim_in(KOLKATA), BOGOTA, 420),  # and the PBX's clock 7 minutes fast
-], indirect=["pbx"], ids=["pbx+0530-mount-0500", "pbx-0500-mount+0530", "pbx+0530-7min-fast-mount-0500"])
+    ({**sim_in(KOLKATA), "family": "p-series"}, BOGOTA, 420),
+], indirect=["pbx"], ids=["pbx+0530-mount-0500", "pbx-0500-mount+0530", "pbx+0530-7min-fast-mount-0500",
+                          "p-series-pbx+0530-7min-fast-mount-0500"])
 def test_backfill_and_polls_find_every_recording_across_zones_and_clocks(pbx, mounted, daemon_zone, clock_offset_s):
     pbx.clock_offset_s = clock_offset_s
     recordings = calls_of_the_last_hours(pbx)
@@ -100,6 +102,7 @@ def test_sighup_resyncs_and_finds_a_row_exported_late(pbx, mounted):
     wait_until(lambda: exists(mount, late), 15, message="the late row after SIGHUP")
 
 
+@pytest.mark.families
 def test_the_periodic_resync_finds_a_row_exported_late(pbx, mounted):
     calls_of_the_last_hours(pbx)
     mount = mounted("--no-events", "--poll-interval", str(POLL_S), "--resync-interval", "5s")

@@ -28,26 +28,34 @@ def read_errno(path: str) -> int:
     return 0
 
 
-@pytest.mark.parametrize("pbx", [{"token_idle_s": 3.0}], indirect=True)
-def test_heartbeat_keeps_an_idle_token_alive(pbx, mounted):
-    rec = add(pbx, size_bytes=ONE_MB)
-    mount = mounted("--heartbeat-interval", "1", "--poll-interval", "3600")
-    logins = pbx.counters["login"]
-    time.sleep(5)  # longer than the token's idle lifetime
-    assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
-    assert pbx.counters["login"] == logins
-    assert pbx.counters["heartbeat"] >= 2
+@pytest.mark.families(s_series={"token_idle_s": 2.0}, p_series={"access_token_ttl_s": 2.0})
+def test_the_token_is_kept_alive_across_a_long_download_and_idle_time(pbx, pbx_view, mounted):
+    # S-Series: the PBX drops a token idle for 2 s, the heartbeat keeps it. P-Series: the
+    # access token lives 2 s, it is refreshed (and the WebSocket resubscribed) before it ends.
+    slow, later = add(pbx, size_bytes=ONE_MB), add(pbx, size_bytes=ONE_MB, minutes_ago=31)
+    mount = mounted("--poll-interval", "3600", *pbx_view.token_keeping_args(2.0))
+    logins = pbx_view.logins()
+    pbx.bandwidth_bps = 200_000  # a 5 s stream: two token lifetimes
+    assert sha256_of(mount.path(*date_path(slow.name))) == slow.sha256
+    pbx.bandwidth_bps = None
+    time.sleep(2.5)  # and idle for longer than a token lives
+    assert sha256_of(mount.path(*date_path(later.name))) == later.sha256
+    assert pbx_view.logins() == logins
+    assert pbx_view.keepalives() >= 2
 
 
-def test_expired_tokens_are_renewed_transparently(pbx, mounted):
+@pytest.mark.families
+def test_expired_tokens_are_renewed_transparently(pbx, pbx_view, mounted):
+    # S-Series: the PBX rebooted. P-Series: the refresh token has expired too, so the only way
+    # back is a new login (exactly one).
     recordings = [add(pbx, size_bytes=ONE_MB, minutes_ago=20 + i) for i in range(2)]
     mount = mounted()
     pbx.reset()
-    pbx.expire_all_tokens()  # the PBX rebooted
+    pbx.expire_all_tokens()
     assert sha256_of(mount.path(*date_path(recordings[0].name))) == recordings[0].sha256
-    assert pbx.counters["login"] == 1
+    assert pbx_view.logins() == 1
     assert sha256_of(mount.path(*date_path(recordings[1].name))) == recordings[1].sha256
-    assert pbx.counters["login"] == 1
+    assert pbx_view.logins() == 1
 
 
 def test_pbx_down_mid_session(pbx, mounted):
@@ -65,6 +73,7 @@ def test_pbx_down_mid_session(pbx, mounted):
     assert sha256_of(mount.path(*date_path(uncached.name))) == uncached.sha256
 
 
+@pytest.mark.families
 def test_mount_comes_up_from_the_index_when_the_pbx_is_down(pbx, mounted):
     cached = add(pbx, size_bytes=ONE_MB, minutes_ago=30)
     first = mounted()
@@ -81,7 +90,10 @@ def test_mount_comes_up_from_the_index_when_the_pbx_is_down(pbx, mounted):
     assert sha256_of(second.path(*date_path(later.name))) == later.sha256
 
 
-@pytest.mark.parametrize("mode", ["json", "http500", "html", "truncate", "overlong"])
+@pytest.mark.parametrize("pbx, mode", [({"family": "s-series"}, mode) for mode in
+                                       ("json", "http500", "html", "truncate", "overlong")]
+                         + [({"family": "p-series"}, mode) for mode in ("json", "truncate")],
+                         indirect=["pbx"], ids=lambda value: value["family"] if isinstance(value, dict) else value)
 def test_failing_downloads_give_eio_and_are_never_cached(pbx, mounted, mode):
     rec = add(pbx, size_bytes=ONE_MB)
     mount = mounted()
@@ -168,21 +180,18 @@ def test_events_from_other_addresses_are_refused(pbx, mounted):
               message="the refused event's recording staying unknown")
 
 
-def test_secrets_never_reach_logs_argv_or_files(pbx, mounted, password_file):
-    rec = add(pbx, size_bytes=ONE_MB)
+@pytest.mark.families
+def test_secrets_never_reach_logs_argv_or_files(pbx, pbx_view, mounted, password_file):
+    rec, failing = add(pbx, size_bytes=ONE_MB), add(pbx, size_bytes=ONE_MB, minutes_ago=7)
     mount = mounted()
     mount.errors_expected = True
     pbx.reset_after_bytes, pbx.reset_downloads = 300_000, 1
     assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
     pbx.expire_all_tokens()
     pbx.fail_downloads, pbx.fail_mode = 100, "json"
-    read_errno(mount.path(*date_path(add(pbx, size_bytes=ONE_MB, minutes_ago=7).name)))
+    assert read_errno(mount.path(*date_path(failing.name))) == errno.EIO  # a new token, then failures
     with open(password_file) as handle:
-        secrets = {handle.read().strip(), pbx.password_md5}
-    for entry in pbx.requests_log:
-        secrets.update(v for k, v in (entry.get("query") or {}).items() if k in ("token", "random"))
-        secrets.update(v for k, v in (entry.get("body") or {}).items() if k in ("random",) and isinstance(v, str))
-    secrets.discard("")
+        secrets = {handle.read().strip()} | pbx_view.secrets()
     assert len(secrets) > 3
     with open(f"/proc/{mount.process.pid}/cmdline", "rb") as handle:
         argv = handle.read().decode()

@@ -198,6 +198,7 @@ def test_a_recording_not_written_yet_reads_right_after_its_event(pbx, mounted):
     assert pbx.counters["recording/get_random"] >= 2          # asked again until it was there
 
 
+@pytest.mark.families
 def test_a_recording_deleted_on_the_pbx_leaves_its_folder_unless_cached(pbx, mounted):
     kept, lost = add(pbx, size_bytes=200_044, minutes_ago=30), add(pbx, size_bytes=200_044, minutes_ago=31)
     mount = mounted()

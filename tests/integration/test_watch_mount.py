@@ -113,6 +113,7 @@ def lines_of(path) -> list[str]:
         return []
 
 
+@pytest.mark.families
 def test_follow_json_prints_an_event_within_a_second_and_a_polled_one_within_a_poll(pbx, mounted, watch):
     pbx.populate(2, days=1)
     mount = mounted("--poll-interval", str(POLL_S))

@@ -541,7 +541,7 @@ def test_missing_content_length_gives_unknown_total(pbx, client, honour_range):
 
 
 def test_an_endless_body_is_refused_not_stored(pbx, monkeypatch):
-    import yeastarfs.pbx.sseries.client as api_module
+    import yeastarfs.pbx.transport as api_module
     monkeypatch.setattr(api_module, "MAX_RECORDING_BYTES", 100_000)
     rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=20, announce=False)
     pbx.omit_content_length = True  # no length: the body runs until the PBX closes

@@ -22,7 +22,7 @@ from yeastarfs import errors
 from yeastarfs.config import Config
 from yeastarfs.pbx.sseries import SSeriesPbx
 from yeastarfs.pbx.sseries.cdr import ANCHOR_RANK, MARGIN_S, POLL_LOOKBACK_S, CdrCatalogue
-from yeastarfs.pbx.sseries.clock import PbxClock
+from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.sim.sseries import CDR_COLUMNS
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"

@@ -12,7 +12,7 @@ import pytest
 from harness import wait_stable
 from test_downloads import KIB, WAIT_S, add, cache, client, make_manager, quick_policies  # noqa: F401 - fixtures
 from yeastarfs.downloads import INITIAL_WINDOW_BYTES
-from yeastarfs.pbx.sseries.client import FIRST_READ_BYTES
+from yeastarfs.pbx.transport import FIRST_READ_BYTES
 
 
 @pytest.fixture

@@ -18,12 +18,13 @@ from typing import Any, Callable, Optional
 import pytest
 
 from yeastarfs.errors import ConfigError
+from yeastarfs.pbx import events as shared_events
 from yeastarfs.pbx.sseries import events
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.models import Recording
 
 NAME = "20191024201242-1571897930.5-203-201-Internal.wav"
-LOGGER = "yeastarfs.pbx.sseries.events"
+LOGGER = "yeastarfs.pbx.events"
 
 
 def new_cdr(callid: str = "1571897930.5", name: str = NAME, key: str = "event",
@@ -708,7 +709,7 @@ def test_memory_stays_flat_while_32_connections_send_6_mb_of_headers(make_receiv
 
 
 def test_a_stuck_callback_queues_events_within_a_byte_budget(make_receiver, monkeypatch):
-    monkeypatch.setattr(events, "MAX_QUEUED_BYTES", 64 * 1024)
+    monkeypatch.setattr(shared_events, "MAX_QUEUED_BYTES", 64 * 1024)
     gate = threading.Event()
     delivered = Calls()
 

@@ -141,9 +141,25 @@ def test_get_unknown_or_bad_name_is_none(filled):
 
 
 def test_columns_follow_the_recording_fields():
-    assert index_module._RECORDING_COLUMNS == tuple(
+    # All but the last, size_bytes, which is stored as the exact size (next test).
+    assert index_module._RECORDING_COLUMNS + ("size_bytes",) == tuple(
         field.name for field in dataclasses.fields(Recording)
     )
+
+
+def test_a_size_the_catalogue_lists_is_exact_before_any_download(index):
+    index.add([Recording(name=NOV27_A, talk_s=10, size_bytes=123_456), Recording(name=NOV27_B, talk_s=10)])
+    listed, estimated = index.get(NOV27_A), index.get(NOV27_B)
+    assert (listed.size_bytes, listed.size_exact) == (123_456, True)
+    assert (estimated.size_bytes, estimated.size_exact) == (44 + 160_000, False)
+    index.add([Recording(name=NOV27_B, size_bytes=99_000)])  # a later listing fills it in
+    assert (index.get(NOV27_B).size_bytes, index.get(NOV27_B).size_exact) == (99_000, True)
+    index.add([Recording(name=NOV27_A, size_bytes=1)])  # a known exact size is kept
+    index.set_size(NOV27_A, 123_000)  # a download has the last word
+    assert index.get(NOV27_A).size_bytes == 123_000
+    index.add([Recording(name=JAN05, size_bytes=5_000)], authoritative=False)  # events carry no sizes
+    index.add([Recording(name=NOV27_C, size_bytes=-5), Recording(name=DEC31, size_bytes=True)])
+    assert [index.get(name).size_exact for name in (JAN05, NOV27_C, DEC31)] == [False, False, False]
 
 
 # -- add: dedup and merging ----------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import ssl
 import subprocess
 import sys
 
 import pytest
 
+from harness import self_signed_certificate
 from yeastarfs import errors
 from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.sim.sseries import Simulator
@@ -20,13 +19,7 @@ PASSWORD = "tls-secret"
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, as a PBX ships with."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "pbx.pem", folder / "pbx.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
-                    "-out", str(cert)], check=True, capture_output=True)
-    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
-    return str(cert), str(key), hashlib.sha256(der).hexdigest()
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ log = logging.getLogger("yeastarfs")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+DEMO_APIS = ("s-series", "p-series")  # the simulators app/demo.py can run
 # How long `mount` waits for its child to report the mount ready (login + --start-timeout).
 READY_TIMEOUT_S = 300.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -134,7 +135,7 @@ class _ManPageParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="yeastarfs",
-        description="A Yeastar S-Series PBX's call recordings as a read-only filesystem.")
+        description="A Yeastar PBX's call recordings (S-Series and P-Series) as a read-only filesystem.")
     parser.add_argument("--version", action="version", version=f"yeastarfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_ManPageParser)
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the PBX simulator with sample recordings, mount them, and unmount on Ctrl-C.")
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="where to mount (default: a temporary dir)")
     demo.add_argument("--recordings", type=int, default=60, help="sample recordings to create (default 60)")
+    demo.add_argument("--api", choices=DEMO_APIS, default="s-series",
+                      help="the PBX family to simulate (default s-series)")
     status = commands.add_parser(
         "status", help="show the state of a running mount, or what is cached of a file or folder",
         description="For a mount's root: PBX reachable, token age, last event and poll, recordings "
@@ -224,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     finger.add_argument("url", metavar="URL", help="the PBX's address, e.g. https://192.168.5.150:8088")
     sim = commands.add_parser(
         "simulator", help="run the PBX simulator on its own",
-        description="Serve the project's Yeastar PBX simulator (yeastar-api.md §12) until Ctrl-C. "
-                    f"The password comes from --password-file or ${PASSWORD_ENV} (default: 'demo').")
+        description="Serve the project's Yeastar PBX simulator (S-Series: yeastar-api.md §12; P-Series: "
+                    "yeastar-p-series-api.md) until Ctrl-C. The password (P-Series: the Client Secret, and "
+                    f"--user the Client ID) comes from --password-file or ${PASSWORD_ENV} (default: 'demo').")
+    sim.add_argument("--api", choices=DEMO_APIS, default="s-series",
+                     help="the PBX family to simulate (default s-series)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8088)
     sim.add_argument("--user", default="api")
@@ -478,13 +484,13 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from yeastarfs.app.demo import run_demo
-    return run_demo(args.mountpoint, recordings=args.recordings)
+    return run_demo(args.mountpoint, recordings=args.recordings, api=args.api)
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
     from yeastarfs.app.demo import run_simulator
     password = read_password(args.password_file) if (args.password_file or os.environ.get(PASSWORD_ENV)) else "demo"
-    return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days)
+    return run_simulator(args.host, args.port, args.user, password, args.recordings, args.days, api=args.api)
 
 
 def cmd_man() -> int:

@@ -1,8 +1,10 @@
 """``yeastarfs demo`` and ``yeastarfs simulator``: the simulator, on its own or mounted.
 
-The demo is the whole product against the project's PBX simulator: sample recordings over
-the last days, a real FUSE mount in the foreground, a new call announced by a NewCdr event
-every ``NEW_CALL_EVERY_S`` so the live path can be watched, and a clean unmount on Ctrl-C.
+The demo is the whole product against the project's PBX simulator of either family
+(``--api s-series`` or ``p-series``): sample recordings over the last days, a real FUSE
+mount in the foreground, a new call announced (an S-Series NewCdr, a P-Series New CDR over
+the WebSocket) every ``NEW_CALL_EVERY_S`` so the live path can be watched, and a clean
+unmount on Ctrl-C. Both simulators hold the same calls for the same seed.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import threading
 from typing import Optional
 
 from yeastarfs.config import Config
+from yeastarfs.sim.pseries import PSeriesSimulator
 from yeastarfs.sim.sseries import Simulator
 
 log = logging.getLogger(__name__)
 
 NEW_CALL_EVERY_S = 30.0
 DEMO_CACHE_BYTES = 512 << 20
+SIMULATORS = {"s-series": Simulator, "p-series": PSeriesSimulator}
 
 
-def _announce_calls(sim: Simulator, stop: threading.Event) -> None:
+def _announce_calls(sim, stop: threading.Event) -> None:
     """Add a fresh call every NEW_CALL_EVERY_S, pushed to the mount as a NewCdr event."""
     while not stop.wait(NEW_CALL_EVERY_S):
         duration_s = 20 + secrets.randbelow(90)
@@ -50,7 +54,7 @@ def _instructions(mountpoint: str) -> str:
     ])
 
 
-def run_demo(mountpoint: Optional[str], recordings: int = 60) -> int:
+def run_demo(mountpoint: Optional[str], recordings: int = 60, api: str = "s-series") -> int:
     from yeastarfs.app.mount import ready_notifier, run_mount  # needs libfuse
 
     workdir = tempfile.mkdtemp(prefix="yeastarfs-demo-")
@@ -58,10 +62,10 @@ def run_demo(mountpoint: Optional[str], recordings: int = 60) -> int:
     os.makedirs(mountpoint, exist_ok=True)
     password = secrets.token_hex(12)  # the demo's own, never shown
     stop = threading.Event()
-    with Simulator(username="api", password=password) as sim:
+    with SIMULATORS[api](username="api", password=password) as sim:
         sim.populate(recordings, days=5)
         threading.Thread(target=_announce_calls, args=(sim, stop), daemon=True).start()
-        config = Config(mountpoint=mountpoint, pbx_url=sim.base_url, username="api", password=password,
+        config = Config(mountpoint=mountpoint, pbx_url=sim.base_url, api=api, username="api", password=password,
                         cache_root=os.path.join(workdir, "cache"), cache_max_bytes=DEMO_CACHE_BYTES,
                         cache_min_free_bytes=0, since_s=7 * 86400, poll_interval_s=30,
                         events_port=0, events_host="127.0.0.1").validate()
@@ -74,10 +78,12 @@ def run_demo(mountpoint: Optional[str], recordings: int = 60) -> int:
     return 0
 
 
-def run_simulator(host: str, port: int, username: str, password: str, recordings: int, days: int) -> int:
-    with Simulator(host=host, port=port, username=username, password=password) as sim:
+def run_simulator(host: str, port: int, username: str, password: str, recordings: int, days: int,
+                  api: str = "s-series") -> int:
+    with SIMULATORS[api](host=host, port=port, username=username, password=password) as sim:
         sim.populate(recordings, days=days)
-        print(f"PBX simulator serving {recordings} recordings at {sim.base_url} (user {username!r}); Ctrl-C stops it",
+        who = f"user {username!r}" if api == "s-series" else f"client ID {username!r}"
+        print(f"{api} PBX simulator serving {recordings} recordings at {sim.base_url} ({who}); Ctrl-C stops it",
               flush=True)
         done = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -1,7 +1,8 @@
 """The PBX seam: what the rest of yeastarfs needs from a PBX, whatever its family.
 
-A PBX family is a package beside this module (``pbx/sseries``: the S-Series API v2.0.0)
-with one class that has the shape of `Pbx`. Everything else (index, cache, downloads,
+A PBX family is a package beside this module (``pbx/sseries``: the S-Series API v2.0.0;
+``pbx/pseries``: the P-Series OpenAPI) with one class that has the shape of `Pbx`; what
+both share lives beside them (``transport``, ``clock``, ``events``). Everything else (index, cache, downloads,
 core, the application) uses only the four things below, so that none of it knows which
 family it talks to, which endpoints it calls or how that family spells its errors:
 
@@ -20,13 +21,15 @@ rejected login, ``RecordingNotFoundError`` when the PBX says the recording does 
 ``PbxUnavailableError`` (and ``DownloadStalledError``) for a PBX that cannot be reached or
 does not answer as it should, ``DownloadError`` for a body that is not the recording.
 
-`open_pbx` picks the family for a `Config`. This module imports no family at import time,
-so a layer that only needs the interface never loads ``requests``.
+`open_pbx` picks the family for a `Config` (``--api``; ``auto`` asks the PBX once at
+start, ``pbx/auto.py``). This module imports no family at import time, so a layer that
+only needs the interface never loads ``requests``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Protocol
 
 from yeastarfs.models import Recording
@@ -113,8 +116,28 @@ class Pbx(Protocol):
         """End the session and stop every thread; safe to call more than once."""
 
 
-def open_pbx(config: "Config") -> Pbx:
-    """The `Pbx` for *config*'s PBX (not started)."""
-    from yeastarfs.pbx.sseries import SSeriesPbx
+def session_status(config: "Config", family: str, *, last_success_time: Optional[float],
+                   reachable_within_s: float, token_age_s: Optional[float], logins: int,
+                   last_event_time: Optional[float]) -> dict:
+    """The `Pbx.status` keys every family shares: the PBX counts as reachable while its last
+    answer is more recent than *reachable_within_s* (or three poll intervals)."""
+    reachable_s = max(reachable_within_s, 3 * config.poll_interval_s)
+    return {
+        "pbx": config.pbx_url, "pbx_family": family,
+        "pbx_reachable": last_success_time is not None and time.time() - last_success_time < reachable_s,
+        "token_age_s": None if token_age_s is None else round(token_age_s, 1),
+        "logins": logins, "last_event_time": last_event_time,
+    }
 
-    return SSeriesPbx(config)
+
+def open_pbx(config: "Config") -> Pbx:
+    """The `Pbx` for *config*'s PBX (not started), of the family ``--api`` names; for
+    ``auto``, one that asks the PBX which family it is when it starts."""
+    if config.api == "s-series":
+        from yeastarfs.pbx.sseries import SSeriesPbx
+        return SSeriesPbx(config)
+    if config.api == "p-series":
+        from yeastarfs.pbx.pseries import PSeriesPbx
+        return PSeriesPbx(config)
+    from yeastarfs.pbx.auto import AutoPbx
+    return AutoPbx(config)

@@ -5,7 +5,7 @@ event pusher, an audio cache, and WebSocket framing.
 What it owns: transport mechanics that are the same whatever the PBX family (how a reply is
 sent, paced, cut or reset; how an IP is locked; how an event is re-sent; how a WebSocket frame
 is built and parsed) and a minimal stdlib WebSocket *client* for the tests. It knows no PBX
-API: each family's module (``pseries``; ``sseries`` may move onto it) decides what the
+API: each family's module (``sseries``, ``pseries``) decides what the
 endpoints answer. Like every module in ``sim/`` it imports nothing outside ``yeastarfs.sim``
 and the standard library.
 

@@ -6,18 +6,21 @@ the HTTP event pusher and the TCP event listener (§12.6, §12.7); deterministic
 every recording (§12.8), or the bytes a test gives (``add_recording(audio=...)``, e.g. speech);
 per-endpoint counters, a request log, and fault switches.
 
-What it leaves to others: everything about the client. It imports nothing from yeastarfs
-(and nothing outside the standard library), so that a misreading of the API is never shared
-by the client and the simulator.
+What it leaves to others: everything about the client, and the transport mechanics it shares
+with the P-Series simulator (``common``: paced and cut replies, Range, the lockout rule, the
+retrying event pusher, the audio cache, a clock tests move, observation and download-fault
+bookkeeping). It imports only the standard library and ``yeastarfs.sim.common``, so that a
+misreading of the API is never shared by the client and the simulator.
 
 Threading contract:
 
 - The HTTP server is a ``ThreadingHTTPServer``: one daemon thread per connection. One HTTP
   event-pusher thread delivers HTTP events in announcement order. With transport ``TCP`` an
   accept thread plus one thread per connected event client run as well.
-- All shared state (sessions, randoms, lockouts, recordings, counters, log, audio cache) is
-  guarded by the single ``Simulator._lock``. It is never held while sleeping, generating
-  audio, or doing network I/O.
+- All shared state (sessions, randoms, lockouts, recordings, counters, log) is guarded by the
+  single ``Simulator._lock`` (made by ``SimulatorBase``). It is never held while sleeping,
+  generating audio, or doing network I/O. The clock, the audio cache and the event pusher
+  have their own leaf locks (common.py), taken after ``_lock`` when both are needed.
 - Fault switches are plain attributes: a test thread may set them at any time. Each download
   reads them once when it starts (the bandwidth cap is re-read for every chunk).
 
@@ -121,13 +124,11 @@ Choices the contract leaves open (documented here so tests can rely on them):
 from __future__ import annotations
 
 import calendar
-import collections
 import dataclasses
 import datetime
 import functools
 import gzip
 import hashlib
-import heapq
 import http.client
 import itertools
 import json
@@ -139,14 +140,15 @@ import re
 import secrets
 import select
 import socket
-import ssl
 import struct
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlsplit
+
+from yeastarfs.sim.common import (
+    POLL_S, AudioCache, LoginGuard, Reply, RetryingPusher, SimClock, SimulatorBase, StreamingHandler,
+    audio_reply, html_reply, json_reply, parse_json_object, serve_http)
 
 log = logging.getLogger(__name__)
 
@@ -178,27 +180,14 @@ E_NO_TOKEN = "20005"
 
 # Any version segment is accepted: real clients log in at /api/v1.10/ and use /api/v2.0.0/.
 API_PATH_RE = re.compile(r"^/api/[^/]+/(?P<endpoint>.+?)/?$")
-RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$")
-SECRET_PARAM_RE = re.compile(r"(token|random|password|secret)=[^&\s'\"]*", re.IGNORECASE)
 
-CHUNK_BYTES = 64 * 1024
-# Bandwidth pacing sends at most this fraction of a second's budget per chunk, so the rate
-# stays smooth enough for timing tests.
-PACE_SLICES_PER_S = 20
 MAX_BODY_BYTES = 1024 * 1024
-LOG_LIMIT = 10000
 EVENT_RESENDS = 3
 EVENT_TIMEOUT_S = 2.0
 TCP_LOGIN_TIMEOUT_S = 10.0
 TCP_SEND_TIMEOUT_S = 5.0
-# Polling period of the background loops: bounds how long stop() waits for them.
-POLL_S = 0.05
 # Recently served WAV bytes kept in memory; older ones are rebuilt on demand (cheap).
 AUDIO_CACHE_BYTES = 256 * 1024 * 1024
-# Before an RST, give bytes already written a moment to leave the send queue: an RST
-# discards whatever is still queued, and tests want "N bytes, then reset".
-RST_GRACE_S = 0.05
-RANGE_MODES = ("ignore", "honour", "wrong_offset")
 
 SAMPLE_RATE = 8000
 BYTES_PER_SECOND = SAMPLE_RATE * 2
@@ -377,21 +366,6 @@ class _Request:
     range_header: Optional[str]
 
 
-@dataclasses.dataclass
-class _Reply:
-    """What the handler sends. ``stream`` bodies are chunked, paced and counted."""
-
-    status: int = 200
-    content_type: str = "application/json"
-    body: bytes = b""
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    stream: Optional[memoryview] = None
-    content_length: Optional[int] = None  # None: the real length of body/stream
-    omit_length: bool = False  # send no Content-Length at all (the body ends at the close)
-    cut_after: Optional[int] = None  # stop the body after this many bytes...
-    cut_with_rst: bool = False  # ...and abort with an RST instead of a normal close
-
-
 class _ApiFailure(Exception):
     """Raised by endpoint handlers; becomes ``{"status":"Failed","errno":...}``."""
 
@@ -400,28 +374,8 @@ class _ApiFailure(Exception):
         self.errno = errno
 
 
-def _json_reply(payload: dict) -> _Reply:
-    return _Reply(body=json.dumps(payload).encode("utf-8"))
-
-
-def _failed(errno: str) -> _Reply:
-    return _json_reply({"status": "Failed", "errno": errno})
-
-
-def _html_reply(status: int, title: str) -> _Reply:
-    page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>\n"
-    return _Reply(status=status, content_type="text/html", body=page.encode("ascii"))
-
-
-def _parse_json_object(raw: bytes) -> Optional[dict]:
-    """The body as a dict: ``{}`` when empty, None when it is not a JSON object."""
-    if not raw.strip():
-        return {}
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+def _failed(errno: str) -> Reply:
+    return json_reply({"status": "Failed", "errno": errno})
 
 
 def _event_target(body: dict, client_ip: str) -> Optional[_EventTarget]:
@@ -448,25 +402,11 @@ def _event_target(body: dict, client_ip: str) -> Optional[_EventTarget]:
     return _EventTarget(client_ip, port, "/" + url.lstrip("/"), key)
 
 
-def _parse_range(header: str, size: int) -> Optional[tuple[int, int]]:
-    """(first, last) of a single ``bytes=N-[M]`` range; None to ignore it; (-1, -1) for 416."""
-    match = RANGE_RE.match(header)
-    if match is None:
-        return None
-    first = int(match.group(1))
-    if first >= size:
-        return (-1, -1)
-    last = int(match.group(2)) if match.group(2) else size - 1
-    if last < first:
-        return None
-    return (first, min(last, size - 1))
-
-
 # ---------------------------------------------------------------------------------------
 # The simulator
 
 
-class Simulator:
+class Simulator(SimulatorBase):
     """A Yeastar S-Series PBX on localhost.
 
     Attributes:
@@ -493,6 +433,7 @@ class Simulator:
                  tz: Optional[datetime.tzinfo] = None) -> None:
         if transport not in ("HTTP", "TCP"):
             raise ValueError(f"transport must be 'HTTP' or 'TCP', not {transport!r}")
+        super().__init__()
         self.host, self.port = host, port
         self.username, self.password = username, password
         self.transport = transport
@@ -506,28 +447,17 @@ class Simulator:
         # HTTPS like a real PBX on port 8088 (self-signed there) when a certificate is given.
         self.certfile, self.keyfile = certfile, keyfile
         self.recordings: dict[str, SimRecording] = {}
-        self.counters: collections.Counter = collections.Counter()
-        self.requests_log: list[dict] = []
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
         self._sequence = itertools.count(1)
         self._extra_rows: list[dict] = []
         self._sessions: dict[str, _Session] = {}
         self._randoms: dict[str, _Random] = {}
-        self._login_failures: dict[str, list[float]] = {}
-        self._locked_until: dict[str, float] = {}
-        # Keyed by (name, generation of its bytes).
-        self._audio_cache: collections.OrderedDict[tuple[str, int], bytes] = (
-            collections.OrderedDict())
-        self._audio_cache_bytes = 0
-        self._downloaded = 0
-        self._clock_shift_s = 0.0  # advance_clock() total, added to time.monotonic()
+        self._guard = LoginGuard(lockout_failures, lockout_window_s, lockout_s)
+        self._audio_cache = AudioCache(AUDIO_CACHE_BYTES)  # keyed "generation:name"
+        self._clock = SimClock()
         self._ready_at: dict[str, float] = {}  # not written until then (simulator clock)
-        self._download_counts: collections.Counter = collections.Counter()
-        self._generations: dict[str, int] = {}  # names whose bytes changed
-        self._http: Optional[_HttpServer] = None
+        self._http: Any = None
         self._http_thread: Optional[threading.Thread] = None
-        self._pusher: Optional[_EventPusher] = None
+        self._pusher: Optional[RetryingPusher] = None
         self._tcp: Optional[_TcpEventServer] = None
         self._set_default_faults()
 
@@ -560,28 +490,16 @@ class Simulator:
         self.chaos = 0.0
         self._chaos_rng = random.Random(1)
 
-    @property
-    def honour_range(self) -> bool:
-        """Alias of ``range_mode`` kept for older tests (see the module docstring)."""
-        return self.range_mode != "ignore"
-
-    @honour_range.setter
-    def honour_range(self, value: bool) -> None:
-        self.range_mode = "honour" if value else "ignore"
-
     # -- clocks (see "Clocks" in the module docstring) -------------------------------------
 
     def _now_s(self) -> float:
         """The simulator clock: monotonic seconds, moved forward by ``advance_clock``."""
-        return time.monotonic() + self._clock_shift_s
+        return self._clock.now()
 
     def advance_clock(self, seconds: float) -> None:
         """Move the simulator clock *seconds* forward: tokens, randoms, lockouts and
         not-written-yet periods age at once. Raises ValueError for a negative value."""
-        if seconds < 0:
-            raise ValueError(f"the clock only moves forward, not by {seconds}")
-        with self._lock:
-            self._clock_shift_s += seconds
+        self._clock.advance(seconds)
 
     def pbx_time(self) -> float:
         """The PBX clock as Unix seconds: true time plus ``clock_offset_s``."""
@@ -611,19 +529,11 @@ class Simulator:
         if self._http is not None:
             return self
         self._stopping.clear()
-        server = _HttpServer((self.host, self.port), _Handler)
-        server.simulator = self
-        if self.certfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.certfile, self.keyfile)
-            # The handshake happens on the handler thread's first read, not in accept().
-            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        self._http, self.port = server, server.server_address[1]
-        self._http_thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": POLL_S},
-            name="pbxsim-http", daemon=True)
-        self._http_thread.start()
-        self._pusher = _EventPusher(self)
+        self._http, self._http_thread = serve_http(self, _Handler, self.host, self.port,
+                                                   self.certfile, self.keyfile)
+        self.port = self._http.server_address[1]
+        self._pusher = RetryingPusher(self._deliver_event, lambda: self.event_retry_s,
+                                      EVENT_RESENDS, "pbxsim-events")
         self._pusher.start()
         if self.transport == "TCP":
             self._tcp = _TcpEventServer(self, self.host, self.tcp_port or 0)
@@ -645,16 +555,6 @@ class Simulator:
             self._tcp.stop()
         self._http = self._http_thread = self._pusher = self._tcp = None
         log.info("simulator: stopped")
-
-    def __enter__(self) -> "Simulator":
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        return f"{'https' if self.certfile else 'http'}://{self.host}:{self.port}"
 
     @property
     def password_md5(self) -> str:
@@ -788,39 +688,18 @@ class Simulator:
         return self._audio(name, generation)
 
     def _audio(self, name: str, generation: int) -> bytes:
-        key = (name, generation)
         with self._lock:
             rec = self.recordings[name]
-            data = self._audio_cache.get(key)
-            if data is not None:
-                self._audio_cache.move_to_end(key)
-                return data
-        data = rec.wav_bytes(generation)  # built outside the lock: it may take milliseconds
-        with self._lock:
-            if key not in self._audio_cache:
-                self._audio_cache[key] = data
-                self._audio_cache_bytes += len(data)
-            while self._audio_cache_bytes > AUDIO_CACHE_BYTES and len(self._audio_cache) > 1:
-                _, old = self._audio_cache.popitem(last=False)
-                self._audio_cache_bytes -= len(old)
-        return data
+        # Built outside the lock: it may take milliseconds.
+        return self._audio_cache.get(f"{generation}:{name}", lambda: rec.wav_bytes(generation))
 
     # -- observation and faults ------------------------------------------------------------
-
-    def downloaded_bytes(self) -> int:
-        """Total recording body bytes sent since start (or the last ``reset``)."""
-        with self._lock:
-            return self._downloaded
 
     def reset(self) -> None:
         """Clear counters, the log and every fault (lockouts included); keep content and tokens."""
         with self._lock:
-            self.counters.clear()
-            self.requests_log.clear()
-            self._downloaded = 0
-            self._download_counts.clear()
-            self._login_failures.clear()
-            self._locked_until.clear()
+            self._clear_observations_locked()
+            self._guard.clear()
             self._set_default_faults()
 
     def expire_all_tokens(self) -> None:
@@ -831,13 +710,12 @@ class Simulator:
     def lock_ip(self, ip: str = "127.0.0.1") -> None:
         """Lock *ip* out of login for ``lockout_s``, as 5 failed logins would."""
         with self._lock:
-            self._locked_until[ip] = self._now_s() + self.lockout_s
+            self._guard.lock(ip, self._now_s())
 
     def unlock_all(self) -> None:
         """Lift every lockout and forget failed logins (an admin deleted the entries)."""
         with self._lock:
-            self._locked_until.clear()
-            self._login_failures.clear()
+            self._guard.clear()
 
     def disconnect_tcp_clients(self) -> None:
         """Drop every TCP event connection (clients must reconnect and log in again)."""
@@ -857,19 +735,19 @@ class Simulator:
             self._stopping.wait(delay)
 
     def _dispatch(self, method: str, target: str, raw_body: bytes, client_ip: str,
-                  range_header: Optional[str]) -> _Reply:
+                  range_header: Optional[str]) -> Reply:
         split = urlsplit(target)
         query = dict(parse_qsl(split.query, keep_blank_values=True))
         match = API_PATH_RE.match(split.path)
         endpoint = match.group("endpoint") if match else split.path
-        req = _Request(method, endpoint, query, _parse_json_object(raw_body), client_ip,
+        req = _Request(method, endpoint, query, parse_json_object(raw_body), client_ip,
                        range_header)
         self._record(req, has_body=bool(raw_body.strip()))
         if match is None:
-            return _html_reply(404, "404 Not Found")
+            return html_reply(404, "404 Not Found")
         raw = self.api_raw_reply.get(endpoint)
         if raw is not None:
-            return _Reply(body=bytes(raw))
+            return Reply(body=bytes(raw))
         route = _ROUTES.get(endpoint)
         if route is None:
             return _failed(E_ENDPOINT)
@@ -884,7 +762,7 @@ class Simulator:
             return _failed(failure.errno)
         return self._spell_success(reply)
 
-    def _spell_success(self, reply: _Reply) -> _Reply:
+    def _spell_success(self, reply: Reply) -> Reply:
         """Apply ``success_status`` to a JSON success reply."""
         word = self.success_status
         if word == "Success" or reply.content_type != "application/json" or not reply.body:
@@ -901,19 +779,7 @@ class Simulator:
             "query": dict(req.query), "body": req.body if has_body else None,
             "time": time.time(),
         }
-        with self._lock:
-            self.counters[req.endpoint] += 1
-            self.requests_log.append(entry)
-            if len(self.requests_log) > LOG_LIMIT:
-                del self.requests_log[: len(self.requests_log) - LOG_LIMIT]
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[key] += n
-
-    def _count_downloaded(self, n: int) -> None:
-        with self._lock:
-            self._downloaded += n
+        self._log_request(req.endpoint, entry)
 
     @staticmethod
     def _json_body(req: _Request) -> dict:
@@ -947,51 +813,42 @@ class Simulator:
         with self._lock:
             return self._live_session_locked(token, self._now_s()) is not None
 
-    def _note_login_failure_locked(self, ip: str, now: float) -> None:
-        """Count a failed login; the Nth within the window locks the IP."""
-        recent = [t for t in self._login_failures.get(ip, []) if now - t < self.lockout_window_s]
-        recent.append(now)
-        if len(recent) >= self.lockout_failures:
-            self._locked_until[ip] = now + self.lockout_s
-            recent = []
-            log.info("simulator: %s locked out after %d failed logins", ip, self.lockout_failures)
-        self._login_failures[ip] = recent
-
-    def _login(self, req: _Request) -> _Reply:
+    def _login(self, req: _Request) -> Reply:
         body = self._json_body(req)
         ip, now = req.client_ip, self._now_s()
         with self._lock:
-            if self._locked_until.get(ip, 0.0) > now:
+            if self._guard.is_locked(ip, now):
                 raise _ApiFailure(E_LOCKED)
             if self.fail_logins > 0:
                 self.fail_logins -= 1
                 raise _ApiFailure(E_CREDENTIALS)
             if body.get("username") != self.username or body.get("password") != self.password_md5:
-                self._note_login_failure_locked(ip, now)
+                if self._guard.note_failure(ip, now):
+                    log.info("simulator: %s locked out after %d failed logins", ip, self._guard.failures)
                 raise _ApiFailure(E_CREDENTIALS)
-            self._login_failures.pop(ip, None)
+            self._guard.note_success(ip)
             for stale in [t for t in self._sessions if self._live_session_locked(t, now) is None]:
                 self._sessions.pop(stale, None)
             token = secrets.token_hex(16)
             target = _event_target(body, ip) if self.transport == "HTTP" else None
             self._sessions[token] = _Session(token, ip, now, target)
         log.info("simulator: login from %s", ip)
-        return _json_reply({"status": "Success", "token": token, "transport": self.transport})
+        return json_reply({"status": "Success", "token": token, "transport": self.transport})
 
-    def _heartbeat(self, req: _Request) -> _Reply:
+    def _heartbeat(self, req: _Request) -> Reply:
         session = self._authenticate(req)
         body = req.body or {}  # GET or no body at all: real clients do both
         if self.transport == "HTTP" and body.get("port") not in (None, ""):
             target = _event_target(body, session.client_ip)
             with self._lock:
                 session.target = target
-        return _json_reply({"status": "Success"})
+        return json_reply({"status": "Success"})
 
-    def _logout(self, req: _Request) -> _Reply:
+    def _logout(self, req: _Request) -> Reply:
         session = self._authenticate(req)
         with self._lock:
             self._sessions.pop(session.token, None)
-        return _json_reply({"status": "Success"})
+        return json_reply({"status": "Success"})
 
     # -- randoms --------------------------------------------------------------------------
 
@@ -1017,7 +874,7 @@ class Simulator:
 
     # -- recordings -----------------------------------------------------------------------
 
-    def _recording_random(self, req: _Request) -> _Reply:
+    def _recording_random(self, req: _Request) -> Reply:
         self._authenticate(req)
         body = self._json_body(req)
         with self._lock:
@@ -1030,9 +887,9 @@ class Simulator:
         if self.not_found_at != "download" and self._audio_absent(name):
             raise _ApiFailure(self.not_found_errno)
         random_value = self._mint_random(("recording", name))
-        return _json_reply({"status": "Success", "recording": name, "random": random_value})
+        return json_reply({"status": "Success", "recording": name, "random": random_value})
 
-    def _recording_download(self, req: _Request) -> _Reply:
+    def _recording_download(self, req: _Request) -> Reply:
         self._authenticate(req)
         name, random_value = req.query.get("recording", ""), req.query.get("random", "")
         if not name or not random_value:
@@ -1060,64 +917,15 @@ class Simulator:
             ready_at = self._ready_at.get(name)
         return rec is None or not rec.stored or (ready_at is not None and self._now_s() < ready_at)
 
-    def _count_download(self, name: str) -> int:
-        """Count a download of *name*; the generation of bytes it gets (0 = the original)."""
-        with self._lock:
-            done = self._download_counts[name]
-            self._download_counts[name] = done + 1
-            after = self.mutate_bytes_after_downloads
-            if after is not None and done >= after:
-                self._generations[name] = max(1, self._generations.get(name, 0))
-            return self._generations.get(name, 0)
-
-    def _download_faults(self) -> tuple[Optional[str], Optional[int]]:
-        """Consume the download fault switches: (fail_mode or None, reset_after_bytes or None)."""
-        with self._lock:
-            if self.fail_downloads > 0:
-                self.fail_downloads -= 1
-                return self.fail_mode, None
-            if self.chaos and self._chaos_rng.random() < self.chaos:
-                return self._chaos_fault_locked()
-            reset_at = self.reset_after_bytes
-            if reset_at is not None and self.reset_downloads > 0:
-                self.reset_downloads -= 1
-                if self.reset_downloads == 0:
-                    # The counted resets are used up; 0 must not now mean "every download".
-                    self.reset_after_bytes = None
-            return None, reset_at
-
-    def _chaos_fault_locked(self) -> tuple[Optional[str], Optional[int]]:
-        shape = self._chaos_rng.choice(("reset", "http500", "json", "truncate", "latency"))
-        if shape == "reset":
-            return None, self._chaos_rng.randint(1, 200_000)
-        return shape, None
-
-    def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> _Reply:
-        size, mode, announced = len(data), self.range_mode, self.announce_size_bytes
-        total = size if announced is None else announced
-        audio = {"content_type": self.audio_content_type, "omit_length": self.omit_content_length}
-        if mode not in RANGE_MODES:
-            log.warning("simulator: unknown range_mode %r, ignoring Range", mode)
-        wanted = None
-        if mode in ("honour", "wrong_offset") and range_header:
-            wanted = _parse_range(range_header, size)
-        if wanted is None:
-            return _Reply(stream=data, content_length=announced, **audio)
-        first, last = wanted
-        if first < 0:
-            reply = _html_reply(416, "416 Requested Range Not Satisfiable")
-            reply.headers["Content-Range"] = f"bytes */{total}"
-            return reply
-        if mode == "wrong_offset":
-            first = first // 2 if first else min(1, last)
-        # An announced size stretches the range to its end; the real bytes still stop at last.
-        shown_last, length = (last, None) if announced is None else (total - 1, total - first)
-        return _Reply(status=206, stream=data[first:last + 1], content_length=length,
-                      headers={"Content-Range": f"bytes {first}-{shown_last}/{total}"}, **audio)
+    def _audio_reply(self, data: memoryview, range_header: Optional[str]) -> Reply:
+        return audio_reply(data, range_header, range_mode=self.range_mode,
+                           announced_size=self.announce_size_bytes,
+                           content_type=self.audio_content_type,
+                           omit_length=self.omit_content_length)
 
     # -- CDR ------------------------------------------------------------------------------
 
-    def _cdr_random(self, req: _Request) -> _Reply:
+    def _cdr_random(self, req: _Request) -> Reply:
         self._authenticate(req)
         body = self._json_body(req)
         number_key = "number" if "number" in body else "extid"
@@ -1126,11 +934,11 @@ class Simulator:
         if not isinstance(number, str) or not number.strip() or start is None or end is None:
             raise _ApiFailure(E_PARAM)
         random_value = self._mint_random(("cdr", number, start, end))
-        return _json_reply({
+        return json_reply({
             "status": "Success", number_key: number, "starttime": body["starttime"],
             "endtime": body["endtime"], "random": random_value})
 
-    def _cdr_download(self, req: _Request) -> _Reply:
+    def _cdr_download(self, req: _Request) -> Reply:
         self._authenticate(req)
         random_value = req.query.get("random", "")
         if not random_value:
@@ -1149,7 +957,7 @@ class Simulator:
             headers["Content-Encoding"] = "gzip"
             if raw is None:  # a raw body goes out verbatim: it may be a ready-made gzip bomb
                 body = gzip.compress(body)
-        return _Reply(content_type="text/csv", body=body, headers=headers)
+        return Reply(content_type="text/csv", body=body, headers=headers)
 
     def _cdr_csv(self, number: str, start: datetime.datetime, end: datetime.datetime) -> bytes:
         """The CSV of §12.5: header, then matching rows by timestart; LF, no BOM, no quoting."""
@@ -1186,9 +994,20 @@ class Simulator:
             return
         for token, target in targets:
             body = json.dumps(rec.event(target.key, self.sn)).encode("utf-8")
-            pusher.submit(token, target, body)
+            pusher.submit((token, target, body))
         if tcp is not None:
             tcp.broadcast(rec)
+
+
+    def _deliver_event(self, job: tuple) -> bool:
+        """One HTTP event attempt (pusher thread); True once answered 200, or no longer
+        wanted because its token has died."""
+        token, target, body = job
+        if not self._token_alive(token):
+            log.debug("simulator: event for %s:%d dropped, token gone", target.host, target.port)
+            return True
+        self._count("event_push")
+        return _post_event(target, body, self.host) == 200
 
 
 _ROUTES = {
@@ -1205,16 +1024,16 @@ _ROUTES = {
 CHAOS_LATENCY_S = 0.3
 
 
-def _failed_download(mode: str, data: memoryview) -> _Reply:
+def _failed_download(mode: str, data: memoryview) -> Reply:
     """A recording download that fails in the shape *mode* names (see ``fail_mode``)."""
     if mode == "http500":
-        return _html_reply(500, "500 Internal Server Error")
+        return html_reply(500, "500 Internal Server Error")
     if mode == "html":
-        return _html_reply(200, "Yeastar S-Series login")
+        return html_reply(200, "Yeastar S-Series login")
     if mode == "truncate":
-        return _Reply(content_type="audio/x-wav", stream=data, cut_after=len(data) // 2)
+        return Reply(content_type="audio/x-wav", stream=data, cut_after=len(data) // 2)
     if mode == "overlong":
-        return _Reply(content_type="audio/x-wav", stream=data, content_length=len(data) // 2)
+        return Reply(content_type="audio/x-wav", stream=data, content_length=len(data) // 2)
     if mode != "json":
         log.warning("simulator: unknown fail_mode %r, answering json", mode)
     return _failed(E_PARAM)
@@ -1235,42 +1054,13 @@ def _numbers_for(call_type: str, rng: random.Random) -> tuple[str, str]:
 # HTTP transport
 
 
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64
-    simulator: Simulator
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        # PBX down / firewall: the caller sees its connection closed without a reply.
-        if self.simulator.refuse_connections:
-            self.simulator._count("refused")
-            return False
-        return True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, socket.timeout)):
-            log.debug("simulator: client %s went away: %s", client_address[0], exc)
-        else:
-            log.exception("simulator: request from %s failed", client_address[0])
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(StreamingHandler):
     """Turns one HTTP request into a ``Simulator._dispatch`` call and sends its reply."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # a stuck client must not hold a thread forever
-    server: _HttpServer
+    common_headers = COMMON_HEADERS
 
     def version_string(self) -> str:
         return SERVER_HEADER
-
-    def date_time_string(self, timestamp: Optional[float] = None) -> str:
-        # send_response's Date header: the PBX's own (possibly skewed) clock, in GMT.
-        if timestamp is None:
-            timestamp = self.server.simulator.pbx_time()
-        return super().date_time_string(timestamp)
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -1279,154 +1069,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("POST")
 
     def do_OPTIONS(self) -> None:
-        self._send(_Reply(content_type="text/plain"))
-
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        # The query string carries the token and the random: log the path only.
-        log.debug("simulator: %s %s -> %s", self.command, urlsplit(self.path).path, code)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # http.server's own messages may quote the raw request line, query included.
-        log.debug("simulator: %s", SECRET_PARAM_RE.sub(r"\1=***", format % args))
+        self.send_reply(Reply(content_type="text/plain"))
 
     def _serve(self, method: str) -> None:
-        raw_body = self._read_body()
+        raw_body = self.read_body(MAX_BODY_BYTES)
         sim = self.server.simulator
         sim._pause(self.path)
-        reply = sim._dispatch(method, self.path, raw_body, self.client_address[0],
-                              self.headers.get("Range"))
-        try:
-            self._send(reply)
-        except (ConnectionError, socket.timeout) as exc:
-            log.debug("simulator: client went away mid-reply: %s", exc)
-            self.close_connection = True
-
-    def _read_body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        return self.rfile.read(min(length, MAX_BODY_BYTES)) if length > 0 else b""
-
-    def _send(self, reply: _Reply) -> None:
-        source = reply.stream if reply.stream is not None else reply.body
-        length = len(source) if reply.content_length is None else reply.content_length
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        if not reply.omit_length:
-            self.send_header("Content-Length", str(length))
-        for name, value in COMMON_HEADERS + tuple(reply.headers.items()):
-            self.send_header(name, value)
-        self.end_headers()  # writes the headers out: wfile is unbuffered
-        delay = self.server.simulator.first_byte_delay_s
-        if delay > 0:
-            self.server.simulator._stopping.wait(delay)
-        if reply.stream is None:
-            self.wfile.write(reply.body)
-            return
-        self._stream(reply)
-
-    # The body loop re-reads bandwidth_bps for every chunk, so a test may change the cap
-    # mid-transfer. Pacing keeps a "next send time"; if the cap was lifted or the client
-    # stalled us, the schedule restarts from now instead of bursting to catch up.
-    def _stream(self, reply: _Reply) -> None:
-        sim = self.server.simulator
-        data = reply.stream
-        limit = len(data) if reply.cut_after is None else min(len(data), reply.cut_after)
-        sent, next_send = 0, time.monotonic()
-        while sent < limit and not sim._stopping.is_set():
-            bps = sim.bandwidth_bps
-            size = CHUNK_BYTES if not bps else max(1, min(CHUNK_BYTES, bps // PACE_SLICES_PER_S))
-            piece = data[sent:min(limit, sent + size)]
-            # Counted before the write so a client that has read the whole body already
-            # sees the final figure; taken back if the write fails.
-            sim._count_downloaded(len(piece))
-            try:
-                self.wfile.write(piece)
-            except OSError:
-                sim._count_downloaded(-len(piece))
-                raise
-            sent += len(piece)
-            if bps and sent < limit:
-                next_send = max(next_send, time.monotonic() - 0.5) + len(piece) / bps
-                delay = next_send - time.monotonic()
-                if delay > 0:
-                    sim._stopping.wait(delay)
-        if reply.cut_with_rst or sent < limit:
-            self._abort_connection()
-
-    def _abort_connection(self) -> None:
-        """End the connection with an RST (SO_LINGER 0) instead of an orderly close."""
-        time.sleep(RST_GRACE_S)
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # The socket really closes once rfile (a makefile reference) is closed in finish();
-        # nothing sends a FIN first because the server's shutdown() then fails harmlessly.
-        self.connection.close()
-        self.close_connection = True
+        self.send_reply(sim._dispatch(method, self.path, raw_body, self.client_address[0],
+                                      self.headers.get("Range")))
 
 
 # ---------------------------------------------------------------------------------------
 # HTTP events
-
-
-class _EventPusher:
-    """Delivers HTTP events on one thread, in announcement order, re-sending until a 200.
-
-    Each job is tried at once and then up to EVENT_RESENDS more times, event_retry_s apart.
-    A job whose token has died is dropped. Jobs live in a heap ordered by (due, sequence).
-    """
-
-    def __init__(self, sim: Simulator) -> None:
-        self._sim = sim
-        self._cond = threading.Condition()
-        self._heap: list[tuple] = []
-        self._sequence = itertools.count()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="pbxsim-events", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        self._thread.join(timeout=0.5)
-
-    def submit(self, token: str, target: _EventTarget, body: bytes) -> None:
-        self._schedule(time.monotonic(), token, target, body, 0)
-
-    def _schedule(self, due: float, token: str, target: _EventTarget, body: bytes,
-                  attempt: int) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (due, next(self._sequence), token, target, body, attempt))
-            self._cond.notify_all()
-
-    def _next_job(self) -> Optional[tuple]:
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                if self._heap and self._heap[0][0] <= now:
-                    return heapq.heappop(self._heap)
-                wait = self._heap[0][0] - now if self._heap else None
-                self._cond.wait(wait)
-            return None
-
-    def _run(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                return
-            _, _, token, target, body, attempt = job
-            if not self._sim._token_alive(token):
-                log.debug("simulator: event for %s:%d dropped, token gone",
-                          target.host, target.port)
-                continue
-            self._sim._count("event_push")
-            status = _post_event(target, body, self._sim.host)
-            if status != 200 and attempt < EVENT_RESENDS:
-                self._schedule(time.monotonic() + self._sim.event_retry_s, token, target, body,
-                               attempt + 1)
 
 
 def _post_event(target: _EventTarget, body: bytes, pbx_host: str) -> Optional[int]:

@@ -2,8 +2,8 @@
 
     client.py     PbxClient: login, heartbeat, single-use randoms, downloads, the CDR CSV
     records.py    Recordings out of CDR CSV rows and NewCdr events (the PBX's spellings)
-    clock.py      PbxClock: the PBX clock's skew (Date headers) and its zone (configured,
-                  detected from its call times, or assumed)
+    ../clock.py   PbxClock (shared by both families): the PBX clock's skew (Date headers)
+                  and its zone (configured, detected from its call times, or assumed)
     cdr.py        CdrCatalogue: backfill and poll as CDR time windows in the PBX's time
     events.py     EventReceiver: the HTTP server the PBX pushes NewCdr events to
     tcpevents.py  TcpEventClient: the PBX's TCP event port, when its report method is TCP
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
-import time
 from typing import Callable, Optional
 
 from yeastarfs import errors
@@ -34,7 +32,9 @@ from yeastarfs.config import Config
 from yeastarfs.models import Recording
 from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.client import PbxClient, RecordingStream
-from yeastarfs.pbx.sseries.clock import PbxClock
+from yeastarfs.pbx import session_status
+from yeastarfs.pbx.clock import PbxClock
+from yeastarfs.pbx.events import allowed_sources
 from yeastarfs.pbx.sseries.events import EventReceiver
 from yeastarfs.pbx.sseries.tcpevents import TcpEventClient
 
@@ -73,10 +73,10 @@ class SSeriesPbx:
         zone = self.clock.status()
         log.info("pbx: the PBX's time zone is %s (%s)%s", zone["pbx_timezone"], zone["pbx_timezone_source"],
                  ", until its call times show its own" if zone["pbx_timezone_source"] == "assumed" else "")
-        on_recording = self._voting(on_recording)
+        on_recording = self.clock.voting(on_recording)
         if config.events_enabled:
             self._receiver = EventReceiver(on_recording, host=config.events_host, port=config.events_port,
-                                           allowed_ips=self._event_sources()).start()
+                                           allowed_ips=allowed_sources(config)).start()
         self.client = PbxClient(config.pbx_url, config.username, config.password, verify=config.verify,
                                 events_port=self._receiver.port if self._receiver else None,
                                 heartbeat_interval_s=config.heartbeat_interval_s, pin_sha256=config.pin_sha256,
@@ -102,17 +102,13 @@ class SSeriesPbx:
 
     def status(self) -> dict:
         stats = self.client.stats if self.client is not None else None
-        last_success = stats.last_success_time if stats else None
-        reachable_s = max(REACHABLE_WITHIN_S, 3 * self._config.poll_interval_s)
         event_stats = self._receiver.stats if self._receiver else (
             self._tcp_events.stats if self._tcp_events else {})
         return {
-            "pbx": self._config.pbx_url, "pbx_family": self.family,
-            "pbx_reachable": last_success is not None and time.time() - last_success < reachable_s,
-            "token_age_s": None if self.client is None or self.client.token_age_s is None
-            else round(self.client.token_age_s, 1),
-            "logins": stats.logins if stats else 0,
-            "last_event_time": event_stats.get("last_event_time"),
+            **session_status(self._config, self.family, last_success_time=stats.last_success_time if stats else None,
+                             reachable_within_s=REACHABLE_WITHIN_S,
+                             token_age_s=self.client.token_age_s if self.client is not None else None,
+                             logins=stats.logins if stats else 0, last_event_time=event_stats.get("last_event_time")),
             **self.clock.status(),
             **(self.catalogue.status() if self.catalogue else {}),
         }
@@ -123,27 +119,3 @@ class SSeriesPbx:
             if stop:
                 stop()
         self._tcp_events = self._receiver = None
-
-    def _voting(self, on_recording: Callable[[Recording], None]) -> Callable[[Recording], None]:
-        """*on_recording*, after each announced call votes for the PBX's zone: an event
-        arrives when its call ends (see `clock.PbxClock.note_call_end`)."""
-        def deliver(recording: Recording) -> None:
-            self.clock.note_call_end(recording.timestart, recording.call_s, time.time())
-            on_recording(recording)
-
-        return deliver
-
-    def _event_sources(self) -> Optional[set[str]]:
-        """Who may push events: the PBX's addresses unless the user said otherwise."""
-        config = self._config
-        if config.allow_any_event_source:
-            return None
-        if config.events_allow_from:
-            return set(config.events_allow_from)
-        try:
-            infos = socket.getaddrinfo(config.pbx_host, None)
-        except OSError as exc:
-            raise errors.ConfigError(f"cannot resolve PBX host {config.pbx_host}: {exc}") from None
-        addresses = {info[4][0] for info in infos}
-        # An IPv4 PBX may reach an IPv6 socket as ::ffff:a.b.c.d.
-        return addresses | {f"::ffff:{address}" for address in addresses if ":" not in address}

@@ -49,7 +49,7 @@ import time
 from typing import Iterator, Optional
 
 from yeastarfs.models import Recording
-from yeastarfs.pbx.sseries.clock import CALL_TIME_FORMAT, ZONE_MAX_S, ZONE_MIN_S, PbxClock
+from yeastarfs.pbx.clock import CALL_TIME_FORMAT, ZONE_MAX_S, ZONE_MIN_S, PbxClock
 
 log = logging.getLogger(__name__)
 

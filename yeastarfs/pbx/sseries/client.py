@@ -1,13 +1,14 @@
 """PbxClient: every HTTP conversation with the Yeastar S-Series API (yeastar-api.md).
 
 Owns the session (MD5 login, token, heartbeat, one re-login on a token failure), the
-single-use ``random`` per download, streaming recording downloads and the CDR CSV. It is
-the only module that imports ``requests``; every failure leaves it as an ``errors`` type
-(a reply that is not decodable JSON, however deeply nested, is a PbxUnavailableError),
-with tokens and randoms redacted, and it scrubs them from urllib3's own log lines too. A
+single-use ``random`` per download, streaming recording downloads and the CDR CSV, over
+the family-neutral `transport.HttpTransport` (TLS, proxy, transport errors, checked
+bodies). Every failure leaves it as an ``errors`` type (a reply that is not decodable JSON,
+however deeply nested, is a PbxUnavailableError), with tokens and randoms redacted. A
 download's body is checked against its Content-Length both ways (`RecordingStream.chunks`).
 Every reply's ``Date`` header goes to the `clock.PbxClock` (the PBX clock's skew); every
-request, login, heartbeat and recording body is counted as ``metrics`` asks of a family. It knows
+login and heartbeat is counted as ``metrics`` asks of a family (requests and recording
+bodies by the transport). It knows
 nothing of paths, the cache or FUSE, and it never retries a download by itself: a retry
 needs a fresh random, which the caller asks for.
 
@@ -34,18 +35,16 @@ import socket
 import threading
 import time
 import urllib.parse
-import warnings
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import requests
-import requests.adapters
-import urllib3
 
 from yeastarfs import errors, metrics
-from yeastarfs.errors import redact
-from yeastarfs.pbx.sseries.clock import PbxClock
+from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
+from yeastarfs.pbx.transport import (MAX_ERROR_BODY_BYTES, HttpTransport, RecordingStream, open_body,
+                                     read_capped)
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +63,8 @@ HEARTBEAT_INTERVAL_S = 600.0
 # failures; a daemon retrying every request would get there in seconds).
 AUTH_RETRY_AFTER_S = 300.0
 LOCKOUT_RETRY_AFTER_S = 600.0
-# Bytes asked of the socket per read: large for throughput, but `read1` returns whatever
-# has arrived, so a slow PBX's first bytes reach readers at once.
-DOWNLOAD_READ_BYTES = 1 << 20
-# The first read of a download, before its reader asked for anything.
-FIRST_READ_BYTES = 64 * 1024
-# A JSON reply (and an error reply instead of audio) is tiny: read at most this much of it.
-MAX_ERROR_BODY_BYTES = 64 * 1024
 # One CDR request covers at most a day; even 100,000 calls a day are ~20 MB of CSV.
 MAX_CDR_BYTES = 32 << 20
-# Bytes asked of urllib3 per read of a capped reply (after decompression, if any).
-READ_CHUNK_BYTES = 64 * 1024
-# Connections kept per PBX: at least --max-downloads plus the CDR poll and the heartbeat.
-POOL_CONNECTIONS = 128
-# No call recording is this large (a 24-hour PCM call is 1.4 GB): a longer or endless body
-# is refused instead of filling the cache disk.
-MAX_RECORDING_BYTES = 4 << 30
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
@@ -93,91 +78,6 @@ class ClientStats:
     downloads_opened: int = 0
     last_login_time: Optional[float] = None
     last_success_time: Optional[float] = None
-
-
-class RecordingStream:
-    """One open recording download: the response, where it starts and how long it is.
-
-    Attributes:
-        start_offset: the file offset of the first body byte (0, or N for a 206 reply).
-        total_bytes: the whole recording's size, or None when the PBX did not say.
-    """
-
-    def __init__(self, response: requests.Response, start_offset: int, total_bytes: Optional[int],
-                 first_chunk: bytes, *, body_bytes: Optional[int] = None, reads_to_close: bool = False) -> None:
-        self._response = response
-        self.start_offset = start_offset
-        self.total_bytes = total_bytes
-        self._pending = first_chunk
-        self._body_bytes = body_bytes          # Content-Length of this reply, if any
-        self._reads_to_close = reads_to_close  # the body is read up to the PBX's close
-        self.read_size_bytes = DOWNLOAD_READ_BYTES  # the caller lowers it to what it may take now
-        self._sent_s = time.monotonic() - response.elapsed.total_seconds()  # when the request left
-
-    def chunks(self) -> Iterator[bytes]:
-        """The body's bytes as `_checked_chunks` yields them, counted (`metrics.recording_body`)."""
-        return metrics.recording_body(self._checked_chunks(), self._sent_s, self._body_bytes)
-
-    def _checked_chunks(self) -> Iterator[bytes]:
-        """Yield body bytes as they arrive, exactly the announced body and nothing else.
-
-        Raises PbxUnavailableError on a reset, DownloadStalledError on a stall, and
-        DownloadError when a body that the PBX ended cleanly is shorter or longer than its
-        Content-Length. The last announced byte is handed out only once the end of the body
-        is confirmed, so a caller that stops at ``total_bytes`` never keeps a bad body.
-        """
-        chunk, self._pending = self._pending, b""
-        received, expected = 0, self._body_bytes
-        while True:
-            if not chunk:
-                chunk = self._read()
-                if not chunk:
-                    break
-            received += len(chunk)
-            if received > MAX_RECORDING_BYTES:
-                raise errors.DownloadError(f"recording body exceeds {MAX_RECORDING_BYTES} bytes; refused")
-            if expected is not None and received > expected:
-                raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
-            if expected is not None and received == expected and self._reads_to_close:
-                if self._body_continues():
-                    raise errors.DownloadError(f"recording body is longer than the {expected} bytes announced")
-                yield chunk
-                return
-            yield chunk
-            chunk = b""
-        if expected is not None and received < expected:
-            raise errors.DownloadError(f"recording body ended after {received} of {expected} bytes")
-
-    def _read(self) -> bytes:
-        try:
-            return self._response.raw.read1(max(1, min(DOWNLOAD_READ_BYTES, self.read_size_bytes)))
-        except Exception as exc:  # urllib3 wraps socket errors in many types
-            raise _stream_error(exc) from None
-
-    def _body_continues(self) -> bool:
-        """After the announced length: do more bytes come before the close?
-
-        A reset or timeout here says nothing against a body whose length already matched.
-        """
-        try:
-            return bool(self._response.raw.read1(DOWNLOAD_READ_BYTES))
-        except Exception:  # noqa: BLE001 - see the docstring
-            return False
-
-    def close(self) -> None:
-        self._response.close()
-
-    def __enter__(self) -> "RecordingStream":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _stream_error(exc: BaseException) -> errors.PbxError:
-    if isinstance(exc, (socket.timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-        return errors.DownloadStalledError(f"download stalled: {exc}")
-    return errors.PbxUnavailableError(f"download interrupted: {type(exc).__name__}: {exc}")
 
 
 class PbxClient:
@@ -208,28 +108,8 @@ class PbxClient:
         self._event_version = event_version
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._session = requests.Session()
-        self._session.verify = verify
-        self._session.headers["User-Agent"] = "yeastarfs"
-        # Every body is counted as sent: compressed replies could expand without bound.
-        self._session.headers["Accept-Encoding"] = "identity"
-        # HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE and .netrc from the environment do not
-        # decide where PBX traffic (token, randoms) goes or whom it trusts; --proxy does.
-        self._session.trust_env = proxy == "environment"
-        if proxy and proxy != "environment":
-            self._session.proxies = {"http": proxy, "https": proxy}
-        self._pinned = bool(pin_sha256)
-        # One pooled connection per concurrent request (downloads, CDR, heartbeat): urllib3's
-        # default of 10 logs "pool is full" warnings with --max-downloads above it.
-        for prefix in ("http://", "https://"):
-            self._session.mount(prefix, requests.adapters.HTTPAdapter(pool_maxsize=POOL_CONNECTIONS))
-        if pin_sha256:
-            # The PBX's self-signed certificate, pinned: urllib3 compares the fingerprint of
-            # the certificate presented with the pin after the handshake, instead of a CA check.
-            self._session.verify = False
-            self._session.mount("https://", _PinnedAdapter(pin_sha256, pool_maxsize=POOL_CONNECTIONS))
-        if self._session.verify is False:
-            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        self._transport = HttpTransport(self.base_url, verify=verify, pin_sha256=pin_sha256, proxy=proxy,
+                                        note_date=self.clock.note_date)
         self._login_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._token: Optional[str] = None
@@ -396,41 +276,13 @@ class PbxClient:
         response = self._request("GET", f"recording/download?{query}", headers=headers, stream=True)
         self.stats.downloads_opened += 1
         try:
-            return self._checked_stream(response, offset, "recording/download", token)
+            return open_body(response, offset, "recording/download",
+                             lambda body: self._json_failure(body, "recording/download", token))
         except BaseException:
             response.close()
             raise
 
-    def _checked_stream(self, response: requests.Response, offset: int, endpoint: str,
-                        token: str) -> RecordingStream:
-        """Decide from status, headers and the first bytes whether this is the recording."""
-        if response.status_code not in (200, 206) or (response.status_code == 206 and offset == 0):
-            raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
-        reads_to_close = _read_to_close(response)
-        try:
-            # Enough to tell audio from a JSON or HTML answer; the rest waits for flow control.
-            first = response.raw.read1(FIRST_READ_BYTES)
-        except Exception as exc:
-            raise _stream_error(exc) from None
-        content_type = response.headers.get("Content-Type", "").lower()
-        if first[:1] in (b"{", b"[") or "json" in content_type:
-            raise self._json_failure(first, response, endpoint, token)
-        if first[:1] == b"<" or "text/html" in content_type:
-            raise errors.DownloadError(f"{endpoint} returned an HTML page instead of a recording")
-        start, total = _body_span(response, offset)
-        if total is not None and total > MAX_RECORDING_BYTES:
-            raise errors.DownloadError(f"{endpoint} announced {total} bytes, more than any recording; refused")
-        return RecordingStream(response, start, total, first, body_bytes=_int_header(response, "Content-Length"),
-                               reads_to_close=reads_to_close)
-
-    def _json_failure(self, first: bytes, response: requests.Response, endpoint: str,
-                      token: str) -> errors.PbxError:
-        body = first
-        if len(first) < MAX_ERROR_BODY_BYTES and not getattr(response, "_content_consumed", False):
-            try:
-                body += response.raw.read(MAX_ERROR_BODY_BYTES - len(first))
-            except Exception as exc:  # noqa: BLE001 - a reset while reading the error reply
-                raise _stream_error(exc) from None
+    def _json_failure(self, body: bytes, endpoint: str, token: str) -> errors.PbxError:
         try:
             reply = json.loads(body.decode("utf-8", "replace"))
         except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
@@ -454,10 +306,10 @@ class PbxClient:
                                         "random": random}, quote_via=urllib.parse.quote)
         response = self._request("GET", f"cdr/download?{query}", stream=True)
         with response:
-            content = _read_capped(response, MAX_CDR_BYTES, "cdr/download")
+            content = read_capped(response, MAX_CDR_BYTES, "cdr/download")
             text = content.decode("utf-8", "replace")
             if text.lstrip("\ufeff \r\n").startswith("{"):
-                raise self._json_failure(content, response, "cdr/download", token)
+                raise self._json_failure(content, "cdr/download", token)
         try:
             return parse_cdr_csv(text)
         except ValueError as exc:
@@ -474,7 +326,7 @@ class PbxClient:
         self._stop.set()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=5)
-        self._session.close()
+        self._transport.close()
 
     def _heartbeat_loop(self) -> None:
         # Heartbeat only when the token has been idle: any call renews it (§2.2).
@@ -504,7 +356,7 @@ class PbxClient:
         with response:
             if response.status_code != 200:
                 raise errors.PbxUnavailableError(f"{endpoint} answered HTTP {response.status_code}")
-            content = _read_capped(response, MAX_ERROR_BODY_BYTES, endpoint)
+            content = read_capped(response, MAX_ERROR_BODY_BYTES, endpoint)
         try:
             reply = json.loads(content.decode("utf-8", "replace"))
         except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
@@ -518,29 +370,8 @@ class PbxClient:
         return reply
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
-        url = f"{self.base_url}/{API_PATH}/{path}"
-        sent_s = time.time()
-        try:
-            # verify is passed per request: a session's own setting loses to REQUESTS_CA_BUNDLE
-            # and CURL_CA_BUNDLE from the environment, which would silently ignore --ca-file.
-            with metrics.pbx_request(path) as request:
-                response = self._session.request(method, url, timeout=self._timeouts, allow_redirects=False,
-                                                 verify=self._session.verify, **kwargs)
-                request.answered(response.status_code)
-            self.clock.note_date(response.headers.get("Date"), sent_s, time.time())
-            return response
-        except requests.exceptions.SSLError as exc:
-            if self._pinned:
-                raise errors.PbxUnavailableError(
-                    f"the certificate of {self.base_url} does not match --pin-sha256 ({_first_line(exc)}); "
-                    f"check it with: yeastarfs fingerprint {self.base_url}") from None
-            raise errors.PbxUnavailableError(
-                f"TLS verification of {self.base_url} failed ({_first_line(exc)}); use --ca-file with the "
-                "PBX's certificate, --pin-sha256 (see yeastarfs fingerprint), or --insecure") from None
-        except requests.exceptions.Timeout:
-            raise errors.PbxUnavailableError(f"{self.base_url} did not answer in time") from None
-        except requests.exceptions.RequestException as exc:
-            raise errors.PbxUnavailableError(f"cannot reach {self.base_url}: {_first_line(exc)}") from None
+        return self._transport.request(method, f"{self.base_url}/{API_PATH}/{path}", endpoint=path,
+                                       timeout=self._timeouts, **kwargs)
 
     def _local_ip(self) -> str:
         """The address this machine uses towards the PBX (a UDP connect sends no packet)."""
@@ -553,18 +384,6 @@ class PbxClient:
             return "127.0.0.1"
 
 
-class _PinnedAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS that trusts exactly one certificate, named by its SHA-256 fingerprint."""
-
-    def __init__(self, fingerprint: str, **kwargs) -> None:
-        self._fingerprint = fingerprint.replace(":", "").lower()
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["assert_fingerprint"] = self._fingerprint
-        return super().init_poolmanager(*args, **kwargs)
-
-
 def _is_success(reply: dict) -> bool:
     # The most careful real client compares case-insensitively (yeastar-api.md §10).
     return str(reply.get("status", "")).lower() == "success"
@@ -574,76 +393,3 @@ def _api_error(endpoint: str, api_errno: str) -> errors.ApiError:
     if api_errno == NOT_FOUND_ERRNO:
         return errors.RecordingNotFoundError(endpoint, api_errno)
     return errors.ApiError(endpoint, api_errno)
-
-
-def _body_span(response: requests.Response, offset: int) -> tuple[int, Optional[int]]:
-    """Return (offset of the first body byte, total recording size or None)."""
-    length = _int_header(response, "Content-Length")
-    if response.status_code == 206:
-        content_range = response.headers.get("Content-Range", "")
-        try:
-            span, total = content_range.split(" ", 1)[1].split("/")
-            start = int(span.split("-")[0])
-            return start, (int(total) if total != "*" else None)
-        except (IndexError, ValueError):
-            raise errors.DownloadError(f"unusable Content-Range {content_range!r}") from None
-    return 0, length
-
-
-def _read_to_close(response: requests.Response) -> bool:
-    """Let a ``Connection: close`` body be read up to the close instead of Content-Length.
-
-    The PBX closes every connection (yeastar-api.md §1), so the close is where its body
-    really ends; `RecordingStream.chunks` then compares the count with Content-Length both
-    ways (urllib3 alone would silently drop the bytes of a body longer than announced).
-    Returns False, changing nothing, for a keep-alive or chunked reply, or when the
-    response is not built on ``http.client`` as expected.
-    """
-    raw = response.raw
-    fp = getattr(raw, "_fp", None)
-    if response.headers.get("Connection", "").strip().lower() != "close":
-        return False
-    if not hasattr(fp, "length") or getattr(fp, "chunked", True) or not hasattr(raw, "length_remaining"):
-        return False
-    fp.length = None
-    raw.length_remaining = None
-    return True
-
-
-def _read_capped(response: requests.Response, cap_bytes: int, endpoint: str) -> bytes:
-    """The whole body of *response*, decoded as the server says, but at most *cap_bytes*:
-    a reply that would be longer (a gzip bomb included) is refused, never held."""
-    parts, held = [], 0
-    try:
-        while True:
-            chunk = response.raw.read(READ_CHUNK_BYTES, decode_content=True)
-            if not chunk:
-                return b"".join(parts)
-            held += len(chunk)
-            if held > cap_bytes:
-                raise errors.PbxUnavailableError(f"{endpoint}: reply is larger than {cap_bytes} bytes; refused")
-            parts.append(chunk)
-    except errors.PbxError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - urllib3 wraps resets and decoding errors in many types
-        raise _stream_error(exc) from None
-
-
-def _int_header(response: requests.Response, name: str) -> Optional[int]:
-    value = response.headers.get(name)
-    try:
-        number = int(value) if value is not None else None
-    except ValueError:
-        return None
-    return number if number is not None and number >= 0 else None
-
-
-# Logger filters see only records made on that very logger, so each one that may quote a
-# URL gets its own. cli.setup_logging also quietens urllib3; this protects other callers.
-for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.response", "urllib3.util.retry",
-              "urllib3.poolmanager"):
-    logging.getLogger(_name).addFilter(errors.RedactingFilter())
-
-
-def _first_line(exc: BaseException) -> str:
-    return redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]

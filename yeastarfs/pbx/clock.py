@@ -1,9 +1,11 @@
 """PbxClock: what time it is on the PBX, and in which zone its call times are written.
 
-An S-Series PBX writes every call time (CDR ``timestart``, NewCdr events, recording names)
-as a naive local wall time of its own clock (yeastar-api.md §5.3, §7.4): no zone, and a
-clock that may drift away from ours. CDR windows must be asked in that time, and file
-times must be read in that zone, whatever this machine's zone and clock say.
+Both families write call times (S-Series CDR ``timestart``, NewCdr events; P-Series list
+``time``, New CDR ``time_start``) and recording names as naive local wall times of the
+PBX's own clock (yeastar-api.md §5.3, §7.4): no zone, and a clock that may drift away
+from ours. Catalogue windows must be asked in that time (or, for the P-Series, in Unix
+seconds of that clock), and file times must be read in that zone, whatever this machine's
+zone and clock say.
 
 Owns:
     skew    how far the PBX's clock runs ahead of ours, from the ``Date`` header of its HTTP
@@ -19,6 +21,8 @@ Owns:
             detected zone, so a row exported late or a garbage time cannot flip it alone.
             A detected zone is a fixed offset: across a DST change it follows only once
             the calls after it outnumber those before (configure the zone to avoid that).
+            A PBX that states its offset (`note_offset`: the P-Series shows its local time
+            beside its Unix time) is believed over the votes.
     telling a listener (the index, through the mount) which zone is in use, and when it
     changes.
 
@@ -41,6 +45,8 @@ import threading
 import time
 import zoneinfo
 from typing import Callable, Optional
+
+from yeastarfs.models import Recording
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class PbxClock:
         self._skew_s: Optional[float] = None
         self._votes: collections.deque[int] = collections.deque(maxlen=ZONE_VOTES)
         self._detected_s: Optional[int] = None
+        self._stated_s: Optional[int] = None  # the offset the PBX itself says (note_offset)
         self._disagreement_told: Optional[int] = None
         self.jumps = 0
 
@@ -134,15 +141,40 @@ class PbxClock:
         with self._lock:
             self._votes.append(offset_s)
             mode_s, count = _mode(self._votes)
-            changed = mode_s != self._detected_s
+            changed = mode_s != self._detected_s and self._stated_s is None  # a stated zone wins
             self._detected_s = mode_s
-            configured = self._configured
+        self._detected(mode_s, count, changed, "detected from its call times")
+
+    def note_offset(self, offset_s: float) -> None:
+        """The PBX says its wall time runs *offset_s* ahead of UTC (rounded to a whole zone
+        step; outside -12 h..+14 h it is ignored). Believed over the call-time votes."""
+        offset_s = round(offset_s / ZONE_STEP_S) * ZONE_STEP_S
+        if not ZONE_MIN_S <= offset_s <= ZONE_MAX_S:
+            return
+        with self._lock:
+            changed = offset_s != self._stated_s
+            self._stated_s = offset_s
+        self._detected(offset_s, DISAGREE_VOTES, changed, "as the PBX says")
+
+    def _detected(self, offset_s: int, count: int, changed: bool, how: str) -> None:
+        """A zone found from the PBX (*count* agreeing readings): checked against the
+        configured one, or logged and told to the listener when it *changed*."""
+        configured = self._configured
         if configured is not None:
-            self._check_configured(configured, mode_s, count)
+            self._check_configured(configured, offset_s, count)
         elif changed:
-            log.info("pbx: the PBX's time zone is %s (detected from its call times)", offset_label(mode_s))
+            log.info("pbx: the PBX's time zone is %s (%s)", offset_label(offset_s), how)
             if self._on_zone is not None:
                 self._on_zone(self.zone()[0])
+
+    def voting(self, on_recording: Callable[[Recording], None]) -> Callable[[Recording], None]:
+        """*on_recording*, after each announced call votes for the zone (`note_call_end`):
+        an event arrives when its call ends."""
+        def deliver(recording: Recording) -> None:
+            self.note_call_end(recording.timestart, recording.call_s, time.time())
+            on_recording(recording)
+
+        return deliver
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -170,7 +202,7 @@ class PbxClock:
         if self._configured is not None:
             return self._configured, "configured"
         with self._lock:
-            detected_s = self._detected_s
+            detected_s = self._stated_s if self._stated_s is not None else self._detected_s
         if detected_s is not None:
             return dt.timezone(dt.timedelta(seconds=detected_s)), "detected"
         return self._assumed, "assumed"
