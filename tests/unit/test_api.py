@@ -185,13 +185,62 @@ def test_lockout_is_reported_and_not_retried(pbx, client):
     assert pbx.counters["login"] == 1
 
 
+class SteppedClock:
+    """A monotonic clock that moves only when told (PbxClient's ``monotonic`` seam)."""
+
+    def __init__(self):
+        self.now_s = 1000.0
+
+    def __call__(self):
+        return self.now_s
+
+    def advance(self, seconds):
+        self.now_s += seconds
+
+
+def test_a_rejected_login_pauses_logins_for_five_minutes_then_they_resume(pbx, make_client):
+    """README (Locking out): one rejected login stops all logins for five minutes."""
+    rec = add(pbx)
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.fail_logins = 1  # the next login is rejected (20003), the one after accepted
+    with pytest.raises(errors.AuthError) as info:
+        client.recording_random(rec.name)
+    assert not isinstance(info.value, errors.LockedOutError)
+    clock.advance(299.9)
+    with pytest.raises(errors.AuthError):
+        client.login()
+    assert pbx.counters["login"] == 1  # refused here, not asked of the PBX
+    clock.advance(0.1)  # five minutes to the tick
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+def test_a_lockout_pauses_logins_for_ten_minutes_then_they_resume(pbx, make_client):
+    """README (Locking out): ten minutes after a lockout (the PBX's own ban lasts ten)."""
+    rec = add(pbx)
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.lock_ip("127.0.0.1")
+    with pytest.raises(errors.LockedOutError):
+        client.recording_random(rec.name)
+    pbx.advance_clock(600)  # the PBX lifts its ban after its ten minutes
+    clock.advance(599.9)
+    with pytest.raises(errors.LockedOutError):
+        client.heartbeat()
+    assert pbx.counters["login"] == 1
+    clock.advance(0.1)
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
 def test_refused_connections_are_unavailable_quickly(pbx, client):
     rec = add(pbx)
     pbx.refuse_connections = True
     began = time.monotonic()
     with pytest.raises(errors.PbxUnavailableError):
         client.recording_random(rec.name)
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < 1.0  # at once, not after make_client's 2 s connect timeout
     # A network failure is not a refused login: once the PBX is back, work resumes at once.
     pbx.refuse_connections = False
     assert client.recording_random(rec.name)
@@ -205,7 +254,7 @@ def test_closed_port_is_unavailable_quickly(make_client):
     began = time.monotonic()
     with pytest.raises(errors.PbxUnavailableError) as info:
         client.login()
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < 1.0  # at once, not after make_client's 2 s connect timeout
     assert "127.0.0.1" in str(info.value)
 
 
@@ -366,7 +415,10 @@ def test_silent_pbx_mid_body_is_a_stall(pbx, make_client):
         with pytest.raises(errors.DownloadStalledError):
             for _ in chunks:
                 pass
-        assert time.monotonic() - began < 5
+        # The 0.5 s read timeout after the last byte; a byte comes every second, so at most
+        # one such gap passes first (1.5 s), never the several a looser timeout would take.
+        stalled_s = time.monotonic() - began
+        assert 0.5 <= stalled_s < 1.5, stalled_s
 
 
 # -- CDR ---------------------------------------------------------------------------------------
@@ -554,6 +606,23 @@ def test_an_endless_body_is_refused_not_stored(pbx, monkeypatch):
                     pass
     finally:
         client.stop()
+
+
+@pytest.mark.parametrize("honour_range", [False, True])
+def test_a_content_length_over_4_gib_is_refused_at_open(pbx, client, honour_range):
+    """README (Sizes of bodies): anything announced beyond 4 GiB is refused; 4 GiB itself is not."""
+    rec = add(pbx)
+    pbx.honour_range = honour_range
+    offset = 100 if honour_range else 0
+    pbx.announce_size_bytes = 4 * 1024 ** 3 + 1
+    with pytest.raises(errors.DownloadError, match="refused"):
+        client.open_recording(rec.name, offset=offset)
+    pbx.announce_size_bytes = 4 * 1024 ** 3
+    with client.open_recording(rec.name, offset=offset) as stream:  # accepted: the body is what fails
+        assert stream.total_bytes == 4 * 1024 ** 3
+        with pytest.raises(errors.DownloadError, match="ended after"):
+            for _ in stream.chunks():
+                pass
 
 
 # -- what the environment and hostile replies may not do (issue 9) ------------------------------
