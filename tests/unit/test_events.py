@@ -418,6 +418,47 @@ def test_oversized_body_gets_413_without_hanging(make_receiver):
     assert post_json(receiver.port, new_cdr()) == 200
 
 
+def padded_new_cdr(size_bytes: int) -> bytes:
+    """A NewCdr body of exactly *size_bytes* (padded in its ``sn`` field)."""
+    pad = size_bytes - len(json.dumps(new_cdr(sn="")).encode())
+    body = json.dumps(new_cdr(sn="9" * pad)).encode()
+    assert len(body) == size_bytes
+    return body
+
+
+def test_the_default_body_cap_is_64_kib(served):
+    """README (Security, Event listener): a 64 KiB body, and not a byte more."""
+    receiver, calls = served
+    assert post(receiver.port, padded_new_cdr(64 * 1024))[0] == 200
+    assert wait_for(lambda: len(calls) == 1)
+    assert post(receiver.port, padded_new_cdr(64 * 1024 + 1))[0] == 413
+    assert receiver.stats["rejected"] == 1 and len(calls) == 1
+
+
+def padded_head(size_bytes: int, lines: int, body: bytes) -> bytes:
+    """A POST head of exactly *size_bytes* (request line to blank line) in *lines* lines."""
+    fixed = [b"POST / HTTP/1.1", b"Host: x", b"Content-Length: %d" % len(body)]
+    padding = [b"X-Pad%d: " % i for i in range(lines - len(fixed) - 1)]
+    bare = len(b"\r\n".join(fixed + padding)) + 4
+    padding[-1] += b"a" * (size_bytes - bare)
+    head = b"\r\n".join(fixed + padding) + b"\r\n\r\n"
+    assert len(head) == size_bytes and head.count(b"\n") == lines
+    return head + body
+
+
+@pytest.mark.parametrize("size_bytes, lines, status", [
+    (8 * 1024, 32, 200), (8 * 1024 + 1, 32, 431), (8 * 1024, 33, 431), (1024, 33, 431)])
+def test_the_head_caps_are_8_kib_and_32_lines(served, size_bytes, lines, status):
+    """README (Security, Event listener): 8 KiB of request line and headers (32 lines)."""
+    receiver, calls = served
+    reply = raw_exchange(receiver.port, padded_head(size_bytes, lines, json.dumps(new_cdr()).encode()))
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+    if status == 200:
+        assert wait_for(lambda: len(calls) == 1)
+    else:
+        assert receiver.stats["rejected"] == 1 and len(calls) == 0
+
+
 @pytest.mark.parametrize("method, status", [("GET", 405), ("HEAD", 405), ("PUT", 405),
                                             ("POST", 411), ("BREW", 501)])
 def test_other_methods_and_bodiless_posts_are_refused(served, method, status):
