@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Optional
 
 import pytest
+from harness import holds_for
 
 from yeastarfs.errors import ConfigError
 from yeastarfs.pbx.sseries import events
@@ -353,8 +354,8 @@ def test_duplicates_are_dropped_by_callid_else_by_recording_name(served):
     for _ in range(2):
         assert post_json(receiver.port, new_cdr(callid="", name="20240101000000-b.wav")) == 200
 
-    assert wait_for(lambda: len(calls) == 2)
-    time.sleep(0.1)  # a wrongly dispatched repeat would show up by now
+    assert wait_for(lambda: receiver.stats["duplicates"] == 3 and len(calls) == 2)
+    holds_for(lambda: len(calls) == 2, duration_s=0.1, message="no repeat dispatched")
     assert [rec.name for rec in calls.items] == ["20240101000000-a.wav", "20240101000000-b.wav"]
     assert receiver.stats["duplicates"] == 3
     assert receiver.stats["new_cdr"] == 2
