@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import textwrap
 
 import pytest
@@ -251,3 +252,42 @@ def test_no_import_cycles_between_modules():
 
     for module in GRAPH:
         visit(module, [module])
+
+
+# -- PBX knowledge lives in pbx/ only ---------------------------------------------------------------
+
+PBX_ENDPOINTS = ("get_random", "recording/download", "cdr/download", "api/v2.0.0", "/openapi/", "get_token",
+                 "refresh_token", "recording/search", "recording/list")
+PBX_CSV_COLUMNS = ("callduraction", "talkduraction", "srctrunkname", "dsttrunkname", "dsttrcunkname",
+                   "didnumber", "callid,timestart")
+
+
+def _code_strings(path: pathlib.Path) -> list[str]:
+    """The string constants of a module's code: docstrings (prose) are left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_module_outside_the_pbx_folder_knows_an_endpoint_errno_or_csv_column():
+    # Issue 13: the rest of yeastarfs must not know which PBX family it talks to. The simulators
+    # are PBXs themselves and may know everything.
+    offenders = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        module = _module_name(path)
+        if in_folder(module, "pbx") or in_folder(module, "sim"):
+            continue
+        for text in _code_strings(path):
+            lowered = text.lower()
+            if any(word in lowered for word in PBX_ENDPOINTS + PBX_CSV_COLUMNS) \
+                    or re.fullmatch(r"[123]000\d|[123]00[1-3]\d", text.strip()):
+                offenders.append(f"{module}: {text[:60]!r}")
+    assert not offenders, "PBX knowledge outside pbx/: " + "; ".join(offenders)
+
+
+def test_the_knowledge_check_can_fail():
+    assert any("recording/download" in text for text in _code_strings(PACKAGE_DIR / "pbx" / "sseries" / "client.py"))
