@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -673,3 +674,36 @@ def test_an_overlong_api_reply_is_refused(pbx, make_client):
     pbx.api_raw_reply = {"cdr/get_random": b'{"status": "Success", "pad": "' + b"x" * 200_000 + b'"}'}
     with pytest.raises(errors.PbxUnavailableError, match="larger than"):
         make_client(pbx, events_port=None).fetch_cdr(START, START + datetime.timedelta(days=1))
+
+
+def padded_json(size_bytes, **fields):
+    """A JSON object of exactly *size_bytes*, padded in a "pad" field."""
+    bare = len(json.dumps({**fields, "pad": ""}).encode())
+    body = json.dumps({**fields, "pad": "x" * (size_bytes - bare)}).encode()
+    assert len(body) == size_bytes
+    return body
+
+
+def test_api_replies_are_read_up_to_64_kib(pbx, make_client):
+    rec = add(pbx)
+    client = make_client(pbx, events_port=None)
+    pbx.api_raw_reply = {"recording/get_random": padded_json(64 * 1024, status="Success", random="r4nd0m")}
+    assert client.recording_random(rec.name) == "r4nd0m"
+    pbx.api_raw_reply = {"recording/get_random": padded_json(64 * 1024 + 1, status="Success", random="r4nd0m")}
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        client.recording_random(rec.name)
+
+
+def test_a_cdr_of_32_mib_is_read_and_one_byte_more_refused(pbx, make_client):
+    header = ("callid,timestart,callfrom,callto,callduraction,talkduraction,srctrunkname,dsttrunkname,"
+              "status,type,pincode,recording,didnumber,sn\n")
+    row = ("1.1,2024-03-10 14:30:00,1001,1002,10,8,,,ANSWERED,Internal,,"
+           "20240310143000-1.1-1001-1002-Internal.wav,," + "3" * 100_000 + "\n")  # long rows parse fast
+    body = header + row * ((32 * 1024 * 1024 - len(header)) // len(row))
+    body = (body + "x" * (32 * 1024 * 1024 - len(body) - 1) + "\n").encode()
+    client = make_client(pbx, events_port=None)
+    pbx.cdr_raw_body = body
+    assert client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings
+    pbx.cdr_raw_body = body + b"\n"
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
