@@ -95,15 +95,18 @@ def main() -> int:
     parser.add_argument("--no-mutmut", action="store_true", help="skip the mutmut pass")
     parser.add_argument("--summary", help="also write the summary to this file")
     parser.add_argument("--survivors", action="store_true", help="list every surviving mutant")
+    parser.add_argument("--incremental", action="store_true",
+                        help="keep the last run's mutmut results: test only mutants of changed functions and "
+                             "the last run's survivors again (tests may have been added since)")
     args = parser.parse_args()
     modules = args.module or list(MODULES)
     equivalent = read_equivalent()
     started = time.monotonic()
-    fresh_copy(WORK_DIR)
+    fresh_copy(WORK_DIR, keep=["mutants"] if args.incremental else [])
     results: dict[str, str] = {}
     if not args.no_mutmut:
         ensure_mutmut()
-        results.update(run_mutmut(modules, args.jobs))
+        results.update(run_mutmut(modules, args.jobs, args.incremental))
     if not args.no_constants:
         results.update(run_constant_pass(modules, args.jobs))
     summary = summarize(results, modules, equivalent, time.monotonic() - started, args.survivors)
@@ -117,9 +120,14 @@ def main() -> int:
 # -- the scratch copy ------------------------------------------------------------------------
 
 
-def fresh_copy(target: str) -> None:
-    """The checkout's tracked and new (not ignored) files, copied into *target*."""
-    shutil.rmtree(target, ignore_errors=True)
+def fresh_copy(target: str, keep: list[str] = ()) -> None:
+    """The checkout's tracked and new (not ignored) files, copied into *target*, where
+    nothing else is left but the entries named in *keep*."""
+    if os.path.isdir(target):
+        for entry in os.listdir(target):
+            if entry not in keep:
+                path = os.path.join(target, entry)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             check=True, capture_output=True).stdout.decode().split("\0")
     for relative in filter(None, listed):
@@ -165,21 +173,38 @@ def mutmut_config(modules: list[str]) -> str:
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
 
 
-def run_mutmut(modules: list[str], jobs: int) -> dict[str, str]:
+MUTMUT = [sys.executable, "-m", "mutmut"]
+
+
+def run_mutmut(modules: list[str], jobs: int, incremental: bool) -> dict[str, str]:
     """Run mutmut in the scratch copy; mutant name -> status."""
     with open(os.path.join(WORK_DIR, "pyproject.toml"), "a", encoding="utf-8") as handle:
         handle.write(mutmut_config(modules))
-    mutmut = [sys.executable, "-m", "mutmut"]
-    log_path = os.path.join(WORK_DIR, "mutmut-run.log")
-    print(f"mutmut: mutating {', '.join(modules)} (progress in {log_path})", flush=True)
+    print(f"mutmut: mutating {', '.join(modules)} (progress in {WORK_DIR}/mutmut-run*.log)", flush=True)
+    earlier = mutmut_results() if incremental and os.path.isdir(os.path.join(WORK_DIR, "mutants")) else {}
+    _mutmut_run(jobs, [], "mutmut-run.log")  # new mutants, and those of changed functions
+    if earlier:
+        again = sorted(name for name, status in mutmut_results().items()
+                       if status not in KILLED | NOT_RUN and earlier.get(name) == status)
+        if again:
+            print(f"mutmut: testing the last run's {len(again)} survivors again", flush=True)
+            _mutmut_run(jobs, again, "mutmut-run-survivors.log")
+    return mutmut_results()
+
+
+def _mutmut_run(jobs: int, names: list[str], log_name: str) -> None:
+    log_path = os.path.join(WORK_DIR, log_name)
     with open(log_path, "wb") as log:
-        run = subprocess.run(mutmut + ["run", "--max-children", str(jobs)], cwd=WORK_DIR, stdout=log,
+        run = subprocess.run(MUTMUT + ["run", "--max-children", str(jobs), *names], cwd=WORK_DIR, stdout=log,
                              stderr=subprocess.STDOUT)
     last = re.split(rb"[\r\n]", open(log_path, "rb").read().strip())[-3:]
     print("mutmut: " + " | ".join(line.decode(errors="replace").strip() for line in last), flush=True)
     if run.returncode != 0:
         raise SystemExit(f"mutmut run failed ({run.returncode}); see {log_path}")
-    listed = subprocess.run(mutmut + ["results", "--all", "true"], cwd=WORK_DIR, check=True,
+
+
+def mutmut_results() -> dict[str, str]:
+    listed = subprocess.run(MUTMUT + ["results", "--all", "true"], cwd=WORK_DIR, check=True,
                             capture_output=True, text=True).stdout
     results = {}
     for line in listed.splitlines():
