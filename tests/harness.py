@@ -26,6 +26,9 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
+# The cache folder's layout, as its one owner spells it.
+from yeastarfs.cache import CLEAN_STOP_FILE as CLEAN_STOP_MARKER  # noqa: F401 - for the tests
+from yeastarfs.cache import COMPLETE_DIR, INDEX_FILE, LOCK_FILE, PARTIAL_DIR  # noqa: F401
 from yeastarfs.config import Config
 from yeastarfs.sim.sseries import Simulator
 
@@ -39,13 +42,6 @@ MOUNT_TIMEOUT_S = 30.0
 UNMOUNT_TIMEOUT_S = 20.0
 KILL_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 200
-# The cache folder's layout (yeastarfs spells these in cache.py and app/mount.py, with no
-# public function to ask; issue 13 gives the cache one owner for them, then ask it here).
-INDEX_FILE = "index.sqlite3"
-COMPLETE_DIR = "complete"
-PARTIAL_DIR = "partial"
-LOCK_FILE = "lock"
-CLEAN_STOP_MARKER = "clean-stop"
 # Daemon log lines that mean something went wrong, unless a test expects them.
 BAD_LOG_MARKERS = (" ERROR ", " CRITICAL ", "Traceback")
 

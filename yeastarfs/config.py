@@ -124,6 +124,29 @@ def _is_new(text: str) -> bool:
     return text == "new"
 
 
+# Thumbnailers and indexers (README "File managers"): by default served from the cache only.
+STANDARD_BACKGROUND_READERS = (
+    "tumblerd", "totem-video-thumbnailer", "ffmpegthumbnailer", "thumbnail", "tracker-extract",
+    "tracker-extract-3", "localsearch-extractor-3", "baloo_file", "baloo_file_extractor",
+)
+
+
+def _reader_names(text: str) -> tuple[str, ...]:
+    """``standard,myindexer`` → process names (``standard``: `STANDARD_BACKGROUND_READERS`);
+    ``none`` (or nothing) → ()."""
+    if not text or str(text).strip().lower() == "none":
+        return ()
+    names: list[str] = []
+    for part in (part.strip() for part in str(text).split(",")):
+        if part == "standard":
+            names.extend(STANDARD_BACKGROUND_READERS)
+        elif part:
+            if "/" in part or "\0" in part:
+                raise ConfigError(f"invalid process name {part!r}: give names, not paths")
+            names.append(part)
+    return tuple(dict.fromkeys(names))
+
+
 def _time_zone(text: str) -> str:
     """An IANA zone name (``Europe/Berlin``) this machine's zone database knows."""
     try:
@@ -368,6 +391,11 @@ OPTIONS: tuple[Option, ...] = (
         Option("stall_timeout", metavar="SECONDS", field="stall_timeout_s", parse=_seconds, default="60",
                help="a read waiting for bytes fails with EIO after this long without progress",
                valid=lambda seconds: seconds > 0, invalid="must be positive"),  # 0 would fail every waiting read
+        Option("background_readers", metavar="NAME,…|none", field="background_readers", parse=_reader_names,
+               default="standard",
+               help="processes served only from the cache: an uncached recording is refused at once (EACCES); "
+                    "`standard`: the thumbnailers and indexers listed under File managers; `none`: serve every "
+                    "process"),
     ),
     *_group(
         "running",

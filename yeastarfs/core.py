@@ -16,10 +16,22 @@ Owns the policies the adapter must not hold:
   I/O, so reads never depend on an estimated size. ``open`` waits up to
   ``OPEN_SIZE_WAIT_S`` for the PBX's reply headers so that ``fstat`` right after ``open``
   sees the exact size;
+- **who gets an uncached recording.** A background reader (`readers.BackgroundReaders`:
+  thumbnailers, indexers) is served from the cache only; an uncached recording is refused
+  at once (`errors.BackgroundReaderError`), so that browsing never makes the PBX send
+  every file of a folder;
+- **recordings the PBX no longer has.** "Does not exist" for a young recording (first
+  seen less than ``YOUNG_S`` ago, its call over less than ``YOUNG_CALL_S`` before that:
+  the PBX may still be writing it) is retried for ``NOT_FOUND_GRACE_S``; past that, the
+  index marks it gone and the kernel forgets it: it leaves its folder unless a cached copy
+  keeps it there (and readable);
 - **learning the estimate.** Completed downloads teach the index this PBX's bytes per
   second of talk (a running average kept in the index), so unseen files are estimated
-  better; and a size learned mid-download reaches the index and the kernel (through the
-  adapter's invalidation callback) at once;
+  better; a size learned mid-download reaches the index and the kernel (through the
+  adapter's invalidation callback) at once; and whether the PBX honours Range is kept in
+  the index for the next start;
+- **statfs and the open counters** ``status`` shows: the cache budget, what is held, and
+  how opens were served (from the cache, by joining a running download, by a new one);
 - the extended attributes: ``user.yeastar.*`` from the index, the root's
   ``user.yeastarfs.status`` (the daemon's statistics), and each file's
   ``user.yeastarfs.cached`` and ``user.yeastarfs.cache`` (complete, partial, none).
@@ -41,10 +53,12 @@ import logging
 import os
 import stat
 import threading
-from typing import Callable, Optional
+import time
+from typing import Callable, Iterable, Optional
 
 from yeastarfs import errors
 from yeastarfs.index import WAV_HEADER_BYTES
+from yeastarfs.readers import BackgroundReaders, Reader
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +70,14 @@ OPEN_SIZE_WAIT_S = 5.0
 REPORTED_SIZES_MAX = 20_000
 # Learned bytes-per-second of this PBX's recordings, kept in the index between runs.
 RATE_META_KEY = "estimate_bytes_per_s"
+# Whether this PBX honours Range ("1"/"0"), kept in the index between runs.
+RANGE_META_KEY = "pbx_honours_range"
+# A recording is young (the PBX may still be writing it) when first seen less than YOUNG_S
+# ago and its call ended at most YOUNG_CALL_S before that (a backfill finds old calls);
+# "does not exist" for a young one is retried for NOT_FOUND_GRACE_S before the read fails.
+YOUNG_S = 60.0
+YOUNG_CALL_S = 600.0
+NOT_FOUND_GRACE_S = 30.0
 # Weight of the newest completed download in the running average.
 RATE_SMOOTHING = 0.2
 # CDR fields offered as extended attributes, name -> Recording attribute.
@@ -97,11 +119,14 @@ class OpenFile:
 
 @dataclasses.dataclass(frozen=True)
 class FsStats:
-    """``statfs``: the cache budget as the size, in blocks of ``block_size``; nothing free."""
+    """``statfs``, in blocks of ``block_size``: the size is the cache budget; *free* is what
+    the cache does not hold; *available* is what new recordings may use (idle cached files
+    are evicted for them), so an idle mount never looks full."""
 
     block_size: int
     blocks: int
     blocks_free: int
+    blocks_available: int
     files: int
     name_max: int
 
@@ -145,7 +170,8 @@ class Core:
     """
 
     def __init__(self, index, cache, downloads, *, status: Optional[Callable[[], dict]] = None,
-                 uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022) -> None:
+                 uid: Optional[int] = None, gid: Optional[int] = None, umask: int = 0o022,
+                 background_readers: Iterable[str] = ()) -> None:
         self.index = index
         self.cache = cache
         self.downloads = downloads
@@ -159,8 +185,12 @@ class Core:
         self._next_fh = 1
         self._reported_sizes: dict[str, int] = {}
         self._invalidate: Callable[[str], None] = lambda path: None
-        self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0}
+        self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0, "open_cached": 0, "open_refused": 0}
+        self._background = BackgroundReaders(background_readers)
         self._rate = self._stored_rate()
+        stored_range = index.get_meta(RANGE_META_KEY)
+        if downloads is not None and downloads.range_honoured is None and stored_range in ("0", "1"):
+            downloads.range_honoured = stored_range == "1"
 
     def set_invalidator(self, invalidate: Callable[[str], None]) -> None:
         """Tell the core how to make the kernel forget a path's cached attributes."""
@@ -211,9 +241,10 @@ class Core:
 
     # -- file contents -------------------------------------------------------------------------
 
-    def open(self, path: str, writing: bool = False) -> OpenFile:
-        """Open recording *path* for reading. Raises ReadOnlyError, IsADirError,
-        NoSuchPathError, or the download's error when it failed before its size was known."""
+    def open(self, path: str, writing: bool = False, reader: Optional[Reader] = None) -> OpenFile:
+        """Open recording *path* for *reader* (None: unknown, an ordinary reader). Raises
+        ReadOnlyError, IsADirError, NoSuchPathError, BackgroundReaderError, or the
+        download's error when it failed before its size was known."""
         self.counters["open"] += 1
         if writing:
             raise errors.ReadOnlyError(path)
@@ -222,13 +253,19 @@ class Core:
             raise errors.IsADirError(path)
         fd = self.cache.open_complete(entry.name)
         if fd is not None:
+            self.counters["open_cached"] += 1
             size_bytes = os.fstat(fd).st_size
             handle = _CachedHandle(entry.name, fd, size_bytes)
             with self._lock:
                 trusted = self._reported_sizes.get(entry.name) == size_bytes
             # Page-cache reads stop at the size the kernel believes: only trust it if we told it.
             return OpenFile(self._add_handle(handle), keep_cache=trusted, direct_io=not trusted)
-        download = self.downloads.acquire(entry.name, entry.size_bytes)
+        background = self._background.match(reader)
+        if background is not None:
+            self.counters["open_refused"] += 1
+            log.debug("core: %s (pid %d) is a background reader; %s is not cached", background, reader.pid, path)
+            raise errors.BackgroundReaderError(f"{path} is not cached, and {background} is a background reader")
+        download = self.downloads.acquire(entry.name, not_found_grace_s=self._not_found_grace_s(entry))
         try:
             # Tools fstat right after open and seek from the end: let them see the exact
             # size (the PBX's reply headers come within milliseconds).
@@ -281,9 +318,28 @@ class Core:
         return str(value).encode("utf-8")
 
     def statfs(self) -> FsStats:
-        # Read-only and remote: "size" is the cache budget, nothing is free for writing.
-        blocks = max(1, self.cache.max_bytes // BLOCK_SIZE_BYTES)
-        return FsStats(BLOCK_SIZE_BYTES, blocks, 0, self.index.count(), NAME_MAX_BYTES)
+        """The cache budget and its use (see `FsStats`)."""
+        usage = self.cache.usage()
+        budget = self.cache.max_bytes
+        held = usage["idle_bytes"] + usage["pinned_bytes"]
+        blocks = max(1, budget // BLOCK_SIZE_BYTES)
+        return FsStats(BLOCK_SIZE_BYTES, blocks, max(0, budget - held) // BLOCK_SIZE_BYTES,
+                       max(0, budget - usage["pinned_bytes"]) // BLOCK_SIZE_BYTES, self.index.count(),
+                       NAME_MAX_BYTES)
+
+    def transfer_stats(self) -> dict:
+        """What ``status`` shows of opens and downloads (no PBX request)."""
+        counts = self.downloads.counts if self.downloads is not None else {"started": 0, "joined": 0}
+        cached, started = self.counters["open_cached"], counts["started"]
+        downloads = [download.snapshot() for download in self.downloads.running()] if self.downloads else []
+        return {
+            "opens": {"cached": cached, "joined": counts["joined"], "downloaded": started,
+                      "refused": self.counters["open_refused"]},
+            # Opens that joined a running download cost the PBX nothing more: not misses.
+            "cache_hit_rate": round(cached / (cached + started), 3) if cached + started else None,
+            "downloads_in_flight": downloads,
+            "pbx_honours_range": self.downloads.range_honoured if self.downloads is not None else None,
+        }
 
     # -- what the downloads teach --------------------------------------------------------------
 
@@ -292,6 +348,18 @@ class Core:
         the estimate (called from download threads)."""
         self.index.set_size(name, size_bytes)
         self._invalidate(self.index.path_of(name))
+
+    def recording_gone(self, name: str) -> None:
+        """The PBX says *name* does not exist (past any grace): the index marks it gone and
+        the kernel forgets it, so it leaves its folder unless cached (called from download
+        threads)."""
+        if self.index.mark_gone(name):
+            log.info("recording %s: the PBX no longer has it; it stays only if cached", name)
+            self._invalidate(self.index.path_of(name))
+
+    def range_learned(self, honoured: bool) -> None:
+        """Keep what the downloads learned about Range for the next start."""
+        self.index.set_meta(RANGE_META_KEY, "1" if honoured else "0")
 
     def download_complete(self, name: str, size_bytes: int) -> None:
         """Learn this PBX's bytes per second of talk, so estimates of unseen files improve."""
@@ -330,6 +398,15 @@ class Core:
         if entry is None or (entry.gone and not self.cache.contains(entry.name)):
             raise errors.NoSuchPathError(path)
         return entry
+
+    def _not_found_grace_s(self, entry) -> float:
+        """How long "does not exist" is retried for *entry* (module docstring)."""
+        first_seen, recording = entry.first_seen, entry.recording
+        if first_seen is None or time.time() - first_seen > YOUNG_S:
+            return 0.0
+        talk_s = (recording.talk_s or recording.call_s or 0) if recording is not None else 0
+        call_end_s = entry.mtime_ns / 1e9 + talk_s
+        return NOT_FOUND_GRACE_S if first_seen - call_end_s <= YOUNG_CALL_S else 0.0
 
     def _file_size(self, entry, handle=None) -> int:
         """The exact size when anything knows it, else the index's estimate."""

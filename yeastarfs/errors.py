@@ -21,7 +21,8 @@ them to errnos in a single table, ``app/cli.py`` maps them to exit codes.
           ├── NoSuchAttributeError  no such extended attribute
           ├── BadHandleError        an unknown open-file handle
           ├── IsADirError           a file operation on a folder
-          └── ReadOnlyError         anything that would write
+          ├── ReadOnlyError         anything that would write
+          └── BackgroundReaderError a thumbnailer or indexer asked for an uncached recording
 
 This module imports nothing from yeastarfs.
 """
@@ -181,3 +182,7 @@ class IsADirError(TreeError):
 
 class ReadOnlyError(TreeError):
     """The tree is read-only: nothing can be written, created, renamed or deleted."""
+
+
+class BackgroundReaderError(TreeError):
+    """A background reader (thumbnailer, indexer) asked for a recording that is not cached."""

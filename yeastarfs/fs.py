@@ -1,7 +1,8 @@
 """YeastarFS: the thin FUSE adapter. Paths and stat dicts go in, bytes or errnos come out.
 
 Every callback calls one method of the core (``core.Core``), which holds all the policy,
-and converts its answer into what mfusepy wants. The errno of every failure is chosen in
+and converts its answer into what mfusepy wants; ``open`` also tells the core who is asking
+(the pid and uid of the FUSE request, which only the binding can read). The errno of every failure is chosen in
 exactly one place, ``_errno_for``: anything unforeseen is logged and becomes EIO, never
 the binding's EINVAL. This is the only module that imports mfusepy.
 
@@ -30,12 +31,16 @@ import mfusepy
 
 from yeastarfs import errors
 from yeastarfs.core import BLOCK_SIZE_BYTES
+from yeastarfs.readers import Reader
 
 log = logging.getLogger(__name__)
 
 # "No such attribute": ENODATA on Linux (mfusepy exports the platform's value).
 ENOATTR = getattr(mfusepy, "ENOATTR", errno.ENODATA)
 FILE_MODE = stat.S_IFREG | 0o444
+# What a background reader (thumbnailer, indexer) gets for an uncached recording: "permission
+# denied" is a failure those programs record and do not retry (README "File managers").
+BACKGROUND_READER_ERRNO = errno.EACCES
 
 # What the core refuses, by type: checked in order, so subclasses come before their bases.
 _TREE_ERRNOS = (
@@ -47,6 +52,7 @@ _TREE_ERRNOS = (
     (errors.RecordingNotFoundError, errno.ENOENT),
     (errors.AuthError, errno.EACCES),
     (errors.CacheFullError, errno.ENOSPC),
+    (errors.BackgroundReaderError, BACKGROUND_READER_ERRNO),
 )
 
 
@@ -210,6 +216,15 @@ def _fill_stat(st, mode: int, size_bytes: int, mtime_ns: int, uid: int, gid: int
         spec.tv_sec, spec.tv_nsec = seconds, nanoseconds
 
 
+def _caller() -> Optional[Reader]:
+    """Who sent the FUSE request being answered (valid only inside a callback), or None."""
+    try:
+        uid, _, pid = mfusepy.fuse_get_context()
+    except (ValueError, OSError, AttributeError):  # no request context (a direct call, in tests)
+        return None
+    return Reader(pid=pid, uid=uid)
+
+
 def _fh_number(fh) -> int:
     """With raw_fi the binding passes fuse_file_info, otherwise the number."""
     return fh if isinstance(fh, int) else fh.fh
@@ -292,7 +307,7 @@ class YeastarFS(mfusepy.Operations):
 
     @_translated
     def open(self, path: str, fi) -> int:
-        opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY)
+        opened = self.core.open(path, writing=fi.flags & os.O_ACCMODE != os.O_RDONLY, reader=_caller())
         fi.fh, fi.keep_cache, fi.direct_io = opened.fh, int(opened.keep_cache), int(opened.direct_io)
         return 0
 
@@ -309,7 +324,7 @@ class YeastarFS(mfusepy.Operations):
     def statfs(self, path: str) -> dict:
         fs_stats = self.core.statfs()
         return {"f_bsize": fs_stats.block_size, "f_frsize": fs_stats.block_size, "f_blocks": fs_stats.blocks,
-                "f_bfree": fs_stats.blocks_free, "f_bavail": fs_stats.blocks_free, "f_files": fs_stats.files,
+                "f_bfree": fs_stats.blocks_free, "f_bavail": fs_stats.blocks_available, "f_files": fs_stats.files,
                 "f_ffree": 0, "f_favail": 0, "f_namemax": fs_stats.name_max}
 
     @_translated

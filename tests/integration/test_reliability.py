@@ -119,7 +119,7 @@ def test_disk_full_fails_the_read_cleanly_and_the_mount_stays_up(pbx, mounted, t
     small, big = add(pbx, size_bytes=ONE_MB, minutes_ago=30), add(pbx, size_bytes=6 * ONE_MB, minutes_ago=31)
     cache_root = tmp_path / "small-cache"
     cache_root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(cache_root)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(cache_root)], check=True)
     try:
         mount = mounted("--cache-size", "100M", cache_root=cache_root)
         mount.errors_expected = True

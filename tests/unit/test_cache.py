@@ -1,5 +1,7 @@
-"""DiskCache with real files under tmp_path: the byte-bounded LRU, pins, commits, restarts,
-the free-space floor, and many threads at once."""
+"""The cache with real files under tmp_path: DiskCache's byte-bounded LRU, pins, partial
+files that grow, commits, restarts, the free-space floor, many threads at once; CacheDir's
+lock, clean-stop marker and refusals (the attacks themselves, as another user, are in
+tests/integration/test_cache_security.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import time
 import pytest
 
 from yeastarfs import cache as cache_module
-from yeastarfs.cache import DiskCache
+from yeastarfs import errors
+from yeastarfs.cache import CacheDir, DiskCache, PartialFile, file_problem, riff_size
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
@@ -34,29 +37,23 @@ def content(name: str, size_bytes: int) -> bytes:
     return (seed * (size_bytes // len(seed) + 1))[:size_bytes]
 
 
-_partial_ids = iter(range(1, 1 << 62))
-_partial_ids_lock = threading.Lock()
+def fill(cache: DiskCache, name: str, size_bytes: int) -> PartialFile:
+    """What a download does before its commit: a partial file, written (its pin grows)."""
+    partial = cache.new_partial(name)
+    partial.write(content(name, size_bytes))
+    return partial
 
 
-def write_partial(cache: DiskCache, name: str, size_bytes: int, mode: int = 0o644) -> str:
-    """What a download leaves behind: a finished file under partial/ (unique per download)."""
-    with _partial_ids_lock:
-        path = f"{cache.partial_path(name)}.{next(_partial_ids)}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, content(name, size_bytes))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, mode)  # regardless of the umask
-    return path
+def finish(partial: PartialFile) -> None:
+    """The rest of a whole download: commit, make durable, let go."""
+    partial.commit()
+    partial.sync()
+    partial.close()
 
 
 def store(cache: DiskCache, name: str, size_bytes: int) -> None:
-    """A whole download: reserve, write, commit, release."""
-    cache.reserve(name, size_bytes)
-    cache.commit(name, write_partial(cache, name, size_bytes))
-    cache.release(name)
+    """A whole download: a partial file, written, committed, closed."""
+    finish(fill(cache, name, size_bytes))
 
 
 def complete_dir(cache: DiskCache) -> pathlib.Path:
@@ -106,42 +103,61 @@ def test_directories_are_private_even_when_they_existed(tmp_path):
     (root / "complete").mkdir(parents=True)
     os.chmod(root, 0o755)
     os.chmod(root / "complete", 0o777)
-    cache = DiskCache(str(root), max_bytes=1000)
+    old_umask = os.umask(0)  # the files' modes must not come from the umask
+    try:
+        cache = DiskCache(str(root), max_bytes=1000)
+        partial = cache.new_partial(A)
+    finally:
+        os.umask(old_umask)
     for path in (root, root / "complete", root / "partial"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
-    assert cache.partial_path(A).startswith(str(root / "partial") + os.sep)
+    assert partial.path.startswith(str(root / "partial") + os.sep)
+    assert stat.S_IMODE(os.stat(partial.path).st_mode) == 0o600
     assert cache.complete_path(A) == str(root / "complete" / A)
+    partial.discard()
+    partial.close()
 
 
 def test_commit_is_an_atomic_rename_to_a_private_file(cache):
-    cache.reserve(A, 300)
-    partial = write_partial(cache, A, 300, mode=0o644)
-    inode = os.stat(partial).st_ino
-    final = cache.commit(A, partial)
-    assert final == cache.complete_path(A)
-    assert not os.path.exists(partial)
+    partial = fill(cache, A, 300)
+    inode = os.stat(partial.path).st_ino
+    partial.commit()
+    final = cache.complete_path(A)
+    assert not os.path.exists(partial.path)
     assert os.stat(final).st_ino == inode             # renamed, not copied
     assert stat.S_IMODE(os.stat(final).st_mode) == 0o600
     assert pathlib.Path(final).read_bytes() == content(A, 300)
     assert os.listdir(partial_dir(cache)) == []
-    cache.release(A)
+    assert partial.pread(5, 0) == content(A, 5)       # readers of the download still read it
+    partial.sync()
+    partial.close()
     assert cache.contains(A) and cache.size_of(A) == 300
 
 
-def test_commit_of_a_missing_partial_raises_and_keeps_nothing(cache):
-    cache.reserve(A, 300)
-    with pytest.raises(OSError):
-        cache.commit(A, cache.partial_path(A) + ".404")
-    cache.release(A)
+def test_commit_of_a_discarded_partial_raises_and_keeps_nothing(cache):
+    partial = fill(cache, A, 300)
+    partial.discard()
+    assert os.listdir(partial_dir(cache)) == []
+    with pytest.raises(errors.CacheError):
+        partial.commit()
+    partial.close()
     assert not cache.contains(A) and on_disk(cache) == set()
+    assert cache.usage()["pinned"] == 0
 
 
-def test_partial_path_is_a_hash_so_any_name_fits(cache):
+def test_partial_names_are_a_hash_so_any_name_fits(cache):
     odd = "20261127101500-1.1-Jürgen 😀-" + "x" * 200 + ".wav"
-    path = cache.partial_path(odd)
-    assert os.path.dirname(path) == str(partial_dir(cache))
-    assert os.path.basename(path).endswith(".part") and len(os.path.basename(path)) == 40 + 5
-    assert cache.partial_path(odd) == path and cache.partial_path(A) != path
+    first, second, other = cache.new_partial(odd), cache.new_partial(odd), cache.new_partial(A)
+    for partial in (first, second, other):
+        assert os.path.dirname(partial.path) == str(partial_dir(cache))
+        assert os.path.basename(partial.path).endswith(".part") and len(os.path.basename(partial.path)) < 70
+    digest = os.path.basename(first.path).split(".")[0]
+    assert len(digest) == 40 and os.path.basename(second.path).startswith(digest + ".")
+    assert first.path != second.path                    # unique per download
+    assert not os.path.basename(other.path).startswith(digest)
+    for partial in (first, second, other):
+        partial.discard()
+        partial.close()
     store(cache, odd, 100)
     fd = cache.open_complete(odd)
     assert read_fd(fd) == content(odd, 100)
@@ -208,7 +224,7 @@ def test_open_that_fails_for_a_cached_file_keeps_it_cached(cache, monkeypatch):
     real_open = os.open
 
     def no_fds(path, *args, **kwargs):
-        if path == cache.complete_path(A):
+        if path in (A, cache.complete_path(A)):  # by name in its folder, or by path
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(path, *args, **kwargs)
 
@@ -282,34 +298,54 @@ def test_release_of_an_unknown_name_is_harmless(cache):
     assert cache.contains(A) and cache.usage()["pinned"] == 0
 
 
-# -- reservations ----------------------------------------------------------------------------
+# -- downloads: accounting by bytes held -------------------------------------------------------
 
 
-def test_reserve_evicts_only_as_much_as_the_download_needs(cache):
+def test_a_growing_download_evicts_only_as_much_as_it_holds(cache):
     for name in (A, B, C):
         store(cache, name, 300)
-    cache.reserve(X, 500)
+    partial = fill(cache, X, 100)                         # 100 + 900 fit: nothing goes
+    assert on_disk(cache) == {A, B, C} and cache.stats.evictions == 0
+    partial.write(content(X, 400)[100:])                  # 400 held: A goes, only A
+    assert on_disk(cache) == {B, C}
+    partial.write(content(X, 500)[400:])
     assert on_disk(cache) == {C}                          # 500 + 300 fit; only A and B had to go
     assert cache.usage()["pinned_bytes"] == 500
-    cache.release(X)
+    partial.discard()
+    partial.close()
 
 
-def test_reserve_that_fits_evicts_nothing(cache):
+def test_a_download_that_fits_evicts_nothing(cache):
     store(cache, A, 400)
-    cache.reserve(X, 600)
+    partial = fill(cache, X, 600)
     assert on_disk(cache) == {A}
     assert cache.stats.evictions == 0
-    cache.release(X)
+    partial.discard()
+    partial.close()
+
+
+def test_a_download_left_early_counts_only_what_it_holds(cache):
+    # A file manager sniffs a 1.9 MB recording: 4 KiB and a window, not the whole size.
+    for name in (A, B, C):
+        store(cache, name, 300)
+    partial = fill(cache, X, 50)
+    partial.expect(900)                                   # the PBX announced its size
+    assert on_disk(cache) == {A, B, C}                    # held: 50, so 950 fit
+    assert cache.usage()["pinned_bytes"] == 50
+    partial.discard()                                     # dropped: nobody came back
+    partial.close()
+    assert cache.usage()["pinned"] == 0 and on_disk(cache) == {A, B, C}
 
 
 def test_a_download_in_progress_is_not_a_hit(cache):
-    cache.reserve(X, 300)
+    partial = fill(cache, X, 300)
     assert cache.open_complete(X) is None
     assert not cache.contains(X) and cache.size_of(X) is None
-    cache.commit(X, write_partial(cache, X, 300))
+    partial.commit()
     fd = cache.open_complete(X)                           # committed: readable while still pinned
     assert fd is not None and cache.contains(X) and cache.size_of(X) == 300
-    cache.release(X)                                      # the download lets go
+    partial.sync()
+    partial.close()                                       # the download lets go
     assert cache.usage()["pinned"] == 1
     os.close(fd)
     cache.release(X)                                      # the reader lets go
@@ -319,85 +355,98 @@ def test_a_download_in_progress_is_not_a_hit(cache):
 
 def test_failed_download_leaves_no_trace(cache):
     store(cache, A, 300)
-    cache.reserve(X, 500)
-    os.unlink(write_partial(cache, X, 200))               # the downloader gives up and cleans up
-    cache.release(X)
+    partial = fill(cache, X, 200)
+    partial.discard()                                     # the downloader gives up and cleans up
+    partial.close()
     assert cache.usage() == {"idle_bytes": 300, "pinned_bytes": 0, "files": 1, "pinned": 0,
                              "max_bytes": 1000}
     assert not cache.contains(X) and on_disk(cache) == {A}
+    assert os.listdir(partial_dir(cache)) == []
 
 
-def test_resize_adjusts_the_reservation(cache):
+def test_the_pin_follows_the_bytes_written(cache):
     store(cache, A, 400)
-    cache.reserve(X, 0)                                   # size unknown at first
-    assert on_disk(cache) == {A}
-    cache.resize(X, 600)                                  # 600 + 400 fit
+    partial = cache.new_partial(X)                        # size unknown at first
+    assert on_disk(cache) == {A} and cache.usage()["pinned_bytes"] == 0
+    partial.write(content(X, 600))                        # 600 + 400 fit
     assert on_disk(cache) == {A} and cache.usage()["pinned_bytes"] == 600
-    cache.resize(X, 700)                                  # 700 + 400 do not
+    partial.write(content(X, 100))                        # 700 + 400 do not
     assert on_disk(cache) == set() and cache.usage()["pinned_bytes"] == 700
-    cache.resize(X, 100)
-    assert cache.usage()["pinned_bytes"] == 100
-    cache.resize(Y, 100)                                  # not reserved: ignored
     assert cache.usage()["pinned"] == 1
-    cache.release(X)
+    partial.discard()
+    assert cache.usage()["pinned_bytes"] == 0
+    partial.close()
 
 
 def test_release_accounts_for_the_real_file_size(cache):
     store(cache, A, 600)
-    cache.reserve(X, 0)                                   # no size hint, never resized
-    cache.commit(X, write_partial(cache, X, 600))
-    cache.release(X)
+    partial = cache.new_partial(X)
+    partial.write(content(X, 600))
+    finish(partial)
     assert cache.size_of(X) == 600
     assert on_disk(cache) == {X}                          # 600 + 600 > 1000: A had to go
     assert disk_bytes(cache) <= cache.max_bytes
 
 
-def test_reserving_a_name_that_is_idle_pins_it(cache):
+def test_downloading_a_name_that_is_idle_pins_it(cache):
     # A second download of a cached name (a reader raced the previous download's release):
     # the name must not be both idle and pinned, or eviction deletes a file in use.
     store(cache, A, 300)
-    cache.reserve(A, 300)
+    again = cache.new_partial(A)
     assert cache.usage()["idle_bytes"] + cache.usage()["pinned_bytes"] == 300   # counted once
-    cache.reserve(Y, 900)                                 # pressure: only A could be evicted
+    pressure = fill(cache, Y, 600)                        # pressure: only A could be evicted
     assert A in on_disk(cache)
-    cache.commit(A, write_partial(cache, A, 300))
-    cache.reserve(Y, 900)
+    again.write(content(A, 300))
+    again.commit()
+    again.sync()
     assert A in on_disk(cache)
-    cache.release(Y)
-    cache.release(Y)
-    cache.release(A)
+    pressure.discard()
+    pressure.close()
+    again.close()
     assert cache.contains(A) and on_disk(cache) == {A}
     assert cache.usage() == {"idle_bytes": 300, "pinned_bytes": 0, "files": 1, "pinned": 0,
                              "max_bytes": 1000}
 
 
-def test_reservation_larger_than_everything_evictable_still_works_then_goes(cache):
+def test_a_recording_larger_than_the_budget_still_works_then_goes_and_evicts_nothing(cache):
     store(cache, A, 300)
     store(cache, B, 300)
-    cache.reserve(X, 1500)                                # never refused: reading must work
-    assert on_disk(cache) == set()                        # everything idle made room
+    partial = cache.new_partial(X)
+    partial.expect(1500)                                  # announced: larger than the whole budget
+    partial.write(content(X, 1500))                       # never refused: reading must work
+    assert on_disk(cache) == {A, B}                       # it will not be kept: nothing made room
     assert cache.usage()["pinned_bytes"] == 1500
-    cache.commit(X, write_partial(cache, X, 1500))
+    partial.commit()
     fd = cache.open_complete(X)
     assert fd is not None
-    cache.release(X)                                      # the download is done
+    partial.sync()
+    partial.close()                                       # the download is done
     assert X in on_disk(cache)                            # a reader still has it
     assert read_fd(fd) == content(X, 1500)
     os.close(fd)
     cache.release(X)
-    assert on_disk(cache) == set()                        # larger than the budget: deleted
+    assert on_disk(cache) == {A, B}                       # larger than the budget: deleted
     assert not cache.contains(X)
-    assert cache.usage() == {"idle_bytes": 0, "pinned_bytes": 0, "files": 0, "pinned": 0,
+    assert cache.usage() == {"idle_bytes": 600, "pinned_bytes": 0, "files": 2, "pinned": 0,
                              "max_bytes": 1000}
 
 
+def test_downloads_over_the_budget_together_evict_nothing_until_one_is_kept(cache):
+    store(cache, A, 300)
+    first, second = fill(cache, X, 600), fill(cache, Y, 500)   # 1100 held: no eviction can fit it
+    assert on_disk(cache) == {A}
+    second.discard()
+    second.close()
+    finish(first)                                         # kept: 600 + 300 fit
+    assert on_disk(cache) == {A, X}
+
+
 def test_a_file_that_pins_leave_no_room_for_is_deleted_on_release(cache):
-    cache.reserve(X, 800)                                 # a long download in progress
+    partial = fill(cache, X, 800)                         # a long download in progress
     store(cache, A, 300)                                  # 800 + 300 > 1000
     assert on_disk(cache) == set()
     assert not cache.contains(A)
-    cache.commit(X, write_partial(cache, X, 800))
-    cache.release(X)
+    finish(partial)
     assert on_disk(cache) == {X}                          # alone it fits: kept
 
 
@@ -408,12 +457,11 @@ def test_restart_deletes_partials_and_reloads_complete_files(root):
     cache = DiskCache(root, max_bytes=1000)
     store(cache, A, 300)
     store(cache, B, 200)
-    leftover = write_partial(cache, C, 100)
-    cache.reserve(D, 100)
-    write_partial(cache, D, 50)                           # a download cut short by a crash
+    leftover = fill(cache, C, 100)
+    fill(cache, D, 50)                                    # a download cut short by a crash
     again = DiskCache(root, max_bytes=1000)
     assert os.listdir(partial_dir(again)) == []
-    assert not os.path.exists(leftover)
+    assert not os.path.exists(leftover.path)
     assert again.contains(A) and again.size_of(A) == 300 and again.size_of(B) == 200
     assert not again.contains(C) and not again.contains(D)
     assert again.usage() == {"idle_bytes": 500, "pinned_bytes": 0, "files": 2, "pinned": 0,
@@ -496,10 +544,9 @@ def test_min_free_bytes_evicts_to_keep_the_disk_from_filling(root, monkeypatch):
     for name in (A, B, C):
         store(cache, name, 300)                           # free 1100: all kept
     assert on_disk(cache) == {A, B, C} and cache.free_space_ok()
-    cache.reserve(D, 300)                                 # needs free >= 1000 + 300: A goes
+    partial = fill(cache, D, 300)                         # free 800 < 1000: A goes
     assert on_disk(cache) == {B, C}
-    cache.commit(D, write_partial(cache, D, 300))
-    cache.release(D)
+    finish(partial)
     assert on_disk(cache) == {B, C, D} and cache.free_space_ok()
 
 
@@ -507,13 +554,14 @@ def test_min_free_bytes_when_other_data_fills_the_disk(root, monkeypatch):
     fake_disk(monkeypatch, root, capacity=2000, other_used=1500)
     cache = DiskCache(root, max_bytes=100_000, min_free_bytes=1000)
     assert not cache.free_space_ok()
-    cache.reserve(A, 100)                                 # reads still work ...
-    cache.commit(A, write_partial(cache, A, 100))
+    partial = fill(cache, A, 100)                         # reads still work ...
+    partial.commit()
     fd = cache.open_complete(A)
     assert read_fd(fd) == content(A, 100)
     os.close(fd)
     cache.release(A)
-    cache.release(A)
+    partial.sync()
+    partial.close()
     assert on_disk(cache) == set()                        # ... but nothing is kept
 
 
@@ -555,13 +603,14 @@ def test_without_a_floor_the_disk_is_never_asked(root, monkeypatch):
 def test_clear_deletes_idle_files_and_returns_the_bytes(cache):
     store(cache, A, 100)
     store(cache, B, 200)
-    cache.reserve(X, 300)
+    partial = fill(cache, X, 300)
     assert cache.clear() == 300
     assert on_disk(cache) == set() and not cache.contains(A)
     assert cache.usage() == {"idle_bytes": 0, "pinned_bytes": 300, "files": 0, "pinned": 1,
                              "max_bytes": 1000}
     assert cache.clear() == 0
-    cache.release(X)
+    partial.discard()
+    partial.close()
 
 
 def test_usage_reports_idle_and_pinned(cache):
@@ -569,12 +618,13 @@ def test_usage_reports_idle_and_pinned(cache):
     store(cache, A, 100)
     store(cache, B, 200)
     fd = cache.open_complete(B)
-    cache.reserve(X, 50)
+    partial = fill(cache, X, 50)
     assert cache.usage() == {"idle_bytes": 100, "pinned_bytes": 250, "files": 1, "pinned": 2,
                              "max_bytes": 1000}
     os.close(fd)
     cache.release(B)
-    cache.release(X)
+    partial.discard()
+    partial.close()
     assert cache.usage() == {"idle_bytes": 300, "pinned_bytes": 0, "files": 2, "pinned": 0,
                              "max_bytes": 1000}
 
@@ -608,10 +658,7 @@ def _hammer(root) -> None:
                 name = rng.choice(names)
                 roll = rng.random()
                 if roll < 0.45:
-                    cache.reserve(name, sizes[name])
-                    path = write_partial(cache, name, sizes[name])
-                    cache.commit(name, path)
-                    cache.release(name)
+                    store(cache, name, sizes[name])
                 elif roll < 0.93:
                     fd = cache.open_complete(name)
                     if fd is not None:
@@ -668,3 +715,96 @@ def test_start_up_deletes_files_shorter_than_announced(tmp_path):
     assert not cache.contains("20261127093013-1.2-1-2-Inbound.wav")
     assert not (root / "complete" / "20261127093013-1.2-1-2-Inbound.wav").exists()
     assert cache.contains("20261127093014-1.3-1-2-Inbound.wav")
+
+
+# -- the folder: CacheDir ----------------------------------------------------------------------
+
+
+def test_the_folder_is_locked_by_one_daemon_at_a_time(tmp_path):
+    first = CacheDir(str(tmp_path / "cache"), "pbx")
+    try:
+        assert (tmp_path / "cache" / "pbx" / "lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(errors.ConfigError, match=f"in use by a running yeastarfs \\(pid {os.getpid()}\\)"):
+            CacheDir(str(tmp_path / "cache"), "pbx")
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as reader:   # the cache commands may look
+            assert reader.holder_pid() == str(os.getpid())
+    finally:
+        first.close()
+    CacheDir(str(tmp_path / "cache"), "pbx").close()
+
+
+def test_a_clean_stop_is_remembered_and_a_first_start_counts_as_clean(tmp_path):
+    root = str(tmp_path / "cache")
+    first = CacheDir(root, "pbx")
+    assert first.clean_start                                  # never ran: nothing to check
+    open(first.index_path, "wb").close()                      # it ran (it has an index) ...
+    first.close(clean_stop=False)                             # ... and was killed
+    crashed = CacheDir(root, "pbx")
+    assert not crashed.clean_start
+    crashed.close()                                           # a clean stop writes the marker
+    assert (tmp_path / "cache" / "pbx" / "clean-stop").exists()
+    again = CacheDir(root, "pbx")
+    assert again.clean_start and not (tmp_path / "cache" / "pbx" / "clean-stop").exists()
+    again.close()
+
+
+def test_a_symlinked_or_foreign_folder_is_refused_and_left_alone(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(errors.ConfigError, match="is a symlink or not a folder"):
+        CacheDir(str(tmp_path / "link"), "pbx")
+    assert os.listdir(real) == []
+    os.chown(real, 65534, 65534)
+    with pytest.raises(errors.ConfigError, match="belongs to uid 65534"):
+        CacheDir(str(real), "pbx")
+    assert os.listdir(real) == []
+
+
+def test_links_planted_in_the_folder_are_removed_not_followed(tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"keep me")
+    pbx = tmp_path / "cache" / "pbx"
+    (pbx / "complete").mkdir(parents=True, mode=0o700)
+    (pbx / "partial").mkdir(mode=0o700)
+    (pbx / "complete" / A).symlink_to(target)
+    (pbx / "partial" / "x.part").symlink_to(target)
+    (pbx / "index.sqlite3-wal").symlink_to(target)
+    (pbx / "lock").symlink_to(target)
+    with pytest.raises(errors.ConfigError, match="lock is a symlink"):
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    os.unlink(pbx / "lock")
+    os.link(target, pbx / "lock")                         # a hard link reaches the target too
+    with pytest.raises(errors.ConfigError, match="with one link"):
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    os.unlink(pbx / "lock")
+    with CacheDir(str(tmp_path / "cache"), "pbx") as folder:
+        assert folder.index_path == str(pbx / "index.sqlite3")
+        assert not os.path.lexists(pbx / "index.sqlite3-wal")
+        cache = DiskCache(folder.path, 1000)
+        assert not cache.contains(A) and os.listdir(pbx / "complete") == os.listdir(pbx / "partial") == []
+    assert target.read_bytes() == b"keep me"
+
+
+def test_riff_sizes_and_file_problems():
+    header = b"RIFF" + (1000 - 8).to_bytes(4, "little") + b"WAVE"
+    assert riff_size(header) == 1000 and riff_size(b"ID3\x03" + bytes(8)) is None and riff_size(b"RIFF") is None
+    assert file_problem(1000, header, 1000) is None
+    assert file_problem(999, header, 1000) == "999 bytes, the PBX announced 1000"
+    assert file_problem(999, header, None) == "999 bytes, its RIFF header says 1000"
+    assert file_problem(5, b"plain", None) is None
+
+
+@pytest.mark.parametrize("mode, accepted", [(0o755, True), (0o775, True), (0o1777, True), (0o777, False)])
+def test_folders_above_the_root_that_another_user_could_change_are_refused(tmp_path, mode, accepted):
+    # Group-writable is harmless when the group is this user's own (umask 002 makes ~/.cache
+    # 0775); writable by others is not, unless sticky (like /tmp: nobody can swap our entries).
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chmod(above, mode)
+    if accepted:
+        CacheDir(str(above / "cache"), "pbx").close()
+    else:
+        with pytest.raises(errors.ConfigError, match="which other users may write to"):
+            CacheDir(str(above / "cache"), "pbx")
+        assert os.listdir(above) == []

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,7 +21,7 @@ from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.sim import sseries as simulator_module
 from yeastarfs.cache import DiskCache
-from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, DownloadManager
+from yeastarfs.downloads import FINISH_SHARE, MAX_FAILURES, TRANSITIONS, DownloadManager, State, check_move
 
 START = datetime.datetime(2024, 3, 10, 14, 30, 0)
 KIB = 1024
@@ -111,7 +112,7 @@ def test_concurrent_readers_share_one_random_and_one_download(pbx, manager, cach
 
     def reader():
         barrier.wait()
-        download = manager.acquire(rec.name, size_hint=900_000)
+        download = manager.acquire(rec.name)
         try:
             results.append(sha(read_whole(download, rec.size_bytes)))
         finally:
@@ -130,7 +131,7 @@ def test_concurrent_readers_share_one_random_and_one_download(pbx, manager, cach
 
 def test_size_is_reported_once_exactly_and_the_file_cached(pbx, manager, cache):
     rec = add(pbx, 300_000)
-    download = manager.acquire(rec.name, size_hint=123)
+    download = manager.acquire(rec.name)
     assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
     assert download.size_if_known() == rec.size_bytes
     assert download.read(rec.size_bytes, 4096) == b""  # at the end: empty, not a wait
@@ -238,18 +239,6 @@ def test_more_failures_than_the_limit_fail_the_readers(pbx, manager, cache, mode
         manager.release(again)
 
 
-def test_missing_recording_fails_at_once(pbx, manager, cache):
-    rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
-    download = manager.acquire(rec.name)
-    try:
-        with pytest.raises(errors.RecordingNotFoundError):
-            download.read(0, 4096)
-    finally:
-        manager.release(download)
-    assert pbx.counters["recording/get_random"] == 1
-    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
-
-
 def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
     rec = add(pbx, 500_000)
     pbx.omit_content_length = True
@@ -264,14 +253,25 @@ def test_unknown_length_is_taken_from_the_clean_end(pbx, manager, cache):
 # -- early leavers ------------------------------------------------------------------------------
 
 
-def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, manager, cache):
-    rec = add(pbx, 4_000_000)
-    pbx.bandwidth_bps = 200_000
+def sniff_and_leave(pbx, manager, rec):
+    """What a file manager does: open, read 4 KiB, close. The download, and when it was left."""
     download = manager.acquire(rec.name)
     assert download.read(0, 4 * KIB) == pbx.recording_bytes(rec.name)[:4 * KIB]
     released = time.monotonic()
     manager.release(download)
+    return download, released
+
+
+def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, make_manager, cache):
+    # A PBX known to honour Range: the bytes held are worth keeping for a resume at their end.
+    pbx.honour_range = True
+    manager = make_manager(range_honoured=True)
+    rec = add(pbx, 4_000_000)
+    pbx.bandwidth_bps = 200_000
+    download, released = sniff_and_leave(pbx, manager, rec)
     wait_until(lambda: download.suspended, WAIT_S, message="the download to be suspended")
+    assert time.monotonic() - released < downloads_module.REOPEN_LINGER_S + 1.0
+    assert cache.usage()["pinned_bytes"] == download.progress()[0] > 0   # it counts what it holds
     # The PBX's last write may still be in flight when the connection closes.
     pulled = wait_stable(pbx.downloaded_bytes, quiet_s=0.2, timeout_s=WAIT_S, message="the PBX to stop sending")
     holds_for(lambda: pbx.downloaded_bytes() == pulled, duration_s=0.3,
@@ -283,6 +283,23 @@ def test_an_early_leaver_suspends_at_once_and_is_dropped_later(pbx, manager, cac
     assert not cache.contains(rec.name)
     wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
     assert manager.running() == []
+
+
+def test_an_early_leaver_without_range_is_dropped_with_its_bytes(pbx, manager, cache):
+    # Range not known to work: a resume would make the PBX send the held bytes again, so the
+    # download is dropped (a later open is a new transfer, never a restart of a held one).
+    rec = add(pbx, 4_000_000)
+    pbx.bandwidth_bps = 200_000
+    download, released = sniff_and_leave(pbx, manager, rec)
+    wait_until(lambda: download.done, WAIT_S, message="the download to be dropped")
+    assert time.monotonic() - released < downloads_module.REOPEN_LINGER_S + 1.0
+    assert download.cancelled and not download.complete
+    pulled = wait_stable(pbx.downloaded_bytes, quiet_s=0.2, timeout_s=WAIT_S, message="the PBX to stop sending")
+    holds_for(lambda: pbx.downloaded_bytes() == pulled, duration_s=0.3, message="the PBX stopped sending")
+    assert pulled < rec.size_bytes // 4
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")
+    assert cache.usage()["pinned"] == 0 and manager.running() == []
+    assert pbx.counters["recording/get_random"] == 1
 
 
 def test_a_reader_returning_in_time_resumes_the_download(pbx, manager, cache):
@@ -302,14 +319,18 @@ def test_a_reader_returning_in_time_resumes_the_download(pbx, manager, cache):
     assert_cached(cache, manager, rec)
 
 
-def test_a_paused_reader_gives_back_its_slot(pbx, make_manager, cache):
-    manager = make_manager(max_downloads=1)
+@pytest.mark.parametrize("range_honoured, idle_state", [(True, State.SUSPENDED), (None, State.PARKED)])
+def test_a_paused_reader_gives_back_its_slot(pbx, make_manager, cache, range_honoured, idle_state):
+    # Suspended (connection closed) when a resume can ask for the rest with Range; parked
+    # (connection kept, unread) otherwise, so that the resume continues the same transfer.
+    pbx.honour_range = bool(range_honoured)
+    manager = make_manager(max_downloads=1, range_honoured=range_honoured)
     idle, other = add(pbx, 2_000_000), add(pbx, 300_000)
     pbx.bandwidth_bps = 4_000_000
     held = manager.acquire(idle.name)
     try:
         held.read(0, 4 * KIB)  # then the "player" pauses, holding the file open
-        wait_until(lambda: held.suspended, WAIT_S, message="the paused download to be suspended")
+        wait_until(lambda: held.state is idle_state, WAIT_S, message="the paused download to give back its slot")
         second = manager.acquire(other.name)
         try:
             assert sha(read_whole(second, other.size_bytes)) == other.sha256
@@ -318,6 +339,11 @@ def test_a_paused_reader_gives_back_its_slot(pbx, make_manager, cache):
         assert sha(read_whole(held, idle.size_bytes)) == idle.sha256  # resumes on the next read
     finally:
         manager.release(held)
+    randoms = [e["body"]["recording"] for e in pbx.requests_log if e["endpoint"] == "recording/get_random"]
+    if idle_state is State.PARKED:
+        assert randoms == [idle.name, other.name]          # the parked transfer went on: no new random
+    else:
+        assert randoms == [idle.name, other.name, idle.name]   # resumed with Range, a fresh random
 
 
 def test_a_download_past_the_finish_share_completes_after_release(pbx, manager, cache):
@@ -473,3 +499,117 @@ def test_stop_fails_queued_downloads_at_once(pbx, make_manager):
     assert len(outcome) == 1 and isinstance(outcome[0], errors.PbxError)
     manager.release(first)
     manager.release(second)
+
+
+# -- the lifecycle -------------------------------------------------------------------------------
+
+
+def test_every_state_can_end_and_ends_are_final():
+    ends = {State.COMPLETE, State.FAILED, State.CANCELLED}
+    assert set(TRANSITIONS) == set(State)
+    for state, targets in TRANSITIONS.items():
+        assert (targets == frozenset()) == (state in ends), state
+        reachable, frontier = set(), {state}
+        while frontier:
+            frontier = {nxt for s in frontier for nxt in TRANSITIONS[s]} - reachable
+            reachable |= frontier
+        assert state in ends or State.CANCELLED in reachable, state
+
+
+def test_an_illegal_move_is_refused(pbx, manager):
+    with pytest.raises(RuntimeError, match="cannot go from complete to running"):
+        check_move("x.wav", State.COMPLETE, State.RUNNING)
+    check_move("x.wav", State.PARKED, State.QUEUED)
+    download = manager.acquire(add(pbx, 100_000).name)
+    try:
+        read_whole(download, 100_000)
+        assert download.state is State.COMPLETE and not download.begin()   # a worker cannot take it again
+    finally:
+        manager.release(download)
+
+
+# -- repeated opens, Range, recordings not there -------------------------------------------------
+
+
+def test_repeated_opens_cost_one_download_and_cache_it(pbx, manager, cache):
+    # A thumbnailer's pattern: the same file opened 32 times, a little read each time, from
+    # several threads. However the opens interleave, the PBX sends the recording once.
+    rec = add(pbx, 1_500_000)
+    pbx.bandwidth_bps = 8_000_000
+    data = pbx.recording_bytes(rec.name)
+
+    def open_read_close(i: int) -> None:
+        download = manager.acquire(rec.name)
+        try:
+            offset = (i * 37_000) % (rec.size_bytes - 4 * KIB)
+            assert download.read(0, 4 * KIB) == data[:4 * KIB]
+            assert download.read(offset, 4 * KIB) == data[offset:offset + 4 * KIB]
+        finally:
+            manager.release(download)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(open_read_close, range(32)))
+    wait_until(lambda: cache.contains(rec.name), WAIT_S, message="the reopened recording to be fetched and cached")
+    assert sha(cached_bytes(cache, rec.name)) == rec.sha256
+    assert pbx.counters["recording/get_random"] == 1 and pbx.counters["recording/download"] == 1
+    assert pbx.downloaded_bytes() == rec.size_bytes
+    assert manager.counts == {"started": 1, "joined": 31}
+
+
+def test_a_recording_opened_again_after_its_download_ended_is_fetched_to_the_end(pbx, manager, cache):
+    rec = add(pbx, 2_000_000)
+    pbx.bandwidth_bps = 2_000_000
+    first, _ = sniff_and_leave(pbx, manager, rec)
+    wait_until(lambda: first.done, WAIT_S, message="the sniffed download to be dropped")
+    second, _ = sniff_and_leave(pbx, manager, rec)          # a player opening what was sniffed, and leaving
+    assert second is not first                              # at once: opened again, so it goes on to the end
+    wait_until(lambda: cache.contains(rec.name), WAIT_S, message="the reopened recording to be cached")
+    assert pbx.counters["recording/get_random"] == 2
+
+
+@pytest.mark.parametrize("range_mode, learned", [("honour", True), ("ignore", False)])
+def test_whether_the_pbx_honours_range_is_learned(pbx, make_manager, cache, range_mode, learned):
+    told = []
+    manager = make_manager(on_range=told.append)
+    rec = add(pbx, 1_000_000)
+    pbx.range_mode = range_mode
+    pbx.reset_after_bytes, pbx.reset_downloads = 300_000, 1   # the retry asks for Range
+    download = manager.acquire(rec.name)
+    try:
+        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(download)
+    assert manager.range_honoured is learned and told == [learned]
+
+
+def test_a_young_recording_not_there_yet_is_waited_for(pbx, make_manager, cache):
+    gone = []
+    manager = make_manager(on_gone=gone.append)
+    rec = pbx.add_recording(start=START, duration_s=1, size_bytes=200_000, announce=False, ready_after_s=1.5)
+    began = time.monotonic()
+    download = manager.acquire(rec.name, not_found_grace_s=10.0)
+    try:
+        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
+    finally:
+        manager.release(download)
+    assert 1.5 <= time.monotonic() - began < 5.0
+    assert pbx.counters["recording/get_random"] >= 2 and gone == []
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 1.0])
+def test_a_missing_recording_fails_after_its_grace_and_is_reported_gone(pbx, make_manager, cache, grace_s):
+    gone = []
+    manager = make_manager(on_gone=gone.append)
+    rec = pbx.add_recording(start=START, duration_s=1, stored=False, announce=False)
+    began = time.monotonic()
+    download = manager.acquire(rec.name, not_found_grace_s=grace_s)
+    try:
+        with pytest.raises(errors.RecordingNotFoundError):
+            download.read(0, 4096)
+    finally:
+        manager.release(download)
+    assert grace_s <= time.monotonic() - began < grace_s + 2.0
+    assert gone == [rec.name]
+    randoms = pbx.counters["recording/get_random"]
+    assert randoms == 1 if not grace_s else randoms >= 2      # without grace: at once, asked once
+    wait_until(lambda: not partial_files(cache), WAIT_S, message="the partial file to go")

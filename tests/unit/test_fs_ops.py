@@ -109,3 +109,11 @@ def test_open_refuses_writing_and_directories(fs):
     assert fuse_errno(lambda: fs.open("/2026/11/27", FileInfo())) == errno.EISDIR
     assert fuse_errno(lambda: fs.open("/2026/11/27/none.wav", FileInfo())) == errno.ENOENT
     assert fuse_errno(lambda: fs.read(f"/2026/11/27/{NAME}", 10, 0, 999)) == errno.EBADF
+
+
+def test_statfs_is_the_cache_budget_and_an_empty_cache_is_all_available(fs):
+    stats = fs.statfs("/")
+    assert stats["f_blocks"] * stats["f_frsize"] == 1 << 20          # the budget
+    assert stats["f_bfree"] == stats["f_bavail"] == stats["f_blocks"]  # nothing held: nothing used
+    assert stats["f_files"] == 1
+

@@ -26,6 +26,7 @@ from yeastarfs import __version__, errors
 from yeastarfs.app import options
 from yeastarfs.app.notify import WATCHDOG_PID_ENV, Notifier
 from yeastarfs.app.tools import CALL_COLUMNS
+from yeastarfs.cache import daemon_log_path
 from yeastarfs.config import (OPTIONS, PASSWORD_ENV, Config, Option, check_pbx_url, default_cache_root, parse_duration,
                               plain, read_password)
 
@@ -386,7 +387,7 @@ def _isolated_python() -> list[str]:
 def _spawn_daemon(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run this command again as a detached child and wait until it is mounted."""
     config = config_from_args(args)  # fail fast, in this terminal, on bad options or a missing password
-    log_file = args.log_file or os.path.join(config.cache_root, "yeastarfs.log")
+    log_file = args.log_file or daemon_log_path(config.cache_root)  # in a cache root nobody else controls
     read_fd, write_fd = os.pipe()
     child_argv = [*_isolated_python(), *argv, "--foreground", "--ready-fd", str(write_fd)]
     if not args.log_file:

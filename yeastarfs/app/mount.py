@@ -1,7 +1,8 @@
 """The composition root: builds every component from a Config, runs FUSE, tears down.
 
 Order of construction (and, reversed, of teardown through one ExitStack):
-mountpoint check → cache directory lock → index → cache → downloads → core → PBX session
+mountpoint check → cache folder (``cache.CacheDir``: checked, locked) → index → cache →
+downloads → core → PBX session
 and its event sources (``pbx.open_pbx``) → discovery (backfill, then poll and resync) →
 FUSE. Nothing here holds logic worth testing on its own (the policies live in ``core``,
 ``downloads``, ``cache``, ``discovery`` and the PBX family); the integration tests
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from yeastarfs import errors
 from yeastarfs.app import notify
-from yeastarfs.cache import DiskCache
+from yeastarfs.cache import CacheDir, DiskCache
 from yeastarfs.config import Config
 from yeastarfs.core import Core
 from yeastarfs.discovery import Discovery
@@ -52,8 +52,6 @@ ATTR_TIMEOUT_NO_INVALIDATE_S = 1.0
 # download buffers in each: with dozens of download and FUSE threads the RSS only grows.
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
-# Present in the cache directory while no daemon runs on it and the last one stopped cleanly.
-CLEAN_STOP_MARKER = "clean-stop"
 # FUSE worker threads; readers blocked on a download each hold one, so allow many.
 # (Set explicitly: libfuse 3.14 otherwise warns about an uninitialised value.)
 MAX_FUSE_THREADS = 64
@@ -105,22 +103,6 @@ def check_allow_other(fuse_conf: str = "/etc/fuse.conf") -> None:
                                  f"(as root: echo user_allow_other >> {fuse_conf})")
 
 
-def lock_cache_dir(cache_dir: str) -> int:
-    """Take the cache directory for this process; two daemons on one cache corrupt it."""
-    os.makedirs(os.path.dirname(cache_dir), mode=0o700, exist_ok=True)  # the root, if new: private too
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise errors.ConfigError(f"cache directory {cache_dir} is in use by another yeastarfs (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 class Mount:
     """The running components of one mount (attributes are the components)."""
 
@@ -131,18 +113,23 @@ class Mount:
             check_allow_other()
         self.started_at = time.time()
         self.fs: Optional[YeastarFS] = None
-        lock_fd = lock_cache_dir(config.cache_dir)
-        stack.callback(os.close, lock_fd)
-        self.index = RecordingIndex(os.path.join(config.cache_dir, "index.sqlite3"))
+        # The folder is left last: its clean-stop marker says everything after it stopped.
+        self.folder = CacheDir(config.cache_root, os.path.basename(config.cache_dir))
+        stack.callback(self.folder.close)
+        self.index = RecordingIndex(self.folder.index_path)
         stack.callback(self.index.close)
-        self.cache = self._open_cache(stack)
+        self.cache = DiskCache.open(self.folder, config.cache_max_bytes, config.cache_min_free_bytes,
+                                    expected_size=self._exact_size)
+        stack.callback(self.cache.close)
         self.pbx = open_pbx(config)
         self.downloads = DownloadManager(self.pbx.open_stream, self.cache, max_downloads=config.max_downloads,
                                          stall_timeout_s=config.stall_timeout_s,
-                                         on_size=self._size_learned, on_complete=self._download_complete)
+                                         on_size=self._size_learned, on_complete=self._download_complete,
+                                         on_gone=self._recording_gone, on_range=self._range_learned)
         stack.callback(self.downloads.stop)
         self.core = Core(self.index, self.cache, self.downloads, status=self.stats,
-                         uid=config.uid, gid=config.gid, umask=config.umask)
+                         uid=config.uid, gid=config.gid, umask=config.umask,
+                         background_readers=config.background_readers)
         self._start_pbx(stack)
         self.discovery = self._start_discovery(stack)
 
@@ -176,26 +163,6 @@ class Mount:
                         self.config.start_timeout_s)
         return discovery
 
-    def _open_cache(self, stack: contextlib.ExitStack) -> DiskCache:
-        """Open the cache; check cached sizes against the index only after an unclean stop.
-
-        A clean stop leaves a marker (written last, after downloads are stopped); without
-        it (kill -9, power loss) every cached file is compared with the size the PBX
-        announced, because a file renamed into place but not yet fsynced may be short.
-        Clean restarts of a large cache so cost one directory listing, not an index lookup
-        per file.
-        """
-        marker = os.path.join(self.config.cache_dir, CLEAN_STOP_MARKER)
-        clean = os.path.exists(marker)
-        if clean:
-            os.unlink(marker)
-        elif self.index.count():  # an index with nothing in it: no run ever got far, nothing to check
-            log.info("cache: the last run did not stop cleanly; checking cached sizes against the index")
-        cache = DiskCache(self.config.cache_dir, self.config.cache_max_bytes, self.config.cache_min_free_bytes,
-                          expected_size=None if clean else self._exact_size)
-        stack.callback(_write_marker, marker)  # runs after everything registered later
-        return cache
-
     def _exact_size(self, name: str) -> Optional[int]:
         entry = self.index.get(name)
         return entry.size_bytes if entry is not None and entry.size_exact else None
@@ -222,16 +189,17 @@ class Mount:
     def _download_complete(self, name: str, size_bytes: int) -> None:
         self.core.download_complete(name, size_bytes)
 
+    def _recording_gone(self, name: str) -> None:
+        self.core.recording_gone(name)
+
+    def _range_learned(self, honoured: bool) -> None:
+        self.core.range_learned(honoured)
+
     # -- observing ---------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """What a status command or SIGUSR1 shows; cheap, no PBX request."""
         cache = self.cache.usage()
-        lookups = self.cache.stats.hits + self.cache.stats.misses
-        in_flight = []
-        for download in self.downloads.running():
-            received, total = download.progress()
-            in_flight.append({"recording": download.name, "received_bytes": received, "total_bytes": total})
         discovery = self.discovery.status()
         return {
             "mountpoint": self.mountpoint, "pid": os.getpid(), "cache_dir": self.config.cache_dir,
@@ -241,10 +209,10 @@ class Mount:
             "last_poll_error": discovery["last_error"] if discovery["consecutive_failures"] else None,
             "discovery": discovery,
             "recordings_indexed": self.index.count(),
+            # Bytes held on disk: idle cached files, open ones, and what downloads hold.
             "cache_used_bytes": cache["idle_bytes"] + cache["pinned_bytes"],
             "cache_limit_bytes": cache["max_bytes"], "cache_files": cache["files"],
-            "cache_hit_rate": round(self.cache.stats.hits / lookups, 3) if lookups else None,
-            "downloads_in_flight": in_flight,
+            **self.core.transfer_stats(),
             "fuse_reads": self.core.counters["read"],
             "fuse_getattrs": self.core.counters["getattr"],
         }
@@ -329,11 +297,6 @@ def run_mount(config: Config, on_ready: Callable[[], None]) -> None:
         mount.watch_signals(stack)
         mount.serve(on_ready, notifier)
     log.info("mount: %s unmounted", config.mountpoint)
-
-
-def _write_marker(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
 
 
 def _limit_malloc_arenas() -> None:

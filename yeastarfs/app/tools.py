@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from yeastarfs.cache import COMPLETE_DIR, INDEX_FILE, CacheDir
 from yeastarfs.errors import ConfigError
 
 STATUS_XATTR = "user.yeastarfs.status"
@@ -86,16 +86,32 @@ def _print_daemon_status(mountpoint: str, as_json: bool) -> int:
         f"last CDR poll:     {_ago(status.get('last_poll_time'))}",
         f"last resync:       {_last_resync(status.get('discovery') or {})}",
         f"recordings:        {status['recordings_indexed']}",
-        f"cache:             {_bytes(status['cache_used_bytes'])} of {_bytes(status['cache_limit_bytes'])}, "
-        f"{status['cache_files']} files, hit rate {'n/a' if hit_rate is None else f'{hit_rate:.0%}'}",
-        f"downloads:         {len(status['downloads_in_flight'])} in flight",
+        f"cache:             {_bytes(status['cache_used_bytes'])} held of {_bytes(status['cache_limit_bytes'])}, "
+        f"{status['cache_files']} idle files, hit rate {'n/a' if hit_rate is None else f'{hit_rate:.0%}'}",
+        f"opens:             {_opens(status.get('opens') or {})}",
+        f"downloads:         {_download_states(status['downloads_in_flight'])}",
     ]
     for item in status["downloads_in_flight"]:
         total = item["total_bytes"]
         share = f"{item['received_bytes'] / total:.0%}" if total else "?"
-        lines.append(f"  {item['recording']}: {_bytes(item['received_bytes'])} of {_bytes(total)} ({share})")
+        lines.append(f"  {item['recording']}: {item.get('state', '?')}, {_bytes(item['received_bytes'])} "
+                     f"of {_bytes(total)} ({share}), {item.get('readers', 0)} readers")
     print("\n".join(lines))
     return 0
+
+
+def _opens(opens: dict) -> str:
+    """How opens were served: a joined download is one download with several readers."""
+    return (f"{opens.get('cached', 0)} from the cache, {opens.get('downloaded', 0)} started a download, "
+            f"{opens.get('joined', 0)} joined one, {opens.get('refused', 0)} refused (background readers)")
+
+
+def _download_states(downloads: list) -> str:
+    """``2 running, 1 parked`` (suspended and parked downloads hold no connection slot)."""
+    counts: dict = {}
+    for item in downloads:
+        counts[item.get("state", "running")] = counts.get(item.get("state", "running"), 0) + 1
+    return ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "none"
 
 
 def _pbx_time(status: dict) -> str:
@@ -404,7 +420,7 @@ def open_mount_index(mountpoint: str):
         raise ConfigError(f"{mountpoint} is not a yeastarfs mount ({fstype or 'not a mountpoint'})")
     status = read_status(mountpoint)
     zone = _pbx_zone(status)
-    return RecordingIndex(os.path.join(status["cache_dir"], "index.sqlite3"), tz=zone, read_only=True), zone
+    return RecordingIndex(os.path.join(status["cache_dir"], INDEX_FILE), tz=zone, read_only=True), zone
 
 
 def list_calls(mountpoint: str, since_s: float, output_format: str = "csv") -> int:
@@ -462,67 +478,36 @@ def _write_rows(rows, output_format: str) -> None:
 
 
 # -- cache maintenance -----------------------------------------------------------------
+# The folder's layout, its lock and what makes a cached file whole are cache.py's (CacheDir).
 
-def pbx_cache_dirs(cache_root: str) -> list[str]:
-    """The per-PBX directories under a cache root (each has an index and complete/)."""
-    if not os.path.isdir(cache_root):
-        raise ConfigError(f"cache directory {cache_root} does not exist")
-    found = [os.path.join(cache_root, name) for name in sorted(os.listdir(cache_root))
-             if os.path.isfile(os.path.join(cache_root, name, "index.sqlite3"))]
-    if not found:
-        raise ConfigError(f"no yeastarfs cache under {cache_root}")
-    return found
-
-
-def _complete_files(pbx_dir: str) -> list[os.DirEntry]:
-    complete = os.path.join(pbx_dir, "complete")
-    return list(os.scandir(complete)) if os.path.isdir(complete) else []
+def _pbx_folders(cache_root: str, *, lock: bool = False):
+    """Each per-PBX folder under *cache_root* in turn (with its lock: refused while a mount
+    uses it), checked like a mount checks it."""
+    for name in CacheDir.names(cache_root):
+        with CacheDir(cache_root, name, lock=lock, create=False) as folder:
+            yield folder
 
 
 def cache_stats(cache_root: str) -> int:
     from yeastarfs.index import RecordingIndex
-    for pbx_dir in pbx_cache_dirs(cache_root):
-        files = _complete_files(pbx_dir)
-        index = RecordingIndex(os.path.join(pbx_dir, "index.sqlite3"))
+    for folder in _pbx_folders(cache_root):
+        files = folder.complete_files()
+        index = RecordingIndex(folder.index_path)
         try:
             indexed = index.count()
         finally:
             index.close()
-        total = sum(entry.stat().st_size for entry in files)
-        print(f"{pbx_dir}: {len(files)} cached recordings, {_bytes(total)}; {indexed} recordings indexed")
+        total = sum(size_bytes for _, size_bytes in files)
+        print(f"{folder.path}: {len(files)} cached recordings, {_bytes(total)}; {indexed} recordings indexed")
     return 0
 
 
 def cache_clear(cache_root: str) -> int:
     """Delete every cached recording (not the index). Refuses while a mount uses the cache."""
-    for pbx_dir in pbx_cache_dirs(cache_root):
-        with _CacheLock(pbx_dir):
-            files = _complete_files(pbx_dir)
-            freed = 0
-            for entry in files:
-                freed += entry.stat().st_size
-                os.unlink(entry.path)
-        print(f"{pbx_dir}: deleted {len(files)} cached recordings, {_bytes(freed)}")
+    for folder in _pbx_folders(cache_root, lock=True):
+        count, freed = folder.remove_complete()
+        print(f"{folder.path}: deleted {count} cached recordings, {_bytes(freed)}")
     return 0
-
-
-class _CacheLock:
-    """Hold a cache directory's lock, as a mount does; fail clearly when one holds it."""
-
-    def __init__(self, pbx_dir: str) -> None:
-        self._path = os.path.join(pbx_dir, "lock")
-
-    def __enter__(self):
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            raise ConfigError(f"{os.path.dirname(self._path)} is in use by a running mount; unmount it first") from None
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        os.close(self._fd)
 
 
 def cache_verify(cache_root: str, delete_bad: bool = False) -> int:
@@ -530,37 +515,26 @@ def cache_verify(cache_root: str, delete_bad: bool = False) -> int:
     (recorded in the index) and, for WAV files, the size in its RIFF header."""
     from yeastarfs.index import RecordingIndex
     bad = checked = 0
-    for pbx_dir in pbx_cache_dirs(cache_root):
-        index = RecordingIndex(os.path.join(pbx_dir, "index.sqlite3"))
+    for folder in _pbx_folders(cache_root, lock=delete_bad):
+        index = RecordingIndex(folder.index_path)
         try:
-            for entry in _complete_files(pbx_dir):
+            bad_names = []
+            for name, _ in folder.complete_files():
                 checked += 1
-                problem = _file_problem(entry, index.get(entry.name))
+                indexed = index.get(name)
+                problem = "not in the index" if indexed is None else folder.problem_with(
+                    name, indexed.size_bytes if indexed.size_exact else None)
                 if problem:
-                    bad += 1
-                    print(f"BAD {entry.path}: {problem}")
-                    if delete_bad:
-                        os.unlink(entry.path)
+                    bad_names.append(name)
+                    print(f"BAD {os.path.join(folder.path, COMPLETE_DIR, name)}: {problem}")
+            bad += len(bad_names)
+            if delete_bad and bad_names:
+                folder.remove_complete(bad_names)
         finally:
             index.close()
     print(f"verified {checked} cached recordings: {checked - bad} good, {bad} bad"
           + (" (deleted)" if delete_bad and bad else ""))
     return 1 if bad else 0
-
-
-def _file_problem(entry: os.DirEntry, indexed) -> Optional[str]:
-    size_bytes = entry.stat().st_size
-    if indexed is None:
-        return "not in the index"
-    if indexed.size_exact and indexed.size_bytes != size_bytes:
-        return f"{size_bytes} bytes, the PBX announced {indexed.size_bytes}"
-    with open(entry.path, "rb") as handle:
-        header = handle.read(12)
-    if header[:4] == b"RIFF" and header[8:12] == b"WAVE":
-        riff_bytes = int.from_bytes(header[4:8], "little") + 8
-        if riff_bytes != size_bytes:
-            return f"{size_bytes} bytes, its RIFF header says {riff_bytes}"
-    return None
 
 
 # -- TLS fingerprint -----------------------------------------------------------------------
