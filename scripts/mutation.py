@@ -95,10 +95,12 @@ def main() -> int:
     parser.add_argument("--no-mutmut", action="store_true", help="skip the mutmut pass")
     parser.add_argument("--summary", help="also write the summary to this file")
     parser.add_argument("--survivors", action="store_true", help="list every surviving mutant")
+    parser.add_argument("--work-dir", default=WORK_DIR, help=f"the scratch copy (default {WORK_DIR})")
     parser.add_argument("--incremental", action="store_true",
                         help="keep the last run's mutmut results: test only mutants of changed functions and "
                              "the last run's survivors again (tests may have been added since)")
     args = parser.parse_args()
+    globals()["WORK_DIR"] = os.path.abspath(args.work_dir)  # every function below works there
     modules = args.module or list(MODULES)
     equivalent = read_equivalent()
     started = time.monotonic()
