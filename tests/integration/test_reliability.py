@@ -33,10 +33,12 @@ def test_heartbeat_keeps_an_idle_token_alive(pbx, mounted):
     rec = add(pbx, size_bytes=ONE_MB)
     mount = mounted("--heartbeat-interval", "1", "--poll-interval", "3600")
     logins = pbx.counters["login"]
-    time.sleep(5)  # longer than the token's idle lifetime
+    # Longer than the token's idle lifetime, with no call but the heartbeats.
+    holds_for(lambda: pbx.counters["login"] == logins, duration_s=4.0, interval_s=0.1,
+              message="the session without a new login")
+    assert pbx.counters["heartbeat"] >= 2
     assert sha256_of(mount.path(*date_path(rec.name))) == rec.sha256
     assert pbx.counters["login"] == logins
-    assert pbx.counters["heartbeat"] >= 2
 
 
 def test_expired_tokens_are_renewed_transparently(pbx, mounted):
@@ -60,7 +62,9 @@ def test_pbx_down_mid_session(pbx, mounted):
     assert uncached.name in os.listdir(os.path.dirname(mount.path(*date_path(uncached.name))))
     started = time.monotonic()
     assert read_errno(mount.path(*date_path(uncached.name))) == errno.EIO
-    assert time.monotonic() - started < 20
+    # README (Failures): four consecutive failures, 0.5 + 1 + 2 s of backoff between them.
+    failed_after_s = time.monotonic() - started
+    assert 3.5 <= failed_after_s < 4.5, failed_after_s
     pbx.refuse_connections = False
     assert sha256_of(mount.path(*date_path(uncached.name))) == uncached.sha256
 
