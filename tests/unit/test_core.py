@@ -296,6 +296,27 @@ def test_what_the_downloads_learn_about_range_is_kept(pbx, make_core):
     assert core.transfer_stats()["pbx_honours_range"] is True
 
 
+def test_sizes_are_estimated_at_the_learned_rate_and_it_survives_a_restart(pbx, make_core, tmp_path):
+    """README (Sizes): talk seconds x the bytes per second learned from this PBX's completed
+    downloads, 16,000 at first; the learned rate is kept across restarts."""
+    start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(hours=1)
+    slow = pbx.add_recording(start=start, duration_s=10, size_bytes=44 + 10 * 8000, announce=False)
+    fast = pbx.add_recording(start=start + dt.timedelta(minutes=1), duration_s=10, size_bytes=44 + 10 * 12000,
+                             announce=False)
+    unseen = pbx.add_recording(start=start + dt.timedelta(minutes=2), duration_s=10, announce=False)
+    core = make_core()
+    assert core.stat(path_of(unseen)).size_bytes == 44 + 10 * 16000
+    for rec, rate in ((slow, 8000), (fast, 8800)):  # the first learned as is, then 20 % of each new one
+        opened = core.open(path_of(rec))
+        assert sha(read_all(core, opened.fh)) == rec.sha256
+        core.release(opened.fh)
+        wait_until(lambda: core.stat(path_of(unseen)).size_bytes == 44 + 10 * rate, WAIT_S,
+                   message=lambda: f"the estimate at {rate} B/s, not {core.stat(path_of(unseen)).size_bytes}")
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as reopened:  # the next start
+        restarted = Core(reopened, core.cache, None, uid=0, gid=0)
+        assert restarted.stat(path_of(unseen)).size_bytes == 44 + 10 * 8800
+
+
 def test_the_background_errno_is_one_thumbnailers_record():
     from yeastarfs.fs import _errno_for
     assert _errno_for(errors.BackgroundReaderError("x")) == errno.EACCES
