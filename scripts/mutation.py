@@ -60,6 +60,10 @@ MODULES = {
 UNIT_TESTS = ["tests/unit", "--ignore=tests/unit/test_simulator.py", "--ignore=tests/unit/test_simulator_pseries.py",
               "--deselect=tests/unit/test_cdr.py::test_memory_and_log_line_cost_stay_flat_over_20000_polls",
               "--deselect=tests/unit/test_index.py::test_scale_200k_recordings"]
+# Logging statements are not mutated: their wording and level are diagnostics, not policy
+# or integrity, and the log lines that are promises (secrets redacted, one line per refusal
+# a minute) are tested through their effects. mutmut skips every statement matching these.
+DO_NOT_MUTATE = [r"^\s*log\.(debug|info|warning|error|exception)\(", r"_throttle\.emit\("]
 # Files the tests read besides the package and the tests (mutmut copies those two itself).
 ALSO_COPY = ["README.md", "scripts/", ".ci/"]
 # A constant-pass mutant whose tests run longer than this many times the unmutated run is
@@ -106,9 +110,13 @@ def main() -> int:
     started = time.monotonic()
     fresh_copy(WORK_DIR, keep=["mutants"] if args.incremental else [])
     results: dict[str, str] = {}
+    with open(os.path.join(WORK_DIR, "pyproject.toml"), "a", encoding="utf-8") as handle:
+        handle.write(mutmut_config(modules))
     if not args.no_mutmut:
         ensure_mutmut()
         results.update(run_mutmut(modules, args.jobs, args.incremental))
+    elif os.path.isdir(os.path.join(WORK_DIR, "mutants")):
+        results.update(mutmut_results())  # the last run's, kept with --incremental
     if not args.no_constants:
         results.update(run_constant_pass(modules, args.jobs))
     summary = summarize(results, modules, equivalent, time.monotonic() - started, args.survivors)
@@ -167,11 +175,15 @@ def mutmut_config(modules: list[str]) -> str:
     def toml_list(items: list[str]) -> str:
         return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
+    def toml_literals(patterns: list[str]) -> str:  # single quotes: backslashes stay as they are
+        return ", ".join("'" + pattern + "'" for pattern in patterns)
+
     return ("\n[tool.mutmut]\n"
             'source_paths = ["yeastarfs/"]\n'
             f"only_mutate = {toml_list([MODULES[m][0] for m in modules])}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(UNIT_TESTS)}\n"
             f"also_copy = {toml_list(ALSO_COPY)}\n"
+            f"do_not_mutate_patterns = [{toml_literals(DO_NOT_MUTATE)}]\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
 
 
@@ -179,9 +191,7 @@ MUTMUT = [sys.executable, "-m", "mutmut"]
 
 
 def run_mutmut(modules: list[str], jobs: int, incremental: bool) -> dict[str, str]:
-    """Run mutmut in the scratch copy; mutant name -> status."""
-    with open(os.path.join(WORK_DIR, "pyproject.toml"), "a", encoding="utf-8") as handle:
-        handle.write(mutmut_config(modules))
+    """Run mutmut in the scratch copy (configured by `main`); mutant name -> status."""
     print(f"mutmut: mutating {', '.join(modules)} (progress in {WORK_DIR}/mutmut-run*.log)", flush=True)
     earlier = mutmut_results() if incremental and os.path.isdir(os.path.join(WORK_DIR, "mutants")) else {}
     _mutmut_run(jobs, [], "mutmut-run.log")  # new mutants, and those of changed functions
