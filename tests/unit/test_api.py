@@ -707,3 +707,101 @@ def test_a_cdr_of_32_mib_is_read_and_one_byte_more_refused(pbx, make_client):
     pbx.cdr_raw_body = body + b"\n"
     with pytest.raises(errors.PbxUnavailableError, match="larger than"):
         client.fetch_cdr(START, START + datetime.timedelta(days=1))
+
+
+# -- what a refusal says, logout, token errors on downloads (mutation testing's survivors) ----------
+
+
+def test_refusals_name_their_cause_and_every_failed_login_is_counted(pbx, make_client):
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.fail_logins = 2
+    for expected_failures in (1, 2):
+        with pytest.raises(errors.AuthError) as info:
+            client.login()
+        assert str(info.value) == (f"PBX {pbx.base_url} rejected the login for user 'api' (errno 20003): check the "
+                                   "username, the password and that the API is enabled")
+        assert client.stats.login_failures == expected_failures
+        clock.advance(300)
+    pbx.api_raw_reply = {"login": b'{"status": "Failed"}'}  # no errno at all
+    with pytest.raises(errors.AuthError, match=r"\(errno none\)"):
+        client.login()
+    pbx.api_raw_reply = {}
+    clock.advance(300)
+    pbx.lock_ip("127.0.0.1")
+    with pytest.raises(errors.LockedOutError) as info:
+        client.login()
+    assert str(info.value) == (f"PBX {pbx.base_url} has locked out this IP after failed logins (errno 20002); "
+                               "wait 10 minutes or remove it from the PBX's blocked IP list")
+    assert client.stats.login_failures == 4
+
+
+def test_logout_ends_the_session_and_the_next_call_logs_in(pbx, client):
+    rec = add(pbx)
+    token = client.login()
+    client.logout()
+    [logout] = [e for e in pbx.requests_log if e["endpoint"] == "logout"]
+    assert logout["query"]["token"] == token
+    assert not pbx._token_alive(token)
+    client.logout()  # nothing to end: no request
+    assert pbx.counters["logout"] == 1
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+@pytest.mark.parametrize("api_errno, logins", [("20004", 2), ("20006", 2), ("10004", 1)])
+def test_a_token_error_instead_of_audio_drops_the_token(pbx, client, api_errno, logins):
+    rec = add(pbx)
+    client.login()
+    pbx.api_raw_reply = {"recording/download": json.dumps({"status": "Failed", "errno": api_errno}).encode()}
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == api_errno and "recording/download" in str(info.value)
+    pbx.api_raw_reply = {}
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == logins  # a token error: the next call logs in again; another errno: not
+
+
+def test_a_json_failure_with_bytes_that_are_not_utf8_still_says_its_errno(pbx, client):
+    rec = add(pbx)
+    pbx.api_raw_reply = {"recording/download": b'{"status": "Failed", "errno": "10004", "msg": "\xff\xfe"}'}
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == "10004"
+    pbx.api_raw_reply = {"recording/download": b'["Failed"]'}  # JSON, but not an object
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == ""
+
+
+def test_a_cdr_answered_with_json_is_the_pbx_refusing(pbx, client):
+    pbx.cdr_raw_body = b' \r\n{"status": "Failed", "errno": "10004"}'  # blanks, then JSON
+    with pytest.raises(errors.ApiError) as info:
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    assert info.value.api_errno == "10004" and "cdr/download" in str(info.value)
+    pbx.cdr_raw_body = b'\xef\xbb\xbf{"status": "Failed", "errno": "10004"}'  # after a BOM: refused all the same
+    with pytest.raises(errors.PbxError):
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    pbx.cdr_raw_body = b"callid,recording\r\n1.1,{not json}\r\n"  # CSV that merely contains a brace
+    assert client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings == []
+
+
+def test_a_cdr_random_that_is_missing_or_empty_is_refused(pbx, client):
+    for reply in (b'{"status": "Success"}', b'{"status": "Success", "random": ""}', b'{"status": "Success", "random": 7}'):
+        pbx.api_raw_reply = {"cdr/get_random": reply}
+        with pytest.raises(errors.PbxUnavailableError, match="cdr/get_random reply carries no random"):
+            client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    assert pbx.counters["cdr/download"] == 0
+
+
+def test_the_heartbeat_tells_the_pbx_where_events_go(pbx, make_client):
+    client = make_client(pbx, events_port=8765)
+    client.login()
+    client.heartbeat()
+    [body] = [e["body"] for e in pbx.requests_log if e["endpoint"] == "heartbeat"]
+    assert body == {"ipaddr": "127.0.0.1", "port": "8765", "version": "2.0.0"}
+    quiet = make_client(pbx, events_port=None)
+    quiet.login()
+    quiet.heartbeat()
+    assert [e["body"] for e in pbx.requests_log if e["endpoint"] == "heartbeat"][1] == {
+        "ipaddr": "127.0.0.1", "version": "2.0.0"}
