@@ -783,7 +783,7 @@ def test_a_cdr_answered_with_json_is_the_pbx_refusing(pbx, client):
     with pytest.raises(errors.PbxError):
         client.fetch_cdr(START, START + datetime.timedelta(days=1))
     pbx.cdr_raw_body = b"callid,recording\r\n1.1,{not json}\r\n"  # CSV that merely contains a brace
-    assert client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings == []
+    assert [r.name for r in client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings] == ["{not json}"]
 
 
 def test_a_cdr_random_that_is_missing_or_empty_is_refused(pbx, client):
