@@ -60,10 +60,11 @@ MODULES = {
 UNIT_TESTS = ["tests/unit", "--ignore=tests/unit/test_simulator.py", "--ignore=tests/unit/test_simulator_pseries.py",
               "--deselect=tests/unit/test_cdr.py::test_memory_and_log_line_cost_stay_flat_over_20000_polls",
               "--deselect=tests/unit/test_index.py::test_scale_200k_recordings"]
-# Logging statements are not mutated: their wording and level are diagnostics, not policy
-# or integrity, and the log lines that are promises (secrets redacted, one line per refusal
-# a minute) are tested through their effects. mutmut skips every statement matching these.
-DO_NOT_MUTATE = [r"^\s*log\.(debug|info|warning|error|exception)\(", r"_throttle\.emit\("]
+# Mutants that change only a logging statement are counted apart, not scored: the wording
+# and level of a log line are diagnostics, not policy or integrity, and the log lines that
+# are promises (secrets redacted, one line per refusal a minute) are tested through their
+# effects. A statement is a logging one when its first line matches one of these.
+LOGGING_STATEMENTS = [r"^\s*log\.(debug|info|warning|error|exception)\(", r"_throttle\.emit\("]
 # Files the tests read besides the package and the tests (mutmut copies those two itself).
 ALSO_COPY = ["README.md", "scripts/", ".ci/"]
 # A constant-pass mutant whose tests run longer than this many times the unmutated run is
@@ -175,15 +176,11 @@ def mutmut_config(modules: list[str]) -> str:
     def toml_list(items: list[str]) -> str:
         return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
-    def toml_literals(patterns: list[str]) -> str:  # single quotes: backslashes stay as they are
-        return ", ".join("'" + pattern + "'" for pattern in patterns)
-
     return ("\n[tool.mutmut]\n"
             'source_paths = ["yeastarfs/"]\n'
             f"only_mutate = {toml_list([MODULES[m][0] for m in modules])}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(UNIT_TESTS)}\n"
             f"also_copy = {toml_list(ALSO_COPY)}\n"
-            f"do_not_mutate_patterns = [{toml_literals(DO_NOT_MUTATE)}]\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
 
 
@@ -224,6 +221,50 @@ def mutmut_results() -> dict[str, str]:
         if name:
             results[name] = status
     return results
+
+
+def logging_only(names: list[str]) -> set[str]:
+    """The mutmut mutants among *names* that change nothing but logging statements (read
+    from the mutated copies mutmut keeps under mutants/: each mutant is a function beside
+    its ``__mutmut_orig``)."""
+    parsed: dict[str, tuple[str, dict]] = {}
+    found = set()
+    for name in names:
+        match = re.match(r"(.+?)\.((?:x_|xǁ).+)$", name)
+        if not match:
+            continue
+        path = os.path.join(WORK_DIR, "mutants", match.group(1).replace(".", "/") + ".py")
+        if path not in parsed:
+            try:
+                source = open(path, encoding="utf-8").read()
+            except OSError:
+                continue
+            parsed[path] = (source.splitlines(), {node.name: node for node in ast.walk(ast.parse(source))
+                                                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))})
+        lines, functions = parsed[path]
+        function = match.group(2)
+        mutant = functions.get(function)
+        original = functions.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", function))
+        if mutant is None or original is None:
+            continue
+        old_lines = lines[original.lineno - 1:original.end_lineno]
+        new_lines = lines[mutant.lineno - 1:mutant.end_lineno]
+        new_lines[0] = new_lines[0].replace(mutant.name, original.name, 1)
+        if len(old_lines) != len(new_lines):
+            continue
+        changed = [original.lineno + i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b]
+        statements = [node for node in ast.walk(original) if isinstance(node, ast.stmt) and node is not original]
+
+        def logging_line(line: int) -> bool:
+            around = [node for node in statements if node.lineno <= line <= node.end_lineno]
+            if not around:
+                return False
+            innermost = min(around, key=lambda node: node.end_lineno - node.lineno)
+            return any(re.search(pattern, lines[innermost.lineno - 1]) for pattern in LOGGING_STATEMENTS)
+
+        if changed and all(logging_line(line) for line in changed):
+            found.add(name)
+    return found
 
 
 def mutmut_module(name: str) -> Optional[str]:
@@ -359,7 +400,10 @@ def summarize(results: dict[str, str], modules: list[str], equivalent: dict[str,
               list_survivors: bool) -> str:
     rows: dict[str, tuple[Tally, Tally]] = {module: (Tally(), Tally()) for module in modules}
     survivors = []
+    logging = logging_only([name for name in results if "=" not in name])
     for name, status in sorted(results.items()):
+        if name in logging:
+            continue
         constant = "=" in name
         module = _constant_module(name) if constant else mutmut_module(name)
         if module not in rows or status in NOT_RUN:
@@ -373,8 +417,10 @@ def summarize(results: dict[str, str], modules: list[str], equivalent: dict[str,
             tally.survived += 1
             survivors.append(f"  {name}: {status}")
     total_functions, total_constants = Tally(), Tally()
+    not_run = sum(1 for name, status in results.items() if status in NOT_RUN)
     lines = [f"mutation testing ({MUTMUT_REQUIREMENT} inside functions, module constants by scripts/mutation.py), "
-             f"{elapsed_s / 60:.0f} min",
+             f"{elapsed_s / 60:.0f} min; not scored: {len(logging)} mutants of logging statements only, "
+             f"{not_run} not run",
              f"{'module':<10} | {'mutmut: killed/scored':<24} | {'constants: killed/scored':<24} | "
              f"{'equivalent':>10} | {'all: killed/scored':<24}",
              "-" * 106]
