@@ -110,6 +110,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--no-constants", action="store_true", help="skip the constant pass")
     parser.add_argument("--no-mutmut", action="store_true", help="skip the mutmut pass")
+    parser.add_argument("--named-only", action="store_true", help="in the constant pass, only the audit's named mutants")
     parser.add_argument("--summary", help="also write the summary to this file")
     parser.add_argument("--survivors", action="store_true", help="list every surviving mutant")
     parser.add_argument("--work-dir", default=WORK_DIR, help=f"the scratch copy (default {WORK_DIR})")
@@ -131,7 +132,7 @@ def main() -> int:
     elif os.path.isdir(os.path.join(WORK_DIR, "mutants")):
         results.update(mutmut_results())  # the last run's, kept with --incremental
     if not args.no_constants:
-        results.update(run_constant_pass(modules, args.jobs, equivalent))
+        results.update(run_constant_pass(modules, args.jobs, equivalent, args.named_only))
     summary = summarize(results, modules, equivalent, time.monotonic() - started, args.survivors)
     print(summary)
     if args.summary:
@@ -357,10 +358,12 @@ def named_mutants(module: str) -> Iterator[ConstantMutant]:
                                  start + len(old), new)
 
 
-def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str]) -> dict[str, str]:
+def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str],
+                      named_only: bool = False) -> dict[str, str]:
     """Test every constant mutant (and the named ones) in scratch copies of their own, but
     those listed as equivalent; mutant name -> status."""
-    mutants = [m for module in modules for m in [*named_mutants(module), *constant_mutants(module)]
+    mutants = [m for module in modules
+               for m in [*named_mutants(module), *([] if named_only else constant_mutants(module))]
                if m.name not in equivalent]
     print(f"constants: {len(mutants)} mutants of module-level numbers and named ones", flush=True)
     baseline_s = {module: _timed_tests(WORK_DIR, module) for module in modules}

@@ -6,6 +6,7 @@ Real sockets on 127.0.0.1, ports picked by the kernel. The helpers above the fir
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
@@ -791,3 +792,45 @@ def test_a_busy_port_raises_config_error(make_receiver):
         make_receiver(port=first.port).start()
     with pytest.raises(ConfigError, match="cannot listen"):
         make_receiver(port=70000).start()
+
+
+# --- what a refusal looks like, why a port cannot be used, the log throttle ---------------------
+
+
+def test_a_refusal_before_parsing_is_a_complete_plain_reply(served):
+    receiver, _ = served
+    reply = raw_exchange(receiver.port, b"POST / HTTP/1.1\r\n" + b"X-Many: a\r\n" * 40)
+    assert reply == (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: 32\r\nConnection: close\r\n\r\nRequest Header Fields Too Large\n")
+
+
+@pytest.mark.parametrize("code, reason", [
+    (errno.EADDRINUSE, "the port is already in use (another program, or another yeastarfs)"),
+    (errno.EACCES, "not permitted (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
+    (errno.EPERM, "not permitted (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
+    (errno.EADDRNOTAVAIL, "192.0.2.7 is not an address of this host"),
+    (errno.EINVAL, "[Errno 22] odd"),
+])
+def test_why_the_event_port_cannot_be_used(code, reason):
+    message = events._bind_problem("192.0.2.7", 8260, OSError(code, "odd"))
+    assert message == f"event receiver: cannot listen on 192.0.2.7:8260 for PBX events: {reason}"
+
+
+def test_a_port_of_another_host_is_a_config_error_saying_so(make_receiver):
+    with pytest.raises(ConfigError, match="192.0.2.7 is not an address of this host"):
+        make_receiver(host="192.0.2.7", port=0).start()
+
+
+def test_the_throttle_allows_one_line_per_interval_and_counts_the_rest(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(events.time, "monotonic", lambda: now[0])
+    throttle = events.Throttle(interval_s=60.0)
+    assert throttle.ready() == 0                 # the first line at once, nothing held back
+    assert [throttle.ready() for _ in range(3)] == [None, None, None]
+    now[0] += 59.9
+    assert throttle.ready() is None
+    now[0] += 0.1                                # a minute after the last line logged
+    assert throttle.ready() == 4                 # and it says how many it held back
+    assert throttle.ready() is None
+    now[0] += 60.0
+    assert throttle.ready() == 1
