@@ -21,11 +21,16 @@ from harness import PASSWORD, USER, factory, new_simulator, wait_until
 from yeastarfs import errors
 from yeastarfs.config import Config
 from yeastarfs.pbx.sseries import SSeriesPbx
-from yeastarfs.pbx.sseries.cdr import ANCHOR_RANK, MARGIN_S, POLL_LOOKBACK_S, CdrCatalogue
+from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.sseries.clock import PbxClock
 from yeastarfs.sim.sseries import CDR_COLUMNS
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# The documented rules (README "How yeastarfs talks to the PBX", cdr.py's docstring), stated
+# here rather than imported so that a changed rule fails these tests.
+POLL_LOOKBACK_S = 3 * 3600   # polls start three hours before the anchor...
+ANCHOR_RANK = 3              # ...the third newest call the CDR has shown
+MARGIN_S = 600               # windows reach ten minutes past what they must cover
 KOLKATA = zoneinfo.ZoneInfo("Asia/Kolkata")
 HOUR = dt.timedelta(hours=1)
 
@@ -343,3 +348,24 @@ def test_memory_and_log_line_cost_stay_flat_over_20000_polls(make_sim, make_cata
         logger.removeHandler(handler)
     assert grown_kib < 1024, f"RSS grew by {grown_kib} KiB over 15,000 polls"
     assert later_line_s < 3 * line_s + 20e-6, f"a log line took {line_s * 1e6:.0f} µs, then {later_line_s * 1e6:.0f} µs"
+
+
+def test_status_counts_broken_rows_and_shows_the_anchor_and_the_last_window(make_sim, make_catalogue):
+    sim = make_sim()
+    recs = [ended_now(sim) for _ in range(3)]
+    sim.add_cdr_row({"callid": "8.8", "timestart": recs[0].timestart,
+                     "recording": "20261127093012-9.9-1-2-Inbound.wav,extra,\"unterminated"})  # one broken row
+    catalogue = make_catalogue(sim)
+    assert catalogue.status() == {"cdr_bad_rows": 0, "cdr_anchor": None, "cdr_last_window": None}
+    found = [rec.name for batch in catalogue.backfill(2 * 86400) for rec in batch]
+    assert sorted(set(found) & {rec.name for rec in recs}) == sorted(rec.name for rec in recs)
+    first = catalogue.status()
+    assert first["cdr_bad_rows"] == 1
+    assert first["cdr_last_window"] == [windows(sim)[-1][0].strftime(TIME_FORMAT),
+                                        windows(sim)[-1][1].strftime(TIME_FORMAT)]
+    catalogue.poll()
+    second = catalogue.status()
+    assert second["cdr_bad_rows"] == 2  # every read of a broken row counts it again
+    assert second["cdr_anchor"] == sorted(rec.timestart for rec in recs)[-ANCHOR_RANK]
+    assert second["cdr_last_window"] == [windows(sim)[-1][0].strftime(TIME_FORMAT),
+                                         windows(sim)[-1][1].strftime(TIME_FORMAT)]
