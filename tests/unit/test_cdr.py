@@ -369,3 +369,49 @@ def test_status_counts_broken_rows_and_shows_the_anchor_and_the_last_window(make
     assert second["cdr_anchor"] == sorted(rec.timestart for rec in recs)[-ANCHOR_RANK]
     assert second["cdr_last_window"] == [windows(sim)[-1][0].strftime(TIME_FORMAT),
                                          windows(sim)[-1][1].strftime(TIME_FORMAT)]
+
+
+def test_a_configured_zone_the_calls_disagree_with_is_warned_of_once_after_three_calls(caplog):
+    """--pbx-timezone wins; the log says once when the PBX's own call times (3 or more of the
+    last 20) say otherwise."""
+    clock = PbxClock("Asia/Kolkata")
+    reported_s = time.time()
+
+    def call_ending_at_offset(offset_s):
+        start = dt.datetime.fromtimestamp(reported_s + offset_s - 30, dt.timezone.utc).replace(tzinfo=None)
+        clock.note_call_end(start.strftime(TIME_FORMAT), 30, reported_s)
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "disagrees" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="yeastarfs.pbx.sseries.clock"):
+        for _ in range(2):
+            call_ending_at_offset(0)
+        assert warnings() == []
+        call_ending_at_offset(0)
+        assert warnings() == ["pbx: --pbx-timezone Asia/Kolkata (UTC+05:30 now) disagrees with the PBX's call "
+                              "times (UTC+00:00); file times follow the option, discovery does not depend on it"]
+        for _ in range(3):
+            call_ending_at_offset(0)
+        for _ in range(8):
+            call_ending_at_offset(5 * 3600 + 1800)   # calls that agree with the option
+        assert len(warnings()) == 1
+        for _ in range(12):
+            call_ending_at_offset(-3 * 3600)         # another zone takes the majority: told again
+        assert len(warnings()) == 2 and "(UTC-03:00)" in warnings()[1]
+    assert clock.zone() == (zoneinfo.ZoneInfo("Asia/Kolkata"), "configured")
+
+
+@pytest.mark.parametrize("offset_s, counted", [(-12 * 3600, True), (14 * 3600, True), (-12 * 3600 - 900, False),
+                                               (14 * 3600 + 900, False)])
+def test_zones_from_minus_12_to_plus_14_hours_are_believed(offset_s, counted):
+    seen = []
+    clock = PbxClock(on_zone=seen.append)
+    reported_s = time.time()
+    start = dt.datetime.fromtimestamp(reported_s + offset_s - 600, dt.timezone.utc).replace(tzinfo=None)
+    clock.note_call_end(start.strftime(TIME_FORMAT), 600, reported_s)  # ended now, by the PBX's wall clock
+    if counted:
+        assert clock.zone()[1] == "detected" and clock.zone()[0].utcoffset(None) == dt.timedelta(seconds=offset_s)
+        assert len(seen) == 1
+    else:
+        assert clock.zone()[1] == "assumed" and seen == []
