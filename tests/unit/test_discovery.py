@@ -266,3 +266,14 @@ def test_resyncs_come_every_resync_interval():
     first, second = [i for i, kind in enumerate(kinds) if kind == "backfill"][1:3]
     polls_between = second - first - 1
     assert 10 <= polls_between, kinds  # 0.3 s of 0.01 s polls between two resyncs, not a resync each pass
+
+
+def test_by_default_only_a_sighup_resyncs_and_an_unstarted_loop_stops_quietly():
+    catalogue = ScriptedCatalogue()
+    discovery = Discovery(catalogue, Found(), since_s=DAY_S, poll_interval_s=60.0)
+    assert discovery.status()["resync_interval_s"] == 0
+    discovery.stop()  # never started: nothing to join
+    for _ in range(3):
+        discovery._run_once(0.0)
+    assert [kind for kind, _ in catalogue.calls] == ["backfill", "poll", "poll"]
+    assert discovery.wait_first_pass(0) is False  # set by the loop, which never ran
