@@ -696,19 +696,6 @@ def test_held_bytes_are_compared_when_a_retry_gets_the_whole_file(pbx, manager, 
     assert pbx.counters["recording/download"] == MAX_FAILURES  # the reset, then retries that saw the change
 
 
-def test_held_bytes_that_match_are_kept_when_a_retry_gets_the_whole_file(pbx, manager, cache):
-    rec = add(pbx, 1_000_000)
-    pbx.range_mode = "ignore"
-    pbx.reset_after_bytes, pbx.reset_downloads = 300_000, 1
-    download = manager.acquire(rec.name)
-    try:
-        assert sha(read_whole(download, rec.size_bytes)) == rec.sha256
-    finally:
-        manager.release(download)
-    assert pbx.counters["recording/download"] == 2
-    assert_cached(cache, manager, rec)
-
-
 @pytest.mark.documented_timing
 def test_four_failures_without_progress_give_eio_after_the_backoff(pbx, manager):
     """README (Failures): up to four consecutive failures, with backoff (0.5, 1 and 2 s

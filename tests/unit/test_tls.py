@@ -17,14 +17,19 @@ from yeastarfs.app.tools import certificate_sha256
 PASSWORD = "tls-secret"
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, as a PBX ships with."""
-    folder = tmp_path_factory.mktemp("tls")
+def self_signed(folder):
+    """A new self-signed certificate for 127.0.0.1 in *folder*: (certificate, key) paths."""
     cert, key = folder / "pbx.pem", folder / "pbx.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                     "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
                     "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, as a PBX ships with."""
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
     der = ssl.PEM_cert_to_DER_cert(cert.read_text())
     return str(cert), str(key), hashlib.sha256(der).hexdigest()
 
@@ -89,12 +94,7 @@ def test_requests_ca_bundle_from_the_environment_never_widens_trust(https_pbx, c
 @pytest.fixture(scope="module")
 def other_certificate(tmp_path_factory):
     """Another self-signed certificate for 127.0.0.1: a CA bundle that does not sign the PBX's."""
-    folder = tmp_path_factory.mktemp("other-tls")
-    cert, key = folder / "other.pem", folder / "other.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
-                    "-out", str(cert)], check=True, capture_output=True)
-    return str(cert)
+    return str(self_signed(tmp_path_factory.mktemp("other-tls"))[0])
 
 
 @pytest.mark.parametrize("proxy", [None, "environment"])
