@@ -361,7 +361,7 @@ def test_open_waits_5_s_for_a_size_and_a_partial_download_of_unknown_length_says
     began = time.monotonic()
     opened = core.open(path_of(rec))
     waited_s = time.monotonic() - began
-    assert 5.0 <= waited_s < 5.5, waited_s
+    assert 5.0 <= waited_s < 5.9, waited_s
     try:
         core.read(opened.fh, 0, 4 * KIB)
         state = core.xattr(path_of(rec), "user.yeastarfs.cache").decode()
