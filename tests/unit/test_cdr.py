@@ -415,3 +415,17 @@ def test_zones_from_minus_12_to_plus_14_hours_are_believed(offset_s, counted):
         assert len(seen) == 1
     else:
         assert clock.zone()[1] == "assumed" and seen == []
+
+
+@pytest.mark.parametrize("back_s, jumps", [(4 * 60, 0), (6 * 60, 1)])
+def test_only_a_clock_set_back_by_more_than_five_minutes_is_a_jump(make_sim, make_catalogue, back_s, jumps):
+    """README (Time zones and clocks): a clock set back by more than five minutes makes one
+    poll wide again."""
+    sim = make_sim()
+    catalogue = make_catalogue(sim)
+    for _ in range(5):
+        catalogue._client.heartbeat()  # the skew is the median of the last five replies' Date
+    sim.clock_offset_s = -back_s
+    for _ in range(5):
+        catalogue._client.heartbeat()
+    assert catalogue._clock.jumps == jumps

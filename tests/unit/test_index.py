@@ -704,3 +704,11 @@ def test_recordings_since_reads_every_page_of_a_busy_day(tmp_path):
         index.add([Recording(name=name) for name in reversed(names)])
         assert [rec.name for rec in index.recordings_since(day)] == names
         assert [rec.name for rec in index.recordings_since(day + dt.timedelta(seconds=20 * 1_500))] == names[1_500:]
+
+
+def test_an_estimate_never_exceeds_4_gib(tmp_path):
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        long_call = "20261127093012-1.1-1001-1002-Internal.wav"
+        index.add([Recording(name=long_call, talk_s=300_000)])  # 3.5 days at 16,000 B/s: 4.8 GB
+        assert index.get(long_call).size_bytes == 4 * 1024 ** 3
+        assert not index.get(long_call).size_exact
