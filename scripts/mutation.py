@@ -48,7 +48,7 @@ MODULES = {
     "core": ("yeastarfs/core.py", ["tests/unit/test_core.py", "tests/unit/test_fs_ops.py"]),
     "client": ("yeastarfs/pbx/sseries/client.py", ["tests/unit/test_api.py", "tests/unit/test_tls.py"]),
     "models": ("yeastarfs/models.py", ["tests/unit/test_models.py"]),
-    "index": ("yeastarfs/index.py", ["tests/unit/test_index.py"]),
+    "index": ("yeastarfs/index.py", ["tests/unit/test_index.py", "tests/unit/test_fs_ops.py"]),
     "discovery": ("yeastarfs/discovery.py", ["tests/unit/test_discovery.py"]),
     "cdr": ("yeastarfs/pbx/sseries/cdr.py", ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py"]),
     "clock": ("yeastarfs/pbx/sseries/clock.py", ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py"]),
