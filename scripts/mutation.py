@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation testing of the modules that hold policy and integrity, against the unit tests.
 
-    .venv/bin/python scripts/mutation.py                       # every module (about an hour on 2 cores)
+    .venv/bin/python scripts/mutation.py                       # every module (hours on 2 cores)
     .venv/bin/python scripts/mutation.py --module downloads --module cache
     .venv/bin/python scripts/mutation.py --summary /tmp/mutation.txt --survivors
 
@@ -15,7 +15,8 @@ Two passes, each over a scratch copy of the checkout (``build/mutation``), never
    changes each numeric module-level constant of the same modules (an int by +1 and -1, a
    float by +20 % and -20 %) and runs that module's unit test files against it.
 
-Each mutant is *killed* (a test failed, or it ran past its timeout) or *survived*. Mutants
+Each mutant is *killed* (a test failed, or it ran past its timeout) or *survived*. mutmut
+mutants that change nothing but a logging statement are not scored (`LOGGING_STATEMENTS`). Mutants
 listed in scripts/mutation-equivalent.txt (one name per line, then `#` and why no test can
 tell it from the original) are left out of the score. The summary gives, per module, killed
 over non-equivalent mutants for both passes. Not part of the default test command: it is slow.
