@@ -62,15 +62,18 @@ def test_audio_tools_read_by_path(pbx, mounted, require):
 
 
 @pytest.mark.families
-def test_new_cdr_event_appears_within_5_seconds(pbx, pbx_view, mounted):
+def test_new_cdr_event_appears_within_a_second(pbx, pbx_view, mounted):
+    """README (Limits, Processing new recordings): "by event within a second"."""
     pbx.populate(2, days=1)
     mount = mounted("--poll-interval", "3600")
-    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=True)
     announced = time.monotonic()
+    rec = pbx.add_recording(start=dt.datetime.now() - dt.timedelta(minutes=3), duration_s=30, announce=True)
+    # Waited on longer than promised, so that a miss reports how late it was.
     wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=5,
                message="the announced recording")
-    assert time.monotonic() - announced < 5
-    assert pbx_view.event_pushes() >= 1
+    elapsed_s = time.monotonic() - announced
+    assert elapsed_s <= 1.0, f"the event's recording appeared after {elapsed_s:.2f} s"
+    assert pbx_view.event_pushes() == 1
 
 
 @pytest.mark.families
@@ -199,12 +202,15 @@ def test_a_large_folder_lists_every_recording_once_with_its_attributes(pbx, moun
 
 def test_a_slow_pbx_never_holds_up_the_mount(pbx, mounted):
     recordings = pbx.populate(6, days=20)
-    pbx.latency_s = 0.3  # 20 one-day CDR slices: ~12 s of backfill
-    started = time.monotonic()
+    pbx.cdr_latency_s = 0.3  # 20 one-day CDR slices: ~12 s of backfill; the login is instant
     mount = mounted("--since", "20d", "--start-timeout", "1", "--poll-interval", "3600")
-    assert time.monotonic() - started < 6
+    mounted_at = time.time()
+    logged_in = min(entry["time"] for entry in pbx.requests_log if entry["endpoint"] == "login")
+    # --start-timeout 1: the backfill starts right after the login, the mount waits one second
+    # for it, then mounts (FUSE init and the harness's 50 ms polls of the mountpoint are the rest).
+    assert 1.0 <= mounted_at - logged_in <= 1.6, f"mounted {mounted_at - logged_in:.2f} s after the login"
     assert "goes on in the background" in mount.log()
-    pbx.latency_s = 0.0
+    pbx.cdr_latency_s = 0.0
     for rec in recordings:  # the backfill finishes behind the mount
         wait_until(lambda: os.path.exists(mount.path(*date_path(rec.name))), timeout_s=30,
                    message=f"{rec.name} from the background backfill")

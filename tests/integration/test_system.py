@@ -4,6 +4,7 @@ files and the environment, systemd units, ownership options, desktop (GIO) brows
 from __future__ import annotations
 
 import ctypes.util
+import errno
 import fcntl
 import json
 import os
@@ -288,3 +289,26 @@ def test_allow_other_lets_other_users_read(public_dir, pbx, mounted, allow_other
         assert as_nobody.returncode == 0 and rec.sha256 in as_nobody.stdout
     else:
         assert as_nobody.returncode != 0 and "Permission denied" in as_nobody.stderr
+
+
+def test_allow_other_still_enforces_the_permission_bits(public_dir, pbx, mounted, require):
+    """README (Security, Mount): always default_permissions, --allow-other included: with
+    --umask 027 a user outside the group gets EACCES (from the kernel: the PBX is never asked),
+    and a member of --gid reads."""
+    require(os.geteuid() == 0 and shutil.which("setpriv"), "acting as another user needs root and setpriv")
+    rec = pbx.populate(1, days=1)[0]
+    mount = mounted("--allow-other", "--umask", "027", "--gid", "65534", mountpoint=os.path.join(public_dir, "mnt"))
+    path = mount.path(*date_path(rec.name))
+    pbx.reset()
+
+    def as_user(uid, *argv):
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                              capture_output=True, text=True, timeout=60)
+
+    stranger = as_user(65533, "cat", path)
+    assert stranger.returncode != 0 and os.strerror(errno.EACCES) in stranger.stderr, stranger
+    listing = as_user(65533, "ls", os.path.dirname(path))
+    assert listing.returncode != 0 and "Permission denied" in listing.stderr
+    assert download_requests(pbx) == (0, 0)
+    member = as_user(65534, "sha256sum", path)  # gid 65534: the group of every file and folder
+    assert member.returncode == 0 and rec.sha256 in member.stdout, member.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -185,13 +186,62 @@ def test_lockout_is_reported_and_not_retried(pbx, client):
     assert pbx.counters["login"] == 1
 
 
+class SteppedClock:
+    """A monotonic clock that moves only when told (PbxClient's ``monotonic`` seam)."""
+
+    def __init__(self):
+        self.now_s = 1000.0
+
+    def __call__(self):
+        return self.now_s
+
+    def advance(self, seconds):
+        self.now_s += seconds
+
+
+def test_a_rejected_login_pauses_logins_for_five_minutes_then_they_resume(pbx, make_client):
+    """README (Locking out): one rejected login stops all logins for five minutes."""
+    rec = add(pbx)
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.fail_logins = 1  # the next login is rejected (20003), the one after accepted
+    with pytest.raises(errors.AuthError) as info:
+        client.recording_random(rec.name)
+    assert not isinstance(info.value, errors.LockedOutError)
+    clock.advance(299.9)
+    with pytest.raises(errors.AuthError):
+        client.login()
+    assert pbx.counters["login"] == 1  # refused here, not asked of the PBX
+    clock.advance(0.1)  # five minutes to the tick
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+def test_a_lockout_pauses_logins_for_ten_minutes_then_they_resume(pbx, make_client):
+    """README (Locking out): ten minutes after a lockout (the PBX's own ban lasts ten)."""
+    rec = add(pbx)
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.lock_ip("127.0.0.1")
+    with pytest.raises(errors.LockedOutError):
+        client.recording_random(rec.name)
+    pbx.advance_clock(600)  # the PBX lifts its ban after its ten minutes
+    clock.advance(599.9)
+    with pytest.raises(errors.LockedOutError):
+        client.heartbeat()
+    assert pbx.counters["login"] == 1
+    clock.advance(0.1)
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
 def test_refused_connections_are_unavailable_quickly(pbx, client):
     rec = add(pbx)
     pbx.refuse_connections = True
     began = time.monotonic()
     with pytest.raises(errors.PbxUnavailableError):
         client.recording_random(rec.name)
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < 1.0  # at once, not after make_client's 2 s connect timeout
     # A network failure is not a refused login: once the PBX is back, work resumes at once.
     pbx.refuse_connections = False
     assert client.recording_random(rec.name)
@@ -205,7 +255,7 @@ def test_closed_port_is_unavailable_quickly(make_client):
     began = time.monotonic()
     with pytest.raises(errors.PbxUnavailableError) as info:
         client.login()
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < 1.0  # at once, not after make_client's 2 s connect timeout
     assert "127.0.0.1" in str(info.value)
 
 
@@ -366,7 +416,10 @@ def test_silent_pbx_mid_body_is_a_stall(pbx, make_client):
         with pytest.raises(errors.DownloadStalledError):
             for _ in chunks:
                 pass
-        assert time.monotonic() - began < 5
+        # The 0.5 s read timeout after the last byte; a byte comes every second, so at most
+        # one such gap passes first (1.5 s), never the several a looser timeout would take.
+        stalled_s = time.monotonic() - began
+        assert 0.5 <= stalled_s < 1.5, stalled_s
 
 
 # -- CDR ---------------------------------------------------------------------------------------
@@ -556,6 +609,23 @@ def test_an_endless_body_is_refused_not_stored(pbx, monkeypatch):
         client.stop()
 
 
+@pytest.mark.parametrize("honour_range", [False, True])
+def test_a_content_length_over_4_gib_is_refused_at_open(pbx, client, honour_range):
+    """README (Sizes of bodies): anything announced beyond 4 GiB is refused; 4 GiB itself is not."""
+    rec = add(pbx)
+    pbx.honour_range = honour_range
+    offset = 100 if honour_range else 0
+    pbx.announce_size_bytes = 4 * 1024 ** 3 + 1
+    with pytest.raises(errors.DownloadError, match="refused"):
+        client.open_recording(rec.name, offset=offset)
+    pbx.announce_size_bytes = 4 * 1024 ** 3
+    with client.open_recording(rec.name, offset=offset) as stream:  # accepted: the body is what fails
+        assert stream.total_bytes == 4 * 1024 ** 3
+        with pytest.raises(errors.DownloadError, match="ended after"):
+            for _ in stream.chunks():
+                pass
+
+
 # -- what the environment and hostile replies may not do (issue 9) ------------------------------
 
 
@@ -604,3 +674,134 @@ def test_an_overlong_api_reply_is_refused(pbx, make_client):
     pbx.api_raw_reply = {"cdr/get_random": b'{"status": "Success", "pad": "' + b"x" * 200_000 + b'"}'}
     with pytest.raises(errors.PbxUnavailableError, match="larger than"):
         make_client(pbx, events_port=None).fetch_cdr(START, START + datetime.timedelta(days=1))
+
+
+def padded_json(size_bytes, **fields):
+    """A JSON object of exactly *size_bytes*, padded in a "pad" field."""
+    bare = len(json.dumps({**fields, "pad": ""}).encode())
+    body = json.dumps({**fields, "pad": "x" * (size_bytes - bare)}).encode()
+    assert len(body) == size_bytes
+    return body
+
+
+def test_api_replies_are_read_up_to_64_kib(pbx, make_client):
+    rec = add(pbx)
+    client = make_client(pbx, events_port=None)
+    pbx.api_raw_reply = {"recording/get_random": padded_json(64 * 1024, status="Success", random="r4nd0m")}
+    assert client.recording_random(rec.name) == "r4nd0m"
+    pbx.api_raw_reply = {"recording/get_random": padded_json(64 * 1024 + 1, status="Success", random="r4nd0m")}
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        client.recording_random(rec.name)
+
+
+def test_a_cdr_of_32_mib_is_read_and_one_byte_more_refused(pbx, make_client):
+    header = ("callid,timestart,callfrom,callto,callduraction,talkduraction,srctrunkname,dsttrunkname,"
+              "status,type,pincode,recording,didnumber,sn\n")
+    row = ("1.1,2024-03-10 14:30:00,1001,1002,10,8,,,ANSWERED,Internal,,"
+           "20240310143000-1.1-1001-1002-Internal.wav,," + "3" * 100_000 + "\n")  # long rows parse fast
+    body = header + row * ((32 * 1024 * 1024 - len(header)) // len(row))
+    body = (body + "x" * (32 * 1024 * 1024 - len(body) - 1) + "\n").encode()
+    client = make_client(pbx, events_port=None)
+    pbx.cdr_raw_body = body
+    assert client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings
+    pbx.cdr_raw_body = body + b"\n"
+    with pytest.raises(errors.PbxUnavailableError, match="larger than"):
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+
+
+# -- what a refusal says, logout, token errors on downloads (mutation testing's survivors) ----------
+
+
+def test_refusals_name_their_cause_and_every_failed_login_is_counted(pbx, make_client):
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.fail_logins = 2
+    for expected_failures in (1, 2):
+        with pytest.raises(errors.AuthError) as info:
+            client.login()
+        assert str(info.value) == (f"PBX {pbx.base_url} rejected the login for user 'api' (errno 20003): check the "
+                                   "username, the password and that the API is enabled")
+        assert client.stats.login_failures == expected_failures
+        clock.advance(300)
+    pbx.api_raw_reply = {"login": b'{"status": "Failed"}'}  # no errno at all
+    with pytest.raises(errors.AuthError, match=r"\(errno none\)"):
+        client.login()
+    pbx.api_raw_reply = {}
+    clock.advance(300)
+    pbx.lock_ip("127.0.0.1")
+    with pytest.raises(errors.LockedOutError) as info:
+        client.login()
+    assert str(info.value) == (f"PBX {pbx.base_url} has locked out this IP after failed logins (errno 20002); "
+                               "wait 10 minutes or remove it from the PBX's blocked IP list")
+    assert client.stats.login_failures == 4
+
+
+def test_logout_ends_the_session_and_the_next_call_logs_in(pbx, client):
+    rec = add(pbx)
+    token = client.login()
+    client.logout()
+    [logout] = [e for e in pbx.requests_log if e["endpoint"] == "logout"]
+    assert logout["query"]["token"] == token
+    assert not pbx._token_alive(token)
+    client.logout()  # nothing to end: no request
+    assert pbx.counters["logout"] == 1
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == 2
+
+
+@pytest.mark.parametrize("api_errno, logins", [("20004", 2), ("20006", 2), ("10004", 1)])
+def test_a_token_error_instead_of_audio_drops_the_token(pbx, client, api_errno, logins):
+    rec = add(pbx)
+    client.login()
+    pbx.api_raw_reply = {"recording/download": json.dumps({"status": "Failed", "errno": api_errno}).encode()}
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == api_errno and "recording/download" in str(info.value)
+    pbx.api_raw_reply = {}
+    assert client.recording_random(rec.name)
+    assert pbx.counters["login"] == logins  # a token error: the next call logs in again; another errno: not
+
+
+def test_a_json_failure_with_bytes_that_are_not_utf8_still_says_its_errno(pbx, client):
+    rec = add(pbx)
+    pbx.api_raw_reply = {"recording/download": b'{"status": "Failed", "errno": "10004", "msg": "\xff\xfe"}'}
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == "10004"
+    pbx.api_raw_reply = {"recording/download": b'["Failed"]'}  # JSON, but not an object
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.api_errno == ""
+
+
+def test_a_cdr_answered_with_json_is_the_pbx_refusing(pbx, client):
+    pbx.cdr_raw_body = b' \r\n{"status": "Failed", "errno": "10004"}'  # blanks, then JSON
+    with pytest.raises(errors.ApiError) as info:
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    assert info.value.api_errno == "10004" and "cdr/download" in str(info.value)
+    pbx.cdr_raw_body = b'\xef\xbb\xbf{"status": "Failed", "errno": "10004"}'  # after a BOM: refused all the same
+    with pytest.raises(errors.PbxError):
+        client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    pbx.cdr_raw_body = b"callid,recording\r\n1.1,{not json}\r\n"  # CSV that merely contains a brace
+    assert [r.name for r in client.fetch_cdr(START, START + datetime.timedelta(days=1)).recordings] == ["{not json}"]
+
+
+def test_a_cdr_random_that_is_missing_or_empty_is_refused(pbx, client):
+    for reply in (b'{"status": "Success"}', b'{"status": "Success", "random": ""}', b'{"status": "Success", "random": 7}'):
+        pbx.api_raw_reply = {"cdr/get_random": reply}
+        with pytest.raises(errors.PbxUnavailableError, match="cdr/get_random reply carries no random"):
+            client.fetch_cdr(START, START + datetime.timedelta(days=1))
+    assert pbx.counters["cdr/download"] == 0
+
+
+def test_the_heartbeat_tells_the_pbx_where_events_go(pbx, make_client):
+    client = make_client(pbx, events_port=8765)
+    client.login()
+    client.heartbeat()
+    [body] = [e["body"] for e in pbx.requests_log if e["endpoint"] == "heartbeat"]
+    assert body == {"ipaddr": "127.0.0.1", "port": "8765", "version": "2.0.0"}
+    quiet = make_client(pbx, events_port=None)
+    quiet.login()
+    quiet.heartbeat()
+    assert [e["body"] for e in pbx.requests_log if e["endpoint"] == "heartbeat"][1] == {
+        "ipaddr": "127.0.0.1", "version": "2.0.0"}

@@ -808,3 +808,62 @@ def test_folders_above_the_root_that_another_user_could_change_are_refused(tmp_p
         with pytest.raises(errors.ConfigError, match="which other users may write to"):
             CacheDir(str(above / "cache"), "pbx")
         assert os.listdir(above) == []
+
+
+def _wav(size_bytes: int, declared: int = None) -> bytes:
+    """A RIFF/WAVE file of *size_bytes* whose header declares *declared* bytes (default: its size)."""
+    declared = size_bytes if declared is None else declared
+    return b"RIFF" + (declared - 8).to_bytes(4, "little") + b"WAVE" + b"\0" * (size_bytes - 12)
+
+
+def test_the_cache_commands_see_folders_files_and_their_problems(tmp_path):
+    """What `yeastarfs cache stats|verify|clear` ask of a folder (README: "cache verify checks
+    every cached file against the size the PBX announced and its RIFF header")."""
+    root = tmp_path / "cache"
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        CacheDir.names(str(root))
+    folder = CacheDir(str(root), "pbx-b")
+    open(folder.index_path, "wb").close()
+    CacheDir(str(root), "pbx-a", lock=False).close()  # a folder without an index: not a PBX's cache
+    os.makedirs(root / "pbx-c")
+    open(root / "pbx-c" / "index.sqlite3", "wb").close()
+    (root / "stray-file").write_bytes(b"x")
+    assert CacheDir.names(str(root)) == ["pbx-b", "pbx-c"]
+    with pytest.raises(errors.ConfigError, match="no yeastarfs cache"):
+        CacheDir.names(str(tmp_path))
+    assert folder.complete_files() == []
+    assert folder.problem_with("20261127093012-1.1-1-2-Inbound.wav", None) is not None
+    complete = root / "pbx-b" / "complete"
+    os.makedirs(complete, exist_ok=True)
+    (complete / "b.wav").write_bytes(_wav(1000))
+    (complete / "a.wav").write_bytes(_wav(600, declared=700))
+    (complete / "c.raw").write_bytes(b"\x01" * 50)
+    os.symlink("/etc/passwd", complete / "d.wav")       # not a file of ours: never listed
+    assert folder.complete_files() == [("a.wav", 600), ("b.wav", 1000), ("c.raw", 50)]
+    assert folder.problem_with("b.wav", 1000) is None
+    assert folder.problem_with("b.wav", None) is None
+    assert folder.problem_with("b.wav", 999) == "1000 bytes, the PBX announced 999"
+    assert folder.problem_with("a.wav", None) == "600 bytes, its RIFF header says 700"
+    assert folder.problem_with("c.raw", 50) is None        # not RIFF: only the size is checked
+    assert folder.problem_with("d.wav", None).startswith("cannot open it")
+    assert folder.problem_with("gone.wav", None).startswith("cannot open it")
+    assert folder.remove_complete(["b.wav", "nothing.wav"]) == (1, 1000)
+    assert folder.complete_files() == [("a.wav", 600), ("c.raw", 50)]
+    assert folder.remove_complete() == (2, 650)
+    assert folder.complete_files() == []
+    folder.close()
+    with CacheDir(str(root), "pbx-b", lock=False) as looking:
+        with pytest.raises(RuntimeError, match="lock"):
+            looking.remove_complete()
+        assert looking.holder_pid() == str(os.getpid())  # the lock file still names the last holder
+
+
+def test_the_daemon_log_is_created_private_in_the_cache_root(tmp_path):
+    root = tmp_path / "cache"
+    path = cache_module.daemon_log_path(str(root))
+    assert path == os.path.join(str(root), "yeastarfs.log")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and os.path.getsize(path) == 0
+    with open(path, "a") as handle:
+        handle.write("kept\n")
+    assert cache_module.daemon_log_path(str(root)) == path
+    assert open(path).read() == "kept\n"                     # opened for appending, never truncated

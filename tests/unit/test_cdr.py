@@ -21,11 +21,16 @@ from harness import PASSWORD, USER, factory, new_simulator, wait_until
 from yeastarfs import errors
 from yeastarfs.config import Config
 from yeastarfs.pbx.sseries import SSeriesPbx
-from yeastarfs.pbx.sseries.cdr import ANCHOR_RANK, MARGIN_S, POLL_LOOKBACK_S, CdrCatalogue
+from yeastarfs.pbx.sseries.cdr import CdrCatalogue
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.sim.sseries import CDR_COLUMNS
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# The documented rules (README "How yeastarfs talks to the PBX", cdr.py's docstring), stated
+# here rather than imported so that a changed rule fails these tests.
+POLL_LOOKBACK_S = 3 * 3600   # polls start three hours before the anchor...
+ANCHOR_RANK = 3              # ...the third newest call the CDR has shown
+MARGIN_S = 600               # windows reach ten minutes past what they must cover
 KOLKATA = zoneinfo.ZoneInfo("Asia/Kolkata")
 HOUR = dt.timedelta(hours=1)
 
@@ -343,3 +348,84 @@ def test_memory_and_log_line_cost_stay_flat_over_20000_polls(make_sim, make_cata
         logger.removeHandler(handler)
     assert grown_kib < 1024, f"RSS grew by {grown_kib} KiB over 15,000 polls"
     assert later_line_s < 3 * line_s + 20e-6, f"a log line took {line_s * 1e6:.0f} µs, then {later_line_s * 1e6:.0f} µs"
+
+
+def test_status_counts_broken_rows_and_shows_the_anchor_and_the_last_window(make_sim, make_catalogue):
+    sim = make_sim()
+    recs = [ended_now(sim) for _ in range(3)]
+    sim.add_cdr_row({"callid": "8.8", "timestart": recs[0].timestart,
+                     "recording": "20261127093012-9.9-1-2-Inbound.wav,extra,\"unterminated"})  # one broken row
+    catalogue = make_catalogue(sim)
+    assert catalogue.status() == {"cdr_bad_rows": 0, "cdr_anchor": None, "cdr_last_window": None}
+    found = [rec.name for batch in catalogue.backfill(2 * 86400) for rec in batch]
+    assert sorted(set(found) & {rec.name for rec in recs}) == sorted(rec.name for rec in recs)
+    first = catalogue.status()
+    assert first["cdr_bad_rows"] == 1
+    assert first["cdr_last_window"] == [windows(sim)[-1][0].strftime(TIME_FORMAT),
+                                        windows(sim)[-1][1].strftime(TIME_FORMAT)]
+    catalogue.poll()
+    second = catalogue.status()
+    assert second["cdr_bad_rows"] == 2  # every read of a broken row counts it again
+    assert second["cdr_anchor"] == sorted(rec.timestart for rec in recs)[-ANCHOR_RANK]
+    assert second["cdr_last_window"] == [windows(sim)[-1][0].strftime(TIME_FORMAT),
+                                         windows(sim)[-1][1].strftime(TIME_FORMAT)]
+
+
+def test_a_configured_zone_the_calls_disagree_with_is_warned_of_once_after_three_calls(caplog):
+    """--pbx-timezone wins; the log says once when the PBX's own call times (3 or more of the
+    last 20) say otherwise."""
+    clock = PbxClock("Asia/Kolkata")
+    reported_s = time.time()
+
+    def call_ending_at_offset(offset_s):
+        start = dt.datetime.fromtimestamp(reported_s + offset_s - 30, dt.timezone.utc).replace(tzinfo=None)
+        clock.note_call_end(start.strftime(TIME_FORMAT), 30, reported_s)
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "disagrees" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="yeastarfs.pbx.clock"):
+        for _ in range(2):
+            call_ending_at_offset(0)
+        assert warnings() == []
+        call_ending_at_offset(0)
+        assert warnings() == ["pbx: --pbx-timezone Asia/Kolkata (UTC+05:30 now) disagrees with the PBX's call "
+                              "times (UTC+00:00); file times follow the option, discovery does not depend on it"]
+        for _ in range(3):
+            call_ending_at_offset(0)
+        for _ in range(8):
+            call_ending_at_offset(5 * 3600 + 1800)   # calls that agree with the option
+        assert len(warnings()) == 1
+        for _ in range(12):
+            call_ending_at_offset(-3 * 3600)         # another zone takes the majority: told again
+        assert len(warnings()) == 2 and "(UTC-03:00)" in warnings()[1]
+    assert clock.zone() == (zoneinfo.ZoneInfo("Asia/Kolkata"), "configured")
+
+
+@pytest.mark.parametrize("offset_s, counted", [(-12 * 3600, True), (14 * 3600, True), (-12 * 3600 - 900, False),
+                                               (14 * 3600 + 900, False)])
+def test_zones_from_minus_12_to_plus_14_hours_are_believed(offset_s, counted):
+    seen = []
+    clock = PbxClock(on_zone=seen.append)
+    reported_s = time.time()
+    start = dt.datetime.fromtimestamp(reported_s + offset_s - 600, dt.timezone.utc).replace(tzinfo=None)
+    clock.note_call_end(start.strftime(TIME_FORMAT), 600, reported_s)  # ended now, by the PBX's wall clock
+    if counted:
+        assert clock.zone()[1] == "detected" and clock.zone()[0].utcoffset(None) == dt.timedelta(seconds=offset_s)
+        assert len(seen) == 1
+    else:
+        assert clock.zone()[1] == "assumed" and seen == []
+
+
+@pytest.mark.parametrize("back_s, jumps", [(4 * 60, 0), (6 * 60, 1)])
+def test_only_a_clock_set_back_by_more_than_five_minutes_is_a_jump(make_sim, make_catalogue, back_s, jumps):
+    """README (Time zones and clocks): a clock set back by more than five minutes makes one
+    poll wide again."""
+    sim = make_sim()
+    catalogue = make_catalogue(sim)
+    for _ in range(5):
+        catalogue._client.heartbeat()  # the skew is the median of the last five replies' Date
+    sim.clock_offset_s = -back_s
+    for _ in range(5):
+        catalogue._client.heartbeat()
+    assert catalogue._clock.jumps == jumps

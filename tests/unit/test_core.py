@@ -297,6 +297,77 @@ def test_what_the_downloads_learn_about_range_is_kept(pbx, make_core):
     assert core.transfer_stats()["pbx_honours_range"] is True
 
 
+def test_sizes_are_estimated_at_the_learned_rate_and_it_survives_a_restart(pbx, make_core, tmp_path):
+    """README (Sizes): talk seconds x the bytes per second learned from this PBX's completed
+    downloads, 16,000 at first; the learned rate is kept across restarts."""
+    start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(hours=1)
+    slow = pbx.add_recording(start=start, duration_s=10, size_bytes=44 + 10 * 8000, announce=False)
+    fast = pbx.add_recording(start=start + dt.timedelta(minutes=1), duration_s=10, size_bytes=44 + 10 * 12000,
+                             announce=False)
+    unseen = pbx.add_recording(start=start + dt.timedelta(minutes=2), duration_s=10, announce=False)
+    core = make_core()
+    assert core.stat(path_of(unseen)).size_bytes == 44 + 10 * 16000
+    for rec, rate in ((slow, 8000), (fast, 8800)):  # the first learned as is, then 20 % of each new one
+        opened = core.open(path_of(rec))
+        assert sha(read_all(core, opened.fh)) == rec.sha256
+        core.release(opened.fh)
+        wait_until(lambda: core.stat(path_of(unseen)).size_bytes == 44 + 10 * rate, WAIT_S,
+                   message=lambda: f"the estimate at {rate} B/s, not {core.stat(path_of(unseen)).size_bytes}")
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as reopened:  # the next start
+        restarted = Core(reopened, core.cache, None, uid=0, gid=0)
+        assert restarted.stat(path_of(unseen)).size_bytes == 44 + 10 * 8800
+
+
 def test_the_background_errno_is_one_thumbnailers_record():
     from yeastarfs.fs import _errno_for
     assert _errno_for(errors.BackgroundReaderError("x")) == errno.EACCES
+
+
+def test_the_cache_attributes_say_what_is_held(pbx, make_core):
+    """README (Seeing and steering): user.yeastarfs.cache says `complete`, `partial <bytes
+    held> of <total, or ?>` or `none`; user.yeastarfs.cached is 1 or 0; neither is listed."""
+    rec = add(pbx, 2_000_044)
+    core = make_core()
+    path = path_of(rec)
+    assert core.xattr(path, "user.yeastarfs.cache") == b"none"
+    assert core.xattr(path, "user.yeastarfs.cached") == b"0"
+    pbx.bandwidth_bps = 500_000
+    opened = core.open(path)
+    try:
+        core.read(opened.fh, 0, 4 * KIB)
+        state = core.xattr(path, "user.yeastarfs.cache").decode()
+        held, total = state.split()[1], state.split()[3]
+        assert state.startswith("partial ") and 0 < int(held) < rec.size_bytes and total == str(rec.size_bytes)
+        pbx.bandwidth_bps = None
+        assert sha(read_all(core, opened.fh)) == rec.sha256
+    finally:
+        core.release(opened.fh)
+    wait_until(lambda: core.xattr(path, "user.yeastarfs.cache") == b"complete", WAIT_S, message="complete")
+    assert core.xattr(path, "user.yeastarfs.cached") == b"1"
+    names = core.xattr_names(path)
+    assert "user.yeastarfs.cache" not in names and "user.yeastarfs.cached" not in names
+    for name in ("user.yeastarfs.cache", "user.yeastarfs.cached", "trusted.x", "user.yeastar.nothing"):
+        with pytest.raises(errors.NoSuchAttributeError):
+            core.xattr("/" + rec.name[0:4], name)   # a folder has none of them
+    with pytest.raises(errors.NoSuchAttributeError):
+        core.xattr(path, "security.selinux")
+
+
+def test_open_waits_5_s_for_a_size_and_a_partial_download_of_unknown_length_says_so(pbx, make_core):
+    """README (Sizes): `open` waits (up to 5 s) for the PBX's reply headers."""
+    rec = add(pbx, 2_000_044)
+    pbx.omit_content_length = True  # the headers never tell the size
+    pbx.bandwidth_bps = 20_000      # slow: the first window is still arriving after 5 s
+    core = make_core()
+    began = time.monotonic()
+    opened = core.open(path_of(rec))
+    waited_s = time.monotonic() - began
+    assert 5.0 <= waited_s < 5.9, waited_s
+    pbx.bandwidth_bps = 500_000
+    try:
+        core.read(opened.fh, 0, 4 * KIB)
+        state = core.xattr(path_of(rec), "user.yeastarfs.cache").decode()
+        assert state.startswith("partial ") and state.endswith(" of ?")
+    finally:
+        pbx.bandwidth_bps = None
+        core.release(opened.fh)

@@ -6,6 +6,7 @@ Real sockets on 127.0.0.1, ports picked by the kernel. The helpers above the fir
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
@@ -16,6 +17,7 @@ import time
 from typing import Any, Callable, Optional
 
 import pytest
+from harness import holds_for
 
 from yeastarfs.errors import ConfigError
 from yeastarfs.pbx import events as shared_events
@@ -354,8 +356,8 @@ def test_duplicates_are_dropped_by_callid_else_by_recording_name(served):
     for _ in range(2):
         assert post_json(receiver.port, new_cdr(callid="", name="20240101000000-b.wav")) == 200
 
-    assert wait_for(lambda: len(calls) == 2)
-    time.sleep(0.1)  # a wrongly dispatched repeat would show up by now
+    assert wait_for(lambda: receiver.stats["duplicates"] == 3 and len(calls) == 2)
+    holds_for(lambda: len(calls) == 2, duration_s=0.1, message="no repeat dispatched")
     assert [rec.name for rec in calls.items] == ["20240101000000-a.wav", "20240101000000-b.wav"]
     assert receiver.stats["duplicates"] == 3
     assert receiver.stats["new_cdr"] == 2
@@ -417,6 +419,47 @@ def test_oversized_body_gets_413_without_hanging(make_receiver):
     assert time.monotonic() - started_s < 1.5
     assert receiver.stats["rejected"] == 2
     assert post_json(receiver.port, new_cdr()) == 200
+
+
+def padded_new_cdr(size_bytes: int) -> bytes:
+    """A NewCdr body of exactly *size_bytes* (padded in its ``sn`` field)."""
+    pad = size_bytes - len(json.dumps(new_cdr(sn="")).encode())
+    body = json.dumps(new_cdr(sn="9" * pad)).encode()
+    assert len(body) == size_bytes
+    return body
+
+
+def test_the_default_body_cap_is_64_kib(served):
+    """README (Security, Event listener): a 64 KiB body, and not a byte more."""
+    receiver, calls = served
+    assert post(receiver.port, padded_new_cdr(64 * 1024))[0] == 200
+    assert wait_for(lambda: len(calls) == 1)
+    assert post(receiver.port, padded_new_cdr(64 * 1024 + 1))[0] == 413
+    assert receiver.stats["rejected"] == 1 and len(calls) == 1
+
+
+def padded_head(size_bytes: int, lines: int, body: bytes) -> bytes:
+    """A POST head of exactly *size_bytes* (request line to blank line) in *lines* lines."""
+    fixed = [b"POST / HTTP/1.1", b"Host: x", b"Content-Length: %d" % len(body)]
+    padding = [b"X-Pad%d: " % i for i in range(lines - len(fixed) - 1)]
+    bare = len(b"\r\n".join(fixed + padding)) + 4
+    padding[-1] += b"a" * (size_bytes - bare)
+    head = b"\r\n".join(fixed + padding) + b"\r\n\r\n"
+    assert len(head) == size_bytes and head.count(b"\n") == lines
+    return head + body
+
+
+@pytest.mark.parametrize("size_bytes, lines, status", [
+    (8 * 1024, 32, 200), (8 * 1024 + 1, 32, 431), (8 * 1024, 33, 431), (1024, 33, 431)])
+def test_the_head_caps_are_8_kib_and_32_lines(served, size_bytes, lines, status):
+    """README (Security, Event listener): 8 KiB of request line and headers (32 lines)."""
+    receiver, calls = served
+    reply = raw_exchange(receiver.port, padded_head(size_bytes, lines, json.dumps(new_cdr()).encode()))
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+    if status == 200:
+        assert wait_for(lambda: len(calls) == 1)
+    else:
+        assert receiver.stats["rejected"] == 1 and len(calls) == 0
 
 
 @pytest.mark.parametrize("method, status", [("GET", 405), ("HEAD", 405), ("PUT", 405),
@@ -750,3 +793,45 @@ def test_a_busy_port_raises_config_error(make_receiver):
         make_receiver(port=first.port).start()
     with pytest.raises(ConfigError, match="cannot listen"):
         make_receiver(port=70000).start()
+
+
+# --- what a refusal looks like, why a port cannot be used, the log throttle ---------------------
+
+
+def test_a_refusal_before_parsing_is_a_complete_plain_reply(served):
+    receiver, _ = served
+    reply = raw_exchange(receiver.port, b"POST / HTTP/1.1\r\n" + b"X-Many: a\r\n" * 40)
+    assert reply == (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: 32\r\nConnection: close\r\n\r\nRequest Header Fields Too Large\n")
+
+
+@pytest.mark.parametrize("code, reason", [
+    (errno.EADDRINUSE, "the port is already in use (another program, or another yeastarfs)"),
+    (errno.EACCES, "not permitted (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
+    (errno.EPERM, "not permitted (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
+    (errno.EADDRNOTAVAIL, "192.0.2.7 is not an address of this host"),
+    (errno.EINVAL, "[Errno 22] odd"),
+])
+def test_why_the_event_port_cannot_be_used(code, reason):
+    message = shared_events._bind_problem("192.0.2.7", 8260, OSError(code, "odd"))
+    assert message == f"event receiver: cannot listen on 192.0.2.7:8260 for PBX events: {reason}"
+
+
+def test_a_port_of_another_host_is_a_config_error_saying_so(make_receiver):
+    with pytest.raises(ConfigError, match="192.0.2.7 is not an address of this host"):
+        make_receiver(host="192.0.2.7", port=0).start()
+
+
+def test_the_throttle_allows_one_line_per_interval_and_counts_the_rest(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(shared_events.time, "monotonic", lambda: now[0])
+    throttle = shared_events.Throttle(interval_s=60.0)
+    assert throttle.ready() == 0                 # the first line at once, nothing held back
+    assert [throttle.ready() for _ in range(3)] == [None, None, None]
+    now[0] += 59.9
+    assert throttle.ready() is None
+    now[0] += 0.1                                # a minute after the last line logged
+    assert throttle.ready() == 4                 # and it says how many it held back
+    assert throttle.ready() is None
+    now[0] += 60.0
+    assert throttle.ready() == 1

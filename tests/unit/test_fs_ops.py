@@ -3,7 +3,9 @@ read-only callbacks, attributes and listings from the index, xattrs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
+import json
 import stat
 
 import pytest
@@ -24,7 +26,9 @@ def fs(tmp_path):
     index.add([Recording(name=NAME, callid="1795400714.1", callfrom="0612345678", callto="1001",
                          talk_s=10, call_type="Inbound", status="ANSWERED")])
     cache = DiskCache(str(tmp_path / "cache"), 1 << 20)
-    yield YeastarFS(Core(index, cache, downloads=None, status=lambda: {"ok": True}, uid=1234, gid=2345, umask=0o027))
+    asked = iter(range(1, 1_000_000))  # a status that changes between calls, as the daemon's does
+    yield YeastarFS(Core(index, cache, downloads=None, status=lambda: {"asked": next(asked), "since": dt.date(2026, 11, 27)},
+                         uid=1234, gid=2345, umask=0o027))
     index.close()
 
 
@@ -94,7 +98,12 @@ def test_extended_attributes(fs):
     assert fs.getxattr(path, "user.yeastar.talk_seconds") == b"10"
     assert fuse_errno(lambda: fs.getxattr(path, "user.yeastar.did")) == errno.ENODATA
     assert fuse_errno(lambda: fs.getxattr(path, "security.selinux")) == errno.ENODATA
-    assert fs.getxattr("/", "user.yeastarfs.status") == b'{"ok": true}'
+    # The root's status is asked of the daemon at every read (never a stale copy), as JSON
+    # with anything JSON lacks (dates) as text; only the root has it, and it is listed there.
+    assert json.loads(fs.getxattr("/", "user.yeastarfs.status")) == {"asked": 1, "since": "2026-11-27"}
+    assert json.loads(fs.getxattr("/", "user.yeastarfs.status")) == {"asked": 2, "since": "2026-11-27"}
+    assert "user.yeastarfs.status" in fs.listxattr("/") and "user.yeastarfs.status" not in names
+    assert fuse_errno(lambda: fs.getxattr(path, "user.yeastarfs.status")) == errno.ENODATA
     assert fs.getxattr(path, "user.yeastarfs.cached") == b"0"
 
 

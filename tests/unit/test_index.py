@@ -684,3 +684,47 @@ def test_recordings_after_pages_in_discovery_order_and_skips_gone(db_path):
         assert [(seq, rec.name) for seq, rec, _ in rest] == [(4, NOV27_B)]
         assert all(first_seen is not None for _, _, first_seen in first + rest)
         assert reader.recordings_after(4) == []
+
+
+def test_sizes_of_zero_are_exact_and_negative_ones_refused(tmp_path):
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        name = "20261127093012-1.1-1001-1002-Internal.wav"
+        index.add([Recording(name=name, talk_s=10)])
+        index.set_size(name, 0)
+        assert index.get(name).size_exact and index.get(name).size_bytes == 0
+        with pytest.raises(ValueError, match="size_bytes must be >= 0, got -1"):
+            index.set_size(name, -1)
+        assert index.mark_gone(name) is True and index.mark_gone(name) is False
+
+
+def test_discovery_order_pages_carry_each_recording_and_when_it_was_first_seen(tmp_path):
+    names = [f"2026112709{minute:02d}00-1.{minute}-1001-1002-Internal.wav" for minute in range(7)]
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        before = time.time()
+        index.add([Recording(name=name, callid=f"1.{i}", talk_s=i + 1) for i, name in enumerate(names)])
+        rows = index.recordings_after(0, limit=3)
+        assert [rec.name for _, rec, _ in rows] == names[:3]
+        assert [rec.talk_s for _, rec, _ in rows] == [1, 2, 3] and [rec.callid for _, rec, _ in rows] == ["1.0", "1.1", "1.2"]
+        assert all(before <= seen <= time.time() for _, _, seen in rows)
+        rest = index.recordings_after(rows[-1][0])
+        assert [rec.name for _, rec, _ in rest] == names[3:]
+        since = list(index.recordings_since(dt.datetime(2026, 11, 27, 9, 2)))
+        assert [rec.name for rec in since] == names[2:]
+
+
+def test_recordings_since_reads_every_page_of_a_busy_day(tmp_path):
+    day = dt.datetime(2026, 11, 27)
+    names = [(day + dt.timedelta(seconds=20 * i)).strftime("%Y%m%d%H%M%S") + f"-1.{i}-1-2-Internal.wav"
+             for i in range(2_100)]  # more than two pages of a thousand rows
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        index.add([Recording(name=name) for name in reversed(names)])
+        assert [rec.name for rec in index.recordings_since(day)] == names
+        assert [rec.name for rec in index.recordings_since(day + dt.timedelta(seconds=20 * 1_500))] == names[1_500:]
+
+
+def test_an_estimate_never_exceeds_4_gib(tmp_path):
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        long_call = "20261127093012-1.1-1001-1002-Internal.wav"
+        index.add([Recording(name=long_call, talk_s=300_000)])  # 3.5 days at 16,000 B/s: 4.8 GB
+        assert index.get(long_call).size_bytes == 4 * 1024 ** 3
+        assert not index.get(long_call).size_exact

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
+from harness import holds_for
 
 from yeastarfs.sim.sseries import CDR_COLUMNS, Simulator, wav_bytes
 
@@ -144,7 +145,9 @@ def test_lockout_expires(make_sim):
     sim = make_sim(lockout_s=0.3)
     sim.lock_ip()
     assert api(sim, "login", {"username": "api", "password": sim.password_md5})["errno"] == "20002"
-    time.sleep(0.4)
+    sim.advance_clock(0.29)
+    assert api(sim, "login", {"username": "api", "password": sim.password_md5})["errno"] == "20002"
+    sim.advance_clock(0.02)
     login(sim)
 
 
@@ -152,9 +155,9 @@ def test_token_dies_when_idle_and_calls_renew_it(make_sim):
     sim = make_sim(token_idle_s=0.4)
     token = login(sim)
     for _ in range(3):  # 0.75 s in all, but never 0.4 s idle
-        time.sleep(0.25)
+        sim.advance_clock(0.25)
         assert api(sim, "heartbeat", {}, token)["status"] == "Success"
-    time.sleep(0.5)
+    sim.advance_clock(0.41)
     assert api(sim, "heartbeat", {}, token) == {"status": "Failed", "errno": "20004"}
 
 
@@ -245,7 +248,7 @@ def test_random_expires(make_sim):
     rec = add(sim)
     token = login(sim)
     random_value = get_random(sim, token, rec.name)
-    time.sleep(0.3)
+    sim.advance_clock(0.21)
     assert download(sim, token, rec.name, random_value).json()["errno"] == "10004"
 
 
@@ -429,8 +432,7 @@ def test_populate_is_deterministic_and_unannounced(make_sim):
     assert all(earliest <= r.timestart < now.strftime("%Y-%m-%d %H:%M:%S") for r in recs)
     assert all(5 <= r.talk_s <= 120 for r in recs)
     assert [r.timestart for r in recs] == sorted(r.timestart for r in recs)
-    time.sleep(0.1)
-    assert first.counters["event_push"] == 0
+    holds_for(lambda: first.counters["event_push"] == 0, 0.1, message="no event pushed")
 
 
 # --- CDR -------------------------------------------------------------------------------
@@ -582,8 +584,8 @@ def test_http_event_is_resent_until_200(make_sim, receiver):
     login(sim, port=app.port, version="2.0.0")  # port as an integer works too
     add(sim, announce=True)
     assert wait_until(lambda: len(app.received) == 3)
-    time.sleep(0.2)
-    assert len(app.received) == 3 and sim.counters["event_push"] == 3
+    holds_for(lambda: len(app.received) == 3, 0.2, message="no fourth push after the 200")
+    assert sim.counters["event_push"] == 3
 
 
 def test_http_event_gives_up_after_three_resends(make_sim, receiver):
@@ -592,8 +594,8 @@ def test_http_event_gives_up_after_three_resends(make_sim, receiver):
     login(sim, port=app.port)
     add(sim, announce=True)
     assert wait_until(lambda: len(app.received) == 4)
-    time.sleep(0.3)
-    assert len(app.received) == 4 and sim.counters["event_push"] == 4
+    holds_for(lambda: len(app.received) == 4, 0.3, message="no push after the third resend")
+    assert sim.counters["event_push"] == 4
 
 
 def test_heartbeat_moves_the_target_and_dead_tokens_get_no_events(sim, receiver):
@@ -604,8 +606,7 @@ def test_heartbeat_moves_the_target_and_dead_tokens_get_no_events(sim, receiver)
     assert wait_until(lambda: len(new.received) == 1)
     sim.expire_all_tokens()
     add(sim, callto="2009", announce=True)
-    time.sleep(0.2)
-    assert len(new.received) == 1 and not old.received
+    holds_for(lambda: len(new.received) == 1 and not old.received, 0.2, message="no event for a dead token")
 
 
 def tcp_login(sim, secret, version="2.0.0"):
@@ -774,8 +775,7 @@ def test_late_cdr_row_appears_when_published(sim, receiver):
     assert cdr_names(sim, token) == []
     assert sim.publish_cdr(rec.name).in_cdr and sim.recordings[rec.name].in_cdr
     assert cdr_names(sim, token) == [rec.name]
-    time.sleep(0.1)
-    assert not app.received  # announce is optional and off by default
+    holds_for(lambda: not app.received, 0.1, message="no event")  # announce is optional and off by default
     other = add(sim, in_cdr=False, callfrom="1005")
     sim.publish_cdr(other.name, announce=True)
     assert wait_until(lambda: len(app.received) == 1)

@@ -22,6 +22,7 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from harness import holds_for
 
 from yeastarfs.sim import PSeriesSimulator
 from yeastarfs.sim.common import (
@@ -952,8 +953,8 @@ def test_webhook_receives_each_event_until_it_answers_2xx(make_sim, receiver):
     sim = make_sim(webhook_url=f"http://127.0.0.1:{app.port}/yeastar/events", event_retry_s=0.05)
     rec = add(sim, announce=True)  # no token needed: the webhook is configured on the PBX
     assert wait_until(lambda: len(app.received) == 2)
-    time.sleep(0.2)
-    assert len(app.received) == 2 and sim.counters["event_push"] == 2
+    holds_for(lambda: len(app.received) == 2, 0.2, message="no push after the 2xx")
+    assert sim.counters["event_push"] == 2
     path, headers, event = app.received[-1]
     assert path == "/yeastar/events" and headers["Content-Type"] == "application/json"
     assert headers["User-Agent"] == "Yeastar-PBX-Webhook"
@@ -966,8 +967,8 @@ def test_webhook_gives_up_after_three_resends(make_sim, receiver):
     sim = make_sim(webhook_url=f"http://127.0.0.1:{app.port}/", event_retry_s=0.05)
     add(sim, announce=True)
     assert wait_until(lambda: len(app.received) == 4)
-    time.sleep(0.3)
-    assert len(app.received) == 4 and sim.counters["event_push"] == 4
+    holds_for(lambda: len(app.received) == 4, 0.3, message="no push after the third resend")
+    assert sim.counters["event_push"] == 4
 
 
 # --- TLS and observation ----------------------------------------------------------------------

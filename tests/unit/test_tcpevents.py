@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 import pytest
-from test_events import Calls, expected_recording, new_cdr, wait_for
+from test_events import Calls, expected_recording, new_cdr, padded_new_cdr, wait_for
 
 from yeastarfs.errors import ConfigError
 from yeastarfs.pbx.sseries.tcpevents import JsonObjectStream, TcpEventClient
@@ -324,6 +324,22 @@ def test_tcp_events_over_the_http_body_cap_are_discarded(make_client, fake_pbx):
     assert calls.items == [expected_recording(callid="6.2")]
     assert client.stats["rejected"] == 1  # the padded one, discarded unread
     assert client.stats["new_cdr"] == 1
+
+
+def test_the_tcp_event_cap_is_64_kib(make_client, fake_pbx):
+    """README (Security, Event listener): the TCP event client keeps at most 64 KiB per event."""
+    kept = padded_new_cdr(64 * 1024)
+    dropped = json.dumps(new_cdr(callid="6.3", name="20240101000000-big.wav")).encode()
+    dropped = dropped[:-1] + b', "pad": "' + b"x" * (64 * 1024 + 1 - len(dropped) - 11) + b'"}'
+    assert len(dropped) == 64 * 1024 + 1
+    pbx = fake_pbx(chunks=(dropped + b"\r\n" + kept + b"\r\n",), hold=True)
+    calls = Calls()
+
+    client = make_client(pbx.port, calls)
+
+    assert wait_for(lambda: len(calls) == 1)
+    assert calls.items[0].name == expected_recording().name
+    assert client.stats["rejected"] == 1 and client.stats["new_cdr"] == 1
 
 
 @pytest.mark.parametrize("reply, trickle_s", [

@@ -79,6 +79,27 @@ def test_requests_ca_bundle_from_the_environment_never_widens_trust(https_pbx, c
         login(https_pbx)
 
 
+@pytest.fixture(scope="module")
+def other_certificate(tmp_path_factory):
+    """Another self-signed certificate for 127.0.0.1: a CA bundle that does not sign the PBX's."""
+    return self_signed_certificate(tmp_path_factory.mktemp("other-tls"))[0]
+
+
+@pytest.mark.parametrize("proxy", [None, "environment"])
+@pytest.mark.parametrize("choice", ["ca_file", "insecure", "pin"])
+def test_requests_ca_bundle_never_overrides_the_tls_options(https_pbx, certificate, other_certificate, monkeypatch,
+                                                            choice, proxy):
+    """README (Security, TLS): REQUESTS_CA_BUNDLE never overrides --ca-file, --insecure or
+    --pin-sha256, not even with --proxy environment (which reads the proxy variables)."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(variable, other_certificate)  # would make every choice fail if obeyed
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    options = {"ca_file": {"verify": certificate[0]}, "insecure": {"verify": False},
+               "pin": {"pin_sha256": certificate[2]}}[choice]
+    assert login(https_pbx, proxy=proxy, **options)
+
+
 def test_tls_options_with_a_plain_http_pbx_are_an_error():
     from yeastarfs.config import Config
     for extra in ({"pin_sha256": "ab" * 32}, {"verify": __file__}):

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import requests
 
@@ -97,8 +97,11 @@ class PbxClient:
                  event_version: str = "2.0.0", connect_timeout_s: float = 10.0,
                  read_timeout_s: float = 60.0, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
                  pin_sha256: Optional[str] = None, proxy: Optional[str] = None,
-                 clock: Optional[PbxClock] = None) -> None:
+                 clock: Optional[PbxClock] = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.base_url = base_url.rstrip("/")
+        # Seconds for the login pauses and the heartbeat's idleness (a test seam: tests pass
+        # a clock they move forward instead of waiting five minutes).
+        self._monotonic = monotonic
         self.clock = clock if clock is not None else PbxClock()
         self._username = username
         self._password_md5 = hashlib.md5(password.encode("utf-8")).hexdigest()
@@ -130,7 +133,7 @@ class PbxClient:
             return self._login_locked()
 
     def _login_locked(self) -> str:
-        now = time.monotonic()
+        now = self._monotonic()
         if now < self._refuse_login_until and self._last_auth_error is not None:
             raise type(self._last_auth_error)(str(self._last_auth_error))
         body: dict = {"username": self._username, "password": self._password_md5,
@@ -152,7 +155,7 @@ class PbxClient:
         with self._state_lock:
             self._token = token
             replaced, self._redacted_token = self._redacted_token, token
-            self._last_call_time = time.monotonic()
+            self._last_call_time = self._monotonic()
             self._last_auth_error = None
         if replaced is not None and replaced != token:
             errors.forget_secret(replaced)  # dead or dying: the live tokens only
@@ -177,7 +180,7 @@ class PbxClient:
                 f"PBX {self.base_url} rejected the login for user {self._username!r} "
                 f"(errno {api_errno or 'none'}): check the username, the password and that the API is enabled")
             delay_s = AUTH_RETRY_AFTER_S
-        self._refuse_login_until = time.monotonic() + delay_s
+        self._refuse_login_until = self._monotonic() + delay_s
         self._last_auth_error = error
         return error
 
@@ -333,7 +336,7 @@ class PbxClient:
         check_every_s = min(30.0, self._heartbeat_interval_s / 4)
         while not self._stop.wait(check_every_s):
             with self._state_lock:
-                idle_s = time.monotonic() - self._last_call_time
+                idle_s = self._monotonic() - self._last_call_time
             if idle_s < self._heartbeat_interval_s:
                 continue
             try:
@@ -343,7 +346,7 @@ class PbxClient:
                 metrics.token_renewal("failed")
                 log.warning("pbx: heartbeat failed: %s", exc)
                 with self._state_lock:
-                    self._last_call_time = time.monotonic()  # retry after one more interval
+                    self._last_call_time = self._monotonic()  # retry after one more interval
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -365,7 +368,7 @@ class PbxClient:
             raise errors.PbxUnavailableError(f"{endpoint} answered JSON that is not an object")
         if token is not None:
             with self._state_lock:
-                self._last_call_time = time.monotonic()
+                self._last_call_time = self._monotonic()
         self.stats.last_success_time = time.time()
         return reply
 
