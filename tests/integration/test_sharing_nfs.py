@@ -26,6 +26,7 @@ import pytest
 from harness import date_path, wait_until
 from test_sharing_handles import drop_inode_cache
 
+# These tests share the NFS and rpcbind ports: one test process runs them in turn (--dist loadfile).
 pytestmark = pytest.mark.fuse
 
 try:

@@ -27,6 +27,7 @@ import pytest
 
 from harness import date_path, sha256_of, wait_until
 
+# These tests share port 4455: one test process runs them in turn (--dist loadfile).
 pytestmark = pytest.mark.fuse
 
 SMB_PORT = 4455

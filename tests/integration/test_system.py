@@ -21,6 +21,7 @@ from harness import (LOCK_FILE, MountProcess, date_path, download_requests, fuse
                      wait_until, yeastarfs_command)
 from yeastarfs.app import install
 
+# These tests share /usr/local/bin/yeastarfs: one test process runs them in turn (--dist loadfile).
 pytestmark = pytest.mark.fuse
 
 SYSTEM_BIN = "/usr/local/bin/yeastarfs"
