@@ -44,6 +44,7 @@ PASSWORD = "s3cret-Passw0rd"
 WAIT_INTERVAL_S = 0.02
 MOUNT_TIMEOUT_S = 30.0
 UNMOUNT_TIMEOUT_S = 20.0
+UNMOUNT_BUSY_S = 5.0  # how long an unmount may find the mount busy before failing
 KILL_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 200
 # Daemon log lines that mean something went wrong, unless a test expects them.
@@ -420,7 +421,14 @@ class MountProcess:
         if not self.running():
             self._close_log()
             return self.process.returncode if self.process else 0
-        result = subprocess.run([fusermount(), "-u", self.mountpoint], capture_output=True, text=True)
+        # EBUSY can be transient: another process of the suite (a GIO mount monitor, a walk of
+        # the temporary folders) may stat the mountpoint at that moment. Busy for 5 s is a failure.
+        deadline = time.monotonic() + UNMOUNT_BUSY_S
+        while True:
+            result = subprocess.run([fusermount(), "-u", self.mountpoint], capture_output=True, text=True)
+            if result.returncode == 0 or "busy" not in result.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert result.returncode == 0, f"fusermount -u failed: {result.stderr}"
         try:
             code = self.process.wait(timeout=UNMOUNT_TIMEOUT_S)

@@ -324,8 +324,9 @@ def _log_line_s(logger, lines=300):
     return statistics.median(samples)
 
 
-def test_memory_and_log_line_cost_stay_flat_over_10000_polls(make_sim, make_catalogue):
-    """A month of polls at the default interval is about 43,000; 10,000 show the trend. Every
+def test_memory_and_log_line_cost_stay_flat_over_20000_polls(make_sim, make_catalogue):
+    """A month of polls at the default interval is about 43,000; 20,000 show the trend (issue
+    10 asks for 20,000: the first 5,000 fill the simulator's request log to its cap). Every
     poll takes a single-use random, which must not be kept (issue 10, item 6)."""
     sim = make_sim()
     catalogue = make_catalogue(sim)
@@ -339,14 +340,14 @@ def test_memory_and_log_line_cost_stay_flat_over_10000_polls(make_sim, make_cata
         for _ in range(5000):  # warm up: the simulator's request log fills to its cap
             catalogue.poll()
         secrets, rss_kib, line_s = errors.known_secret_count(), _rss_kib(), _log_line_s(logger)
-        for _ in range(5000):
+        for _ in range(15000):
             catalogue.poll()
         assert errors.known_secret_count() == secrets
         grown_kib = _rss_kib() - rss_kib
         later_line_s = _log_line_s(logger)
     finally:
         logger.removeHandler(handler)
-    assert grown_kib < 512, f"RSS grew by {grown_kib} KiB over 5,000 polls"  # 100 bytes a poll would show
+    assert grown_kib < 1024, f"RSS grew by {grown_kib} KiB over 15,000 polls"  # 70 bytes a poll would show
     assert later_line_s < 3 * line_s + 20e-6, f"a log line took {line_s * 1e6:.0f} µs, then {later_line_s * 1e6:.0f} µs"
 
 
