@@ -75,11 +75,9 @@ OPEN_SIZE_WAIT_S = 5.0
 # Remember what size the kernel was last told per file, to know whether its cached size
 # can be trusted for page-cache reads; bounded because a walk touches every file.
 REPORTED_SIZES_MAX = 20_000
-# A download larger than this is not copied into the page cache at its commit: the next
-# open would wait for the copy, and the pages would push out others (an hour of PCM is 58 MB).
+# A download larger than this is not copied into the page cache at its commit: its reader
+# would wait for the copy, and the pages would push out others (an hour of PCM is 58 MB).
 PAGE_CACHE_FILL_MAX_BYTES = 128 << 20
-# An open waits at most this long for a page-cache store under way (128 MiB take ~50 ms).
-STORE_WAIT_S = 1.0
 # Learned bytes-per-second of this PBX's recordings, kept in the index between runs.
 RATE_META_KEY = "estimate_bytes_per_s"
 # Whether this PBX honours Range ("1"/"0"), kept in the index between runs.
@@ -211,7 +209,6 @@ class Core:
         self._inode_of: Callable[[str], Optional[int]] = lambda path: None
         self._fill_pages: Callable[[int, int, Callable[[int, int], bytes]], bool] = lambda *args: False
         self._inodes: dict[str, int] = {}   # name -> the kernel's inode, for downloads being read
-        self._stores: dict[str, threading.Event] = {}  # name -> set when its page-cache store ended
         self.counters = {"getattr": 0, "read": 0, "open": 0, "readdir": 0, "open_cached": 0, "open_refused": 0}
         self._background = ProcessNames(background_readers)
         self._exact_size = ProcessNames(exact_size_readers)
@@ -290,7 +287,6 @@ class Core:
         entry = self._entry(path)
         if entry.kind == "dir":
             raise errors.IsADirError(path)
-        self._wait_for_store(entry.name)
         fd = self.cache.open_complete(entry.name)
         if fd is not None:
             self.counters["open_cached"] += 1
@@ -418,37 +414,17 @@ class Core:
         self.index.set_size(name, size_bytes)
         self._invalidate(self.index.path_of(name))
 
-    def download_committed(self, name: str, size_bytes: int,
-                           pread: Callable[[int, int], bytes]) -> Optional[Callable[[], None]]:
+    def download_committed(self, name: str, size_bytes: int, pread: Callable[[int, int], bytes]) -> None:
         """A download read through the mount is committed, its readers not told yet (download
-        thread). When the kernel was told its exact size, returns the work of putting its
-        bytes in the kernel's page cache, which the download runs once its readers got their
-        last bytes (storing 20 MB takes about 8 ms: before, it slowed a gigabit download by
-        5 %). Until that work ends, an open of the file waits for it (`_wait_for_store`), so
-        the next open (``keep_cache``) still reads none of it through FUSE."""
+        thread): when the kernel was told its exact size, put its bytes in the kernel's page
+        cache, so that the next open (``keep_cache``) reads none of it through FUSE."""
         with self._lock:
             inode = self._inodes.pop(name, None)
             told = self._reported_sizes.get(name) == size_bytes
-            if inode is None or not told or size_bytes > PAGE_CACHE_FILL_MAX_BYTES:
-                return None
-            stored = self._stores[name] = threading.Event()
-
-        def store() -> None:
-            try:
-                if self._fill_pages(inode, size_bytes, pread):
-                    log.debug("recording %s: %d bytes put in the page cache", name, size_bytes)
-            finally:
-                with self._lock:
-                    self._stores.pop(name, None)
-                stored.set()
-        return store
-
-    def _wait_for_store(self, name: str) -> None:
-        """Let a page-cache store of *name* that is under way end first (bounded)."""
-        with self._lock:
-            stored = self._stores.get(name)
-        if stored is not None:
-            stored.wait(STORE_WAIT_S)
+        if inode is None or not told or size_bytes > PAGE_CACHE_FILL_MAX_BYTES:
+            return
+        if self._fill_pages(inode, size_bytes, pread):
+            log.debug("recording %s: %d bytes put in the page cache", name, size_bytes)
 
     def recording_gone(self, name: str) -> None:
         """The PBX says *name* does not exist (past any grace): the index marks it gone and

@@ -186,7 +186,6 @@ class Download:
         self.total_bytes: Optional[int] = None
         self.error: Optional[BaseException] = None
         self.handles = 0
-        self._finishing = False  # COMPLETE, but _finish still uses the partial file
         self.opens = 0
         self._keep_going = keep_going      # finish regardless of readers (prefetch, reopened, most read)
         self._reopened = reopened
@@ -355,7 +354,7 @@ class Download:
     def retirable(self) -> bool:
         """Ended and no reader left: its pin and read descriptor may go."""
         with self._cond:
-            return self.state in END_STATES and self.handles == 0 and not self._finishing
+            return self.state in END_STATES and self.handles == 0
 
     def close(self) -> None:
         """Let go of the partial file (its reader side and its cache pin); once retirable."""
@@ -648,18 +647,12 @@ class Download:
     def _finish(self) -> None:
         """Commit to the cache, hand the last bytes to the readers, then make them durable.
 
-        ``on_commit`` is told of the commit before the readers get their last bytes and may
-        give back work to do after they got them (putting the verified bytes in the kernel's
-        page cache): that work never delays a reader's end."""
+        Between the commit and the readers' last bytes, ``on_commit`` may put the verified
+        bytes in the kernel's page cache, so that a reader's next open finds them there."""
         self._partial.commit()
-        after_told = self._manager.committed(self.name, self.received_bytes, self._partial.pread)
+        self._manager.committed(self.name, self.received_bytes, self._partial.pread)
         with self._cond:
-            self._finishing = True  # the partial file stays open until the work below ended
             self._to(State.COMPLETE)
-        if after_told is not None:
-            self._manager.run_after_commit(self.name, after_told)
-        with self._cond:
-            self._finishing = False
         self._partial.sync()
         log.info("recording %s: downloaded %d bytes", self.name, self.received_bytes)
         self._manager.finished(self)
@@ -704,8 +697,7 @@ class DownloadManager:
                  on_complete: Optional[Callable[[str, int], None]] = None,
                  on_gone: Optional[Callable[[str], None]] = None,
                  on_range: Optional[Callable[[bool], None]] = None,
-                 on_commit: Optional[Callable[[str, int, Callable[[int, int], bytes]],
-                                              Optional[Callable[[], None]]]] = None) -> None:
+                 on_commit: Optional[Callable[[str, int, Callable[[int, int], bytes]], None]] = None) -> None:
         self.open_stream = open_stream
         self.cache = cache
         self.stall_timeout_s = stall_timeout_s
@@ -815,23 +807,13 @@ class DownloadManager:
         if self._on_gone is not None:
             self._on_gone(name)
 
-    def committed(self, name: str, size_bytes: int,
-                  pread: Callable[[int, int], bytes]) -> Optional[Callable[[], None]]:
+    def committed(self, name: str, size_bytes: int, pread: Callable[[int, int], bytes]) -> None:
         """A download is in the cache, its readers not yet told: ``on_commit(name, size,
-        pread)`` may read it (``pread(size, offset)``) and returns what to run once they were
-        told (or None). Its failure costs only its purpose."""
+        pread)`` may read it (``pread(size, offset)``). Its failure costs only its purpose."""
         if self._on_commit is None:
-            return None
+            return
         try:
-            return self._on_commit(name, size_bytes, pread)
-        except Exception as exc:  # noqa: BLE001 - the download itself is complete and sound
-            log.warning("recording %s: after commit: %s", name, exc)
-            return None
-
-    def run_after_commit(self, name: str, work: Callable[[], None]) -> None:
-        """Run what ``on_commit`` gave back, after the readers got their last bytes."""
-        try:
-            work()
+            self._on_commit(name, size_bytes, pread)
         except Exception as exc:  # noqa: BLE001 - the download itself is complete and sound
             log.warning("recording %s: after commit: %s", name, exc)
 

@@ -9,8 +9,6 @@ reader asked).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from harness import wait_until
@@ -62,39 +60,9 @@ def test_a_download_read_through_the_mount_fills_the_page_cache_at_commit(pbx, m
     filler = PageFiller(inode=4242)
     core.set_page_filler(filler.inode_of, filler.fill)
     read_to_the_end(core, rec, stat_after_open=True)
-    again = core.open(path_of(rec))  # waits for a store under way
     assert [(inode, sha(data)) for inode, data in filler.stored] == [(4242, rec.sha256)]
-    assert again.keep_cache and not again.direct_io  # the next open keeps those pages
-    core.release(again.fh)
-
-
-class SlowPageFiller(PageFiller):
-    """A page-cache store that takes *store_s*, and says when it ended."""
-
-    def __init__(self, inode, store_s: float) -> None:
-        super().__init__(inode)
-        self.store_s, self.ended_at = store_s, None
-
-    def fill(self, inode: int, size_bytes: int, pread) -> bool:
-        time.sleep(self.store_s)
-        self.ended_at = time.monotonic()
-        return super().fill(inode, size_bytes, pread)
-
-
-def test_the_page_cache_store_never_delays_a_readers_last_bytes_and_the_next_open_waits_for_it(pbx, make_core):
-    rec = add(pbx, 700_000)
-    core = make_core()
-    filler = SlowPageFiller(inode=4242, store_s=0.6)
-    core.set_page_filler(filler.inode_of, filler.fill)
-    read_to_the_end(core, rec, stat_after_open=True)
-    read_ended_at = time.monotonic()
-    assert filler.ended_at is None, "the reader got its last bytes only after the store"
     again = core.open(path_of(rec))
-    opened_at = time.monotonic()
-    assert filler.ended_at is not None and filler.ended_at <= opened_at  # the open waited for it
-    assert opened_at - read_ended_at < core_module.STORE_WAIT_S
-    assert [(inode, sha(data)) for inode, data in filler.stored] == [(4242, rec.sha256)]
-    assert again.keep_cache and not again.direct_io
+    assert again.keep_cache and not again.direct_io  # the next open keeps those pages
     core.release(again.fh)
 
 

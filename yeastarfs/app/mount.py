@@ -197,8 +197,8 @@ class Mount:
     def _download_complete(self, name: str, size_bytes: int) -> None:
         self.core.download_complete(name, size_bytes)
 
-    def _download_committed(self, name: str, size_bytes: int, pread):
-        return self.core.download_committed(name, size_bytes, pread)
+    def _download_committed(self, name: str, size_bytes: int, pread) -> None:
+        self.core.download_committed(name, size_bytes, pread)
 
     def _recording_gone(self, name: str) -> None:
         self.core.recording_gone(name)
