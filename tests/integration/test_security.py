@@ -154,3 +154,23 @@ def test_a_listing_read_in_many_chunks_is_exactly_the_folder(pbx, mounted, tmp_p
     assert sorted(os.listdir(folder)) == names
     long_listing = subprocess.run(["ls", "-l", folder], capture_output=True, text=True, check=True).stdout
     assert sorted(line.split()[-1] for line in long_listing.splitlines()[1:]) == names
+
+
+def test_root_s_tools_never_follow_a_status_planted_on_a_plain_folder(shared_dir, tmp_path, require):
+    # Issue 9, item 11: `calls` took the cache folder from any folder's status attribute, and
+    # root's `calls` created an index where the attacker chose. Now only a real yeastarfs
+    # mount is asked, and its index is opened read-only.
+    require(shutil.which("setfattr"), "setfattr is not installed (attr; scripts/setup)")
+    target = tmp_path / "chosen-by-the-attacker"
+    target.mkdir()
+    planted = os.path.join(shared_dir, "looks-like-a-mount")
+    as_nobody("mkdir", planted)
+    forged = json.dumps({"cache_dir": str(target), "pbx_timezone": "UTC"})
+    as_nobody("setfattr", "-n", "user.yeastarfs.status", "-v", forged, planted)
+    assert json.loads(os.getxattr(planted, "user.yeastarfs.status"))["cache_dir"] == str(target)
+    for command in (["calls", planted], ["watch", planted]):
+        result = subprocess.run([os.path.join(VENV_BIN, "yeastarfs"), *command], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode != 0 and "not a yeastarfs mount" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(target.iterdir()) == []  # nothing created where the attribute pointed
