@@ -80,13 +80,15 @@ def run_demo(mountpoint: Optional[str], recordings: int = 60, api: str = "s-seri
 
 def run_simulator(host: str, port: int, username: str, password: str, recordings: int, days: int,
                   api: str = "s-series") -> int:
+    # SIGTERM is caught before the ready line: a caller that stops it as soon as it read that
+    # line gets a clean exit, not death by the signal.
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
     with SIMULATORS[api](host=host, port=port, username=username, password=password) as sim:
         sim.populate(recordings, days=days)
         who = f"user {username!r}" if api == "s-series" else f"client ID {username!r}"
         print(f"{api} PBX simulator serving {recordings} recordings at {sim.base_url} ({who}); Ctrl-C stops it",
               flush=True)
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
         try:
             done.wait()
         except KeyboardInterrupt:
