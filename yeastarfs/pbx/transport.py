@@ -13,7 +13,8 @@ Owns:
                       counted (`metrics.recording_body`);
     open_body         the decision, from status, headers and first bytes, whether a reply
                       is the recording, and where in the file it starts;
-    read_capped       a whole (JSON or CSV) reply, refused past a cap (gzip bombs too).
+    read_capped       a whole (JSON or CSV) reply, refused past a cap (gzip bombs too);
+    ClientStats       the counters every family's client keeps (a family adds its own).
 
 Leaves to others: what the endpoints are and what their JSON means (each family's
 ``client``), logins and tokens, retries (a retry needs the family's fresh random or
@@ -31,6 +32,7 @@ one thread that reads it. No lock anywhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -61,6 +63,18 @@ POOL_CONNECTIONS = 128
 # is refused instead of filling the cache disk.
 MAX_RECORDING_BYTES = 4 << 30
 USER_AGENT = "yeastarfs"
+
+
+@dataclasses.dataclass
+class ClientStats:
+    """Counters a status command or a test can read (plain ints, updated without a lock)."""
+
+    logins: int = 0
+    login_failures: int = 0
+    api_calls: int = 0
+    downloads_opened: int = 0
+    last_login_time: Optional[float] = None
+    last_success_time: Optional[float] = None
 
 
 class HttpTransport:

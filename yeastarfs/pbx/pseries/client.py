@@ -53,7 +53,8 @@ from typing import Callable, Optional, Union
 
 from yeastarfs import errors, metrics
 from yeastarfs.pbx.clock import PbxClock
-from yeastarfs.pbx.transport import MAX_ERROR_BODY_BYTES, HttpTransport, RecordingStream, open_body, read_capped
+from yeastarfs.pbx.transport import (MAX_ERROR_BODY_BYTES, ClientStats, HttpTransport, RecordingStream, open_body,
+                                     read_capped)
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,12 @@ MAX_REPLY_BYTES = 8 << 20
 
 
 @dataclasses.dataclass
-class ClientStats:
-    """Counters a status command or a test can read (plain ints, updated without a lock)."""
+class PSeriesStats(ClientStats):
+    """Every family's counters, and the P-Series' own: token renewals, download links."""
 
-    logins: int = 0
-    login_failures: int = 0
     renewals: int = 0
-    api_calls: int = 0
-    downloads_opened: int = 0
     links_asked: int = 0
     links_reused: int = 0
-    last_login_time: Optional[float] = None
-    last_success_time: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -152,7 +147,7 @@ class PSeriesClient:
         self.links_reusable: Optional[bool] = None
         self._mp3_slot = threading.BoundedSemaphore(1)
         self._listeners: list[Callable[[str], None]] = []
-        self.stats = ClientStats()
+        self.stats = PSeriesStats()
         self._stop = threading.Event()
         self._renewal_thread: Optional[threading.Thread] = None
 

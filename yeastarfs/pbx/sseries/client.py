@@ -26,7 +26,6 @@ Lock order: ``_login_lock`` before ``_state_lock``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -43,8 +42,8 @@ from yeastarfs import errors, metrics
 from yeastarfs.pbx.clock import PbxClock
 from yeastarfs.pbx.sseries.events import DEFAULT_HTTP_PORT
 from yeastarfs.pbx.sseries.records import CdrParseResult, parse_cdr_csv
-from yeastarfs.pbx.transport import (MAX_ERROR_BODY_BYTES, HttpTransport, RecordingStream, open_body,
-                                     read_capped)
+from yeastarfs.pbx.transport import (MAX_ERROR_BODY_BYTES, ClientStats, HttpTransport, RecordingStream,
+                                     open_body, read_capped)
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +65,6 @@ LOCKOUT_RETRY_AFTER_S = 600.0
 # One CDR request covers at most a day; even 100,000 calls a day are ~20 MB of CSV.
 MAX_CDR_BYTES = 32 << 20
 CDR_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-@dataclasses.dataclass
-class ClientStats:
-    """Counters a status command or a test can read (plain ints, updated without a lock)."""
-
-    logins: int = 0
-    login_failures: int = 0
-    api_calls: int = 0
-    downloads_opened: int = 0
-    last_login_time: Optional[float] = None
-    last_success_time: Optional[float] = None
 
 
 class PbxClient:
