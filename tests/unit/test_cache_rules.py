@@ -1,0 +1,393 @@
+"""The cache folder's rules, one at a time, with real files under tmp_path (we run as root in
+CI's container and here, so a file of another user is made with chown): which entries count
+as a cached recording or an index, what a refusal says (the path and the fix), what the lock
+file tells about its holder, the clean-stop marker, descriptors given back, the folders
+above the root, and the books of DiskCache (evicted bytes, pins after a commit, size_of)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import re
+import types
+
+import pytest
+
+from yeastarfs import cache as cache_module
+from yeastarfs import errors
+from yeastarfs.cache import CacheDir, DiskCache
+
+from test_cache import A, B, C, content, fake_disk, fill, store  # noqa: E402
+
+NOBODY = 65534
+
+
+def own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ran_before(pbx) -> None:
+    """Make the per-PBX folder look like one a daemon ran in (it has an index)."""
+    (pbx / "index.sqlite3").write_bytes(b"")
+
+
+def hold_lock(path, text: bytes) -> int:
+    """Another daemon holding the lock file at *path*, which says *text*."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, text)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+# -- what exists, and what counts ------------------------------------------------------------
+
+
+def test_an_index_that_is_a_dangling_symlink_still_counts_as_a_folder_that_ran(tmp_path):
+    # The name is there (whatever it is): the folder is a PBX's, and a daemon ran in it.
+    root = tmp_path / "cache"
+    pbx = root / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    (pbx / "index.sqlite3").symlink_to(tmp_path / "nowhere")
+    assert CacheDir.names(str(root)) == ["pbx"]
+    with CacheDir(str(root), "pbx") as folder:
+        assert not folder.clean_start                   # ran, and left no clean-stop marker
+
+
+def test_a_symlink_to_a_pbx_folder_is_not_another_pbx(tmp_path):
+    root = tmp_path / "cache"
+    CacheDir(str(root), "pbx-a", lock=False).close()
+    ran_before(root / "pbx-a")
+    (root / "alias").symlink_to(root / "pbx-a")
+    assert CacheDir.names(str(root)) == ["pbx-a"]
+
+
+def test_a_clean_stop_marker_that_is_a_symlink_is_no_marker_and_is_removed(tmp_path):
+    root = tmp_path / "cache"
+    pbx = root / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    ran_before(pbx)
+    target = tmp_path / "ours"
+    target.write_bytes(b"")
+    (pbx / "clean-stop").symlink_to(target)
+    with CacheDir(str(root), "pbx") as folder:
+        assert not folder.clean_start                   # the sizes will be checked
+    assert not os.path.lexists(pbx / "clean-stop") and target.exists()
+    (pbx / "clean-stop").symlink_to(tmp_path / "nowhere")  # dangling: removed as well
+    with CacheDir(str(root), "pbx") as folder:
+        assert not folder.clean_start
+    assert not os.path.lexists(pbx / "clean-stop")
+
+
+def test_a_pinned_name_never_reports_the_size_of_what_a_planted_link_points_to(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=100_000)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 5000)
+    partial = cache.new_partial(A)                      # a download in progress pins A
+    os.symlink(big, os.path.join(cache.root, "complete", A))
+    assert cache.size_of(A) != 5000
+    partial.discard()
+    partial.close()
+
+
+def test_size_of_never_leaves_the_complete_folder(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=100_000)
+    store(cache, A, 100)
+    for name in ("..", ".", "", "../partial", "a\0b"):
+        assert cache.size_of(name) is None, name
+    # A file the cache did not put there is not one of its recordings.
+    (tmp_path / "cache" / "complete" / B).write_bytes(b"y" * 70)
+    assert cache.size_of(B) is None and cache.size_of(A) == 100
+
+
+# -- refusals: the path and the fix ----------------------------------------------------------
+
+
+def test_a_planted_log_symlink_is_refused_naming_the_log_file_and_the_fix(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    (root / "yeastarfs.log").symlink_to(tmp_path / "elsewhere")
+    shown = str(root / "yeastarfs.log")
+    with pytest.raises(errors.ConfigError) as caught:
+        cache_module.daemon_log_path(str(root))
+    assert f"{shown} is a symlink" in str(caught.value)
+    assert f"rm {shown}" in str(caught.value)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_lock_that_is_a_symlink_is_refused_naming_its_path_and_the_fix(tmp_path):
+    pbx = tmp_path / "cache" / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    (pbx / "lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    assert f"{pbx / 'lock'} is a symlink" in str(caught.value)
+    assert f"rm {pbx / 'lock'}" in str(caught.value)
+
+
+def test_a_lock_that_cannot_be_opened_names_the_file_and_the_reason(tmp_path):
+    pbx = tmp_path / "cache" / "pbx"
+    (pbx / "lock").mkdir(parents=True, mode=0o700)      # a folder where the lock file goes
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    assert str(pbx / "lock") in str(caught.value)
+    assert os.strerror(errno.EISDIR) in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["foreign regular file", "own fifo", "second hard link"])
+def test_a_lock_that_is_not_our_only_regular_file_is_refused(tmp_path, kind):
+    pbx = tmp_path / "cache" / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    lock = pbx / "lock"
+    if kind == "foreign regular file":
+        lock.write_bytes(b"")
+        os.chown(lock, NOBODY, NOBODY)
+    elif kind == "own fifo":
+        os.mkfifo(lock, 0o600)
+    else:
+        (tmp_path / "other").write_bytes(b"")
+        os.link(tmp_path / "other", lock)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    message = str(caught.value)
+    assert re.search(f"{re.escape(str(lock))} is not a regular file of this user", message), message
+    assert f"rm {lock}" in message
+
+
+def test_a_foreign_pbx_folder_is_refused_by_its_own_path(tmp_path):
+    root = tmp_path / "cache"
+    (root / "pbx").mkdir(parents=True, mode=0o700)
+    os.chmod(root, 0o700)
+    os.chown(root / "pbx", NOBODY, NOBODY)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(root), "pbx")
+    assert f"{root / 'pbx'} belongs to uid {NOBODY}" in str(caught.value)
+
+
+def test_a_folder_that_must_exist_is_never_created(tmp_path):
+    root = tmp_path / "cache"
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        CacheDir(str(root), "pbx", lock=False, create=False)
+    assert not root.exists()
+    root.mkdir(mode=0o700)
+    with pytest.raises(errors.ConfigError, match=f"{re.escape(str(root / 'pbx'))} does not exist"):
+        CacheDir(str(root), "pbx", lock=False, create=False)
+    assert os.listdir(root) == []
+
+
+# -- the folders above the root: groups ------------------------------------------------------
+
+
+def _unused_gid() -> int:
+    for gid in range(54321, 54421):
+        try:
+            grp.getgrgid(gid)
+        except KeyError:
+            return gid
+    raise AssertionError("no unused gid")
+
+
+@pytest.mark.parametrize("group", ["unknown group", "a group of no one"])
+def test_a_folder_above_writable_by_a_group_not_this_users_own_is_refused(tmp_path, group):
+    if group == "unknown group":
+        gid = _unused_gid()
+    else:
+        # A real group that is not root's primary one and lists no member (nogroup).
+        gid = grp.getgrnam("nogroup").gr_gid
+        assert gid != pwd.getpwuid(os.geteuid()).pw_gid and grp.getgrgid(gid).gr_mem == []
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chown(above, os.geteuid(), gid)
+    os.chmod(above, 0o775)
+    with pytest.raises(errors.ConfigError, match="which other users may write to"):
+        CacheDir(str(above / "cache"), "pbx")
+    assert os.listdir(above) == []
+
+
+@pytest.mark.parametrize("members, accepted", [(["root"], True), ([], True), (["root", "mallory"], False)])
+def test_this_users_primary_group_is_its_own_only_while_no_one_else_is_in_it(tmp_path, monkeypatch,
+                                                                             members, accepted):
+    # Adding a member to root's group would change the machine: the group database is the
+    # one thing faked here (the folders are real).
+    user = pwd.getpwuid(os.geteuid())
+    real_getgrgid = grp.getgrgid
+
+    def getgrgid(gid):
+        if gid == user.pw_gid:
+            return types.SimpleNamespace(gr_mem=list(members))
+        return real_getgrgid(gid)
+
+    monkeypatch.setattr(cache_module.grp, "getgrgid", getgrgid)
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chown(above, os.geteuid(), user.pw_gid)
+    os.chmod(above, 0o775)
+    if accepted:
+        CacheDir(str(above / "cache"), "pbx").close()
+    else:
+        with pytest.raises(errors.ConfigError, match="which other users may write to"):
+            CacheDir(str(above / "cache"), "pbx")
+
+
+# -- the lock file and its holder ------------------------------------------------------------
+
+
+def test_the_holder_named_in_the_refusal_is_the_lock_files_first_32_bytes(tmp_path):
+    pbx = tmp_path / "cache" / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    fd = hold_lock(pbx / "lock", b"1234567890" * 4 + b"\n")
+    try:
+        with pytest.raises(errors.ConfigError) as caught:
+            CacheDir(str(tmp_path / "cache"), "pbx")
+        assert f"(pid {'1234567890' * 3 + '12'})" in str(caught.value)
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as looking:
+            assert looking.holder_pid() == "1234567890" * 3 + "12"
+    finally:
+        os.close(fd)
+
+
+def test_a_holder_that_wrote_garbage_or_nothing_is_still_reported(tmp_path):
+    pbx = tmp_path / "cache" / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    fd = hold_lock(pbx / "lock", b"\xff42\n")
+    try:
+        with pytest.raises(errors.ConfigError, match="\\(pid \ufffd42\\)"):
+            CacheDir(str(tmp_path / "cache"), "pbx")
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as looking:
+            assert looking.holder_pid() == "\ufffd42"
+        os.ftruncate(fd, 0)
+        with pytest.raises(errors.ConfigError, match="in use by a running yeastarfs \\(pid \\?\\)"):
+            CacheDir(str(tmp_path / "cache"), "pbx")
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as looking:
+            assert looking.holder_pid() == "?"
+    finally:
+        os.close(fd)
+
+
+def test_no_lock_file_means_an_unknown_holder(tmp_path):
+    with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as looking:
+        assert looking.holder_pid() == "?"
+
+
+# -- the clean-stop marker, closing ----------------------------------------------------------
+
+
+def test_leaving_a_with_block_is_no_clean_stop(tmp_path):
+    pbx = tmp_path / "cache" / "pbx"
+    with CacheDir(str(tmp_path / "cache"), "pbx"):
+        pass
+    assert not (pbx / "clean-stop").exists()
+
+
+def test_a_start_that_fails_after_taking_the_lock_writes_no_clean_stop_marker(tmp_path, caplog):
+    pbx = tmp_path / "cache" / "pbx"
+    pbx.mkdir(parents=True, mode=0o700)
+    (pbx / "clean-stop").mkdir()                        # cannot be taken (unlinked) as a marker
+    caplog.set_level(logging.WARNING, logger="yeastarfs.cache")
+    with pytest.raises(OSError):
+        CacheDir(str(tmp_path / "cache"), "pbx")
+    assert not any("clean-stop" in record.getMessage() for record in caplog.records), caplog.text
+    assert (pbx / "clean-stop").is_dir()
+    fd = os.open(pbx / "lock", os.O_RDWR)              # and the lock was given back
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_a_marker_that_cannot_be_written_is_reported_by_its_path(tmp_path, caplog):
+    pbx = tmp_path / "cache" / "pbx"
+    folder = CacheDir(str(tmp_path / "cache"), "pbx")
+    (pbx / "clean-stop").symlink_to(tmp_path / "elsewhere")
+    caplog.set_level(logging.WARNING, logger="yeastarfs.cache")
+    folder.close()
+    assert f"{pbx / 'clean-stop'} is a symlink" in caplog.text
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_close_gives_back_every_descriptor_and_twice_is_harmless(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                         # nothing may land in the working folder
+    CacheDir(str(tmp_path / "cache"), "pbx").close()    # the folders exist: count from here
+    before = own_fds()
+    folder = CacheDir(str(tmp_path / "cache"), "pbx")
+    folder.close()
+    assert own_fds() == before
+    folder.close()
+    folder.close(clean_stop=True)
+    assert own_fds() == before
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    assert (tmp_path / "cache" / "pbx" / "clean-stop").exists()
+
+
+# -- the cache commands ----------------------------------------------------------------------
+
+
+def test_a_folder_without_complete_recordings(tmp_path):
+    with CacheDir(str(tmp_path / "cache"), "pbx") as folder:
+        assert folder.complete_files() == []
+        assert folder.problem_with("20261127093012-1.1-1-2-Inbound.wav", None) == "not cached"
+        assert folder.remove_complete() == (0, 0)
+        with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as looking:
+            with pytest.raises(RuntimeError, match="^remove_complete needs the folder's lock"):
+                looking.remove_complete()
+
+
+def test_a_file_vanishing_while_the_folder_is_listed_is_skipped(tmp_path, monkeypatch):
+    complete = tmp_path / "cache" / "pbx" / "complete"
+    complete.mkdir(parents=True, mode=0o700)
+    for name, size in (("a.wav", 10), ("b.wav", 20), ("c.wav", 30)):
+        (complete / name).write_bytes(b"x" * size)
+    order = os.listdir(complete)                        # the order scandir yields them in
+    real = cache_module._is_own_file
+    calls = []
+
+    def vanish_second(st):
+        if not calls:
+            os.unlink(complete / order[1])              # gone before its turn (cache clear, eviction)
+        calls.append(st)
+        return real(st)
+
+    monkeypatch.setattr(cache_module, "_is_own_file", vanish_second)
+    with CacheDir(str(tmp_path / "cache"), "pbx", lock=False) as folder:
+        sizes = {"a.wav": 10, "b.wav": 20, "c.wav": 30}
+        assert folder.complete_files() == sorted((name, sizes[name]) for name in (order[0], order[2]))
+
+
+# -- DiskCache's books -----------------------------------------------------------------------
+
+
+def test_evicted_bytes_add_up(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 400)
+    store(cache, B, 300)
+    store(cache, C, 900)                                # A and B go
+    assert cache.stats.evictions == 2 and cache.stats.evicted_bytes == 700
+
+
+def test_the_free_space_floor_is_met_when_exactly_reached(tmp_path, monkeypatch):
+    root = str(tmp_path / "cache")
+    fake_disk(monkeypatch, root, capacity=2000, other_used=1000)
+    cache = DiskCache(root, max_bytes=100_000, min_free_bytes=1000)
+    assert cache.free_space_ok()                        # 1000 free, 1000 asked
+    fake_disk(monkeypatch, root, capacity=2000, other_used=1001)
+    assert not cache.free_space_ok()
+
+
+def test_a_discard_after_the_commit_keeps_the_file_and_its_pin(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    partial = fill(cache, A, 300)
+    partial.commit()
+    partial.discard()                                   # too late: the recording is whole
+    assert cache.usage()["pinned_bytes"] == 300
+    partial.sync()
+    partial.close()
+    fd = cache.open_complete(A)
+    try:
+        assert os.pread(fd, 1000, 0) == content(A, 300)
+    finally:
+        os.close(fd)
+        cache.release(A)
+    assert cache.usage()["idle_bytes"] == 300
