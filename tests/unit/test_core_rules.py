@@ -1,0 +1,289 @@
+"""The core's small rules, asked directly of a Core over a real index and cache (no PBX: a
+cached recording is put in the cache the way a download commits it): attributes of folders
+and files, which size wins, listing pages, the bounded memo of sizes told to the kernel,
+what the downloads teach (sizes, Range, the rate), statfs, what ``status`` shows and the
+extended attributes' namespaces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import factory
+from yeastarfs import errors
+from yeastarfs.cache import DiskCache
+from yeastarfs.core import PAGE_CACHE_FILL_MAX_BYTES, RATE_META_KEY, REPORTED_SIZES_MAX, Attributes, Core
+from yeastarfs.downloads import DownloadManager
+from yeastarfs.index import RecordingIndex
+from yeastarfs.models import Recording
+
+DAY = "/2026/11/27"
+NAMES = [f"2026112709{minute:02d}12-17954007{minute:02d}.1-0612345678-1001-Inbound.wav" for minute in (10, 20, 30)]
+FIRST, SECOND, THIRD = NAMES
+BLOCK = 128 * 1024          # README: st_blksize and statfs blocks of 128 KiB
+ESTIMATE = 44 + 10 * 16000  # README (Sizes): 10 s of talk at 16,000 bytes per second, before any is learned
+
+
+def path(name: str) -> str:
+    return f"{DAY}/{name}"
+
+
+def never_called(name, offset):
+    raise AssertionError(f"the PBX was asked for {name}")
+
+
+@pytest.fixture
+def make_core(tmp_path):
+    """Cores over one index (three recordings of 10 s talk on 2026-11-27) and one cache
+    (budget *cache_bytes*); ``downloads=True`` adds a download manager with no workers."""
+    def build(cache_bytes: int = 1 << 30, downloads: bool = False, **options) -> Core:
+        index = RecordingIndex(str(tmp_path / "index.sqlite3"))
+        index.add([Recording(name=name, callid=name.split("-")[1], callfrom="0612345678", talk_s=10)
+                   for name in NAMES])
+        cache = DiskCache(str(tmp_path / "cache"), cache_bytes)
+        manager = DownloadManager(never_called, cache, max_downloads=0) if downloads else None
+        return Core(index, cache, manager, uid=0, gid=0, **options)
+
+    def stop(core: Core) -> None:
+        if core.downloads is not None:
+            core.downloads.stop()
+        core.index.close()
+
+    yield from factory(build, stop)
+
+
+def put_in_cache(cache, name: str, size_bytes: int) -> None:
+    partial = cache.new_partial(name)
+    partial.write(b"RIFF" + bytes(size_bytes - 4))
+    partial.expect(size_bytes)
+    partial.commit()
+    partial.sync()
+    partial.close()
+
+
+def kernel_may_keep_pages(core: Core, name: str) -> bool:
+    """Open cached *name*: may the kernel's page cache serve it (it was told this size)?"""
+    opened = core.open(path(name))
+    core.release(opened.fh)
+    assert opened.keep_cache is not opened.size_changed
+    return opened.keep_cache
+
+
+# -- attributes ---------------------------------------------------------------------------------
+
+
+def test_a_folder_is_a_folder_of_size_0_with_its_own_time(make_core):
+    core = make_core()
+    [(name, is_dir, _, mtime_ns, _)] = core.list("/2026/11")
+    assert (name, is_dir) == ("27", True) and mtime_ns > 0
+    assert core.stat(DAY) == Attributes(True, 0, mtime_ns, 0)
+
+
+def test_a_file_is_not_a_folder(make_core):
+    core = make_core()
+    listed = {name: mtime_ns for name, _, _, mtime_ns, _ in core.list(DAY)}
+    assert core.stat(path(FIRST)) == Attributes(False, ESTIMATE, listed[FIRST], 0)
+
+
+def test_getattr_and_readdir_are_counted_once_each(make_core):
+    core = make_core()
+    for _ in range(3):
+        core.stat(path(FIRST))
+        core.list(DAY)
+    core.stat(DAY)
+    assert core.counters["getattr"] == 4 and core.counters["readdir"] == 3
+
+
+# -- which size is true ---------------------------------------------------------------------------
+
+
+def test_an_open_file_has_the_size_it_reads_and_an_exact_index_size_stands_without_it(make_core):
+    # The index holds an exact size (the catalogue's) that the cached copy does not have:
+    # a path's attributes say the index's; an open handle's say what that handle reads.
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    core.index.set_size(FIRST, 7_000)
+    opened = core.open(path(FIRST))
+    try:
+        assert core.stat(path(FIRST), opened.fh).size_bytes == 5_000
+        assert core.stat(path(FIRST)).size_bytes == 7_000
+        assert len(core.read(opened.fh, 0, 10_000)) == 5_000
+    finally:
+        core.release(opened.fh)
+
+
+def test_a_listing_gives_a_cached_file_its_cached_size(make_core):
+    core = make_core()
+    put_in_cache(core.cache, SECOND, 5_000)
+    assert [(name, size, stored) for name, _, size, _, stored in core.list(DAY)] == [
+        (FIRST, ESTIMATE, 0), (SECOND, 5_000, 5_000), (THIRD, ESTIMATE, 0)]
+    assert kernel_may_keep_pages(core, SECOND)   # the listing told the kernel its exact size
+
+
+def test_a_listing_is_paged(make_core):
+    core = make_core()
+    assert [entry[0] for entry in core.list(DAY, skip=1, limit=1)] == [SECOND]
+    assert [entry[0] for entry in core.list(DAY, after=FIRST, skip=1, limit=5)] == [THIRD]
+    assert [entry[0] for entry in core.list(DAY, after=FIRST, limit=1)] == [SECOND]
+
+
+def test_the_sizes_told_are_forgotten_when_a_stat_fills_the_memo(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    core.stat(path(FIRST))
+    assert kernel_may_keep_pages(core, FIRST)
+    core._reported_sizes.update((f"x{i}", 1) for i in range(REPORTED_SIZES_MAX - len(core._reported_sizes)))
+    core.stat(path(SECOND))                       # the memo is full: it starts again
+    assert not kernel_may_keep_pages(core, FIRST)
+
+
+def test_the_sizes_told_are_forgotten_when_a_listing_fills_the_memo(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    core._reported_sizes.update((f"x{i}", 1) for i in range(REPORTED_SIZES_MAX - 3))
+    core.list(DAY)                                # three more: full, so forgotten
+    assert not kernel_may_keep_pages(core, FIRST)
+
+
+def test_a_listing_below_the_bound_keeps_what_it_told(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    core._reported_sizes.update((f"x{i}", 1) for i in range(REPORTED_SIZES_MAX - 4))
+    core.list(DAY)
+    assert kernel_may_keep_pages(core, FIRST)
+
+
+# -- what the downloads teach --------------------------------------------------------------------------
+
+
+def test_a_size_learned_reaches_the_index_and_the_kernel_forgets_the_estimate(make_core):
+    core = make_core()
+    forgotten = []
+    core.set_invalidator(forgotten.append)
+    core.size_learned(SECOND, 123_456)
+    assert forgotten == [path(SECOND)]
+    assert core.stat(path(SECOND)).size_bytes == 123_456
+
+
+@pytest.mark.parametrize("honoured, stored", [(True, "1"), (False, "0")])
+def test_whether_range_works_is_kept_for_the_next_start(make_core, honoured, stored):
+    core = make_core()
+    core.range_learned(honoured)
+    assert core.index.get_meta("pbx_honours_range") == stored
+    core.index.close()
+    restarted = make_core(downloads=True)
+    assert restarted.downloads.range_honoured is honoured
+    assert restarted.transfer_stats()["pbx_honours_range"] is honoured
+
+
+def test_a_completed_download_of_an_unknown_recording_teaches_nothing(make_core):
+    core = make_core()
+    core.download_complete("20261127090000-1.1-1-2-Inbound.wav", 1_000_000)
+    assert core.index.get_meta(RATE_META_KEY) is None
+    assert core.stat(path(FIRST)).size_bytes == ESTIMATE
+
+
+def test_the_learned_rate_is_at_least_a_byte_per_second(make_core):
+    core = make_core()
+    core.download_complete(FIRST, 44)      # a header and no audio: the rate would be 0
+    assert float(core.index.get_meta(RATE_META_KEY)) == 1.0
+    assert core.stat(path(SECOND)).size_bytes == 44 + 10 * 1
+
+
+def test_a_commit_of_a_recording_not_read_through_the_mount_fills_no_pages(make_core):
+    core = make_core()
+    filled = []
+    core.set_page_filler(lambda p: 7, lambda inode, size, pread: filled.append((inode, size)) or True)
+    core.stat(path(FIRST))
+    core.download_committed(FIRST, ESTIMATE, lambda size, offset: b"")   # a prefetch: no inode noted
+    assert filled == []
+
+
+@pytest.mark.parametrize("size_bytes, filled_expected", [
+    (PAGE_CACHE_FILL_MAX_BYTES, True), (PAGE_CACHE_FILL_MAX_BYTES + 1, False)])
+def test_pages_are_filled_up_to_the_limit_inclusive(make_core, size_bytes, filled_expected):
+    core = make_core()
+    filled = []
+    core.set_page_filler(lambda p: 7, lambda inode, size, pread: filled.append((inode, size)) or True)
+    core.index.set_size(FIRST, size_bytes)
+    assert core.stat(path(FIRST)).size_bytes == size_bytes      # the kernel is told the exact size
+    core._inodes[FIRST] = 7                                      # as `open` notes it for a download
+    core.download_committed(FIRST, size_bytes, lambda size, offset: b"")
+    assert filled == ([(7, size_bytes)] if filled_expected else [])
+
+
+# -- statfs -----------------------------------------------------------------------------------------------
+
+
+def test_statfs_counts_idle_and_open_cached_files(make_core):
+    budget = 1_000_000
+    core = make_core(cache_bytes=budget)
+    put_in_cache(core.cache, FIRST, 300_000)
+    put_in_cache(core.cache, SECOND, 200_000)
+    opened = core.open(path(FIRST))                         # in use: pinned, not idle
+    try:
+        stats = core.statfs()
+    finally:
+        core.release(opened.fh)
+    assert (stats.block_size, stats.blocks) == (BLOCK, budget // BLOCK)
+    assert stats.blocks_free == (budget - 500_000) // BLOCK
+    assert stats.blocks_available == (budget - 300_000) // BLOCK
+    assert (stats.files, stats.name_max) == (3, 255)
+
+
+def test_a_budget_under_one_block_is_one_block(make_core):
+    assert make_core(cache_bytes=100_000).statfs().blocks == 1
+
+
+# -- what status shows --------------------------------------------------------------------------------------
+
+
+def test_status_without_downloads_shows_no_opens_and_no_rate(make_core):
+    assert make_core().transfer_stats() == {
+        "opens": {"cached": 0, "joined": 0, "downloaded": 0, "refused": 0},
+        "cache_hit_rate": None, "downloads_in_flight": [], "pbx_honours_range": None}
+
+
+def test_status_with_downloads_before_any_open(make_core):
+    stats = make_core(downloads=True).transfer_stats()
+    assert stats["cache_hit_rate"] is None and stats["downloads_in_flight"] == []
+
+
+def test_the_hit_rate_is_shown_to_three_decimals(make_core):
+    core = make_core(downloads=True)
+    put_in_cache(core.cache, FIRST, 5_000)
+    for _ in range(2):
+        kernel_may_keep_pages(core, FIRST)                # two opens served by the cache
+    download = core.downloads.acquire(SECOND)             # one that started a download
+    core.downloads.release(download)
+    assert core.transfer_stats()["cache_hit_rate"] == 0.667
+
+
+# -- extended attributes --------------------------------------------------------------------------------------
+
+
+def test_only_the_root_carries_the_status_and_only_under_its_name(make_core):
+    core = make_core(status=lambda: {"up": True})
+    assert json.loads(core.xattr("/", "user.yeastarfs.status")) == {"up": True}
+    assert core.xattr_names("/") == ["user.yeastarfs.status"]
+    assert core.xattr_names(DAY) == []
+    for where, name in (("/2026", "user.yeastarfs.status"), (DAY, "user.anything"),
+                        ("/", "user.yeastar.callid"), ("/", "user.yeastarfs.other")):
+        with pytest.raises(errors.NoSuchAttributeError):
+            core.xattr(where, name)
+
+
+def test_without_a_status_the_root_has_no_attributes(make_core):
+    core = make_core()
+    assert core.xattr_names("/") == []
+    with pytest.raises(errors.NoSuchAttributeError):
+        core.xattr("/", "user.yeastarfs.status")
+
+
+def test_only_the_yeastar_namespace_gives_cdr_fields(make_core):
+    core = make_core()
+    assert core.xattr(path(FIRST), "user.yeastar.caller") == b"0612345678"
+    for name in ("user.someone.callid", "user.someone.caller", "user.yeastar."):
+        with pytest.raises(errors.NoSuchAttributeError):
+            core.xattr(path(FIRST), name)
