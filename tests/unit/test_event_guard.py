@@ -11,6 +11,7 @@ by the kernel.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -406,3 +407,234 @@ def test_recent_keys_forget_the_oldest_and_discard_what_they_never_held():
     keys.discard("never seen")  # raises nothing
     keys.discard("c")
     assert keys.add("c") is True
+
+
+# --- building, starting and stopping a receiver ----------------------------------------------
+
+
+def threads_named(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_a_new_receiver_counts_nothing_yet():
+    receiver = EventReceiver(Calls(), host="127.0.0.1", port=0)
+    assert receiver.stats == {"received": 0, "new_cdr": 0, "duplicates": 0, "rejected": 0,
+                              "forbidden": 0, "timed_out": 0, "evicted": 0, "dropped": 0,
+                              "last_event_time": None}
+
+
+def test_max_body_bytes_must_be_positive():
+    with pytest.raises(ConfigError) as raised:
+        EventReceiver(Calls(), port=0, max_body_bytes=0)
+    assert "max_body_bytes" in str(raised.value)
+    assert re.search(r"\bmust be positive\b", str(raised.value))
+    assert EventReceiver(Calls(), port=0, max_body_bytes=1).max_body_bytes == 1
+
+
+def test_allowed_ips_errors_say_what_was_wrong():
+    with pytest.raises(ConfigError) as one_string:
+        EventReceiver(Calls(), port=0, allowed_ips="127.0.0.1")
+    assert re.search(r"\ballowed_ips must be a collection of IP addresses\b", str(one_string.value))
+    assert re.search(r"\bnot one string\b", str(one_string.value))
+
+    with pytest.raises(ConfigError) as not_an_ip:
+        EventReceiver(Calls(), port=0, allowed_ips=["127.0.0.1", "pbx.local"])
+    assert "'pbx.local'" in str(not_an_ip.value) and "not an IP address" in str(not_an_ip.value)
+
+
+def test_by_default_the_receiver_listens_on_every_ipv4_address():
+    calls = Calls()
+    with shared_events.EventReceiver(calls, event_format=NEW_CDR, port=0) as receiver:  # no host
+        with socket.create_connection(("127.0.0.2", receiver.port), timeout=5.0) as sock:
+            sock.sendall(raw_post(json.dumps(new_cdr()).encode()))
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+        assert wait_for(lambda: len(calls) == 1)
+
+
+def test_an_ipv6_host_is_served(make_receiver):
+    calls = Calls()
+    receiver = make_receiver(calls, host="::1").start()
+    with socket.create_connection(("::1", receiver.port), timeout=5.0) as sock:
+        sock.sendall(raw_post(json.dumps(new_cdr()).encode()))
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+    assert wait_for(lambda: len(calls) == 1)
+
+
+def test_the_receiver_threads_are_named_daemons_and_stop_ends_them(make_receiver):
+    receiver = make_receiver().start()
+    names = [f"yeastarfs-events-http:{receiver.port}", f"yeastarfs-events-dispatch:{receiver.port}"]
+    for name in names:
+        [thread] = threads_named(name)
+        assert thread.daemon, name  # started from a non-daemon thread, still a daemon
+
+    receiver.stop()
+
+    assert wait_for(lambda: not any(threads_named(name) for name in names))
+    receiver.stop()  # again: nothing left to stop
+
+
+def test_the_accept_loop_checks_for_stop_every_fifth_of_a_second(make_receiver, monkeypatch):
+    wakeups: list[float] = []
+    # BaseServer calls this hook each time its loop wakes up without a connection.
+    monkeypatch.setattr(shared_events._GuardedHTTPServer, "service_actions",
+                        lambda server: wakeups.append(time.monotonic()))
+    receiver = make_receiver()
+    started_s = time.monotonic()
+    receiver.start()
+
+    assert wait_for(lambda: wakeups, timeout_s=2.0)
+    assert wakeups[0] - started_s < 0.45  # 0.2 s, and room for a loaded machine
+
+
+def test_stop_silences_a_request_whose_body_is_cut_short_by_it(make_receiver, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    receiver = make_receiver().start()
+    with connect_from("127.0.0.1", receiver.port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"event\"")
+        assert wait_for(lambda: receiver.stats["received"] == 1)  # reading the body now
+        receiver.stop()
+        assert read_until_closed(sock) == b""
+    assert wait_for(lambda: not handler_threads(receiver.port))
+
+    assert receiver.stats["rejected"] == 0  # stopped, not refused: no 400, no warning
+    assert warnings_of(caplog) == []
+
+
+# --- the dispatch side: EventSink ------------------------------------------------------------
+
+
+class Gate:
+    """A callback that records its arguments and blocks until opened."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.calls = Calls()
+
+    def __call__(self, item: Any) -> None:
+        self.entered.set()
+        self.opened.wait(5)
+        self.calls(item)
+
+
+def sink_stats() -> Counters:
+    return Counters(new_cdr=0, duplicates=0, dropped=0, last_event_time=None)
+
+
+@pytest.fixture
+def make_sink():
+    made: list[Any] = []
+
+    def make(on_recording: Any, on_event: Any = None, stats: Optional[Counters] = None,
+             name: str = "test-event-guard-dispatch") -> Any:
+        sink = shared_events.EventSink(on_recording, on_event, stats if stats is not None else sink_stats(),
+                                       name, NEW_CDR)
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        sink.stop(timeout_s=1.0)
+
+
+def recording_bytes(payload: dict) -> int:
+    """What a NewCdr's recording costs against MAX_QUEUED_BYTES (about its text)."""
+    return len(repr(NEW_CDR.new_call(payload).recording))
+
+
+def test_the_dispatch_thread_is_a_named_daemon(make_sink):
+    make_sink(Calls(), name="test-event-guard-named")
+    [thread] = threads_named("test-event-guard-named")
+    assert thread.daemon  # made from this non-daemon thread
+
+
+def test_stop_gives_up_on_a_stuck_callback_after_its_timeout(make_sink):
+    gate = Gate()
+    sink = make_sink(gate)
+    sink.accept(new_cdr())
+    assert gate.entered.wait(2)
+    try:
+        started_s = time.monotonic()
+        sink.stop(timeout_s=0.05)
+        assert time.monotonic() - started_s < 0.4
+    finally:
+        gate.opened.set()
+
+
+def test_a_recording_that_exactly_fills_the_byte_budget_is_queued(make_sink, monkeypatch):
+    payload = new_cdr(callid="4.1")
+    monkeypatch.setattr(shared_events, "MAX_QUEUED_BYTES", recording_bytes(payload))
+    calls = Calls()
+    stats = sink_stats()
+    sink = make_sink(calls, stats=stats)
+
+    sink.accept(payload)
+
+    assert wait_for(lambda: len(calls) == 1)
+    assert stats["dropped"] == 0
+
+
+def test_payloads_only_on_event_wants_cost_no_bytes(make_sink, monkeypatch):
+    monkeypatch.setattr(shared_events, "MAX_QUEUED_BYTES", 0)  # no recording fits at all
+    calls, events = Calls(), Calls()
+    stats = sink_stats()
+    sink = make_sink(calls, on_event=events, stats=stats)
+    ring = {"event": "RING", "callid": "9.9"}
+
+    sink.accept(ring)
+    sink.accept(new_cdr(callid="9.8"))  # its recording is over the budget: dropped whole
+
+    assert wait_for(lambda: len(events) == 1)
+    assert events.items == [ring] and len(calls) == 0
+    assert stats["dropped"] == 1
+
+
+class Payload(dict):
+    """A dict that a weak reference can watch."""
+
+
+def test_the_sink_keeps_no_payload_nobody_asked_for(make_sink):
+    import gc
+    import weakref
+    gate = Gate()
+    sink = make_sink(gate)  # no on_event
+    sink.accept(new_cdr(callid="6.1"))
+    assert gate.entered.wait(2)  # the dispatch thread is stuck: what follows stays queued
+    try:
+        payload = Payload(new_cdr(callid="6.2", padding="x" * 60_000))
+        watch = weakref.ref(payload)
+        sink.accept(payload)
+        del payload
+        gc.collect()
+        assert watch() is None  # only its recording waits in the queue
+    finally:
+        gate.opened.set()
+    assert wait_for(lambda: len(gate.calls) == 2)
+
+
+def test_an_event_dropped_on_a_full_queue_returns_its_bytes_and_may_be_resent(make_sink, monkeypatch):
+    small = recording_bytes(new_cdr(callid="2.1"))
+    big = new_cdr(callid="2.9", callfrom="1" * 4000)
+    # Room for big and one small event whose bytes the dispatch thread has yet to give back
+    # (it does so just after the callback returns).
+    monkeypatch.setattr(shared_events, "MAX_QUEUED_BYTES", recording_bytes(big) + small)
+    monkeypatch.setattr(shared_events, "MAX_QUEUED_EVENTS", 1)
+    assert 3 * small < recording_bytes(big)
+    gate = Gate()
+    stats = sink_stats()
+    sink = make_sink(gate, stats=stats)
+
+    sink.accept(new_cdr(callid="2.1"))
+    assert gate.entered.wait(2)  # 2.1 is in the callback, still counted
+    sink.accept(new_cdr(callid="2.2"))  # fills the one place in the queue
+    sink.accept(new_cdr(callid="2.3"))  # within the byte budget, but the queue is full
+    assert stats["dropped"] == 1
+    gate.opened.set()
+    assert wait_for(lambda: len(gate.calls) == 2)
+
+    sink.accept(new_cdr(callid="2.3"))  # the PBX re-sends it: not a repeat
+    assert wait_for(lambda: len(gate.calls) == 3)
+    sink.accept(big)  # fits only if the dropped event's bytes were given back
+    assert wait_for(lambda: len(gate.calls) == 4)
+    assert [r.callid for r in gate.calls.items] == ["2.1", "2.2", "2.3", "2.9"]
+    assert (stats["new_cdr"], stats["duplicates"], stats["dropped"]) == (5, 0, 1)
