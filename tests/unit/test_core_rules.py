@@ -6,7 +6,9 @@ extended attributes' namespaces."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import pytest
 
@@ -287,3 +289,48 @@ def test_only_the_yeastar_namespace_gives_cdr_fields(make_core):
     for name in ("user.someone.callid", "user.someone.caller", "user.yeastar."):
         with pytest.raises(errors.NoSuchAttributeError):
             core.xattr(path(FIRST), name)
+
+
+# -- handles ----------------------------------------------------------------------------------------------
+
+
+def test_releasing_a_cached_file_unpins_it_and_an_unknown_handle_is_ignored(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    opened = core.open(path(FIRST))
+    assert core.cache.usage()["pinned_bytes"] == 5_000
+    core.release(opened.fh)
+    assert core.cache.usage()["pinned_bytes"] == 0 and core.cache.usage()["idle_bytes"] == 5_000
+    core.release(opened.fh)                     # twice, or a handle never given: nothing happens
+    core.release(12345)
+    assert core.cache.contains(FIRST)
+
+
+# -- young recordings ---------------------------------------------------------------------------------------
+
+
+def young_entry(core: Core, name: str, call_ended_before_seen_s: float, talk_s: float, seen_ago_s: float = 1.0):
+    """*name*'s entry first seen *seen_ago_s* ago, its call (of *talk_s* s of talk) over
+    *call_ended_before_seen_s* before that: the call started talk_s earlier still."""
+    seen_s = time.time() - seen_ago_s
+    start_s = seen_s - call_ended_before_seen_s - talk_s
+    entry = core.index.get(name)
+    recording = dataclasses.replace(entry.recording, talk_s=talk_s)
+    return dataclasses.replace(entry, first_seen=seen_s, mtime_ns=int(start_s * 1e9), recording=recording)
+
+
+@pytest.mark.parametrize("ended_before_s, talk_s, seen_ago_s, grace_s", [
+    (5, 10, 1.0, 30.0),        # just written: the PBX may still be writing it
+    (500, 200, 1.0, 30.0),     # started 700 s before it was seen, but ended 500 s before
+    (700, 10, 1.0, 0.0),       # a backfill found an old call: no grace
+    (5, 10, 61.0, 0.0),        # first seen over a minute ago: no grace
+])
+def test_which_recordings_are_young(make_core, ended_before_s, talk_s, seen_ago_s, grace_s):
+    core = make_core()
+    assert core._not_found_grace_s(young_entry(core, FIRST, ended_before_s, talk_s, seen_ago_s)) == grace_s
+
+
+def test_a_recording_with_no_first_sighting_is_not_young(make_core):
+    core = make_core()
+    entry = dataclasses.replace(young_entry(core, FIRST, 5, 10), first_seen=None)
+    assert core._not_found_grace_s(entry) == 0.0

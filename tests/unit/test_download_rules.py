@@ -223,3 +223,54 @@ def test_shutdown_closes_the_connection_of_a_running_download(pbx, make_client, 
         download.read(1_900_000, 4096)
     assert rec.name in str(info.value) and "shutdown" in str(info.value)
     manager.release(download)
+
+
+# -- giving back the worker slot ----------------------------------------------------------------------
+
+
+def gone_idle(manager, handles: int, want_bytes: int, received_bytes: int) -> Download:
+    """A running download that gives back its slot (no connection open) with *handles*
+    readers, the furthest of which asked for *want_bytes*."""
+    download = Download(manager, NAME)
+    assert download.begin()
+    with download._cond:
+        download.handles, download._want_bytes, download.received_bytes = handles, want_bytes, received_bytes
+    download._go_idle()
+    return download
+
+
+@pytest.mark.parametrize("handles, want_bytes, received_bytes, state", [
+    (0, 200_000, 100_000, State.SUSPENDED),   # nobody left to want them: it stays idle
+    (1, 200_000, 100_000, State.QUEUED),      # a reader asked for more meanwhile: queued again
+    (2, 200_000, 100_000, State.QUEUED),
+    (1, 100_000, 100_000, State.SUSPENDED),   # the reader has all it asked for
+])
+def test_a_download_giving_back_its_slot_is_queued_again_only_for_a_reader_wanting_more(
+        idle_manager, handles, want_bytes, received_bytes, state):
+    manager = idle_manager(range_honoured=True)
+    download = gone_idle(manager, handles, want_bytes, received_bytes)
+    assert download.state is state
+    assert queued(manager) == ([(0, NAME)] if state is State.QUEUED else [])
+
+
+@pytest.mark.parametrize("handles, state, closed_expected", [
+    (1, State.SUSPENDED, True),   # a paused reader, Range honoured: closed, resumed with Range
+    (0, State.PARKED, False),     # nobody reading: kept open for one who comes right back
+])
+def test_a_download_giving_back_its_slot_closes_its_connection_only_when_suspended(
+        pbx, make_client, idle_manager, handles, state, closed_expected):
+    rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=1,
+                            size_bytes=500_000, announce=False)
+    stream = make_client(pbx).open_recording(rec.name, 0)
+    closed = []
+    stream.call_on_close(lambda: closed.append(rec.name))
+    download = Download(idle_manager(range_honoured=True), rec.name)
+    assert download.begin()
+    try:
+        with download._cond:
+            download._stream, download.handles = stream, handles
+        download._go_idle()
+        assert download.state is state
+        assert closed == ([rec.name] if closed_expected else [])
+    finally:
+        stream.close()
