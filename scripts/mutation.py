@@ -44,17 +44,25 @@ MUTMUT_REQUIREMENT = "mutmut==3.8.1"
 # module name -> (source file, unit test files the constant pass runs for it). mutmut itself
 # picks, per mutant, the tests that reached the mutated function, among UNIT_TESTS.
 MODULES = {
-    "downloads": ("yeastarfs/downloads.py", ["tests/unit/test_downloads.py", "tests/unit/test_core.py"]),
-    "cache": ("yeastarfs/cache.py", ["tests/unit/test_cache.py", "tests/unit/test_core.py"]),
-    "core": ("yeastarfs/core.py", ["tests/unit/test_core.py", "tests/unit/test_fs_ops.py"]),
-    "client": ("yeastarfs/pbx/sseries/client.py", ["tests/unit/test_api.py", "tests/unit/test_tls.py"]),
+    "downloads": ("yeastarfs/downloads.py",
+                  ["tests/unit/test_downloads.py", "tests/unit/test_core.py", "tests/unit/test_download_rules.py"]),
+    "cache": ("yeastarfs/cache.py",
+              ["tests/unit/test_cache.py", "tests/unit/test_core.py", "tests/unit/test_cache_rules.py"]),
+    "core": ("yeastarfs/core.py",
+             ["tests/unit/test_core.py", "tests/unit/test_fs_ops.py", "tests/unit/test_core_rules.py"]),
+    "client": ("yeastarfs/pbx/sseries/client.py",
+               ["tests/unit/test_api.py", "tests/unit/test_tls.py", "tests/unit/test_client_rules.py"]),
     "models": ("yeastarfs/models.py", ["tests/unit/test_models.py"]),
-    "index": ("yeastarfs/index.py", ["tests/unit/test_index.py", "tests/unit/test_fs_ops.py"]),
+    "index": ("yeastarfs/index.py",
+              ["tests/unit/test_index.py", "tests/unit/test_fs_ops.py", "tests/unit/test_index_rules.py"]),
     "discovery": ("yeastarfs/discovery.py", ["tests/unit/test_discovery.py"]),
-    "cdr": ("yeastarfs/pbx/sseries/cdr.py", ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py"]),
-    "clock": ("yeastarfs/pbx/clock.py", ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py"]),
-    "events": ("yeastarfs/pbx/events.py", ["tests/unit/test_events.py", "tests/unit/test_tcpevents.py",
-                                         "tests/unit/test_pseries_events.py"]),
+    "cdr": ("yeastarfs/pbx/sseries/cdr.py",
+            ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_cdr_rules.py"]),
+    "clock": ("yeastarfs/pbx/clock.py",
+              ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_clock_rules.py"]),
+    "events": ("yeastarfs/pbx/events.py",
+               ["tests/unit/test_events.py", "tests/unit/test_tcpevents.py", "tests/unit/test_pseries_events.py",
+                "tests/unit/test_event_requests.py", "tests/unit/test_event_guard.py"]),
 }
 # The fast unit layer, less what cannot reach these modules (the simulators' own tests) and
 # the two scale tests (a minute of 20,000 polls, 200,000 index rows) that would time every
@@ -66,7 +74,8 @@ UNIT_TESTS = ["tests/unit", "--ignore=tests/unit/test_simulator.py", "--ignore=t
 # and level of a log line are diagnostics, not policy or integrity, and the log lines that
 # are promises (secrets redacted, one line per refusal a minute) are tested through their
 # effects. A statement is a logging one when its first line matches one of these.
-LOGGING_STATEMENTS = [r"^\s*log\.(debug|info|warning|error|exception)\(", r"_throttle\.emit\("]
+LOGGING_STATEMENTS = [r"^\s*log\.(debug|info|warning|error|exception)\(", r"_throttle\.emit\(",
+                      r"^\s*\(log\.\w+ if .+ else log\.\w+\)\("]
 # Files the tests read besides the package and the tests (mutmut copies those two itself).
 ALSO_COPY = ["README.md", "scripts/", ".ci/"]
 # The mutants issue 12's audit made by hand, each of which the unit tests let through then:
