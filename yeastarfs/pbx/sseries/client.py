@@ -274,7 +274,8 @@ class PbxClient:
 
     def _json_failure(self, body: bytes, endpoint: str, token: str) -> errors.PbxError:
         try:
-            reply = json.loads(body.decode("utf-8", "replace"))
+            # utf-8-sig: a refusal after a byte order mark (fetch_cdr lets one precede the JSON)
+            reply = json.loads(body.decode("utf-8-sig", "replace"))
         except (ValueError, RecursionError):  # RecursionError: deeply nested (hostile) JSON
             return errors.DownloadError(f"{endpoint} returned malformed JSON instead of a recording")
         api_errno = str(reply.get("errno", "")) if isinstance(reply, dict) else ""
