@@ -134,9 +134,10 @@ def test_a_pbx_reached_over_ipv6_is_told_the_ipv4_loopback(make_client, monkeypa
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
     try:
-        client = make_client(sim)
-        client.base_url = f"http://[::1]:{sim.port}"  # the simulator's base_url assumes IPv4
-        client.heartbeat()
+        class OverIpv6:  # the simulator's own base_url assumes IPv4
+            base_url, password = f"http://[::1]:{sim.port}", sim.password
+
+        make_client(OverIpv6).heartbeat()
         [entry] = [e for e in sim.requests_log if e["endpoint"] == "heartbeat"]
         assert entry["body"]["ipaddr"] == "127.0.0.1"
     finally:
