@@ -13,6 +13,8 @@ import logging
 import os
 import pwd
 import re
+import shutil
+import tempfile
 import types
 
 import pytest
@@ -391,3 +393,104 @@ def test_a_discard_after_the_commit_keeps_the_file_and_its_pin(tmp_path):
         os.close(fd)
         cache.release(A)
     assert cache.usage()["idle_bytes"] == 300
+
+
+# -- the folders above the root: owners, symlinks, every level -------------------------------
+
+
+def _nobodys_symlink(link, target) -> None:
+    link.symlink_to(target)
+    os.lchown(link, NOBODY, NOBODY)
+
+
+@pytest.mark.parametrize("where", ["right above the root", "further up"])
+def test_a_symlink_of_another_user_on_the_way_is_refused_naming_it(tmp_path, where):
+    real = tmp_path / "real"
+    (real / "deeper").mkdir(parents=True)
+    link = tmp_path / "link"
+    _nobodys_symlink(link, real)
+    root = link / "cache" if where == "right above the root" else link / "deeper" / "cache"
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(root), "pbx")
+    message = str(caught.value)
+    assert f"cache folder {root} is reached through {link}, a symlink of uid {NOBODY}; use another --cache-dir" \
+        in message
+    assert os.listdir(real) == ["deeper"] and os.listdir(real / "deeper") == []
+
+
+def test_a_symlink_of_root_on_the_way_is_followed(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    CacheDir(str(tmp_path / "link" / "cache"), "pbx").close()
+    assert os.listdir(real) == ["cache"]
+
+
+def test_a_folder_above_of_another_user_is_refused_naming_it(tmp_path):
+    above = tmp_path / "above"
+    above.mkdir(mode=0o755)
+    os.chown(above, NOBODY, NOBODY)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(above / "cache"), "pbx")
+    message = str(caught.value)
+    assert f"cache folder {above / 'cache'} lies in {above}, which belongs to uid {NOBODY}; use another --cache-dir" \
+        in message
+    assert os.listdir(above) == []
+
+
+def test_every_level_above_is_checked_even_the_missing_ones(tmp_path):
+    above = tmp_path / "above"
+    (above / "sub").mkdir(parents=True)
+    os.chmod(above / "sub", 0o755)
+    os.chmod(above, 0o777)                              # two levels up, and not sticky
+    for root in (above / "sub" / "cache", above / "missing" / "cache"):
+        with pytest.raises(errors.ConfigError) as caught:
+            CacheDir(str(root), "pbx")
+        message = str(caught.value)
+        assert f"cache folder {root} lies in {above}, which other users may write to" in message
+        assert f"chmod go-w {above}" in message
+    assert sorted(os.listdir(above)) == ["sub"] and os.listdir(above / "sub") == []
+
+
+def test_missing_folders_above_the_root_are_created(tmp_path):
+    CacheDir(str(tmp_path / "a" / "b" / "cache"), "pbx").close()
+    assert (tmp_path / "a" / "b" / "cache" / "pbx").is_dir()
+
+
+def test_a_folder_above_writable_only_by_its_owner_may_have_any_group(tmp_path):
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chown(above, os.geteuid(), grp.getgrnam("nogroup").gr_gid)
+    os.chmod(above, 0o755)
+    CacheDir(str(above / "cache"), "pbx").close()
+
+
+def test_a_user_other_than_root_keeps_its_cache_in_its_own_folders(tmp_path):
+    # The daemon may run as an ordinary user: its own folders and root's are trusted.
+    home = tempfile.mkdtemp(prefix="yeastarfs-nobody-", dir="/tmp")   # /tmp: root's, sticky
+    try:
+        os.chown(home, NOBODY, NOBODY)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                    # the child: nobody, then the check
+            status = b"?"
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                CacheDir(os.path.join(home, "cache"), "pbx").close()
+                status = b"ok"
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                status = repr(exc).encode()[:500]
+            finally:
+                os.write(write, status)
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            status = pipe.read()
+        os.waitpid(pid, 0)
+        assert status == b"ok"
+        assert os.stat(os.path.join(home, "cache", "pbx")).st_uid == NOBODY
+    finally:
+        shutil.rmtree(home)
