@@ -28,6 +28,7 @@ import argparse
 import ast
 import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,7 @@ NAMED_MUTANTS = [
 # A constant-pass mutant whose tests run longer than this many times the unmutated run is
 # counted as killed (it hangs).
 TIMEOUT_FACTOR = 5.0
+CONSTANT_RESULTS = "constant-results.json"  # in the scratch copy, for --incremental
 TIMEOUT_MIN_S = 30.0
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 NOT_RUN = {"skipped", "not checked"}
@@ -126,14 +128,14 @@ def main() -> int:
     parser.add_argument("--survivors", action="store_true", help="list every surviving mutant")
     parser.add_argument("--work-dir", default=WORK_DIR, help=f"the scratch copy (default {WORK_DIR})")
     parser.add_argument("--incremental", action="store_true",
-                        help="keep the last run's mutmut results: test only mutants of changed functions and "
-                             "the last run's survivors again (tests may have been added since)")
+                        help="keep the last run's results: test only mutmut mutants of changed functions, and "
+                             "the last run's survivors of both passes, again (tests may have been added since)")
     args = parser.parse_args()
     globals()["WORK_DIR"] = os.path.abspath(args.work_dir)  # every function below works there
     modules = args.module or list(MODULES)
     equivalent = read_equivalent()
     started = time.monotonic()
-    fresh_copy(WORK_DIR, keep=["mutants"] if args.incremental else [])
+    fresh_copy(WORK_DIR, keep=["mutants", CONSTANT_RESULTS] if args.incremental else [])
     results: dict[str, str] = {}
     with open(os.path.join(WORK_DIR, "pyproject.toml"), "a", encoding="utf-8") as handle:
         handle.write(mutmut_config(modules))
@@ -143,7 +145,8 @@ def main() -> int:
     elif os.path.isdir(os.path.join(WORK_DIR, "mutants")):
         results.update(mutmut_results())  # the last run's, kept with --incremental
     if not args.no_constants:
-        results.update(run_constant_pass(modules, args.jobs, equivalent, args.named_only))
+        earlier = read_constant_results() if args.incremental else {}
+        results.update(run_constant_pass(modules, args.jobs, equivalent, args.named_only, earlier))
     summary = summarize(results, modules, equivalent, time.monotonic() - started, args.survivors)
     print(summary)
     if args.summary:
@@ -369,15 +372,29 @@ def named_mutants(module: str) -> Iterator[ConstantMutant]:
                                  start + len(old), new)
 
 
+def read_constant_results() -> dict[str, str]:
+    """The constant pass's results kept from earlier runs in this scratch copy."""
+    try:
+        with open(os.path.join(WORK_DIR, CONSTANT_RESULTS), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return {}
+
+
 def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str],
-                      named_only: bool = False) -> dict[str, str]:
+                      named_only: bool = False, earlier: Optional[dict[str, str]] = None) -> dict[str, str]:
     """Test every constant mutant (and the named ones) in scratch copies of their own, but
-    those listed as equivalent; mutant name -> status."""
+    those listed as equivalent and those *earlier* killed; mutant name -> status. Results
+    are kept in the scratch copy for ``--incremental``."""
+    earlier = earlier or {}
     mutants = [m for module in modules
                for m in [*named_mutants(module), *([] if named_only else constant_mutants(module))]
                if m.name not in equivalent]
-    print(f"constants: {len(mutants)} mutants of module-level numbers and named ones", flush=True)
-    baseline_s = {module: _timed_tests(WORK_DIR, module) for module in modules}
+    kept = {m.name: earlier[m.name] for m in mutants if earlier.get(m.name) in KILLED}
+    mutants = [m for m in mutants if m.name not in kept]
+    print(f"constants: {len(mutants)} mutants of module-level numbers and named ones to test, "
+          f"{len(kept)} killed in an earlier run", flush=True)
+    baseline_s = {module: _timed_tests(WORK_DIR, module) for module in sorted({m.module for m in mutants})}
     workers = [WORK_DIR] + [f"{WORK_DIR}-{i}" for i in range(1, max(1, jobs))]
     for worker in workers[1:]:
         fresh_copy(worker)
@@ -395,7 +412,9 @@ def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str],
         for done, (name, status) in enumerate(pool.map(test, mutants), 1):
             results[name] = status
             print(f"constants: {done}/{len(mutants)} {name}: {status}", flush=True)
-    return results
+            with open(os.path.join(WORK_DIR, CONSTANT_RESULTS), "w", encoding="utf-8") as handle:
+                json.dump({**read_constant_results(), **kept, **results}, handle, indent=0)
+    return {**kept, **results}
 
 
 def _pytest(worker: str, module: str, timeout_s: Optional[float]) -> Optional[int]:
