@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import tempfile
 import types
 
@@ -166,7 +167,9 @@ def test_a_foreign_pbx_folder_is_refused_by_its_own_path(tmp_path):
     os.chown(root / "pbx", NOBODY, NOBODY)
     with pytest.raises(errors.ConfigError) as caught:
         CacheDir(str(root), "pbx")
-    assert f"{root / 'pbx'} belongs to uid {NOBODY}" in str(caught.value)
+    message = str(caught.value)
+    assert f"{root / 'pbx'} belongs to uid {NOBODY}, not to this user (uid {os.geteuid()})" in message
+    assert "; remove it or use another --cache-dir (its owner could plant links in it)" in message
 
 
 def test_a_folder_that_must_exist_is_never_created(tmp_path):
@@ -494,3 +497,85 @@ def test_a_user_other_than_root_keeps_its_cache_in_its_own_folders(tmp_path):
         assert os.stat(os.path.join(home, "cache", "pbx")).st_uid == NOBODY
     finally:
         shutil.rmtree(home)
+
+
+# -- the root and the per-PBX folder themselves ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["root", "pbx"])
+def test_a_folder_others_may_write_to_is_refused_naming_the_chmod(tmp_path, which):
+    root = tmp_path / "cache"
+    (root / "pbx").mkdir(parents=True)
+    os.chmod(root, 0o700)
+    os.chmod(root / "pbx", 0o700)
+    writable = root if which == "root" else root / "pbx"
+    for mode in (0o770, 0o702):
+        os.chmod(writable, mode)
+        with pytest.raises(errors.ConfigError) as caught:
+            CacheDir(str(root), "pbx")
+        message = str(caught.value)
+        assert f"{writable} is writable by other users (mode {mode:03o}); run chmod 700 {writable}" in message
+    assert not (root / "pbx" / "lock").exists()
+
+
+def test_a_root_or_pbx_folder_that_is_a_symlink_is_refused_naming_it_and_the_fix(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "link"), "pbx")
+    shown = str(tmp_path / "link")
+    assert f"{shown} is a symlink or not a folder; remove it (rm {shown})" in str(caught.value)
+    (real / "pbx").symlink_to(tmp_path)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(real), "pbx")
+    shown = str(real / "pbx")
+    assert f"{shown} is a symlink or not a folder; remove it (rm {shown})" in str(caught.value)
+
+
+def test_a_new_cache_root_is_private_whatever_the_umask(tmp_path):
+    old_umask = os.umask(0)
+    try:
+        CacheDir(str(tmp_path / "cache"), "pbx").close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "cache" / "pbx").st_mode) == 0o700
+
+
+def test_a_folder_that_cannot_be_made_or_opened_is_named_with_the_reason(tmp_path):
+    name = "p" * 300                                    # longer than a file name may be
+    shown = str(tmp_path / "cache" / name)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "cache"), name)
+    assert f"{shown}: cannot create it: {os.strerror(errno.ENAMETOOLONG)}" in str(caught.value)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(tmp_path / "cache"), name, create=False)
+    assert f"{shown}: {os.strerror(errno.ENAMETOOLONG)}" in str(caught.value)
+
+
+# -- names the cache refuses, names it takes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "x/y", "20261127101500-1.1-1-2-a\0b.wav"],
+                         ids=["empty", "dot", "dotdot", "slash", "nul"])
+def test_a_name_that_is_no_plain_file_name_is_never_cached(tmp_path, name):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    with pytest.raises(errors.CacheError) as caught:
+        cache.new_partial(name)
+    assert f"recording name {name!r} is not a plain file name" in str(caught.value)
+    assert cache.open_complete(name) is None
+    assert os.listdir(tmp_path / "cache" / "partial") == [] and cache.usage()["pinned"] == 0
+
+
+def test_a_name_that_is_not_valid_utf8_is_cached_like_any_other(tmp_path):
+    name = os.fsdecode(b"20261127101500-1.1-J\xfcrgen-1002-Internal.wav")   # a Latin-1 byte
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, name, 100)
+    assert os.listdir(tmp_path / "cache" / "partial") == []
+    fd = cache.open_complete(name)
+    try:
+        assert os.pread(fd, 1000, 0) == content(name, 100)
+    finally:
+        os.close(fd)
+        cache.release(name)
