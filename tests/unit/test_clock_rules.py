@@ -10,13 +10,15 @@ undone afterwards), so the results do not depend on where the suite runs.
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
+import os
 import time
 import zoneinfo
 
 import pytest
 
-from yeastarfs.pbx.clock import PbxClock
+from yeastarfs.pbx.clock import PbxClock, describe_skew, local_zone
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 KOLKATA = zoneinfo.ZoneInfo("Asia/Kolkata")
@@ -177,3 +179,124 @@ def test_call_times_do_not_tell_the_listener_while_the_pbx_states_its_zone(caplo
         call_ending_now(clock, -7 * 3600)
     assert seen == [dt.timezone(dt.timedelta(hours=1))]
     assert clock.zone() == (dt.timezone(dt.timedelta(hours=1)), "detected")
+
+
+# -- the skew from Date headers (note_date) -------------------------------------------------
+
+BASE_S = 1_790_000_000  # a whole second in 2026
+
+
+def note_skew(clock, skew_s, at_s=BASE_S):
+    """A reply whose Date header says the PBX runs *skew_s* (whole) ahead: the header's
+    second plus half a second, minus the request's midpoint, is exactly *skew_s*."""
+    header = email.utils.formatdate(at_s + skew_s, usegmt=True)
+    clock.note_date(header, at_s, at_s + 1.0)  # answered within a second: midpoint at_s + 0.5
+
+
+def skew_messages(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "yeastarfs.pbx.clock" and "clock is" in r.getMessage()]
+
+
+def test_the_skew_is_the_median_of_the_last_five_headers():
+    clock = PbxClock()
+    assert clock.jumps == 0
+    for _ in range(5):
+        note_skew(clock, 0)
+    for _ in range(5):
+        note_skew(clock, 100)
+    assert clock.skew_s == 100
+    assert clock.jumps == 0
+
+
+def test_the_skew_is_logged_when_first_known_and_after_each_jump(caplog):
+    clock = PbxClock()
+    with caplog.at_level(logging.INFO, logger="yeastarfs.pbx.clock"):
+        for _ in range(3):
+            note_skew(clock, 200)  # after the first, steady: neither a jump nor news
+        assert clock.jumps == 0
+        assert skew_messages(caplog) == ["pbx: the PBX's clock is 200 s ahead of ours"]
+        for _ in range(3):
+            note_skew(clock, -1000)
+        assert clock.jumps == 1  # the third moved the median from 200 to -1000
+        for _ in range(3):
+            note_skew(clock, 5000)
+        assert clock.jumps == 2
+    assert skew_messages(caplog) == ["pbx: the PBX's clock is 200 s ahead of ours",
+                                     "pbx: the PBX's clock is 1000 s behind ours",
+                                     "pbx: the PBX's clock is 5000 s ahead of ours"]
+
+
+@pytest.mark.parametrize("moved_s, jumps", [(300, 0), (301, 1)])
+def test_a_skew_that_moves_by_more_than_five_minutes_is_a_jump(moved_s, jumps):
+    clock = PbxClock()
+    for _ in range(3):
+        note_skew(clock, 0)
+    for _ in range(3):  # the third makes it the median of the last five
+        note_skew(clock, moved_s)
+    assert clock.skew_s == moved_s
+    assert clock.jumps == jumps
+
+
+@pytest.mark.parametrize("header", [None, "", "not a date", "Mon, 99 Foo 2026 99:99:99 GMT"])
+def test_a_missing_or_unreadable_date_header_is_ignored(header):
+    clock = PbxClock()
+    clock.note_date(header, time.time(), time.time())
+    assert clock.skew_s is None
+    assert clock.status()["pbx_clock_skew_s"] is None
+
+
+def test_a_date_a_hundred_years_off_is_still_a_clock_and_one_second_more_is_garbage():
+    century_s = 100 * 365 * 86400
+    clock = PbxClock()
+    note_skew(clock, century_s)
+    assert clock.skew_s == century_s
+    later = PbxClock()
+    note_skew(later, century_s + 1)
+    assert later.skew_s is None
+
+
+@pytest.mark.parametrize("skew_s, words", [(None, "of unknown offset (no Date header)"), (12.4, "12 s ahead of ours"),
+                                           (0.0, "0 s ahead of ours"), (0.5, "0 s ahead of ours"),
+                                           (-3.0, "3 s behind ours")])
+def test_describe_skew(skew_s, words):
+    assert describe_skew(skew_s) == words
+
+
+# -- detected zones: the last twenty votes ---------------------------------------------------
+
+
+def test_the_detected_zone_is_the_most_common_of_the_last_twenty_calls():
+    clock = PbxClock()
+    for _ in range(15):
+        call_ending_now(clock, 3600)
+    for _ in range(12):  # 15 + 12 calls: of the last 20, 12 say UTC+02:00
+        call_ending_now(clock, 7200)
+    assert clock.zone() == (dt.timezone(dt.timedelta(hours=2)), "detected")
+
+
+# -- this machine's zone (local_zone) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("tz, expected", [(":Asia/Kolkata", "Asia/Kolkata"), ("Asia/Kolkata", "Asia/Kolkata"),
+                                          ("XEurope/Paris", None), ("Nowhere/Atlantis", None), ("", None)])
+def test_local_zone_names_the_zone_tz_names(monkeypatch, tz, expected):
+    """A ``TZ`` (with or without POSIX's leading colon) that names an IANA zone is that zone;
+    anything else, or an empty ``TZ``, names none (and /etc/localtime is not consulted)."""
+    monkeypatch.setenv("TZ", tz)
+    assert local_zone() == (None if expected is None else zoneinfo.ZoneInfo(expected))
+
+
+def test_without_tz_local_zone_is_the_zone_etc_localtime_links_to(monkeypatch):
+    target = os.path.realpath("/etc/localtime")
+    if "/zoneinfo/" not in target:
+        pytest.skip(f"/etc/localtime is not a link into a zoneinfo tree here ({target})")
+    monkeypatch.delenv("TZ", raising=False)
+    time.tzset()
+    try:
+        zone = local_zone()
+        assert zone is not None and target.endswith("/" + zone.key)
+        assert dt.datetime.now(zone).utcoffset() == dt.timedelta(seconds=time.localtime().tm_gmtoff)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
