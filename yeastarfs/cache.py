@@ -211,7 +211,7 @@ def open_cache_root(cache_root: str, *, create: bool = True, tighten: bool = Fal
     parent = os.path.dirname(cache_root)
     if create:
         try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            _make_folders(parent)
         except OSError as exc:
             raise errors.ConfigError(f"cache folder {parent}: cannot create it: {exc.strerror}") from None
     try:
@@ -223,6 +223,20 @@ def open_cache_root(cache_root: str, *, create: bool = True, tighten: bool = Fal
         return _open_dir(os.path.basename(cache_root), parent_fd, cache_root, create=create, tighten=tighten)
     finally:
         os.close(parent_fd)
+
+
+def _make_folders(path: str) -> None:
+    """Create folder *path* and the missing ones above it, each 0700 (os.makedirs gives the
+    ones above the last the umask's mode: 0777 under umask 0)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _make_folders(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # made meanwhile, or not a folder: the open that follows says which
 
 
 def _open_file(name: str, dir_fd: int, flags: int, shown: str) -> int:

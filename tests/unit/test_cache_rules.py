@@ -579,3 +579,31 @@ def test_a_name_that_is_not_valid_utf8_is_cached_like_any_other(tmp_path):
     finally:
         os.close(fd)
         cache.release(name)
+
+
+def test_an_existing_root_keeps_its_mode_and_the_pbx_folder_is_made_0700(tmp_path):
+    # A shared /var/cache/yeastarfs may be 0755; what is inside is the daemon's alone.
+    root = tmp_path / "cache"
+    (root / "pbx").mkdir(parents=True)
+    os.chmod(root, 0o755)
+    os.chmod(root / "pbx", 0o701)                       # no one else may write: accepted, tightened
+    CacheDir(str(root), "pbx").close()
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(root / "pbx").st_mode) == 0o700
+
+
+def test_missing_folders_above_the_root_are_created_private(tmp_path):
+    old_umask = os.umask(0)
+    try:
+        CacheDir(str(tmp_path / "a" / "b" / "cache"), "pbx").close()
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
+
+
+def test_a_folder_above_that_cannot_be_created_is_named_with_the_reason(tmp_path):
+    parent = f"/proc/yeastarfs-test-{os.getpid()}"      # procfs refuses new folders
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(parent + "/cache", "pbx")
+    assert f"cache folder {parent}: cannot create it: " in str(caught.value)
