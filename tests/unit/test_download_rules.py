@@ -11,11 +11,13 @@ workers would take, in their order.
 from __future__ import annotations
 
 import datetime
+import time
 import threading
 
 import pytest
 
 from harness import factory, wait_until
+from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
 from yeastarfs.downloads import Download, DownloadManager, State
@@ -274,3 +276,384 @@ def test_a_download_giving_back_its_slot_closes_its_connection_only_when_suspend
         assert closed == ([rec.name] if closed_expected else [])
     finally:
         stream.close()
+
+
+# -- who still wants the bytes ------------------------------------------------------------------------------
+
+
+def wanted(manager, handles=0, opens=1, total_bytes=None, received_bytes=0, reopened=False) -> Download:
+    download = Download(manager, NAME, reopened=reopened)
+    with download._cond:
+        download.handles, download.opens = handles, opens
+        download.total_bytes, download.received_bytes = total_bytes, received_bytes
+    return download
+
+
+@pytest.mark.parametrize("options, goes_on", [
+    ({"handles": 1}, True),                                          # a reader: go on
+    ({"handles": 2}, True),
+    ({}, False),                                                     # read once, left early: give up the slot
+    ({"total_bytes": 1000, "received_bytes": 500}, True),            # half the file: finish it
+    ({"total_bytes": 1000, "received_bytes": 499}, False),
+    ({"total_bytes": None, "received_bytes": 500}, False),           # size unknown: not "mostly here"
+    ({"opens": 2}, True),                                            # opened twice: finish it
+    ({"reopened": True}, True),                                      # opened again soon after the last one
+])
+def test_a_download_goes_on_for_a_reader_or_when_worth_finishing(idle_manager, options, goes_on):
+    download = wanted(idle_manager(), **options)
+    if goes_on:
+        download._check_wanted()
+    else:
+        with pytest.raises(downloads_module._Idle):
+            download._check_wanted()
+
+
+def test_once_worth_finishing_a_download_runs_without_a_window(idle_manager):
+    download = wanted(idle_manager(), opens=2, received_bytes=10_000_000)
+    download._check_wanted()
+    assert download._wait_for_demand() is None      # no flow control: on to the end
+
+
+def test_a_download_being_stopped_asks_nothing_more(idle_manager):
+    manager = idle_manager()
+    download = wanted(manager, handles=1)
+    manager.stopping = True
+    with pytest.raises(downloads_module._Cancelled):
+        download._check_wanted()
+    assert download._cancel_reason == "shutdown"
+
+
+def asks(download: Download, end: int) -> None:
+    """A reader asks for the bytes up to *end* (what `Download.read` notes first)."""
+    with download._cond:
+        download._want_locked(end)
+
+
+# -- flow control -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("want_bytes, received_bytes, allowed", [
+    (4096, 0, 4096 + 128 * 1024),              # the first window: 128 KiB past what was asked
+    (300_000, 100_000, 300_000 + 600_000 - 100_000),   # then twice what was asked
+    (4096, 4096 + 128 * 1024 - 1, 1),          # one byte left in the window
+])
+def test_the_window_a_download_may_run_ahead(idle_manager, want_bytes, received_bytes, allowed):
+    download = wanted(idle_manager(), handles=1, received_bytes=received_bytes)
+    asks(download, want_bytes)
+    assert download._wait_for_demand() == allowed
+
+
+def test_a_paused_download_goes_on_when_its_reader_asks_for_more(idle_manager):
+    download = wanted(idle_manager(), handles=1, received_bytes=4096 + 128 * 1024)
+    asks(download, 4096)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(download._wait_for_demand()))
+    waiter.start()
+    wait_until(lambda: download._paused_since is not None, WAIT_S, message="the download to pause")
+    asks(download, 8192)
+    waiter.join(WAIT_S)
+    assert outcome == [8192 + 128 * 1024 - (4096 + 128 * 1024)]
+
+
+def test_a_download_paused_long_enough_gives_back_its_slot_at_once(idle_manager):
+    download = wanted(idle_manager(), handles=1, received_bytes=4096 + 128 * 1024)
+    asks(download, 4096)
+    download._paused_since = time.monotonic() - 5.0      # README: paused by flow control for 5 s
+    began = time.monotonic()
+    with pytest.raises(downloads_module._Idle):
+        download._wait_for_demand()
+    assert time.monotonic() - began < 0.2
+
+
+# -- what the PBX's reply says about the bytes held -----------------------------------------------------------
+
+
+@pytest.fixture
+def holding(idle_manager, cache):
+    """A download holding *data* in its partial file."""
+    made = []
+
+    def build(data: bytes) -> Download:
+        download = Download(idle_manager(), NAME)
+        download._partial = cache.new_partial(NAME)
+        download._partial.write(data)
+        download.received_bytes = len(data)
+        made.append(download)
+        return download
+
+    yield build
+    for download in made:
+        download._partial.discard()
+        download._partial.close()
+
+
+def riff(declared_total: int, length: int) -> bytes:
+    return (b"RIFF" + (declared_total - 8).to_bytes(4, "little") + b"WAVE" + bytes(length))[:length]
+
+
+@pytest.mark.parametrize("data, announced, agrees", [
+    (riff(10_000, 11), 10_000, None),          # too little held to tell
+    (riff(10_000, 12), 10_000, True),          # the 12-byte RIFF header says the same size
+    (riff(10_000, 12), 9_000, False),          # it says another: wait for the body's end
+    (riff(10_000, 100), 10_000, True),
+    (b"ID3" + bytes(97), 10_000, True),        # no RIFF header to compare with
+])
+def test_the_riff_header_confirms_the_announced_size(holding, data, announced, agrees):
+    assert holding(data)._header_agrees(announced) is agrees
+
+
+@pytest.mark.parametrize("start_offset, skip", [(500, 0), (0, 500)])
+def test_a_resume_skips_what_the_pbx_sends_again(holding, start_offset, skip):
+    assert holding(bytes(500))._skip_for(start_offset) == skip
+
+
+def test_a_resume_at_another_offset_is_an_error_naming_both(holding):
+    with pytest.raises(errors.DownloadError) as info:
+        holding(bytes(500))._skip_for(200)
+    assert NAME in str(info.value) and "200" in str(info.value) and "500" in str(info.value)
+
+
+# -- which bytes a reader gets before the end ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total_bytes, received_bytes, end, readable", [
+    (None, 1000, 1000, True),      # size unknown: what is held is readable
+    (None, 999, 1000, False),
+    (2000, 1000, 1000, True),
+    (2000, 999, 1000, False),
+    (1000, 1000, 1000, False),     # the last bytes wait for the commit to the cache
+    (1000, 1000, 999, True),
+])
+def test_the_last_bytes_are_handed_out_only_once_cached(idle_manager, total_bytes, received_bytes, end, readable):
+    download = wanted(idle_manager(), total_bytes=total_bytes, received_bytes=received_bytes)
+    assert download._readable_locked(0, end) is readable
+    download.state = State.COMPLETE
+    assert download._readable_locked(0, end) is True
+
+
+# -- the janitor and shutdown: downloads nobody came back to -------------------------------------------------------
+
+
+@pytest.fixture
+def live_stream(pbx, make_client):
+    """A real open transfer from the simulator, and the list its close appends to."""
+    made = []
+
+    def build():
+        rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=1,
+                                size_bytes=500_000, announce=False)
+        stream = make_client(pbx).open_recording(rec.name, 0)
+        closed = []
+        stream.call_on_close(lambda: closed.append(True))
+        made.append(stream)
+        return stream, closed
+
+    yield build
+    for stream in made:
+        stream.close()
+
+
+def idle_with(manager, state: State, stream=None, handles: int = 0, received_bytes: int = 1000) -> Download:
+    download = Download(manager, NAME)
+    assert download.begin()
+    with download._cond:
+        download._stream, download.handles, download.received_bytes = stream, handles, received_bytes
+        download._to(state)
+    return download
+
+
+def test_a_parked_download_nobody_came_back_to_is_suspended_when_range_works(idle_manager, live_stream):
+    stream, closed = live_stream()
+    download = idle_with(idle_manager(range_honoured=True), State.PARKED, stream)
+    download.expire(download.idle_deadline())           # at its deadline exactly
+    assert download.state is State.SUSPENDED and download.error is None
+    assert closed == [True] and download._stream is None
+
+
+@pytest.mark.parametrize("range_honoured", [None, False])
+def test_a_parked_download_nobody_came_back_to_is_dropped_without_range(idle_manager, live_stream, range_honoured):
+    stream, closed = live_stream()
+    download = idle_with(idle_manager(range_honoured=range_honoured), State.PARKED, stream)
+    download.expire(download.idle_deadline())
+    assert download.cancelled and closed == [True]
+    assert NAME in str(download.error) and "no reader came back" in str(download.error)
+
+
+def test_a_suspended_download_nobody_came_back_to_is_dropped(idle_manager):
+    download = idle_with(idle_manager(range_honoured=True), State.SUSPENDED)
+    download.expire(download.idle_deadline())
+    assert download.cancelled and "no reader came back" in str(download.error)
+
+
+@pytest.mark.parametrize("state, handles, early_s", [
+    (State.PARKED, 0, 0.001),       # before its deadline
+    (State.PARKED, 1, -100.0),      # a reader holds it
+    (State.SUSPENDED, 2, -100.0),
+])
+def test_an_idle_download_is_left_alone_before_its_deadline_or_with_a_reader(idle_manager, state, handles, early_s):
+    download = idle_with(idle_manager(range_honoured=True), state, handles=handles)
+    deadline = download._idle_deadline_locked()
+    download.expire(deadline - early_s)
+    assert download.state is state and download.error is None
+
+
+@pytest.mark.parametrize("state", [State.QUEUED, State.RUNNING])
+def test_the_janitor_leaves_queued_and_running_downloads_alone(idle_manager, state):
+    download = Download(idle_manager(), NAME)
+    if state is State.RUNNING:
+        assert download.begin()
+    download.expire(time.monotonic() + 1000)
+    assert download.state is state
+
+
+@pytest.mark.parametrize("state, cancelled", [
+    (State.QUEUED, True), (State.PARKED, True), (State.SUSPENDED, True),
+    (State.RUNNING, False),          # its worker ends it (it sees the manager stopping)
+])
+def test_shutdown_cancels_every_download_no_worker_runs(idle_manager, live_stream, state, cancelled):
+    stream, closed = live_stream()
+    download = Download(idle_manager(), NAME)
+    if state is not State.QUEUED:
+        assert download.begin()
+        with download._cond:
+            download._stream = stream
+            if state is not State.RUNNING:
+                download._to(state)
+    download.expire(time.monotonic(), stopping=True)
+    assert download.cancelled is cancelled
+    if cancelled:
+        assert "shutdown" in str(download.error)
+        assert closed == ([True] if state is not State.QUEUED else [])
+    else:
+        assert download.state is State.RUNNING and closed == []
+
+
+# -- readers joining -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", [State.FAILED, State.CANCELLED])
+def test_a_reader_cannot_join_a_download_that_ended_without_its_bytes(idle_manager, end):
+    download = Download(idle_manager(), NAME)
+    assert download.begin()
+    with download._cond:
+        download._end_locked(end, errors.PbxUnavailableError("x") if end is State.FAILED else None)
+    assert download.join() is False
+    assert (download.handles, download.opens) == (0, 0)
+
+
+def test_readers_joining_a_queued_download_raise_its_priority(idle_manager):
+    manager = idle_manager()
+    download = manager.prefetch(NAME)
+    assert download.join() is True and download.join() is True
+    assert (download.handles, download.opens) == (2, 2)
+    assert queued(manager) == [(0, NAME), (0, NAME), (1, NAME)]   # the worker runs it once (`begin`)
+
+
+def test_a_reader_joining_a_running_download_queues_nothing(idle_manager):
+    manager = idle_manager()
+    download = Download(manager, NAME)
+    assert download.begin()
+    assert download.join() is True
+    assert download.state is State.RUNNING and queued(manager) == []
+    download.leave()
+    assert download.handles == 0 and download.opens == 1
+
+
+# -- opened again soon ---------------------------------------------------------------------------------------------
+
+
+def test_an_open_within_30_s_of_the_last_is_a_reopen(idle_manager):
+    manager = idle_manager()
+    assert manager._note_open_locked(NAME) is False
+    assert manager._note_open_locked(NAME) is True
+    assert manager._note_open_locked(OTHER) is False
+    manager._recent_opens[NAME] = time.monotonic() - 31.0      # README: opened again within 30 s
+    manager._recent_opens.move_to_end(NAME, last=False)
+    assert manager._note_open_locked(NAME) is False
+
+
+def test_the_recent_opens_are_bounded_oldest_first(idle_manager):
+    manager = idle_manager()
+    now = time.monotonic()
+    bound = downloads_module.RECENT_OPENS_MAX
+    manager._recent_opens.update((f"old{i}", now) for i in range(bound + 1))
+    manager._note_open_locked(NAME)              # one over the bound: the oldest goes
+    assert len(manager._recent_opens) == bound + 1
+    assert "old0" not in manager._recent_opens and "old1" in manager._recent_opens
+    assert manager._note_open_locked(NAME) is True
+
+
+# -- the size a reply announces ---------------------------------------------------------------------------------------
+
+
+def test_an_announced_size_is_believed_once_and_reported_once(idle_manager, cache):
+    learned = []
+    manager = idle_manager(on_size=lambda name, size: learned.append((name, size)))
+    download = Download(manager, NAME)
+    download._partial = cache.new_partial(NAME)
+    try:
+        download._accept_total(None)                      # nothing announced: nothing learned
+        assert download.total_bytes is None and learned == []
+        download.received_bytes = 1000
+        download._accept_total(1000)                      # all of it held: fine
+        download._accept_total(1000)
+        assert download.total_bytes == 1000 and learned == [(NAME, 1000)]
+        with pytest.raises(errors.DownloadError) as info:
+            download._accept_total(2000)
+        assert NAME in str(info.value) and "2000" in str(info.value) and "1000" in str(info.value)
+    finally:
+        download._partial.discard()
+        download._partial.close()
+
+
+def test_more_bytes_held_than_announced_is_an_error(idle_manager, cache):
+    download = Download(idle_manager(), NAME)
+    download._partial = cache.new_partial(NAME)
+    try:
+        download.received_bytes = 1001
+        with pytest.raises(errors.DownloadError) as info:
+            download._accept_total(1000)
+        assert NAME in str(info.value) and download.total_bytes is None
+    finally:
+        download._partial.discard()
+        download._partial.close()
+
+
+# -- the manager's callbacks ----------------------------------------------------------------------------------------------
+
+
+def test_a_commit_is_shown_to_on_commit_and_its_failure_costs_nothing(idle_manager):
+    seen = []
+
+    def pread(size, offset):
+        return b"x" * size
+
+    idle_manager(on_commit=lambda *args: seen.append(args)).committed(NAME, 1234, pread)
+    assert seen == [(NAME, 1234, pread)]
+
+    def broken(*args):
+        raise OSError("the page cache is full")
+
+    idle_manager(on_commit=broken).committed(NAME, 1234, pread)   # no exception
+    idle_manager().committed(NAME, 1234, pread)
+
+
+def test_a_finished_download_is_reported_complete_or_leaves_the_map(idle_manager):
+    completed = []
+    manager = idle_manager(on_complete=lambda name, size: completed.append((name, size)))
+    done = manager.acquire(NAME)                    # a reader holds each of them
+    failed = manager.acquire(OTHER)
+    for download in (done, failed):
+        assert download.begin()
+    with done._cond:
+        done.received_bytes = 4321
+        done._to(State.COMPLETE)
+    with failed._cond:
+        failed._end_locked(State.FAILED, errors.PbxUnavailableError("reset"))
+    manager.finished(done)
+    manager.finished(failed)
+    assert completed == [(NAME, 4321)]
+    assert manager.running() == [done]             # the failed one: the next open starts afresh
+    manager.release(done)
+    manager.release(failed)
+    assert manager.running() == []                 # retired once nobody reads it
