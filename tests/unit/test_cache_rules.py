@@ -607,3 +607,22 @@ def test_a_folder_above_that_cannot_be_created_is_named_with_the_reason(tmp_path
     with pytest.raises(errors.ConfigError) as caught:
         CacheDir(parent + "/cache", "pbx")
     assert f"cache folder {parent}: cannot create it: " in str(caught.value)
+
+
+def test_a_root_under_a_file_is_refused_naming_both(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    root = tmp_path / "file" / "cache"
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(root), "pbx", lock=False, create=False)     # what `yeastarfs cache` opens
+    assert f"cache folder {root}: {tmp_path / 'file'}: {os.strerror(errno.ENOTDIR)}" in str(caught.value)
+
+
+# -- what a file says about its own length ---------------------------------------------------
+
+
+def test_only_a_riff_wave_header_declares_a_length():
+    size = (1000 - 8).to_bytes(4, "little")
+    assert cache_module.riff_size(b"RIFF" + size + b"WAVE") == 1000
+    assert cache_module.riff_size(b"RIFF" + size + b"AVI ") is None     # RIFF, but not a WAV file
+    assert cache_module.riff_size(b"RIFX" + size + b"WAVE") is None     # big-endian RIFF: not ours
+    assert cache_module.file_problem(600, b"RIFF" + size + b"AVI ", None) is None
