@@ -626,3 +626,19 @@ def test_only_a_riff_wave_header_declares_a_length():
     assert cache_module.riff_size(b"RIFF" + size + b"AVI ") is None     # RIFF, but not a WAV file
     assert cache_module.riff_size(b"RIFX" + size + b"WAVE") is None     # big-endian RIFF: not ours
     assert cache_module.file_problem(600, b"RIFF" + size + b"AVI ", None) is None
+    # More than the first 12 bytes (a whole 44-byte WAV header) says the same.
+    assert cache_module.riff_size(b"RIFF" + size + b"WAVEfmt " + bytes(28)) == 1000
+    # The field is unsigned: a WAV file may declare up to 4 GiB.
+    assert cache_module.riff_size(b"RIFF" + b"\xf8\xff\xff\xff" + b"WAVE") == 4 << 30
+    assert cache_module.riff_size(b"RIFF" + size + b"WAV") is None                 # cut short
+
+
+def test_a_cache_without_a_free_space_floor_never_asks_the_disk(tmp_path, monkeypatch):
+    def forbidden(path):
+        raise AssertionError("disk_usage called without a free-space floor")
+
+    monkeypatch.setattr(shutil, "disk_usage", forbidden)
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)    # no min_free_bytes given
+    for name in (A, B, C):
+        store(cache, name, 400)
+    assert cache.free_space_ok() and cache.usage()["files"] == 2
