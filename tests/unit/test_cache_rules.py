@@ -642,3 +642,34 @@ def test_a_cache_without_a_free_space_floor_never_asks_the_disk(tmp_path, monkey
     for name in (A, B, C):
         store(cache, name, 400)
     assert cache.free_space_ok() and cache.usage()["files"] == 2
+
+
+@pytest.mark.parametrize("sub", ["complete", "partial"])
+def test_a_subfolder_that_is_a_symlink_or_foreign_is_refused_naming_it(tmp_path, sub):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    (tmp_path / "elsewhere").mkdir()
+    (root / sub).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(errors.ConfigError) as caught:
+        DiskCache(str(root), max_bytes=1000)
+    assert f"{root / sub} is a symlink or not a folder" in str(caught.value)
+    os.unlink(root / sub)
+    (root / sub).mkdir(mode=0o700)
+    os.chown(root / sub, NOBODY, NOBODY)
+    with pytest.raises(errors.ConfigError) as caught:
+        DiskCache(str(root), max_bytes=1000)
+    assert f"{root / sub} belongs to uid {NOBODY}" in str(caught.value)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_subfolders_others_may_write_to_are_tightened_not_refused(tmp_path):
+    # Inside our own private root nobody else can reach them: made 0700 again.
+    root = tmp_path / "cache"
+    (root / "complete").mkdir(parents=True)
+    (root / "partial").mkdir()
+    os.chmod(root, 0o700)
+    os.chmod(root / "complete", 0o777)
+    os.chmod(root / "partial", 0o770)
+    DiskCache(str(root), max_bytes=1000).close()
+    for sub in ("complete", "partial"):
+        assert stat.S_IMODE(os.stat(root / sub).st_mode) == 0o700, sub
