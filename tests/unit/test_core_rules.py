@@ -7,18 +7,26 @@ extended attributes' namespaces."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import datetime as dt
+import hashlib
+import os
+import stat
+import subprocess
 import time
+import json
+from typing import Optional
 
 import pytest
 
-from harness import factory
+from harness import factory, wait_until
+from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
 from yeastarfs.core import PAGE_CACHE_FILL_MAX_BYTES, RATE_META_KEY, REPORTED_SIZES_MAX, Attributes, Core
 from yeastarfs.downloads import DownloadManager
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
+from yeastarfs.readers import Reader
 
 DAY = "/2026/11/27"
 NAMES = [f"2026112709{minute:02d}12-17954007{minute:02d}.1-0612345678-1001-Inbound.wav" for minute in (10, 20, 30)]
@@ -38,13 +46,14 @@ def never_called(name, offset):
 @pytest.fixture
 def make_core(tmp_path):
     """Cores over one index (three recordings of 10 s talk on 2026-11-27) and one cache
-    (budget *cache_bytes*); ``downloads=True`` adds a download manager with no workers."""
-    def build(cache_bytes: int = 1 << 30, downloads: bool = False, **options) -> Core:
+    (budget *cache_bytes*); ``downloads={...}`` adds a download manager with no workers
+    (those options)."""
+    def build(cache_bytes: int = 1 << 30, downloads: Optional[dict] = None, **options) -> Core:
         index = RecordingIndex(str(tmp_path / "index.sqlite3"))
         index.add([Recording(name=name, callid=name.split("-")[1], callfrom="0612345678", talk_s=10)
                    for name in NAMES])
         cache = DiskCache(str(tmp_path / "cache"), cache_bytes)
-        manager = DownloadManager(never_called, cache, max_downloads=0) if downloads else None
+        manager = None if downloads is None else DownloadManager(never_called, cache, max_downloads=0, **downloads)
         return Core(index, cache, manager, uid=0, gid=0, **options)
 
     def stop(core: Core) -> None:
@@ -174,7 +183,7 @@ def test_whether_range_works_is_kept_for_the_next_start(make_core, honoured, sto
     core.range_learned(honoured)
     assert core.index.get_meta("pbx_honours_range") == stored
     core.index.close()
-    restarted = make_core(downloads=True)
+    restarted = make_core(downloads={})
     assert restarted.downloads.range_honoured is honoured
     assert restarted.transfer_stats()["pbx_honours_range"] is honoured
 
@@ -248,12 +257,12 @@ def test_status_without_downloads_shows_no_opens_and_no_rate(make_core):
 
 
 def test_status_with_downloads_before_any_open(make_core):
-    stats = make_core(downloads=True).transfer_stats()
+    stats = make_core(downloads={}).transfer_stats()
     assert stats["cache_hit_rate"] is None and stats["downloads_in_flight"] == []
 
 
 def test_the_hit_rate_is_shown_to_three_decimals(make_core):
-    core = make_core(downloads=True)
+    core = make_core(downloads={})
     put_in_cache(core.cache, FIRST, 5_000)
     for _ in range(2):
         kernel_may_keep_pages(core, FIRST)                # two opens served by the cache
@@ -334,3 +343,196 @@ def test_a_recording_with_no_first_sighting_is_not_young(make_core):
     core = make_core()
     entry = dataclasses.replace(young_entry(core, FIRST, 5, 10), first_seen=None)
     assert core._not_found_grace_s(entry) == 0.0
+
+
+# -- a new core ------------------------------------------------------------------------------------------------
+
+
+def test_a_core_by_default_is_owned_by_its_user_and_readable_by_all(tmp_path):
+    with RecordingIndex(str(tmp_path / "index.sqlite3")) as index:
+        core = Core(index, DiskCache(str(tmp_path / "cache"), 1 << 20), None)
+        assert (core.uid, core.gid) == (os.getuid(), os.getgid())
+        assert core.mode_of(True) == stat.S_IFDIR | 0o555 and core.mode_of(False) == stat.S_IFREG | 0o444
+        other = Core(index, core.cache, None, uid=1234, gid=2345, umask=0)
+        assert (other.uid, other.gid) == (1234, 2345)
+        assert other.mode_of(True) == stat.S_IFDIR | 0o555 and other.mode_of(False) == stat.S_IFREG | 0o444
+
+
+def test_every_operation_is_counted_once(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    core.stat(path(FIRST))
+    core.list(DAY)
+    opened = core.open(path(FIRST))
+    assert core.read(opened.fh, 100, 10) == bytes(10)
+    core.release(opened.fh)
+    assert core.counters == {"getattr": 1, "read": 1, "open": 1, "readdir": 1, "open_cached": 1, "open_refused": 0}
+
+
+def test_a_bad_handle_is_named(make_core):
+    with pytest.raises(errors.BadHandleError) as info:
+        make_core().read(4242, 0, 10)
+    assert "4242" in str(info.value)
+
+
+def test_the_learned_rate_is_kept_for_the_next_start_and_learning_goes_on_from_it(make_core):
+    core = make_core()
+    core.download_complete(FIRST, 44 + 10 * 8000)
+    core.index.close()
+    restarted = make_core()
+    assert restarted.stat(path(SECOND)).size_bytes == 44 + 10 * 8000
+    restarted.download_complete(SECOND, 44 + 10 * 12000)     # 20 % of the way to the new one
+    assert restarted.stat(path(THIRD)).size_bytes == 44 + 10 * 8800
+
+
+def test_a_stored_range_answer_reaches_a_new_manager_but_not_one_told_at_start(make_core):
+    core = make_core()
+    core.range_learned(False)
+    core.index.close()
+    without = make_core()                 # no download manager: nothing to tell it, nothing fails
+    assert without.transfer_stats()["pbx_honours_range"] is None
+    without.index.close()
+    assert make_core(downloads={}).downloads.range_honoured is False
+    given = make_core(downloads={"range_honoured": True})
+    assert given.downloads.range_honoured is True
+
+
+# -- recordings the PBX no longer has -------------------------------------------------------------------------
+
+
+def test_a_recording_gone_from_the_pbx_stays_only_if_cached(make_core):
+    core = make_core()
+    put_in_cache(core.cache, SECOND, 5_000)
+    core.index.mark_gone(FIRST)
+    core.index.mark_gone(SECOND)
+    with pytest.raises(errors.NoSuchPathError) as info:
+        core.stat(path(FIRST))
+    assert path(FIRST) in str(info.value)
+    assert core.stat(path(SECOND)).size_bytes == 5_000
+    assert [entry[0] for entry in core.list(DAY)] == [SECOND, THIRD]
+
+
+# -- recordings not cached: opened through their download (the simulator over loopback) -------------------------------
+
+
+@pytest.fixture
+def sim_core(pbx, make_client, tmp_path):
+    """Cores whose downloads talk to the test's simulator, indexing what it holds when built."""
+    def build(**options) -> Core:
+        index = RecordingIndex(str(tmp_path / "sim-index.sqlite3"))
+        index.add([Recording(name=rec.name, talk_s=rec.talk_s, call_s=rec.call_s) for rec in pbx.recordings.values()])
+        cache = DiskCache(str(tmp_path / "sim-cache"), 1 << 30)
+        core = Core(index, cache, None, uid=0, gid=0, **options)
+        core.downloads = DownloadManager(make_client(pbx).open_recording, cache, stall_timeout_s=5.0,
+                                         on_size=core.size_learned, on_gone=core.recording_gone,
+                                         on_commit=core.download_committed)
+        return core
+
+    def stop(core: Core) -> None:
+        core.downloads.stop()
+        core.index.close()
+
+    yield from factory(build, stop)
+
+
+def sim_add(pbx, size_bytes: int, minutes_ago: float = 60, **options):
+    start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(minutes=minutes_ago)
+    return pbx.add_recording(start=start, duration_s=max(1, (size_bytes - 44) / 16000), size_bytes=size_bytes,
+                             announce=False, **options)
+
+
+def sim_path(rec) -> str:
+    return f"/{rec.name[0:4]}/{rec.name[4:6]}/{rec.name[6:8]}/{rec.name}"
+
+
+def read_all(core: Core, fh: int, block: int = 128 * 1024) -> bytes:
+    parts, offset = [], 0
+    while True:
+        data = core.read(fh, offset, block)
+        parts.append(data)
+        offset += len(data)
+        if len(data) < block:
+            return b"".join(parts)
+
+
+def test_an_uncached_recording_is_read_with_direct_io_and_its_pages_come_at_commit(pbx, sim_core):
+    rec = sim_add(pbx, 300_044)
+    core = sim_core()
+    where = sim_path(rec)
+    filled = []
+    core.set_page_filler(lambda p: 42 if p == where else None,
+                         lambda inode, size, pread: filled.append((inode, size, hashlib.sha256(pread(size, 0)).hexdigest()))
+                         or True)
+    assert core.stat(where).size_bytes != rec.size_bytes            # the kernel was told an estimate
+    opened = core.open(where)
+    assert (opened.keep_cache, opened.direct_io, opened.size_changed) == (False, True, True)
+    assert core.stat(where, opened.fh).size_bytes == rec.size_bytes  # now the exact size
+    assert hashlib.sha256(read_all(core, opened.fh)).hexdigest() == rec.sha256
+    core.release(opened.fh)
+    wait_until(lambda: core.cache.contains(rec.name), 5.0, message="the recording to be cached")
+    assert filled == [(42, rec.size_bytes, rec.sha256)]
+    assert core.downloads.counts == {"started": 1, "joined": 0}
+
+
+def test_an_uncached_recording_whose_exact_size_the_kernel_has_needs_no_invalidation(pbx, sim_core):
+    rec = sim_add(pbx, 200_044)
+    core = sim_core()
+    core.index.set_size(rec.name, rec.size_bytes)
+    core.stat(sim_path(rec))
+    opened = core.open(sim_path(rec))
+    assert (opened.keep_cache, opened.direct_io, opened.size_changed) == (False, True, False)
+    assert core.read(opened.fh, 0, 4) == b"RIFF"
+    core.release(opened.fh)
+
+
+def test_a_failed_open_lets_go_of_its_download(pbx, sim_core):
+    rec = sim_add(pbx, 100_044, stored=False)         # an old call whose audio the PBX lacks
+    core = sim_core()
+    began = time.monotonic()
+    with pytest.raises(errors.RecordingNotFoundError):
+        core.open(sim_path(rec))
+    assert time.monotonic() - began < 0.5               # not young: no grace
+    wait_until(lambda: core.downloads.running() == [], 5.0, message="the download to be retired")
+    with pytest.raises(errors.NoSuchPathError):
+        core.stat(sim_path(rec))
+
+
+def test_a_young_recording_is_waited_for(pbx, sim_core, monkeypatch):
+    monkeypatch.setattr(downloads_module, "NOT_FOUND_BACKOFF_S", 0.02)
+    monkeypatch.setattr(downloads_module, "NOT_FOUND_BACKOFF_MAX_S", 0.02)
+    rec = pbx.add_recording(duration_s=3, size_bytes=20_044, announce=False, ready_after_s=0.1)
+    core = sim_core()                                   # first seen now, just after its call
+    opened = core.open(sim_path(rec))
+    assert hashlib.sha256(read_all(core, opened.fh)).hexdigest() == rec.sha256
+    core.release(opened.fh)
+
+
+def test_a_background_reader_is_refused_an_uncached_recording_by_name(pbx, sim_core):
+    rec = sim_add(pbx, 100_044)
+    core = sim_core(background_readers=("sleep",))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(errors.BackgroundReaderError) as info:
+            core.open(sim_path(rec), reader=Reader(pid=child.pid, uid=os.getuid()))
+    finally:
+        child.kill()
+        child.wait()
+    assert sim_path(rec) in str(info.value) and "sleep" in str(info.value)
+    assert core.counters["open_refused"] == 1 and pbx.counters["recording/get_random"] == 0
+
+
+def test_the_inodes_of_downloads_being_read_are_bounded(pbx, sim_core):
+    rec = sim_add(pbx, 100_044)
+    core = sim_core()
+    where = sim_path(rec)
+    filled = []
+    core.set_page_filler(lambda p: 42 if p == where else None,
+                         lambda inode, size, pread: filled.append((inode, size)) or True)
+    core.index.set_size(FIRST, 1000)   # not in this index: a name the memo still holds
+    core._reported_sizes[FIRST] = 1000
+    core._inodes.update((f"x{i}", i) for i in range(REPORTED_SIZES_MAX - 1))
+    core._inodes[FIRST] = 9
+    opened = core.open(where)                          # the memo is full: it starts again
+    core.release(opened.fh)
+    core.download_committed(FIRST, 1000, lambda size, offset: bytes(size))
+    assert filled == []
