@@ -657,3 +657,104 @@ def test_a_finished_download_is_reported_complete_or_leaves_the_map(idle_manager
     manager.release(done)
     manager.release(failed)
     assert manager.running() == []                 # retired once nobody reads it
+
+
+# -- small lifecycle facts ---------------------------------------------------------------------------------------------
+
+
+def test_the_idle_clock_starts_when_a_download_first_goes_idle(idle_manager):
+    download = Download(idle_manager(range_honoured=True), NAME)
+    assert download.begin()
+    with download._cond:
+        download._to(State.PARKED)
+    assert abs(download._idle_since - time.monotonic()) < 0.05
+    download._idle_since -= 10.0                      # parked a while ago...
+    parked_at = download._idle_since
+    with download._cond:
+        download._to(State.SUSPENDED)                 # ...then suspended: still idle since then
+    assert download._idle_since == parked_at
+
+
+@pytest.mark.parametrize("state", [State.QUEUED, State.RUNNING])
+def test_only_an_idle_download_has_a_deadline_or_stays_held_when_left(idle_manager, state):
+    download = Download(idle_manager(), NAME)
+    if state is State.RUNNING:
+        assert download.begin()
+    assert download.idle_deadline() is None
+    assert download.retirable() is False             # not ended: its pin and descriptor stay
+
+
+def test_an_ended_download_is_retired_only_when_its_last_reader_leaves(idle_manager):
+    download = Download(idle_manager(), NAME)
+    assert download.begin()
+    download.handles = 1
+    with download._cond:
+        download._end_locked(State.FAILED, errors.PbxUnavailableError("reset"))
+    assert download.retirable() is False
+    download.leave()
+    assert download.retirable() is True
+
+
+@pytest.mark.parametrize("range_mode, honoured", [("honour", True), ("ignore", False)])
+def test_a_resume_after_one_byte_teaches_whether_range_works(pbx, make_client, idle_manager, cache, range_mode, honoured):
+    rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=1,
+                            size_bytes=100_000, announce=False)
+    pbx.range_mode = range_mode
+    client = make_client(pbx)
+    told = []
+    manager = DownloadManager(client.open_recording, cache, max_downloads=0, on_range=told.append)
+    download = Download(manager, rec.name)
+    download._partial = cache.new_partial(rec.name)
+    try:
+        download._partial.write(pbx.recording_bytes(rec.name)[:1])
+        download.received_bytes = 1
+        download._open_stream()
+        assert told == [honoured] and manager.range_honoured is honoured
+        assert download._skip_bytes == (0 if honoured else 1)
+    finally:
+        download._drop_stream()
+        download._partial.discard()
+        download._partial.close()
+        manager.stop()
+
+
+@pytest.mark.parametrize("handles, want_bytes, received_bytes, read_size", [
+    (1, 4096, 0, 4096 + 128 * 1024),          # no more than the window allows
+    (1, 4096, 4096 + 128 * 1024 - 1, 1),      # one byte: never 0
+    (1, 2_000_000, 0, 1 << 20),               # at most 1 MiB per socket read
+    (0, 0, 0, 1 << 20),                       # finishing without readers: 1 MiB
+])
+def test_a_socket_read_asks_for_no_more_than_demand_allows(idle_manager, live_stream, handles, want_bytes,
+                                                           received_bytes, read_size):
+    stream, _ = live_stream()
+    download = wanted(idle_manager(), handles=handles, opens=2, received_bytes=received_bytes)
+    asks(download, want_bytes)
+    download._stream = stream
+    download._limit_next_read()
+    assert stream.read_size_bytes == read_size
+
+
+def test_a_paused_download_looks_at_the_clock_four_times_a_second(idle_manager, monkeypatch):
+    monkeypatch.setattr(downloads_module, "PAUSE_SUSPEND_S", 0.01)
+    download = wanted(idle_manager(), handles=1, received_bytes=4096 + 128 * 1024)
+    asks(download, 4096)
+    began = time.monotonic()
+    with pytest.raises(downloads_module._Idle):
+        download._wait_for_demand()
+    assert time.monotonic() - began < 0.45         # one quarter-second wait, not a longer one
+
+
+def test_a_missing_recording_opened_without_grace_fails_at_once(pbx, make_client, cache):
+    rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=1, stored=False,
+                            announce=False)
+    manager = DownloadManager(make_client(pbx).open_recording, cache, max_downloads=1, stall_timeout_s=WAIT_S)
+    try:
+        download = manager.acquire(rec.name)
+        began = time.monotonic()
+        with pytest.raises(errors.RecordingNotFoundError):
+            download.read(0, 4096)
+        assert time.monotonic() - began < 0.4
+        manager.release(download)
+    finally:
+        manager.stop()
+    assert pbx.counters["recording/get_random"] == 1
