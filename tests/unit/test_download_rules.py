@@ -333,6 +333,7 @@ def asks(download: Download, end: int) -> None:
 
 
 @pytest.mark.parametrize("want_bytes, received_bytes, allowed", [
+    (0, 0, 128 * 1024),                        # nothing asked yet: the first window
     (4096, 0, 4096 + 128 * 1024),              # the first window: 128 KiB past what was asked
     (300_000, 100_000, 300_000 + 600_000 - 100_000),   # then twice what was asked
     (4096, 4096 + 128 * 1024 - 1, 1),          # one byte left in the window
@@ -758,3 +759,18 @@ def test_a_missing_recording_opened_without_grace_fails_at_once(pbx, make_client
     finally:
         manager.stop()
     assert pbx.counters["recording/get_random"] == 1
+
+
+def test_a_manager_runs_the_readme_defaults_in_named_daemon_threads(cache):
+    """README: --max-downloads 4 and --stall-timeout 60 by default (the mount passes them;
+    a manager built without them behaves the same)."""
+    before = set(threading.enumerate())
+    manager = DownloadManager(never_called, cache)
+    try:
+        started = {thread.name: thread for thread in set(threading.enumerate()) - before}
+        assert sorted(started) == ["download-0", "download-1", "download-2", "download-3", "download-janitor"]
+        assert all(thread.daemon for thread in started.values())
+        assert manager.stall_timeout_s == 60.0
+    finally:
+        manager.stop()
+    assert not any(thread.is_alive() for thread in started.values())
