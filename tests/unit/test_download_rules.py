@@ -774,3 +774,47 @@ def test_a_manager_runs_the_readme_defaults_in_named_daemon_threads(cache):
     finally:
         manager.stop()
     assert not any(thread.is_alive() for thread in started.values())
+
+
+# -- retries -------------------------------------------------------------------------------------------------------------
+
+
+class ScriptedStream:
+    """A PBX reply as `pbx.RecordingStream` describes it: *data* from *start_offset*, then
+    *error* instead of the end when given (the simulator cannot order a reset with progress
+    before failures without any, which is the case here)."""
+
+    def __init__(self, data: bytes, start_offset: int, total_bytes: int, error=None) -> None:
+        self.start_offset, self.total_bytes, self.read_size_bytes = start_offset, total_bytes, 1 << 20
+        self._data, self._error = data, error
+
+    def chunks(self):
+        yield self._data
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failure_after_progress_starts_the_count_again(cache, monkeypatch):
+    monkeypatch.setattr(downloads_module, "BACKOFF_INITIAL_S", 0.001)
+    data = bytes(range(256)) * 12
+    attempts = []
+
+    def open_stream(name, offset):
+        attempts.append(offset)
+        if len(attempts) == 1:     # progress, then a reset
+            return ScriptedStream(data[:1000], 0, len(data), errors.PbxUnavailableError("reset"))
+        if len(attempts) <= 3:     # two without progress: three failures in a row, one under the limit of 4
+            raise errors.PbxUnavailableError("the PBX said Failed")
+        return ScriptedStream(data[offset:], offset, len(data))
+
+    manager = DownloadManager(open_stream, cache, max_downloads=1, stall_timeout_s=WAIT_S)
+    try:
+        download = manager.acquire(NAME)
+        assert download.read(0, len(data) + 1) == data
+        manager.release(download)
+    finally:
+        manager.stop()
+    assert attempts == [0, 1000, 1000, 1000]
