@@ -78,6 +78,7 @@ def kernel_may_keep_pages(core: Core, name: str) -> bool:
     opened = core.open(path(name))
     core.release(opened.fh)
     assert opened.keep_cache is not opened.size_changed
+    assert opened.direct_io is not opened.keep_cache       # page cache, or direct I/O: one of them
     return opened.keep_cache
 
 
@@ -331,12 +332,39 @@ def young_entry(core: Core, name: str, call_ended_before_seen_s: float, talk_s: 
 @pytest.mark.parametrize("ended_before_s, talk_s, seen_ago_s, grace_s", [
     (5, 10, 1.0, 30.0),        # just written: the PBX may still be writing it
     (500, 200, 1.0, 30.0),     # started 700 s before it was seen, but ended 500 s before
+    (599, 10, 1.0, 30.0),
     (700, 10, 1.0, 0.0),       # a backfill found an old call: no grace
     (5, 10, 61.0, 0.0),        # first seen over a minute ago: no grace
 ])
 def test_which_recordings_are_young(make_core, ended_before_s, talk_s, seen_ago_s, grace_s):
     core = make_core()
     assert core._not_found_grace_s(young_entry(core, FIRST, ended_before_s, talk_s, seen_ago_s)) == grace_s
+
+
+@pytest.mark.parametrize("talk_s, call_s, ended_before_s, grace_s", [
+    (0, 200, 500, 30.0),       # unanswered: the call's length says when it ended
+    (200, None, 500, 30.0),    # answered, no call length: the talk says it
+    (0, 0, 600.5, 0.0),        # neither: the call ended when it started, over 600 s before
+])
+def test_a_call_ends_after_its_talk_or_else_its_length(make_core, talk_s, call_s, ended_before_s, grace_s):
+    core = make_core()
+    seen_s = time.time() - 1.0
+    length_s = talk_s or call_s or 0
+    entry = core.index.get(FIRST)
+    recording = dataclasses.replace(entry.recording, talk_s=talk_s, call_s=call_s)
+    entry = dataclasses.replace(entry, first_seen=seen_s, recording=recording,
+                                mtime_ns=int((seen_s - ended_before_s - length_s) * 1e9))
+    assert core._not_found_grace_s(entry) == grace_s
+
+
+def test_a_call_that_ended_exactly_600_s_before_it_was_seen_is_still_young(make_core):
+    core = make_core()
+    start_s = int(time.time()) - 611                  # whole seconds: the sums below are exact
+    entry = core.index.get(FIRST)
+    recording = dataclasses.replace(entry.recording, talk_s=10)
+    entry = dataclasses.replace(entry, mtime_ns=start_s * 10**9, first_seen=float(start_s + 10 + 600),
+                                recording=recording)
+    assert core._not_found_grace_s(entry) == 30.0
 
 
 def test_a_recording_with_no_first_sighting_is_not_young(make_core):
@@ -363,10 +391,26 @@ def test_every_operation_is_counted_once(make_core):
     put_in_cache(core.cache, FIRST, 5_000)
     core.stat(path(FIRST))
     core.list(DAY)
-    opened = core.open(path(FIRST))
-    assert core.read(opened.fh, 100, 10) == bytes(10)
-    core.release(opened.fh)
-    assert core.counters == {"getattr": 1, "read": 1, "open": 1, "readdir": 1, "open_cached": 1, "open_refused": 0}
+    opened = [core.open(path(FIRST)) for _ in range(2)]
+    assert core.read(opened[0].fh, 100, 10) == bytes(10)
+    assert core.read(opened[1].fh, 4990, 100) == bytes(10)
+    for handle in opened:
+        core.release(handle.fh)
+    assert core.counters == {"getattr": 1, "read": 2, "open": 2, "readdir": 1, "open_cached": 2, "open_refused": 0}
+
+
+def test_each_open_gets_its_own_positive_handle(make_core):
+    core = make_core()
+    put_in_cache(core.cache, FIRST, 5_000)
+    put_in_cache(core.cache, SECOND, 6_000)
+    first, second, third = core.open(path(FIRST)), core.open(path(SECOND)), core.open(path(FIRST))
+    handles = [first.fh, second.fh, third.fh]
+    assert len(set(handles)) == 3 and all(isinstance(fh, int) and fh > 0 for fh in handles)
+    core.release(first.fh)
+    assert core.stat(path(SECOND), second.fh).size_bytes == 6_000
+    assert len(core.read(third.fh, 0, 10_000)) == 5_000
+    core.release(second.fh)
+    core.release(third.fh)
 
 
 def test_a_bad_handle_is_named(make_core):
@@ -512,13 +556,14 @@ def test_a_background_reader_is_refused_an_uncached_recording_by_name(pbx, sim_c
     core = sim_core(background_readers=("sleep",))
     child = subprocess.Popen(["sleep", "30"])
     try:
-        with pytest.raises(errors.BackgroundReaderError) as info:
-            core.open(sim_path(rec), reader=Reader(pid=child.pid, uid=os.getuid()))
+        for _ in range(2):
+            with pytest.raises(errors.BackgroundReaderError) as info:
+                core.open(sim_path(rec), reader=Reader(pid=child.pid, uid=os.getuid()))
     finally:
         child.kill()
         child.wait()
     assert sim_path(rec) in str(info.value) and "sleep" in str(info.value)
-    assert core.counters["open_refused"] == 1 and pbx.counters["recording/get_random"] == 0
+    assert core.counters["open_refused"] == 2 and pbx.counters["recording/get_random"] == 0
 
 
 def test_the_inodes_of_downloads_being_read_are_bounded(pbx, sim_core):
