@@ -535,7 +535,7 @@ def test_a_failed_open_lets_go_of_its_download(pbx, sim_core):
     began = time.monotonic()
     with pytest.raises(errors.RecordingNotFoundError):
         core.open(sim_path(rec))
-    assert time.monotonic() - began < 0.5               # not young: no grace
+    assert time.monotonic() - began < 5.0               # not young: no 30 s grace
     wait_until(lambda: core.downloads.running() == [], 5.0, message="the download to be retired")
     with pytest.raises(errors.NoSuchPathError):
         core.stat(sim_path(rec))

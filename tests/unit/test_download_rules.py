@@ -363,7 +363,7 @@ def test_a_download_paused_long_enough_gives_back_its_slot_at_once(idle_manager)
     began = time.monotonic()
     with pytest.raises(downloads_module._Idle):
         download._wait_for_demand()
-    assert time.monotonic() - began < 0.2
+    assert time.monotonic() - began < 2.0          # at once, not after another 5 s
 
 
 # -- what the PBX's reply says about the bytes held -----------------------------------------------------------
@@ -668,7 +668,7 @@ def test_the_idle_clock_starts_when_a_download_first_goes_idle(idle_manager):
     assert download.begin()
     with download._cond:
         download._to(State.PARKED)
-    assert abs(download._idle_since - time.monotonic()) < 0.05
+    assert abs(download._idle_since - time.monotonic()) < 5.0
     download._idle_since -= 10.0                      # parked a while ago...
     parked_at = download._idle_since
     with download._cond:
@@ -742,7 +742,7 @@ def test_a_paused_download_looks_at_the_clock_four_times_a_second(idle_manager, 
     began = time.monotonic()
     with pytest.raises(downloads_module._Idle):
         download._wait_for_demand()
-    assert time.monotonic() - began < 0.45         # one quarter-second wait, not a longer one
+    assert time.monotonic() - began < 1.0          # a quarter-second wait, not a 1 s one or longer
 
 
 def test_a_missing_recording_opened_without_grace_fails_at_once(pbx, make_client, cache):
@@ -754,7 +754,7 @@ def test_a_missing_recording_opened_without_grace_fails_at_once(pbx, make_client
         began = time.monotonic()
         with pytest.raises(errors.RecordingNotFoundError):
             download.read(0, 4096)
-        assert time.monotonic() - began < 0.4
+        assert time.monotonic() - began < 0.9          # no grace: not retried for a second
         manager.release(download)
     finally:
         manager.stop()
@@ -767,7 +767,8 @@ def test_a_manager_runs_the_readme_defaults_in_named_daemon_threads(cache):
     before = set(threading.enumerate())
     manager = DownloadManager(never_called, cache)
     try:
-        started = {thread.name: thread for thread in set(threading.enumerate()) - before}
+        started = {thread.name: thread for thread in set(threading.enumerate()) - before
+                   if thread.name.startswith("download")}
         assert sorted(started) == ["download-0", "download-1", "download-2", "download-3", "download-janitor"]
         assert all(thread.daemon for thread in started.values())
         assert manager.stall_timeout_s == 60.0
