@@ -413,7 +413,7 @@ def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str],
             results[name] = status
             print(f"constants: {done}/{len(mutants)} {name}: {status}", flush=True)
             with open(os.path.join(WORK_DIR, CONSTANT_RESULTS), "w", encoding="utf-8") as handle:
-                json.dump({**read_constant_results(), **kept, **results}, handle, indent=0)
+                json.dump({**earlier, **results}, handle, indent=0)  # after each: a stopped run keeps them
     return {**kept, **results}
 
 
