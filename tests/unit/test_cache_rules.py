@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import types
 
 import pytest
@@ -673,3 +674,84 @@ def test_subfolders_others_may_write_to_are_tightened_not_refused(tmp_path):
     DiskCache(str(root), max_bytes=1000).close()
     for sub in ("complete", "partial"):
         assert stat.S_IMODE(os.stat(root / sub).st_mode) == 0o700, sub
+
+
+# -- the budget while a download grows -------------------------------------------------------
+
+
+def test_a_download_whose_pin_reaches_exactly_the_budget_evicts_the_idle_files(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    partial = fill(cache, B, 1000)                      # pins alone: exactly the budget
+    assert cache.usage()["files"] == 0 and cache.stats.evicted_bytes == 300
+    partial.discard()
+    partial.close()
+
+
+@pytest.mark.parametrize("expected, evicts", [(5000, False), (1001, False), (1000, True), (None, True)])
+def test_only_a_download_announced_larger_than_the_budget_evicts_nothing(tmp_path, expected, evicts):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    store(cache, B, 300)
+    partial = cache.new_partial(C)
+    if expected is not None:
+        partial.expect(expected)
+    partial.write(content(C, 500))                      # 300 + 300 + 500: over the budget
+    assert cache.contains(A) is not evicts and cache.contains(B)
+    partial.discard()
+    partial.close()
+
+
+def _floor_cache(tmp_path, monkeypatch):
+    """A cache of 1000 bytes with a floor of 1000 free bytes on a fake disk, holding A and
+    B (300 each) and a download of C announced larger than the budget: the disk holds
+    2600 bytes once C has 2000, and *capacity* decides what is free."""
+    root = str(tmp_path / "cache")
+    cache = DiskCache(root, max_bytes=1000, min_free_bytes=1000)
+    fake_disk(monkeypatch, root, capacity=100_000)
+    store(cache, A, 300)
+    store(cache, B, 300)
+    partial = cache.new_partial(C)
+    partial.expect(5000)
+    return root, cache, partial
+
+
+def test_a_download_over_the_budget_evicts_only_for_the_free_space_floor(tmp_path, monkeypatch):
+    root, cache, partial = _floor_cache(tmp_path, monkeypatch)
+    fake_disk(monkeypatch, root, capacity=2600 + 1000)  # after 2000 bytes of C: exactly the floor free
+    partial.write(content(C, 2000))
+    assert cache.contains(A) and cache.contains(B)      # the floor holds: nothing goes
+    partial.write(b"x")                                 # one byte below the floor: the oldest goes
+    assert not cache.contains(A) and cache.contains(B)
+    partial.discard()
+    partial.close()
+
+
+def test_a_download_over_the_budget_with_room_on_disk_evicts_nothing(tmp_path, monkeypatch):
+    root, cache, partial = _floor_cache(tmp_path, monkeypatch)
+    partial.write(content(C, 2000))
+    assert cache.contains(A) and cache.contains(B) and cache.stats.evictions == 0
+    partial.discard()
+    partial.close()
+
+
+# -- the mtime that orders the next start ----------------------------------------------------
+
+
+def test_a_download_stored_again_is_the_most_recent_at_the_next_start(tmp_path):
+    root = str(tmp_path / "cache")
+    cache = DiskCache(root, max_bytes=1000)
+    store(cache, A, 300)
+    store(cache, B, 300)
+    old = time.time() - 10_000
+    os.utime(cache.complete_path(B), (old, old))
+    os.utime(cache.complete_path(A), (old + 1, old + 1))
+    partial = fill(cache, B, 300)                       # B downloaded again, slowly:
+    os.utime(partial.path, (old - 1, old - 1))          # its partial file was last written long ago
+    partial.commit()
+    partial.sync()
+    partial.close()
+    assert os.stat(cache.complete_path(B)).st_mtime > time.time() - 60
+    again = DiskCache(root, max_bytes=1000)
+    store(again, C, 500)                                # the oldest goes: A, not B
+    assert again.contains(B) and not again.contains(A)
