@@ -755,3 +755,17 @@ def test_a_download_stored_again_is_the_most_recent_at_the_next_start(tmp_path):
     again = DiskCache(root, max_bytes=1000)
     store(again, C, 500)                                # the oldest goes: A, not B
     assert again.contains(B) and not again.contains(A)
+
+
+def test_a_stray_file_found_at_start_is_removed_and_the_rest_still_loaded(tmp_path):
+    complete = tmp_path / "cache" / "complete"
+    complete.mkdir(parents=True, mode=0o700)
+    names = [f"2026112709{i:02d}00-1.{i}-1-2-Internal.wav" for i in range(5)]
+    for name in names:
+        (complete / name).write_bytes(b"x" * 10)
+    stray = os.listdir(complete)[0]                     # the first one the start-up sees
+    os.chown(complete / stray, NOBODY, NOBODY)          # another user's: not a cached recording
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    assert sorted(os.listdir(complete)) == sorted(set(names) - {stray})
+    assert all(cache.contains(name) for name in names if name != stray)
+    assert cache.usage()["files"] == 4
