@@ -597,8 +597,9 @@ def test_an_announced_size_is_believed_once_and_reported_once(idle_manager, cach
         assert download.total_bytes is None and learned == []
         download.received_bytes = 1000
         download._accept_total(1000)                      # all of it held: fine
-        download._accept_total(1000)
         assert download.total_bytes == 1000 and learned == [(NAME, 1000)]
+        download._accept_total(1000)                      # the same again: nothing new to tell
+        assert learned == [(NAME, 1000)]
         with pytest.raises(errors.DownloadError) as info:
             download._accept_total(2000)
         assert NAME in str(info.value) and "2000" in str(info.value) and "1000" in str(info.value)
@@ -819,3 +820,17 @@ def test_a_failure_after_progress_starts_the_count_again(cache, monkeypatch):
     finally:
         manager.stop()
     assert attempts == [0, 1000, 1000, 1000]
+
+
+def test_a_recording_larger_than_the_cache_pushes_out_no_cached_one(idle_manager, tmp_path):
+    small = DiskCache(str(tmp_path / "small"), 1000)
+    put_in_cache(small, OTHER, b"RIFF" + bytes(596))
+    download = Download(idle_manager(), NAME)
+    download._partial = small.new_partial(NAME)
+    try:
+        download._accept_total(5000)                      # announced: five times the budget
+        download._append(bytes(600))
+        assert small.contains(OTHER)                      # it will never be kept: evicts nothing
+    finally:
+        download._partial.discard()
+        download._partial.close()
