@@ -834,3 +834,30 @@ def test_a_recording_larger_than_the_cache_pushes_out_no_cached_one(idle_manager
     finally:
         download._partial.discard()
         download._partial.close()
+
+
+def test_every_connection_is_closed_after_a_reset_and_at_the_end(pbx, make_client, cache, monkeypatch):
+    monkeypatch.setattr(downloads_module, "BACKOFF_INITIAL_S", 0.001)
+    rec = pbx.add_recording(start=datetime.datetime(2024, 3, 10, 14, 30), duration_s=1,
+                            size_bytes=300_000, announce=False)
+    pbx.range_mode = "honour"
+    pbx.reset_after_bytes, pbx.reset_downloads = 100_000, 1
+    client = make_client(pbx)
+    opened, closed = [], []
+
+    def open_stream(name, offset):
+        stream = client.open_recording(name, offset)
+        opened.append(offset)
+        stream.call_on_close(lambda: closed.append(offset))
+        return stream
+
+    manager = DownloadManager(open_stream, cache, max_downloads=1, stall_timeout_s=WAIT_S)
+    try:
+        download = manager.acquire(rec.name)
+        assert download.read(0, rec.size_bytes + 1) == pbx.recording_bytes(rec.name)
+        manager.release(download)
+        assert download.complete
+    finally:
+        manager.stop()
+    assert len(opened) == 2 and opened[0] == 0 and opened[1] > 0
+    assert sorted(closed) == sorted(opened)
