@@ -10,15 +10,19 @@ token's idleness is exact; the thread itself checks every quarter of a 0.25 s in
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import socket
 import threading
+import time
+import uuid
 
 import pytest
 
 from harness import factory, holds_for, new_simulator, wait_until
 from test_api import START, SteppedClock, add, read_all
 from yeastarfs import errors, metrics
+from yeastarfs.pbx.sseries.client import PbxClient
 from yeastarfs.sim import common as sim_common
 
 INTERVAL_S = 0.25  # exact in binary: idleness equal to it can be reached to the bit
@@ -280,3 +284,276 @@ def test_a_token_error_instead_of_the_cdr_drops_the_token(pbx, client):
     pbx.cdr_raw_body = None
     assert len(client.fetch_cdr(START, START + DAY).recordings) == 1
     assert pbx.counters["login"] == 2
+
+
+# -- what goes over the wire -----------------------------------------------------------------
+
+
+class Wire:
+    """What the simulator received, as sent: each request's method, raw target, headers and
+    raw body (the simulator's own log has them parsed). Wraps the running simulator's
+    handler class and its dispatch; the simulator still answers every request itself."""
+
+    def __init__(self, sim):
+        self.requests = []
+        wire = self
+        handler = sim._http.RequestHandlerClass
+
+        class Recording(handler):
+            def _serve(self, method):
+                wire.requests.append({"method": method, "target": self.path, "headers": dict(self.headers)})
+                super()._serve(method)
+
+        sim._http.RequestHandlerClass = Recording
+        dispatch = sim._dispatch
+
+        def recording_dispatch(method, target, raw_body, *args):
+            for request in reversed(self.requests):
+                if request["target"] == target and "body" not in request:
+                    request["body"] = raw_body
+                    break
+            return dispatch(method, target, raw_body, *args)
+
+        sim._dispatch = recording_dispatch
+
+    def to(self, endpoint):
+        return [r for r in self.requests if r["target"].split("?")[0].endswith("/" + endpoint)]
+
+
+def test_api_calls_are_json_posts_and_logout_sends_no_body(pbx, client):
+    wire = Wire(pbx)
+    client.login()
+    client.logout()
+    [login] = wire.to("login")
+    assert login["method"] == "POST"
+    assert login["headers"]["Content-Type"] == "application/json; charset=utf-8"
+    assert json.loads(login["body"]) == {"username": "api", "password": pbx.password_md5,
+                                         "version": "2.0.0", "port": "8260"}
+    [logout] = wire.to("logout")
+    assert logout["body"] == b""
+
+
+def test_downloads_ask_for_identity_bytes_and_a_range_only_past_byte_0(pbx, client):
+    rec = add(pbx, name="20240310143000-1.2-+49 30-1000-Inbound.wav")
+    pbx.honour_range = True
+    wire = Wire(pbx)
+    read_all(client.open_recording(rec.name))
+    with client.open_recording(rec.name, offset=1) as stream:
+        assert stream.start_offset == 1
+        assert b"".join(stream.chunks()) == pbx.recording_bytes(rec.name)[1:]
+    whole, tail = wire.to("recording/download")
+    for request in (whole, tail):
+        assert request["headers"]["Accept-Encoding"] == "identity"
+        assert "recording=20240310143000-1.2-%2B49%2030-1000-Inbound.wav" in request["target"]
+    assert "Range" not in whole["headers"]
+    assert tail["headers"]["Range"] == "bytes=1-"
+
+
+# -- the base URL, secrets, the transport ------------------------------------------------------
+
+
+def test_the_base_url_loses_its_trailing_slash_only(pbx, make_client):
+    class WithSlash:
+        base_url, password = pbx.base_url + "/", pbx.password
+
+    client = make_client(WithSlash)
+    assert client.base_url == pbx.base_url
+    assert client.login()
+    named = PbxClient("http://PBX/", "api", "password")
+    try:
+        assert named.base_url == "http://PBX"
+    finally:
+        named.stop()
+
+
+def test_a_base_url_with_a_path_is_not_the_api(pbx, make_client):
+    class WithPath:
+        base_url, password = pbx.base_url + "/nothing", pbx.password
+
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        make_client(WithPath).login()
+    assert "login answered HTTP 404" in str(info.value)
+
+
+def test_the_password_and_its_md5_are_redacted_from_the_start(pbx, make_client):
+    password = f"pw-{uuid.uuid4().hex}"
+    make_client(pbx, password=password)
+    digest = hashlib.md5(password.encode()).hexdigest()
+    assert errors.redact(f"a {password} b {digest}") == "a *** b ***"
+
+
+def test_events_over_http_until_a_login_says_otherwise(make_sim, make_client):
+    sim = make_sim(transport="TCP")
+    client = make_client(sim)
+    assert client.transport == "HTTP"
+    client.login()
+    assert client.transport == "TCP"
+    token = "a-token-of-32-characters-for-you"
+    sim.api_raw_reply = {"login": json.dumps({"status": "Success", "token": token, "transport": "tcp"}).encode()}
+    client.login()
+    assert client.transport == "TCP"
+    sim.api_raw_reply = {"login": json.dumps({"status": "Success", "token": token}).encode()}
+    client.login()
+    assert client.transport == "HTTP"
+
+
+@pytest.fixture
+def make_sim():
+    yield from factory(lambda **options: new_simulator(**options).start())
+
+
+# -- login replies and refusals ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply", [{"status": "Success"}, {"status": "Success", "token": ""},
+                                   {"status": "Success", "token": 7}])
+def test_a_login_reply_without_a_token_is_refused(pbx, client, reply):
+    pbx.api_raw_reply = {"login": json.dumps(reply).encode()}
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        client.login()
+    assert str(info.value).startswith("login reply carries no token")
+    assert client.stats.logins == 0
+
+
+def test_a_refusal_repeated_during_the_pause_says_what_the_first_said(pbx, make_client):
+    client = make_client(pbx, password="wrong-password", monotonic=SteppedClock())
+    with pytest.raises(errors.AuthError) as first:
+        client.login()
+    with pytest.raises(errors.AuthError) as again:
+        client.login()
+    assert str(again.value) == str(first.value)
+    assert "'api'" in str(again.value) and "rejected" in str(again.value)
+    assert pbx.counters["login"] == 1
+
+
+def test_the_login_pause_ends_at_five_minutes_to_the_tick(pbx, make_client):
+    clock = SteppedClock()
+    client = make_client(pbx, monotonic=clock)
+    pbx.fail_logins = 1
+    with pytest.raises(errors.AuthError):
+        client.login()
+    clock.advance(300)  # exact in binary: the pause ends now
+    assert client.login()
+    assert pbx.counters["login"] == 2
+
+
+def test_logins_are_counted_by_outcome(pbx, client):
+    ok, unreachable = (counted("yeastarfs_pbx_logins_total", outcome=o) for o in ("ok", "unreachable"))
+    client.login()
+    assert counted("yeastarfs_pbx_logins_total", outcome="ok") == ok + 1
+    pbx.refuse_connections = True
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        client.login()
+    assert str(info.value).startswith(f"cannot log in to {pbx.base_url}")
+    assert counted("yeastarfs_pbx_logins_total", outcome="unreachable") == unreachable + 1
+    assert counted("yeastarfs_pbx_logins_total", outcome="ok") == ok + 1
+
+
+def test_a_heartbeat_thread_started_before_any_login_logs_in_by_itself(pbx, make_client):
+    client = make_client(pbx, heartbeat_interval_s=INTERVAL_S, monotonic=SteppedClock())
+    client.start_heartbeat()
+    wait_until(lambda: pbx.counters["heartbeat"] == 1, timeout_s=3, message="the first heartbeat")
+    assert pbx.counters["login"] == 1
+
+
+# -- what the client counts ------------------------------------------------------------------
+
+
+def test_stats_count_api_calls_logins_and_downloads(pbx, client):
+    rec = add(pbx)
+    before_s = time.time()
+    client.login()
+    for _ in range(2):
+        client.recording_random(rec.name)
+    assert (client.stats.api_calls, client.stats.logins, client.stats.downloads_opened) == (3, 1, 0)
+    read_all(client.open_recording(rec.name))
+    assert (client.stats.api_calls, client.stats.downloads_opened) == (4, 1)
+    read_all(client.open_recording(rec.name))
+    assert (client.stats.api_calls, client.stats.downloads_opened) == (5, 2)
+    pbx.expire_all_tokens()
+    client.recording_random(rec.name)  # refused, a login, again
+    assert (client.stats.api_calls, client.stats.logins) == (8, 2)
+    after_s = time.time()
+    assert before_s <= client.stats.last_success_time <= after_s
+    assert before_s <= client.stats.last_login_time <= after_s
+    assert 0 <= client.token_age_s <= after_s - before_s + 1
+
+
+def test_every_api_request_is_counted_by_its_endpoint(pbx, client):
+    rec = add(pbx)
+    client.login()
+    before = counted("yeastarfs_pbx_requests_total", endpoint="recording/get_random", outcome="ok")
+    client.recording_random(rec.name)
+    assert counted("yeastarfs_pbx_requests_total", endpoint="recording/get_random", outcome="ok") == before + 1
+
+
+# -- what failed calls say --------------------------------------------------------------------
+
+
+def test_a_call_refused_without_an_errno_is_tried_once_more_and_says_none(pbx, client):
+    rec = add(pbx)
+    client.login()
+    pbx.api_raw_reply = {"recording/get_random": b'{"status": "Failed"}'}
+    with pytest.raises(errors.ApiError) as info:
+        client.recording_random(rec.name)
+    assert (info.value.endpoint, info.value.api_errno) == ("recording/get_random", "")
+    assert pbx.counters["login"] == 2
+
+
+def test_a_call_refused_again_after_a_fresh_login_names_the_call_and_errno(pbx, client):
+    rec = add(pbx)
+    client.login()
+    pbx.api_raw_reply = {"recording/get_random": b'{"status": "Failed", "errno": "30000"}'}
+    with pytest.raises(errors.ApiError) as info:
+        client.recording_random(rec.name)
+    assert (info.value.endpoint, info.value.api_errno) == ("recording/get_random", "30000")
+    pbx.api_raw_reply = {"recording/get_random": b'{"status": "Failed", "errno": "10004"}'}
+    with pytest.raises(errors.ApiError) as info:
+        client.recording_random(rec.name)
+    assert (info.value.endpoint, info.value.api_errno) == ("recording/get_random", "10004")
+
+
+def test_a_token_refused_after_a_fresh_login_names_the_call_and_errno(make_client):
+    sim = new_simulator(token_idle_s=-1).start()  # every token is dead on arrival
+    try:
+        with pytest.raises(errors.TokenError) as info:
+            make_client(sim).heartbeat()
+        assert "heartbeat" in str(info.value) and "20004" in str(info.value)
+    finally:
+        sim.stop()
+
+
+def test_api_replies_with_bytes_that_are_not_utf8_are_read(pbx, client):
+    rec = add(pbx)
+    pbx.api_raw_reply = {"recording/get_random": b'{"status": "Success", "random": "r4nd0m", "msg": "\xff"}'}
+    assert client.recording_random(rec.name) == "r4nd0m"
+
+
+@pytest.mark.parametrize("reply, words", [(b'{"status": "Success"}', "get_random reply carries no random"),
+                                          (b"[1, 2]", "recording/get_random answered JSON that is not an object"),
+                                          (b'{"pad": "' + b"x" * 70_000 + b'"}', "recording/get_random: reply is larger than")])
+def test_refused_random_replies_say_what_was_wrong(pbx, client, reply, words):
+    rec = add(pbx)
+    client.login()
+    pbx.api_raw_reply = {"recording/get_random": reply}
+    with pytest.raises(errors.PbxUnavailableError) as info:
+        client.recording_random(rec.name)
+    assert str(info.value).startswith(words)
+
+
+@pytest.mark.parametrize("mode, words", [("http500", "recording/download answered HTTP 500"),
+                                         ("html", "recording/download returned an HTML page")])
+def test_failed_downloads_name_the_download(pbx, client, mode, words):
+    rec = add(pbx)
+    pbx.fail_mode, pbx.fail_downloads = mode, 1
+    with pytest.raises(errors.PbxError) as info:
+        read_all(client.open_recording(rec.name))
+    assert str(info.value).startswith(words)
+
+
+def test_a_json_refusal_of_a_download_names_the_download(pbx, client):
+    rec = add(pbx)
+    pbx.fail_mode, pbx.fail_downloads = "json", 1
+    with pytest.raises(errors.ApiError) as info:
+        client.open_recording(rec.name)
+    assert info.value.endpoint == "recording/download"
