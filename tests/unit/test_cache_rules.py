@@ -25,7 +25,7 @@ from yeastarfs import cache as cache_module
 from yeastarfs import errors
 from yeastarfs.cache import CacheDir, DiskCache
 
-from test_cache import A, B, C, content, fake_disk, fill, store  # noqa: E402
+from test_cache import A, B, C, Y, content, fake_disk, fill, store  # noqa: E402
 
 NOBODY = 65534
 
@@ -769,3 +769,105 @@ def test_a_stray_file_found_at_start_is_removed_and_the_rest_still_loaded(tmp_pa
     assert sorted(os.listdir(complete)) == sorted(set(names) - {stray})
     assert all(cache.contains(name) for name in names if name != stray)
     assert cache.usage()["files"] == 4
+
+
+# -- a name downloaded again, or read and downloaded at once ---------------------------------
+
+
+def test_a_cached_name_downloaded_again_moves_from_the_lru_to_its_pin(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    again = cache.new_partial(A)
+    assert cache.usage()["idle_bytes"] == 0 and cache.usage()["pinned_bytes"] == 300
+    pressure = fill(cache, Y, 800)                      # 300 + 800 > 1000: only A could go
+    assert cache.contains(A) and os.path.exists(cache.complete_path(A))
+    for partial in (pressure, again):
+        partial.discard()
+        partial.close()
+    assert cache.contains(A)
+
+
+def test_a_failed_download_of_a_name_being_read_keeps_the_readers_pin(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    fd = cache.open_complete(A)                         # a reader
+    failed = cache.new_partial(A)                       # and a download of the same name that fails
+    failed.discard()
+    failed.close()
+    assert cache.usage()["pinned"] == 1 and cache.usage()["pinned_bytes"] == 300
+    pressure = fill(cache, Y, 800)                      # A is still being read: never evicted
+    assert os.pread(fd, 1000, 0) == content(A, 300)
+    assert os.path.exists(cache.complete_path(A))
+    pressure.discard()
+    pressure.close()
+    os.close(fd)
+    cache.release(A)
+    assert cache.contains(A) and cache.usage()["pinned"] == 0
+
+
+def _next_partial_file(name: str) -> str:
+    """The file name the next PartialFile of *name* will take (the ids count up per process)."""
+    next_id = int(re.fullmatch(r"count\((\d+)\)", repr(cache_module._partial_ids)).group(1))
+    return f"{cache_module._name_digest(name)}.{next_id}.part"
+
+
+def test_a_partial_file_that_cannot_be_created_leaves_no_pin(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    (tmp_path / "cache" / "partial" / _next_partial_file(A)).mkdir()   # taken: O_EXCL fails
+    with pytest.raises(errors.CacheError) as caught:
+        cache.new_partial(A)
+    assert f"recording {A}: cannot create a cache file: {os.strerror(errno.EEXIST)}" in str(caught.value)
+    assert cache.usage() == {"idle_bytes": 300, "pinned_bytes": 0, "files": 1, "pinned": 0, "max_bytes": 1000}
+
+
+# -- the mtime written on reads --------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_reads_write_the_mtime_at_most_once_a_minute_even_just_after_boot(tmp_path, monkeypatch):
+    root = str(tmp_path / "cache")
+    store(DiskCache(root, max_bytes=1000), A, 300)
+    clock = _Clock(10.0)                                # the monotonic clock starts at boot
+    monkeypatch.setattr(cache_module, "time", clock)
+    cache = DiskCache(root, max_bytes=1000)             # a restart: A never read in this run
+
+    def read_at(now: float) -> float:
+        clock.now = now
+        os.utime(cache.complete_path(A), (1000.0, 1000.0))
+        fd = cache.open_complete(A)
+        os.close(fd)
+        cache.release(A)
+        return os.stat(cache.complete_path(A)).st_mtime
+
+    assert read_at(10.0) != 1000.0                      # the first read writes it
+    assert read_at(69.9) == 1000.0                      # not again within the minute
+    assert read_at(70.0) != 1000.0                      # a minute later: again
+
+
+def test_a_file_vanishing_while_the_start_lists_complete_is_skipped(tmp_path, monkeypatch):
+    complete = tmp_path / "cache" / "complete"
+    complete.mkdir(parents=True, mode=0o700)
+    names = [f"2026112709{i:02d}00-1.{i}-1-2-Internal.wav" for i in range(3)]
+    for name in names:
+        (complete / name).write_bytes(b"x" * 10)
+    order = os.listdir(complete)                        # the order scandir yields them in
+    real = cache_module._is_own_file
+    calls = []
+
+    def vanish_second(st):
+        if not calls:
+            os.unlink(complete / order[1])              # gone before its turn
+        calls.append(st)
+        return real(st)
+
+    monkeypatch.setattr(cache_module, "_is_own_file", vanish_second)
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    assert cache.contains(order[0]) and cache.contains(order[2]) and not cache.contains(order[1])
