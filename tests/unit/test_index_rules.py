@@ -180,3 +180,42 @@ def test_a_read_only_open_of_another_schema_names_the_file_the_versions_and_why(
     message = str(caught.value)
     assert path in message and f"schema version {version}" in message
     assert "expected 2 (written by another yeastarfs version" in message and "not an index" in message
+
+
+# -- estimates and times ---------------------------------------------------------------------
+
+
+def test_any_positive_rate_is_a_rate_and_a_refusal_says_what_it_got(db_path):
+    with RecordingIndex(db_path) as index:
+        index.add([Recording(name=NOV27_A, talk_s=10)])
+        index.set_estimate_rate(0.5)                     # half a byte a second is still positive
+        assert index.get(NOV27_A).size_bytes == 44 + 5
+        for bad in (0, -3, float("nan")):
+            with pytest.raises(ValueError) as caught:
+                index.set_estimate_rate(bad)
+            assert "positive" in str(caught.value) and repr(bad) in str(caught.value)
+        assert index.get(NOV27_A).size_bytes == 44 + 5
+
+
+def test_a_files_time_keeps_its_seconds_in_the_pbx_zone(db_path):
+    name = "20261127101507-1764236100.1-1001-1002-Internal.wav"
+    with RecordingIndex(db_path, tz=KOLKATA) as index:
+        index.add([Recording(name=name)])
+        assert index.get(name).mtime_ns == at(KOLKATA, 2026, 11, 27, 10, 15, 7)
+
+
+class _BrokenZone(dt.tzinfo):
+    """A zone whose offset no datetime accepts (more than a day)."""
+
+    def utcoffset(self, when):
+        return dt.timedelta(hours=30)
+
+    def dst(self, when):
+        return dt.timedelta(0)
+
+
+def test_a_time_that_cannot_be_converted_shows_as_the_epoch(db_path):
+    with RecordingIndex(db_path, tz=_BrokenZone()) as index:
+        index.add([Recording(name=NOV27_A)])
+        assert index.lookup("/2026").mtime_ns == 0
+        assert index.get(NOV27_A).mtime_ns == 0
