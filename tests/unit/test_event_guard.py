@@ -451,6 +451,16 @@ def test_by_default_the_receiver_listens_on_every_ipv4_address():
         assert wait_for(lambda: len(calls) == 1)
 
 
+def test_a_port_in_use_is_a_config_error_naming_where_and_why(make_receiver):
+    first = make_receiver().start()
+    with pytest.raises(ConfigError) as raised:
+        make_receiver(port=first.port).start()
+    message = str(raised.value)
+    assert f"127.0.0.1:{first.port}" in message
+    assert "already in use" in message
+    assert isinstance(raised.value.__cause__, OSError)  # the system's own error is kept
+
+
 def test_an_ipv6_host_is_served(make_receiver):
     calls = Calls()
     receiver = make_receiver(calls, host="::1").start()
@@ -568,10 +578,12 @@ def test_a_recording_that_exactly_fills_the_byte_budget_is_queued(make_sink, mon
     stats = sink_stats()
     sink = make_sink(calls, stats=stats)
 
+    before_s = time.time()
     sink.accept(payload)
 
     assert wait_for(lambda: len(calls) == 1)
     assert stats["dropped"] == 0
+    assert before_s <= stats["last_event_time"] <= time.time()
 
 
 def test_payloads_only_on_event_wants_cost_no_bytes(make_sink, monkeypatch):
