@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import shutil
 import stat
 import tempfile
@@ -871,3 +872,45 @@ def test_a_file_vanishing_while_the_start_lists_complete_is_skipped(tmp_path, mo
     monkeypatch.setattr(cache_module, "_is_own_file", vanish_second)
     cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
     assert cache.contains(order[0]) and cache.contains(order[2]) and not cache.contains(order[1])
+
+
+# -- a partial file's descriptors ------------------------------------------------------------
+
+
+def _fds_on(path: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") == path:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _limit_to_one_free_descriptor():
+    """Lower RLIMIT_NOFILE so that exactly one new descriptor can be opened; the old limits."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = {int(entry) for entry in os.listdir("/proc/self/fd")}
+    free = []
+    for fd in range(max(used) + 3):                     # the listing's own descriptor is closed now
+        try:
+            os.fstat(fd)
+        except OSError:
+            free.append(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[1], old[1]))   # below it: one free slot
+    return old
+
+
+def test_a_partial_file_that_cannot_be_opened_for_reading_is_removed_and_leaks_nothing(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    before = own_fds()
+    old = _limit_to_one_free_descriptor()
+    try:
+        with pytest.raises(errors.CacheError) as caught:
+            cache.new_partial(A)                        # the writer's open succeeds, the readers' fails
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+    assert f"recording {A}: cannot create a cache file: {os.strerror(errno.EMFILE)}" in str(caught.value)
+    assert os.listdir(tmp_path / "cache" / "partial") == []
+    assert own_fds() == before and cache.usage()["pinned"] == 0
