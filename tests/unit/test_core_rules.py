@@ -78,7 +78,7 @@ def kernel_may_keep_pages(core: Core, name: str) -> bool:
     opened = core.open(path(name))
     core.release(opened.fh)
     assert opened.keep_cache is not opened.size_changed
-    assert opened.direct_io is not opened.keep_cache       # page cache, or direct I/O: one of them
+    assert opened.direct_io is (not opened.keep_cache)    # page cache, or direct I/O: one of them
     return opened.keep_cache
 
 
