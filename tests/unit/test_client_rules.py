@@ -450,7 +450,11 @@ def test_logins_are_counted_by_outcome(pbx, client):
 
 
 def test_a_heartbeat_thread_started_before_any_login_logs_in_by_itself(pbx, make_client):
-    client = make_client(pbx, heartbeat_interval_s=INTERVAL_S, monotonic=SteppedClock())
+    """Before its first login the session counts as idle since the monotonic clock's zero:
+    here the clock reads exactly one interval, so the first check logs in."""
+    clock = SteppedClock()
+    clock.now_s = INTERVAL_S
+    client = make_client(pbx, heartbeat_interval_s=INTERVAL_S, monotonic=clock)
     client.start_heartbeat()
     wait_until(lambda: pbx.counters["heartbeat"] == 1, timeout_s=3, message="the first heartbeat")
     assert pbx.counters["login"] == 1
