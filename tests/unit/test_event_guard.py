@@ -11,12 +11,14 @@ by the kernel.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 import pytest
@@ -606,8 +608,6 @@ class Payload(dict):
 
 
 def test_the_sink_keeps_no_payload_nobody_asked_for(make_sink):
-    import gc
-    import weakref
     gate = Gate()
     sink = make_sink(gate)  # no on_event
     sink.accept(new_cdr(callid="6.1"))
