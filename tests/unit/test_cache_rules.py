@@ -914,3 +914,75 @@ def test_a_partial_file_that_cannot_be_opened_for_reading_is_removed_and_leaks_n
     assert f"recording {A}: cannot create a cache file: {os.strerror(errno.EMFILE)}" in str(caught.value)
     assert os.listdir(tmp_path / "cache" / "partial") == []
     assert own_fds() == before and cache.usage()["pinned"] == 0
+
+
+# -- reads: hits, misses, files changed behind the cache's back ------------------------------
+
+
+def test_hits_and_misses_are_counted_one_by_one(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 100)
+    for _ in range(2):
+        fd = cache.open_complete(A)
+        os.close(fd)
+        cache.release(A)
+        assert cache.open_complete(B) is None
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+
+
+def test_a_cached_file_deleted_behind_the_caches_back_is_a_miss_and_forgotten(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 100)
+    store(cache, B, 200)
+    os.unlink(cache.complete_path(A))
+    os.unlink(cache.complete_path(B))
+    assert cache.open_complete(A) is None and cache.open_complete(B) is None
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    assert not cache.contains(A) and not cache.contains(B)
+    assert cache.usage()["idle_bytes"] == 0
+
+
+def test_a_cached_file_swapped_for_a_symlink_is_never_followed(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 100)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not a recording")
+    os.unlink(cache.complete_path(A))
+    os.symlink(secret, cache.complete_path(A))
+    assert cache.open_complete(A) is None
+    assert cache.stats.misses == 1
+
+
+def test_a_file_the_cache_does_not_track_is_a_miss(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    (tmp_path / "cache" / "complete" / B).write_bytes(b"y" * 50)   # appeared after the start
+    assert cache.open_complete(B) is None
+    assert cache.stats.misses == 1 and cache.usage()["pinned"] == 0
+
+
+# -- commit and sync -------------------------------------------------------------------------
+
+
+def test_a_commit_that_cannot_store_the_file_names_the_recording_and_the_reason(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    partial = fill(cache, A, 100)
+    os.mkdir(cache.complete_path(A))                   # something in the way of the rename
+    with pytest.raises(errors.CacheError) as caught:
+        partial.commit()
+    message = str(caught.value)
+    assert f"recording {A}: cannot store the download: " in message
+    assert os.strerror(errno.EISDIR) in message
+    assert not partial.committed
+    partial.discard()
+    partial.close()
+
+
+def test_sync_closes_the_writers_descriptor_and_a_second_sync_is_harmless(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    partial = fill(cache, A, 100)
+    partial.commit()
+    partial.sync()
+    assert len(_fds_on(cache.complete_path(A))) == 1   # only the readers' side is left
+    partial.sync()
+    partial.close()
+    assert _fds_on(cache.complete_path(A)) == []
