@@ -561,3 +561,13 @@ def test_a_json_refusal_of_a_download_names_the_download(pbx, client):
     with pytest.raises(errors.ApiError) as info:
         client.open_recording(rec.name)
     assert info.value.endpoint == "recording/download"
+
+
+def test_a_token_handed_out_again_stays_redacted(pbx, client):
+    """A PBX may answer a second login with the token it already gave: it is still the live
+    token, and still kept out of every message."""
+    token = f"t{uuid.uuid4().hex}"
+    pbx.api_raw_reply = {"login": json.dumps({"status": "Success", "token": token}).encode()}
+    assert client.login() == token
+    assert client.login() == token
+    assert errors.redact(f"token {token}") == "token ***"
