@@ -315,6 +315,33 @@ def test_a_handler_thread_that_cannot_start_gives_its_slot_back(make_receiver, m
     assert post_json(receiver.port, new_cdr()) == 200
 
 
+def test_a_receiver_whose_serving_thread_cannot_start_holds_nothing_and_stops_at_once(make_receiver,
+                                                                                      monkeypatch):
+    receiver = make_receiver()
+    real_thread = threading.Thread
+
+    class NoServingThread(real_thread):
+        def start(self) -> None:
+            if self.name.startswith("yeastarfs-events-http"):
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading, "Thread", NoServingThread)
+        with pytest.raises(RuntimeError):
+            receiver.start()
+    port = receiver.port
+    stopping = real_thread(target=receiver.stop, daemon=True)
+    stopping.start()
+    stopping.join(2.0)
+    assert not stopping.is_alive()  # a server kept without its thread would make stop() wait forever
+    with socket.create_server(("127.0.0.1", port)):  # the port was given back
+        pass
+    assert not [t for t in threading.enumerate() if t.name == f"yeastarfs-events-dispatch:{port}"]
+    receiver.start()  # and a later start serves
+    assert post_json(receiver.port, new_cdr()) == 200
+
+
 # --- canned replies, who is allowed by default, the throttle, the sink -----------------------
 
 

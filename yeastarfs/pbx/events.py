@@ -847,10 +847,15 @@ class EventReceiver:
         self._sink = EventSink(self._on_recording, self._on_event, self.stats,
                                thread_name=f"yeastarfs-events-dispatch:{self.port}",
                                event_format=self.event_format)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"yeastarfs-events-http:{self.port}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name=f"yeastarfs-events-http:{self.port}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't start new thread": keep no server stop() would wait for forever
+            server.server_close()
+            self._sink.stop(timeout_s=0.5)
+            raise
+        self._server, self._thread = server, thread
         log.info("event receiver: listening for PBX events on %s:%d", self._host, self.port)
         return self
 
