@@ -326,6 +326,7 @@ def test_api_calls_are_json_posts_and_logout_sends_no_body(pbx, client):
     client.logout()
     [login] = wire.to("login")
     assert login["method"] == "POST"
+    assert "?" not in login["target"]  # no token, not even an empty one
     assert login["headers"]["Content-Type"] == "application/json; charset=utf-8"
     assert json.loads(login["body"]) == {"username": "api", "password": pbx.password_md5,
                                          "version": "2.0.0", "port": "8260"}
