@@ -922,3 +922,19 @@ def test_a_recording_opened_again_soon_is_finished_when_its_reader_leaves(idle_m
     again.received_bytes = 4096
     again._check_wanted()                             # yet it goes on to the end
     assert again._wait_for_demand() is None
+
+
+@pytest.mark.parametrize("range_honoured, state, kept", [(True, State.SUSPENDED, True), (None, State.CANCELLED, False)])
+def test_a_download_nobody_came_back_to_keeps_or_gives_back_its_bytes(idle_manager, cache, range_honoured, state, kept):
+    manager = idle_manager(range_honoured=range_honoured)
+    download = manager.acquire(NAME)
+    assert download.begin()
+    download._partial = cache.new_partial(NAME)
+    download._append(bytes(5000))
+    with download._cond:
+        download._to(State.PARKED)
+    manager.release(download)                          # its reader left
+    download.expire(download.idle_deadline())
+    assert download.state is state
+    assert manager.running() == ([download] if kept else [])     # dropped: the next open starts afresh
+    assert cache.usage()["pinned_bytes"] == (5000 if kept else 0)  # suspended bytes count until dropped
