@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import os
 import stat
 import subprocess
 import time
-import json
 from typing import Optional
 
 import pytest
