@@ -22,7 +22,7 @@ from harness import factory, wait_until
 from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
-from yeastarfs.core import PAGE_CACHE_FILL_MAX_BYTES, RATE_META_KEY, REPORTED_SIZES_MAX, Attributes, Core
+from yeastarfs.core import RATE_META_KEY, REPORTED_SIZES_MAX, Attributes, Core
 from yeastarfs.downloads import DownloadManager
 from yeastarfs.index import RecordingIndex
 from yeastarfs.models import Recording
@@ -213,7 +213,7 @@ def test_a_commit_of_a_recording_not_read_through_the_mount_fills_no_pages(make_
 
 
 @pytest.mark.parametrize("size_bytes, filled_expected", [
-    (PAGE_CACHE_FILL_MAX_BYTES, True), (PAGE_CACHE_FILL_MAX_BYTES + 1, False)])
+    ((128 << 20), True), ((128 << 20) + 1, False)])  # the limit written here, not imported: 128 MiB
 def test_pages_are_filled_up_to_the_limit_inclusive(make_core, size_bytes, filled_expected):
     core = make_core()
     filled = []
