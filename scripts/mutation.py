@@ -28,6 +28,7 @@ import argparse
 import ast
 import concurrent.futures
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -277,9 +278,10 @@ def logging_only(names: list[str]) -> set[str]:
         old_lines = lines[original.lineno - 1:original.end_lineno]
         new_lines = lines[mutant.lineno - 1:mutant.end_lineno]
         new_lines[0] = new_lines[0].replace(mutant.name, original.name, 1)
-        if len(old_lines) != len(new_lines):
-            continue
-        changed = [original.lineno + i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b]
+        changed = []  # lines of the original that the mutant changes (a call re-wrapped may gain or lose lines)
+        for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False).get_opcodes():
+            if tag != "equal":
+                changed += range(original.lineno + i1, original.lineno + max(i2, i1 + 1))
         statements = [node for node in ast.walk(original) if isinstance(node, ast.stmt) and node is not original]
 
         def logging_line(line: int) -> bool:
