@@ -788,6 +788,9 @@ class DiskCache:
                 st = os.stat(name, dir_fd=self._complete_fd, follow_symlinks=False)
             except OSError:
                 return  # never completed: a failed or cancelled download
+            if not _is_own_file(st):  # something planted in its place: removed, never served
+                _unlink_quietly(name, self._complete_fd)
+                return
             self._insert_locked(name, st.st_size)
 
     def free_space_ok(self) -> bool:

@@ -986,3 +986,18 @@ def test_sync_closes_the_writers_descriptor_and_a_second_sync_is_harmless(tmp_pa
     partial.sync()
     partial.close()
     assert _fds_on(cache.complete_path(A)) == []
+
+
+def test_a_link_planted_for_a_pinned_name_is_removed_when_the_pin_goes(tmp_path):
+    # Module docstring, "Trust": anything but a regular file of ours in complete/ is removed
+    # (the entry itself, never what it points to).
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    target = tmp_path / "target"
+    target.write_bytes(b"t" * 500)
+    partial = cache.new_partial(A)                      # a download in progress pins A
+    os.symlink(target, cache.complete_path(A))
+    partial.discard()
+    partial.close()                                     # the last pin goes
+    assert not os.path.lexists(cache.complete_path(A)) and target.read_bytes() == b"t" * 500
+    assert not cache.contains(A) and cache.size_of(A) is None
+    assert cache.usage()["idle_bytes"] == 0
