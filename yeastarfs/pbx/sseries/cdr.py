@@ -31,7 +31,7 @@ only through that skew, and its zone not at all.
 - Calls longer than the lookback that no event announced, and rows the PBX exports late,
   are found by the next resync (`discovery`'s resync interval, or SIGHUP).
 
-Zone detection: a row that a poll finds, that the previous poll (less than ``FRESH_GAP_S``
+Zone detection: a row that a poll finds, that the previous poll (at most ``FRESH_GAP_S``
 earlier, with a window reaching back to the row's start) did not have, ended between the
 two: it is one vote for the zone (`PbxClock.note_call_end`, at the midpoint).
 
