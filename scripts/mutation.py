@@ -95,6 +95,9 @@ NAMED_MUTANTS = [
 # A constant-pass mutant whose tests run longer than this many times the unmutated run is
 # counted as killed (it hangs).
 TIMEOUT_FACTOR = 5.0
+# mutmut's own limit is this many times the mutant's tests' unmutated time (mutmut's default of
+# 15 let a download mutant that hangs its readers hold a worker for 9 minutes).
+MUTMUT_TIMEOUT_FACTOR = 3.0
 CONSTANT_RESULTS = "constant-results.json"  # in the scratch copy, for --incremental
 TIMEOUT_MIN_S = 30.0
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -209,7 +212,8 @@ def mutmut_config(modules: list[str]) -> str:
             f"only_mutate = {toml_list([MODULES[m][0] for m in modules])}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(UNIT_TESTS)}\n"
             f"also_copy = {toml_list(ALSO_COPY)}\n"
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-n0"]\n')
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-n0"]\n'
+            f"timeout_multiplier = {MUTMUT_TIMEOUT_FACTOR}\n")
 
 
 MUTMUT = [sys.executable, "-m", "mutmut"]
