@@ -1001,3 +1001,21 @@ def test_a_link_planted_for_a_pinned_name_is_removed_when_the_pin_goes(tmp_path)
     assert not os.path.lexists(cache.complete_path(A)) and target.read_bytes() == b"t" * 500
     assert not cache.contains(A) and cache.size_of(A) is None
     assert cache.usage()["idle_bytes"] == 0
+
+
+def test_closing_a_partial_file_twice_drops_its_pin_once(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
+    store(cache, A, 300)
+    fd = cache.open_complete(A)                         # a reader holds A
+    again = fill(cache, A, 300)                         # and a second download of A finishes
+    again.commit()
+    again.sync()
+    again.close()
+    again.close()                                       # once is enough: the reader's pin stays
+    assert cache.usage()["pinned"] == 1
+    with pytest.raises(errors.CacheError) as caught:
+        again.pread(10, 0)
+    assert f"recording {A}: its cache file is closed" in str(caught.value)
+    os.close(fd)
+    cache.release(A)
+    assert cache.usage()["pinned"] == 0 and cache.contains(A)
