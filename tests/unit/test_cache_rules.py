@@ -14,7 +14,9 @@ import os
 import pwd
 import re
 import resource
+import select
 import shutil
+import signal
 import stat
 import tempfile
 import time
@@ -493,7 +495,10 @@ def test_a_user_other_than_root_keeps_its_cache_in_its_own_folders(tmp_path):
                 os._exit(0)
         os.close(write)
         with os.fdopen(read, "rb") as pipe:
-            status = pipe.read()
+            ready, _, _ = select.select([pipe], [], [], 10.0)
+            status = pipe.read() if ready else b"no answer within 10 s"
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         assert status == b"ok"
         assert os.stat(os.path.join(home, "cache", "pbx")).st_uid == NOBODY
