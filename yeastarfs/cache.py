@@ -118,6 +118,10 @@ def _refusal(path: str, problem: str, fix: str) -> errors.ConfigError:
     return errors.ConfigError(f"cache folder {path} {problem}; {fix}")
 
 
+def _unreachable(path: str, current: str, exc: OSError) -> errors.ConfigError:
+    return _refusal(path, f"cannot be reached: {current}: {exc.strerror or exc}", "use another --cache-dir")
+
+
 def _check_ancestors(path: str) -> None:
     """Refuse *path* when a folder above it could be changed by another user (who could
     then swap *path* itself); a symlink on the way must be root's or ours."""
@@ -131,6 +135,8 @@ def _check_ancestors(path: str) -> None:
             st = os.lstat(current)
         except FileNotFoundError:
             break  # created below, by us
+        except OSError as exc:  # a part that is a file, a name too long, no permission
+            raise _unreachable(path, current, exc) from exc
         if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
             raise _refusal(path, f"is reached through {current}, a symlink of uid {st.st_uid}",
                            "use another --cache-dir, one in folders only root or this user can change")
@@ -140,6 +146,8 @@ def _check_ancestors(path: str) -> None:
             st = os.stat(current)
         except FileNotFoundError:
             st = None  # created below, by us
+        except OSError as exc:
+            raise _unreachable(path, current, exc) from exc
         if st is not None:
             if st.st_uid not in trusted:
                 raise _refusal(path, f"lies in {current}, which belongs to uid {st.st_uid}",

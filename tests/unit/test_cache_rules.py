@@ -1024,3 +1024,19 @@ def test_closing_a_partial_file_twice_drops_its_pin_once(tmp_path):
     os.close(fd)
     cache.release(A)
     assert cache.usage()["pinned"] == 0 and cache.contains(A)
+
+
+# -- a cache folder that cannot be reached ------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["file-on-the-way", "name-too-long"])
+def test_a_cache_folder_that_cannot_be_reached_is_a_clear_error(tmp_path, shape):
+    if shape == "file-on-the-way":
+        (tmp_path / "file").write_bytes(b"")
+        root, reason = tmp_path / "file" / "sub" / "cache", os.strerror(errno.ENOTDIR)
+    else:
+        root, reason = tmp_path / ("x" * 300) / "cache", os.strerror(errno.ENAMETOOLONG)
+    with pytest.raises(errors.ConfigError) as caught:
+        CacheDir(str(root), "pbx")
+    assert str(root) in str(caught.value) and reason in str(caught.value)
+    assert "--cache-dir" in str(caught.value)
