@@ -124,7 +124,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES),
                         help="mutate only this module (repeatable); default: all")
-    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="mutants tested at once (default 2; most wait in real time, so more than the cores help)")
     parser.add_argument("--no-constants", action="store_true", help="skip the constant pass")
     parser.add_argument("--no-mutmut", action="store_true", help="skip the mutmut pass")
     parser.add_argument("--named-only", action="store_true", help="in the constant pass, only the audit's named mutants")
