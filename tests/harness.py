@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import shutil
 import socket
@@ -510,3 +511,13 @@ def _lists(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def readable(files: list, timeout_s: float) -> list:
+    """Those of *files* (sockets, pipes) with something to read within *timeout_s*: poll, not
+    select, which fails on descriptors over 1,023 (a long test process may reach them)."""
+    poller = select.poll()
+    by_fd = {file.fileno(): file for file in files}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout_s) * 1000)]

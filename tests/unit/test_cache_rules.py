@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import resource
-import select
 import shutil
 import signal
 import stat
@@ -28,6 +27,7 @@ from yeastarfs import cache as cache_module
 from yeastarfs import errors
 from yeastarfs.cache import CacheDir, DiskCache
 
+from harness import readable  # noqa: E402
 from test_cache import A, B, C, Y, content, fake_disk, fill, store  # noqa: E402
 
 NOBODY = 65534
@@ -495,7 +495,7 @@ def test_a_user_other_than_root_keeps_its_cache_in_its_own_folders(tmp_path):
                 os._exit(0)
         os.close(write)
         with os.fdopen(read, "rb") as pipe:
-            ready, _, _ = select.select([pipe], [], [], 10.0)
+            ready = readable([pipe], 10.0)
             status = pipe.read() if ready else b"no answer within 10 s"
         if not ready:
             os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import select
 import socket
 import sys
 import threading
@@ -20,6 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 import pytest
+from harness import readable
 from test_events import Calls, connect_from, expected_recording, new_cdr, padded_head, raw_post, wait_for
 
 from yeastarfs.pbx import events as shared_events
@@ -374,7 +374,7 @@ def test_the_head_is_found_and_handed_on_whole_however_it_is_split(split):
         client_end.sendall(REQUEST[:split])
         thread.start()
         # Once the reader has taken the first part, the second can only come in a later receive.
-        assert wait_for(lambda: not select.select([server_end], [], [], 0)[0], timeout_s=1.0)
+        assert wait_for(lambda: not readable([server_end], 0), timeout_s=1.0)
         client_end.sendall(REQUEST[split:])
         client_end.shutdown(socket.SHUT_WR)
         thread.join(3.0)

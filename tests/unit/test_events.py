@@ -10,14 +10,13 @@ import errno
 import http.client
 import json
 import logging
-import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import pytest
-from harness import holds_for
+from harness import holds_for, readable
 
 from yeastarfs.errors import ConfigError
 from yeastarfs.pbx import events as shared_events
@@ -159,8 +158,7 @@ def trickle_until_closed(sock: socket.socket, interval_s: float, give_up_s: floa
     """Send one byte every *interval_s* until the server closes; return what it sent."""
     deadline_s = time.monotonic() + give_up_s
     while time.monotonic() < deadline_s:
-        readable, _, _ = select.select([sock], [], [], interval_s)
-        if readable:
+        if readable([sock], interval_s):
             return read_until_closed(sock)
         sock.send(b"a")
     raise AssertionError(f"still open after {give_up_s} s")
@@ -211,10 +209,9 @@ class SlowLoris:
                 still_open = list(self._open)
             if not still_open:
                 return
-            readable, _, _ = select.select([self._socks[i] for i in still_open], [], [],
-                                           self._interval_s)
+            ready = readable([self._socks[i] for i in still_open], self._interval_s)
             for i in still_open:
-                if self._socks[i] in readable:
+                if self._socks[i] in ready:
                     self._receive(i)
                 else:
                     self._send(i, b"a")
