@@ -146,7 +146,7 @@ def main() -> int:
         handle.write(mutmut_config(modules))
     if not args.no_mutmut:
         ensure_mutmut()
-        results.update(run_mutmut(modules, args.jobs, args.incremental))
+        results.update(run_mutmut(modules, args.jobs, args.incremental, equivalent))
     elif os.path.isdir(os.path.join(WORK_DIR, "mutants")):
         results.update(mutmut_results())  # the last run's, kept with --incremental
     if not args.no_constants:
@@ -220,14 +220,15 @@ def mutmut_config(modules: list[str]) -> str:
 MUTMUT = [sys.executable, "-m", "mutmut"]
 
 
-def run_mutmut(modules: list[str], jobs: int, incremental: bool) -> dict[str, str]:
+def run_mutmut(modules: list[str], jobs: int, incremental: bool, equivalent: dict[str, str]) -> dict[str, str]:
     """Run mutmut in the scratch copy (configured by `main`); mutant name -> status."""
     print(f"mutmut: mutating {', '.join(modules)} (progress in {WORK_DIR}/mutmut-run*.log)", flush=True)
     earlier = mutmut_results() if incremental and os.path.isdir(os.path.join(WORK_DIR, "mutants")) else {}
     _mutmut_run(jobs, [], "mutmut-run.log")  # new mutants, and those of changed functions
     if earlier:
-        again = sorted(name for name, status in mutmut_results().items()
-                       if status not in KILLED | NOT_RUN and earlier.get(name) == status)
+        again = [name for name, status in mutmut_results().items()
+                 if status not in KILLED | NOT_RUN and earlier.get(name) == status and name not in equivalent]
+        again = sorted(set(again) - logging_only(again))  # not scored: no test is meant to kill them
         if again:
             print(f"mutmut: testing the last run's {len(again)} survivors again", flush=True)
             _mutmut_run(jobs, again, "mutmut-run-survivors.log")
