@@ -358,7 +358,9 @@ class Watcher:
         timeout_s = 0.0 if self._hungry() else POLL_INTERVAL_S
         if self._retrying:
             timeout_s = min(timeout_s, self._retrying[0][0] - time.monotonic())
-        select.select([wake_r], [], [], max(0.0, timeout_s))
+        poller = select.poll()  # not select.select: it fails on descriptors over 1,023
+        poller.register(wake_r, select.POLLIN)
+        poller.poll(max(0.0, timeout_s) * 1000)
         try:
             while os.read(wake_r, 512):
                 pass

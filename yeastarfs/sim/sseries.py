@@ -1154,8 +1154,7 @@ class _TcpEventServer:
 
     def _accept_loop(self) -> None:
         while not self._sim._stopping.is_set():
-            readable, _, _ = select.select([self._listener], [], [], POLL_S)
-            if not readable:
+            if not _readable(self._listener, POLL_S):
                 continue
             try:
                 conn, addr = self._listener.accept()
@@ -1241,10 +1240,17 @@ def _read_login_block(conn: socket.socket, stopping: threading.Event) -> Optiona
     return None
 
 
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether *sock* has something to read within *timeout_s* (poll: select.select fails on
+    descriptors over 1,023, which a test process running the simulator may reach)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 def _peer_closed(conn: socket.socket) -> bool:
     """True once the peer has closed; anything it sends after login is read and ignored."""
-    readable, _, _ = select.select([conn], [], [], 0)
-    if not readable:
+    if not _readable(conn, 0):
         return False
     try:
         return conn.recv(4096) == b""
