@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import select
 import socket
 import subprocess
 import threading
 
 import pytest
 
-from harness import mount_command, sha256_of, wait_until
+from harness import mount_command, readable, sha256_of, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -64,8 +63,7 @@ class ConnectProxy:
 def _relay(one: socket.socket, other: socket.socket, stop: threading.Event) -> None:
     peers = {one: other, other: one}
     while not stop.is_set():
-        readable, _, _ = select.select(list(peers), [], [], 0.2)
-        for sock in readable:
+        for sock in readable(list(peers), 0.2):
             data = sock.recv(65536)
             if not data:
                 return
