@@ -403,6 +403,7 @@ def run_constant_pass(modules: list[str], jobs: int, equivalent: dict[str, str],
     print(f"constants: {len(mutants)} mutants of module-level numbers and named ones to test, "
           f"{len(kept)} killed in an earlier run", flush=True)
     baseline_s = {module: _timed_tests(WORK_DIR, module) for module in sorted({m.module for m in mutants})}
+    jobs = min(jobs, os.cpu_count() or 1)  # CPU-bound, unlike mutmut's mutants: more would time out
     workers = [WORK_DIR] + [f"{WORK_DIR}-{i}" for i in range(1, max(1, jobs))]
     for worker in workers[1:]:
         fresh_copy(worker)
