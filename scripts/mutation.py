@@ -51,7 +51,8 @@ MODULES = {
     "cache": ("yeastarfs/cache.py",
               ["tests/unit/test_cache.py", "tests/unit/test_core.py", "tests/unit/test_cache_rules.py"]),
     "core": ("yeastarfs/core.py",
-             ["tests/unit/test_core.py", "tests/unit/test_fs_ops.py", "tests/unit/test_core_rules.py"]),
+             ["tests/unit/test_core.py", "tests/unit/test_fs_ops.py", "tests/unit/test_core_rules.py",
+              "tests/unit/test_documented_limits.py"]),
     "client": ("yeastarfs/pbx/sseries/client.py",
                ["tests/unit/test_api.py", "tests/unit/test_tls.py", "tests/unit/test_client_rules.py"]),
     "models": ("yeastarfs/models.py", ["tests/unit/test_models.py"]),
@@ -59,12 +60,15 @@ MODULES = {
               ["tests/unit/test_index.py", "tests/unit/test_fs_ops.py", "tests/unit/test_index_rules.py"]),
     "discovery": ("yeastarfs/discovery.py", ["tests/unit/test_discovery.py"]),
     "cdr": ("yeastarfs/pbx/sseries/cdr.py",
-            ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_cdr_rules.py"]),
+            ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_cdr_rules.py",
+             "tests/unit/test_documented_limits.py"]),
     "clock": ("yeastarfs/pbx/clock.py",
-              ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_clock_rules.py"]),
+              ["tests/unit/test_cdr.py", "tests/unit/test_discovery.py", "tests/unit/test_clock_rules.py",
+               "tests/unit/test_documented_limits.py"]),
     "events": ("yeastarfs/pbx/events.py",
                ["tests/unit/test_events.py", "tests/unit/test_tcpevents.py", "tests/unit/test_pseries_events.py",
-                "tests/unit/test_event_requests.py", "tests/unit/test_event_guard.py"]),
+                "tests/unit/test_event_requests.py", "tests/unit/test_event_guard.py",
+                "tests/unit/test_documented_limits.py"]),
 }
 # The fast unit layer, less what cannot reach these modules (the simulators' own tests) and
 # the two scale tests (a minute of 20,000 polls, 200,000 index rows) that would time every
