@@ -38,26 +38,30 @@ def quick_policies(monkeypatch):
     monkeypatch.setattr(downloads_module, "JANITOR_INTERVAL_S", 0.05)
 
 
+def core_over(pbx, make_client, folder, cache_bytes: int = 1 << 30, prefix: str = "", **core_options) -> Core:
+    """A Core over a fresh index and cache (budget *cache_bytes*) in *folder*, their names
+    starting with *prefix*, and a download manager talking to the simulator *pbx*, wired as
+    the daemon wires it; every recording the simulator has is indexed."""
+    index = RecordingIndex(str(folder / f"{prefix}index.sqlite3"))
+    index.add([Recording(name=rec.name, talk_s=rec.talk_s, call_s=rec.call_s) for rec in pbx.recordings.values()])
+    cache = DiskCache(str(folder / f"{prefix}cache"), cache_bytes)
+    core = Core(index, cache, None, uid=0, gid=0, **core_options)
+    core.downloads = DownloadManager(make_client(pbx).open_recording, cache, stall_timeout_s=10.0,
+                                     on_size=core.size_learned, on_complete=core.download_complete,
+                                     on_gone=core.recording_gone, on_range=core.range_learned,
+                                     on_commit=core.download_committed)
+    return core
+
+
+def stop_core(core: Core) -> None:
+    core.downloads.stop()
+    core.index.close()
+
+
 @pytest.fixture
 def make_core(pbx, make_client, tmp_path):
-    """Build a Core over a fresh index and cache (budget *cache_bytes*) and a download manager
-    talking to the test's simulator; every recording the simulator has is indexed."""
-    def build(cache_bytes: int = 1 << 30, **core_options) -> Core:
-        index = RecordingIndex(str(tmp_path / "index.sqlite3"))
-        index.add([Recording(name=rec.name, talk_s=rec.talk_s, call_s=rec.call_s) for rec in pbx.recordings.values()])
-        cache = DiskCache(str(tmp_path / "cache"), cache_bytes)
-        core = Core(index, cache, None, uid=0, gid=0, **core_options)
-        core.downloads = DownloadManager(make_client(pbx).open_recording, cache, stall_timeout_s=10.0,
-                                         on_size=core.size_learned, on_complete=core.download_complete,
-                                         on_gone=core.recording_gone, on_range=core.range_learned,
-                                         on_commit=core.download_committed)
-        return core
-
-    def stop(core: Core) -> None:
-        core.downloads.stop()
-        core.index.close()
-
-    yield from factory(build, stop)
+    """Build cores with `core_over` in the test's folder; every one is stopped afterwards."""
+    yield from factory(lambda **options: core_over(pbx, make_client, tmp_path, **options), stop_core)
 
 
 def add(pbx, size_bytes: int, minutes_ago: int = 60, **options):

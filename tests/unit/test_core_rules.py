@@ -19,6 +19,7 @@ from typing import Optional
 import pytest
 
 from harness import factory, wait_until
+from test_core import add as sim_add, core_over, path_of as sim_path, stop_core
 from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
@@ -462,31 +463,7 @@ def test_a_recording_gone_from_the_pbx_stays_only_if_cached(make_core):
 @pytest.fixture
 def sim_core(pbx, make_client, tmp_path):
     """Cores whose downloads talk to the test's simulator, indexing what it holds when built."""
-    def build(**options) -> Core:
-        index = RecordingIndex(str(tmp_path / "sim-index.sqlite3"))
-        index.add([Recording(name=rec.name, talk_s=rec.talk_s, call_s=rec.call_s) for rec in pbx.recordings.values()])
-        cache = DiskCache(str(tmp_path / "sim-cache"), 1 << 30)
-        core = Core(index, cache, None, uid=0, gid=0, **options)
-        core.downloads = DownloadManager(make_client(pbx).open_recording, cache, stall_timeout_s=5.0,
-                                         on_size=core.size_learned, on_gone=core.recording_gone,
-                                         on_commit=core.download_committed)
-        return core
-
-    def stop(core: Core) -> None:
-        core.downloads.stop()
-        core.index.close()
-
-    yield from factory(build, stop)
-
-
-def sim_add(pbx, size_bytes: int, minutes_ago: float = 60, **options):
-    start = dt.datetime.now().replace(microsecond=0) - dt.timedelta(minutes=minutes_ago)
-    return pbx.add_recording(start=start, duration_s=max(1, (size_bytes - 44) / 16000), size_bytes=size_bytes,
-                             announce=False, **options)
-
-
-def sim_path(rec) -> str:
-    return f"/{rec.name[0:4]}/{rec.name[4:6]}/{rec.name[6:8]}/{rec.name}"
+    yield from factory(lambda **options: core_over(pbx, make_client, tmp_path, prefix="sim-", **options), stop_core)
 
 
 def read_all(core: Core, fh: int, block: int = 128 * 1024) -> bytes:

@@ -22,8 +22,8 @@ import weakref
 from typing import Any, Optional
 
 import pytest
-from test_events import (LOGGER, Calls, connect_from, new_cdr, post_from, post_json, raw_post,
-                         read_until_closed, wait_for)
+from test_events import (LOGGER, Calls, connect_from, make_receiver,  # noqa: F401 - make_receiver: a fixture
+                         new_cdr, post_from, post_json, raw_post, read_until_closed, wait_for)
 
 from yeastarfs.config import Config
 from yeastarfs.errors import ConfigError
@@ -32,23 +32,6 @@ from yeastarfs.pbx.events import Counters, EventFormat, Throttle, allowed_source
 from yeastarfs.pbx.sseries.events import NEW_CDR, EventReceiver
 
 HEAD_ONLY = b"POST / HTTP/1.1\r\n"  # a request that has begun and never goes on
-
-
-@pytest.fixture
-def make_receiver():
-    """Build (not start) S-Series receivers on 127.0.0.1:0; every one is stopped afterwards."""
-    made: list[Any] = []
-
-    def make(on_recording: Optional[Any] = None, *, cls: Any = EventReceiver, **kwargs: Any):
-        kwargs.setdefault("host", "127.0.0.1")
-        kwargs.setdefault("port", 0)
-        receiver = cls(Calls() if on_recording is None else on_recording, **kwargs)
-        made.append(receiver)
-        return receiver
-
-    yield make
-    for receiver in made:
-        receiver.stop()
 
 
 @pytest.fixture

@@ -293,10 +293,10 @@ def make_receiver():
     """Build (not start) receivers on 127.0.0.1:0; every one is stopped afterwards."""
     made: list[EventReceiver] = []
 
-    def make(on_recording: Optional[Callable] = None, **kwargs: Any) -> EventReceiver:
+    def make(on_recording: Optional[Callable] = None, *, cls: Any = EventReceiver, **kwargs: Any) -> EventReceiver:
         kwargs.setdefault("host", "127.0.0.1")
         kwargs.setdefault("port", 0)
-        receiver = EventReceiver(Calls() if on_recording is None else on_recording, **kwargs)
+        receiver = cls(Calls() if on_recording is None else on_recording, **kwargs)
         made.append(receiver)
         return receiver
 
