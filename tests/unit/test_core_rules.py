@@ -19,7 +19,7 @@ from typing import Optional
 import pytest
 
 from harness import factory, wait_until
-from test_core import add as sim_add, core_over, path_of as sim_path, stop_core
+from test_core import add as sim_add, core_over, path_of as sim_path, read_all, stop_core
 from yeastarfs import downloads as downloads_module
 from yeastarfs import errors
 from yeastarfs.cache import DiskCache
@@ -464,16 +464,6 @@ def test_a_recording_gone_from_the_pbx_stays_only_if_cached(make_core):
 def sim_core(pbx, make_client, tmp_path):
     """Cores whose downloads talk to the test's simulator, indexing what it holds when built."""
     yield from factory(lambda **options: core_over(pbx, make_client, tmp_path, prefix="sim-", **options), stop_core)
-
-
-def read_all(core: Core, fh: int, block: int = 128 * 1024) -> bytes:
-    parts, offset = [], 0
-    while True:
-        data = core.read(fh, offset, block)
-        parts.append(data)
-        offset += len(data)
-        if len(data) < block:
-            return b"".join(parts)
 
 
 def test_an_uncached_recording_is_read_with_direct_io_and_its_pages_come_at_commit(pbx, sim_core):
