@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -110,16 +111,12 @@ def _non_loopback_ipv4():
     return next((a for a in candidates if not a.startswith("127.")), None)
 
 
-def test_the_heartbeat_names_the_address_the_pbx_sees_us_from(make_client):
+def test_the_heartbeat_names_the_address_the_pbx_sees_us_from(make_client, require):
     """A PBX on another address than loopback: the heartbeat's ipaddr (where events go) is
     the source address of our requests to it."""
     address = _non_loopback_ipv4()
-    if address is None:
-        pytest.skip("this machine has no IPv4 address but loopback")
-    try:
-        sim = new_simulator(host=address).start()
-    except OSError as exc:
-        pytest.skip(f"cannot listen on {address}: {exc}")
+    require(address is not None, "this machine has no IPv4 address but loopback")
+    sim = new_simulator(host=address).start()
     try:
         client = make_client(sim)
         client.heartbeat()
@@ -129,14 +126,12 @@ def test_the_heartbeat_names_the_address_the_pbx_sees_us_from(make_client):
         sim.stop()
 
 
-def test_a_pbx_reached_over_ipv6_is_told_the_ipv4_loopback(make_client, monkeypatch):
+def test_a_pbx_reached_over_ipv6_is_told_the_ipv4_loopback(make_client, monkeypatch, require):
     """No IPv4 route to the PBX (an IPv6 address): the heartbeat still goes out and names
     127.0.0.1, the fallback."""
     monkeypatch.setattr(sim_common.SimHttpServer, "address_family", socket.AF_INET6)
-    try:
-        sim = new_simulator(host="::1").start()
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
+    require(socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"), "no IPv6 here")
+    sim = new_simulator(host="::1").start()
     try:
         class OverIpv6:  # the simulator's own base_url assumes IPv4
             base_url, password = f"http://[::1]:{sim.port}", sim.password

@@ -287,10 +287,9 @@ def test_local_zone_names_the_zone_tz_names(monkeypatch, tz, expected):
     assert local_zone() == (None if expected is None else zoneinfo.ZoneInfo(expected))
 
 
-def test_without_tz_local_zone_is_the_zone_etc_localtime_links_to(monkeypatch):
+def test_without_tz_local_zone_is_the_zone_etc_localtime_links_to(monkeypatch, require):
     target = os.path.realpath("/etc/localtime")
-    if "/zoneinfo/" not in target:
-        pytest.skip(f"/etc/localtime is not a link into a zoneinfo tree here ({target})")
+    require("/zoneinfo/" in target, f"/etc/localtime is not a link into a zoneinfo tree here ({target})")
     monkeypatch.delenv("TZ", raising=False)
     time.tzset()
     try:
