@@ -95,3 +95,17 @@ def make_client():
         return PbxClient(sim.base_url, USER, sim.password if password is None else password, **kwargs)
 
     yield from factory(build)
+
+
+@pytest.fixture
+def high_descriptors():
+    """Hold descriptors until the next one opened is over 1,100, as in a long-lived daemon or
+    test process (select.select fails on any over 1,023); released after the test."""
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield held[-1] + 1
+    finally:
+        for fd in held:
+            os.close(fd)

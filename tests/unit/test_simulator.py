@@ -1070,3 +1070,13 @@ def test_given_audio_is_served_as_it_is(sim):
     assert len(changed) == len(speech) and changed[:44] == speech[:44] and changed != speech
     with pytest.raises(ValueError):
         sim.add_recording(start=START, duration_s=1, audio=speech, size_bytes=len(speech) + 2)
+
+
+
+def test_the_tcp_event_server_serves_when_its_descriptors_are_over_1023(make_sim, high_descriptors):
+    sim = make_sim(transport="TCP")  # its listening socket, and the connection, are over 1,023
+    conn, reply = tcp_login(sim, "secret")
+    assert reply == b"Response: Success\r\n\r\n"
+    first = add(sim, announce=True)
+    assert [e["recording"] for e in _read_events(conn, 1)] == [first.name]
+    conn.close()

@@ -220,3 +220,11 @@ def test_only_a_real_yeastarfs_mount_is_opened(tmp_path):
         with pytest.raises(ConfigError, match=rf"not a yeastarfs mount \({why}\)"):
             open_mount_index(place)
     assert os.listdir(tmp_path) == []  # nothing created
+
+
+def test_exec_waits_for_its_commands_with_descriptors_over_1023(run, writer, tmp_path, high_descriptors):
+    add(writer, name_at(2, 1), name_at(1, 2))
+    log = str(tmp_path / "done.log")
+    options = WatchOptions(since_s=3600, output_format="json", command=[sys.executable, "-c", COMMAND, log], jobs=2)
+    status, lines = run(options)
+    assert status == 0 and sorted(json.loads(line)["cursor"] for line in lines) == [1, 2]
