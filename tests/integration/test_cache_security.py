@@ -10,6 +10,7 @@ target is untouched.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
@@ -148,3 +149,11 @@ def test_a_cache_folder_writable_by_others_is_refused(pbx, mounted, tmp_path, mo
     mount = start(mounted, cache_root)
     assert_refused(mount, folder, f"chmod 700 {folder}")
     assert stat.S_IMODE(os.stat(folder).st_mode) == mode   # refused, not silently changed
+
+
+def test_a_cache_root_that_cannot_be_reached_is_refused_with_the_reason(pbx, mounted, tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    cache_root = str(tmp_path / "file" / "sub" / "cache")  # a regular file on the way
+    mount = start(mounted, cache_root)
+    assert_refused(mount, cache_root, os.strerror(errno.ENOTDIR))
+    assert "another --cache-dir" in mount.log()
