@@ -28,7 +28,7 @@ from yeastarfs import errors
 from yeastarfs.cache import CacheDir, DiskCache
 
 from harness import readable  # noqa: E402
-from test_cache import A, B, C, Y, content, fake_disk, fill, store  # noqa: E402
+from test_cache import A, B, C, Y, content, fake_disk, fill, read_fd, store  # noqa: E402
 
 NOBODY = 65534
 
@@ -48,6 +48,16 @@ def hold_lock(path, text: bytes) -> int:
     os.write(fd, text)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
+
+
+def read_cached(cache: DiskCache, name: str) -> bytes:
+    """The whole of cached *name*, opened as a reader opens it and released after."""
+    fd = cache.open_complete(name)
+    try:
+        return read_fd(fd)
+    finally:
+        os.close(fd)
+        cache.release(name)
 
 
 # -- what exists, and what counts ------------------------------------------------------------
@@ -393,12 +403,7 @@ def test_a_discard_after_the_commit_keeps_the_file_and_its_pin(tmp_path):
     assert cache.usage()["pinned_bytes"] == 300
     partial.sync()
     partial.close()
-    fd = cache.open_complete(A)
-    try:
-        assert os.pread(fd, 1000, 0) == content(A, 300)
-    finally:
-        os.close(fd)
-        cache.release(A)
+    assert read_cached(cache, A) == content(A, 300)
     assert cache.usage()["idle_bytes"] == 300
 
 
@@ -580,12 +585,7 @@ def test_a_name_that_is_not_valid_utf8_is_cached_like_any_other(tmp_path):
     cache = DiskCache(str(tmp_path / "cache"), max_bytes=1000)
     store(cache, name, 100)
     assert os.listdir(tmp_path / "cache" / "partial") == []
-    fd = cache.open_complete(name)
-    try:
-        assert os.pread(fd, 1000, 0) == content(name, 100)
-    finally:
-        os.close(fd)
-        cache.release(name)
+    assert read_cached(cache, name) == content(name, 100)
 
 
 def test_an_existing_root_keeps_its_mode_and_the_pbx_folder_is_made_0700(tmp_path):

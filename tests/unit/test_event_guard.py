@@ -276,21 +276,27 @@ def test_a_handler_that_raises_is_logged_and_frees_its_slot(make_receiver, caplo
     assert post_json(receiver.port, {"fine": 1}) == 200  # the one slot is free again
 
 
+def threads_refused(prefix: str) -> type:
+    """threading.Thread, but a thread whose name starts with *prefix* cannot start (as when
+    the process is out of threads)."""
+    real_thread = threading.Thread
+
+    class Refusing(real_thread):
+        def start(self) -> None:
+            if self.name.startswith(prefix):
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    return Refusing
+
+
 def test_a_handler_thread_that_cannot_start_gives_its_slot_back(make_receiver, monkeypatch):
     receiver = make_receiver()
     receiver.max_handler_threads = 1
     receiver.slow_connection_s = 60.0  # a leaked slot would never be taken back in this test
     receiver.start()
-    real_thread = threading.Thread
-
-    class NoHandlerThreads(real_thread):
-        def start(self) -> None:
-            if self.name.startswith("yeastarfs-events-conn"):
-                raise RuntimeError("can't start new thread")
-            super().start()
-
     with monkeypatch.context() as patch:
-        patch.setattr(threading, "Thread", NoHandlerThreads)
+        patch.setattr(threading, "Thread", threads_refused("yeastarfs-events-conn"))
         with connect_from("127.0.0.1", receiver.port) as sock:
             sock.sendall(raw_post(b"{}"))
             assert read_until_closed(sock) == b""  # closed by the server, unanswered
@@ -302,15 +308,8 @@ def test_a_receiver_whose_serving_thread_cannot_start_holds_nothing_and_stops_at
                                                                                       monkeypatch):
     receiver = make_receiver()
     real_thread = threading.Thread
-
-    class NoServingThread(real_thread):
-        def start(self) -> None:
-            if self.name.startswith("yeastarfs-events-http"):
-                raise RuntimeError("can't start new thread")
-            super().start()
-
     with monkeypatch.context() as patch:
-        patch.setattr(threading, "Thread", NoServingThread)
+        patch.setattr(threading, "Thread", threads_refused("yeastarfs-events-http"))
         with pytest.raises(RuntimeError):
             receiver.start()
     port = receiver.port
