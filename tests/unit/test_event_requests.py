@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 import pytest
-from harness import readable
+from harness import holds_for, readable
 from test_events import Calls, connect_from, expected_recording, new_cdr, padded_head, raw_post, wait_for
 
 from yeastarfs.pbx import events as shared_events
@@ -300,8 +300,8 @@ def test_a_connection_evicted_just_as_its_body_completes_delivers_nothing(make_r
             assert read_to_eof(newer).startswith(b"HTTP/1.1 200 ")
         assert read_to_eof(evicted) == b""  # shut down, never answered
     assert wait_for(lambda: len(calls) == 1)
-    time.sleep(0.05)
-    assert [recording.callid for recording in calls.items] == ["1.2"]
+    holds_for(lambda: [recording.callid for recording in calls.items] == ["1.2"], 0.05,
+              message="the evicted connection's event never delivered")
     assert receiver.stats["evicted"] == 1 and receiver.stats["new_cdr"] == 1
 
 
